@@ -1,0 +1,93 @@
+"""Typed FastAPI dependencies: database session, current principal, role requirements.
+
+Routes declare what they need::
+
+    @router.get("/things", dependencies=[require_roles(Role.RESEARCHER)])
+    def list_things(session: SessionDep, principal: CurrentPrincipal) -> ...
+
+The session commits when the request succeeds and rolls back when it raises: services
+only flush.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from consortium_server.errors import AuthenticationError, ForbiddenError
+from consortium_server.identity.principal import Principal, Role
+from consortium_server.settings import ServerSettings
+
+__all__ = [
+    "ANY_MEMBER",
+    "CurrentPrincipal",
+    "SessionDep",
+    "SettingsDep",
+    "get_session",
+    "require_roles",
+]
+
+
+class _Verifier(Protocol):
+    def verify(self, token: str) -> Principal: ...
+
+
+def get_settings(request: Request) -> ServerSettings:
+    """The settings the app was built with."""
+    settings: ServerSettings = request.app.state.settings
+    return settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A session per request: committed on success, rolled back on error."""
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def current_principal(request: Request) -> Principal:
+    """Verify the bearer token of the request and return who is calling."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise AuthenticationError("auth.missing_token", "Send `Authorization: Bearer <token>`.")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("auth.invalid_token", "Use the Bearer authorization scheme.")
+    verifier: _Verifier = request.app.state.verifier
+    principal = verifier.verify(token.strip())
+    request.state.principal = principal
+    return principal
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+def require_roles(*roles: Role) -> Any:
+    """A dependency that admits callers holding any of ``roles`` (403 otherwise)."""
+    if not roles:
+        raise ValueError("require_roles() with no roles would admit nobody; name at least one")
+    allowed = ", ".join(sorted(role.value for role in roles))
+
+    def _check(principal: CurrentPrincipal) -> Principal:
+        if not principal.has(*roles):
+            raise ForbiddenError(f"This action needs one of the roles: {allowed}.")
+        return principal
+
+    check: Callable[..., Principal] = _check
+    return Depends(check)
+
+
+#: Any consortium role at all (a token without a Concord role sees nothing).
+ANY_MEMBER = require_roles(*Role)

@@ -1,0 +1,103 @@
+"""The one translator from errors to HTTP responses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from consortium_server.errors import CATALOGUE, DomainError
+from consortium_server.logs import request_id_var
+
+__all__ = ["error_response", "install_error_handlers"]
+
+log = logging.getLogger("concord.errors")
+
+
+def error_response(
+    status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+) -> JSONResponse:
+    """``{"error": {code, message, details, request_id}}`` with ``status``."""
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(
+        status_code=status,
+        content={
+            "error": {
+                "code": code,
+                "message": message,
+                "details": details or [],
+                "request_id": request_id_var.get(),
+            }
+        },
+        headers=headers,
+    )
+
+
+def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    if exc.status >= 500:
+        log.warning("domain error", extra={"code": exc.code, "detail": str(exc)})
+    return error_response(exc.status, exc.code, exc.public_message(), exc.details)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    details = []
+    for error in exc.errors():
+        loc = error.get("loc", ())
+        details.append(
+            {
+                "field": _field_path(loc),
+                "message": str(error.get("msg", "invalid")),
+                "type": str(error.get("type", "")),
+            }
+        )
+    fields = ", ".join(d["field"] for d in details[:10])
+    return error_response(422, "request.invalid", f"Invalid request: {fields}.", details)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, DomainError):
+        # FastAPI wraps errors raised while reading the body (e.g. the size limit).
+        return await _domain_error(_, exc.__cause__)
+    code = {404: "resource.not_found", 413: "request.too_large"}.get(exc.status_code)
+    if code is None:
+        code = "request.invalid" if exc.status_code < 500 else "internal"
+    message = CATALOGUE[code].title if exc.status_code == 404 else str(exc.detail)
+    return error_response(exc.status_code, code, message)
+
+
+async def _database_error(_: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, IntegrityError):
+        log.info("integrity error", extra={"detail": str(exc.orig)[:200]})
+        return error_response(409, "resource.conflict", CATALOGUE["resource.conflict"].title)
+    log.error("database unavailable", extra={"detail": str(exc)[:200]})
+    return error_response(
+        503, "service.unavailable", "The database is unavailable; try again shortly."
+    )
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error", exc_info=exc)
+    return error_response(500, "internal", CATALOGUE["internal"].title)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map domain errors, validation errors and anything unexpected to JSON responses."""
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(IntegrityError, _database_error)
+    app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(InterfaceError, _database_error)
+    app.add_exception_handler(Exception, _unexpected)

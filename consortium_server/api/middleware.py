@@ -1,0 +1,155 @@
+"""ASGI middleware: request ids, body size limits, metrics and access logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from consortium_server.errors import CATALOGUE, DomainError
+from consortium_server.logs import request_id_var
+
+__all__ = ["HttpMetrics", "RequestContextMiddleware"]
+
+log = logging.getLogger("concord.http")
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,128}$")
+
+
+class HttpMetrics:
+    """Prometheus metrics of the HTTP edge, on a registry owned by one app."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "concord_http_requests",
+            "HTTP requests handled.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "concord_http_request_duration_seconds",
+            "HTTP request latency.",
+            ["method", "route"],
+            registry=registry,
+        )
+
+
+class _BodyTooLargeError(DomainError):
+    """Raised from ``receive`` when a streamed body passes the limit (handled as 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            "request.too_large", f"The request body exceeds the limit of {limit} bytes."
+        )
+
+
+def _error_body(code: str, request_id: str, message: str | None = None) -> bytes:
+    entry = CATALOGUE[code]
+    return json.dumps(
+        {
+            "error": {
+                "code": code,
+                "message": message or entry.title,
+                "details": [],
+                "request_id": request_id,
+            }
+        }
+    ).encode()
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (``X-Request-ID``), caps its body, and measures it."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        offered = headers.get("x-request-id", "")
+        request_id = offered if _VALID_REQUEST_ID.match(offered) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status_code = 500
+        limit = self.max_body_bytes
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLargeError(limit)
+            return message
+
+        try:
+            declared = headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                await self._reject_too_large(send_with_id, request_id)
+            else:
+                try:
+                    await self.app(scope, limited_receive, send_with_id)
+                except _BodyTooLargeError:
+                    await self._reject_too_large(send_with_id, request_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = _route_template(scope)
+            self.metrics.requests.labels(scope["method"], route, str(status_code)).inc()
+            self.metrics.latency.labels(scope["method"], route).observe(elapsed)
+            log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status_code,
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
+            )
+            request_id_var.reset(token)
+
+    async def _reject_too_large(self, send: Send, request_id: str) -> None:
+        body = _error_body(
+            "request.too_large",
+            request_id,
+            f"The request body exceeds the limit of {self.max_body_bytes} bytes.",
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _route_template(scope: Scope) -> str:
+    """The matched route's path template (never raw paths: ids would explode cardinality)."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else "unmatched"

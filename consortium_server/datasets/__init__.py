@@ -1,0 +1,1 @@
+"""Datasets: the catalogue of what sites hold (metadata only, never records)."""

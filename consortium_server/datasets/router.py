@@ -1,0 +1,45 @@
+"""/api/v1/datasets: the catalogue (read by members, published by each site)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from consortium_server.api.deps import ANY_MEMBER, CurrentPrincipal, SessionDep, require_roles
+from consortium_server.datasets import service
+from consortium_server.datasets.schemas import DatasetPublic, DatasetPublish
+from consortium_server.identity.principal import Role
+from consortium_server.studies.contract import Purpose
+
+router = APIRouter(prefix="/api/v1/datasets", tags=["catalogue"])
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[require_roles(Role.DATA_STEWARD, Role.SITE_NODE)],
+)
+def publish_dataset(
+    body: DatasetPublish, session: SessionDep, principal: CurrentPrincipal
+) -> DatasetPublic:
+    """Publish a dataset's metadata for your own site (data steward or site node)."""
+    return DatasetPublic.model_validate(service.publish_dataset(session, body, actor=principal))
+
+
+@router.get("", dependencies=[ANY_MEMBER])
+def list_datasets(
+    session: SessionDep,
+    _: CurrentPrincipal,
+    site_id: str | None = None,
+    purpose: Purpose | None = None,
+) -> list[DatasetPublic]:
+    """The catalogue, optionally filtered by site or allowed purpose."""
+    found = service.list_datasets(
+        session, site_id=site_id, purpose=purpose.value if purpose else None
+    )
+    return [DatasetPublic.model_validate(d) for d in found]
+
+
+@router.get("/{dataset_id}", dependencies=[ANY_MEMBER])
+def get_dataset(dataset_id: str, session: SessionDep, _: CurrentPrincipal) -> DatasetPublic:
+    """One catalogue entry."""
+    return DatasetPublic.model_validate(service.get_dataset(session, dataset_id))

@@ -1,0 +1,54 @@
+"""Publishing and reading the dataset catalogue."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from consortium_server.datasets.models import Dataset
+from consortium_server.datasets.schemas import DatasetPublish
+from consortium_server.errors import ConflictError, NotFoundError
+from consortium_server.identity.principal import Principal
+from consortium_server.sites.service import require_own_active_site
+
+__all__ = ["get_dataset", "get_datasets", "list_datasets", "publish_dataset"]
+
+
+def publish_dataset(session: Session, data: DatasetPublish, *, actor: Principal) -> Dataset:
+    """Publish a dataset for the actor's own (active) site."""
+    require_own_active_site(session, actor, data.site_id)
+    if session.get(Dataset, data.id) is not None:
+        raise ConflictError("dataset.exists", f"Dataset {data.id!r} is already in the catalogue.")
+    dataset = Dataset(**data.model_dump(mode="json"), published_by=actor.subject)
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset:
+    """The dataset or ``dataset.not_found``."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFoundError("dataset.not_found", f"No dataset with id {dataset_id!r}.")
+    return dataset
+
+
+def get_datasets(session: Session, dataset_ids: Sequence[str]) -> tuple[list[Dataset], list[str]]:
+    """The datasets found (in the order asked) and the ids that are unknown."""
+    found = {d.id: d for d in session.scalars(select(Dataset).where(Dataset.id.in_(dataset_ids)))}
+    return [found[i] for i in dataset_ids if i in found], [i for i in dataset_ids if i not in found]
+
+
+def list_datasets(
+    session: Session, *, site_id: str | None = None, purpose: str | None = None
+) -> list[Dataset]:
+    """The catalogue, optionally filtered by site and allowed purpose."""
+    query = select(Dataset).order_by(Dataset.id)
+    if site_id:
+        query = query.where(Dataset.site_id == site_id)
+    datasets = list(session.scalars(query))
+    if purpose:
+        datasets = [d for d in datasets if purpose in d.allowed_purposes]
+    return datasets

@@ -1,0 +1,178 @@
+"""Domain errors with stable codes, one public catalogue, and one translator at the HTTP edge.
+
+Services raise :class:`DomainError` subclasses carrying a stable ``code``. The catalogue maps
+each code to an HTTP status and a public title; :func:`install_error_handlers` is the only
+place that turns errors into responses. Clients see the code, a sanitised message and the
+request id, never a stack trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "CATALOGUE",
+    "AuthenticationError",
+    "ConflictError",
+    "DomainError",
+    "ForbiddenError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "PolicyDeniedError",
+    "ServiceUnavailableError",
+    "public_entry",
+]
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """How one error code is shown to clients."""
+
+    status: int
+    title: str
+
+
+#: Every code a client can see. Codes are stable: clients may switch on them.
+CATALOGUE: dict[str, CatalogueEntry] = {
+    "auth.missing_token": CatalogueEntry(401, "A bearer token is required."),
+    "auth.invalid_token": CatalogueEntry(401, "The bearer token is not valid."),
+    "auth.expired_token": CatalogueEntry(401, "The bearer token has expired."),
+    "auth.issuer_unavailable": CatalogueEntry(503, "The identity provider cannot be reached."),
+    "auth.forbidden": CatalogueEntry(403, "Your role does not allow this action."),
+    "auth.site_revoked": CatalogueEntry(403, "This site has been revoked."),
+    "request.invalid": CatalogueEntry(422, "The request is not valid."),
+    "request.too_large": CatalogueEntry(413, "The request body is too large."),
+    "resource.not_found": CatalogueEntry(404, "Not found."),
+    "resource.conflict": CatalogueEntry(409, "The request conflicts with a concurrent change."),
+    "site.not_found": CatalogueEntry(404, "No such site."),
+    "site.exists": CatalogueEntry(409, "A site with this id or organisation is already enrolled."),
+    "dataset.not_found": CatalogueEntry(404, "No such dataset."),
+    "dataset.exists": CatalogueEntry(409, "A dataset with this id already exists."),
+    "study.not_found": CatalogueEntry(404, "No such study."),
+    "study.invalid": CatalogueEntry(422, "The study contract is not valid."),
+    "study.invalid_transition": CatalogueEntry(
+        409, "The study is not in a state that allows this."
+    ),
+    "approval.duplicate": CatalogueEntry(409, "This site has already decided on this study."),
+    "approval.hash_mismatch": CatalogueEntry(
+        409, "The contract hash does not match the study's contract."
+    ),
+    "approval.not_requested": CatalogueEntry(
+        409, "This study does not use any dataset of this site."
+    ),
+    "policy.denied": CatalogueEntry(403, "The data-use policy denies this."),
+    "policy.invalid": CatalogueEntry(422, "The policy does not parse or validate."),
+    "policy.version_not_found": CatalogueEntry(404, "No such policy version."),
+    "policy.not_published": CatalogueEntry(503, "No policy set has been published yet."),
+    "budget.exceeded": CatalogueEntry(409, "A dataset's privacy budget would be exceeded."),
+    "budget.overcharge": CatalogueEntry(
+        409, "The charge exceeds what is left of the study's budget reservation."
+    ),
+    "budget.not_reserved": CatalogueEntry(
+        409, "The study has no open budget reservation on this dataset."
+    ),
+    "budget.already_reserved": CatalogueEntry(
+        409, "The study already holds a budget reservation on this dataset."
+    ),
+    "service.unavailable": CatalogueEntry(503, "A backing service is unavailable; try again."),
+    "audit.entry_not_found": CatalogueEntry(404, "No audit entry with this index."),
+    "audit.head_not_found": CatalogueEntry(404, "No signed tree head with this size and root."),
+    "audit.invalid_range": CatalogueEntry(422, "The index or tree sizes are outside the log."),
+    "audit.key_invalid": CatalogueEntry(422, "The key is not a valid Ed25519 key."),
+    "audit.head_signature_invalid": CatalogueEntry(
+        422, "The tree head is not signed by the server's key."
+    ),
+    "audit.cosignature_invalid": CatalogueEntry(
+        422, "The cosignature does not verify with the site's registered key."
+    ),
+    "audit.cosignature_conflict": CatalogueEntry(
+        409, "This site already cosigned a different root for this tree size."
+    ),
+    "audit.tree_shrunk": CatalogueEntry(409, "The tree is smaller than the last cosigned head."),
+    "audit.tree_inconsistent": CatalogueEntry(
+        409, "The tree head is not consistent with the last cosigned head."
+    ),
+    "audit.head_stale": CatalogueEntry(409, "The tree head is older than the last cosigned head."),
+    "audit.witness_state_invalid": CatalogueEntry(
+        500, "The witness state file is damaged or belongs to another log."
+    ),
+    "audit.export_invalid": CatalogueEntry(422, "The audit export is not valid."),
+    "audit.log_corrupt": CatalogueEntry(500, "The audit log failed an integrity check."),
+    "internal": CatalogueEntry(500, "Internal error."),
+}
+
+
+@dataclass
+class DomainError(Exception):
+    """An error the domain knows about. ``code`` must be in :data:`CATALOGUE`.
+
+    ``message`` is shown to the client (keep patient data and secrets out of it);
+    ``details`` is a list of structured items (for example one per invalid field).
+    """
+
+    code: str
+    message: str = ""
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.code not in CATALOGUE:
+            raise ValueError(f"unknown error code {self.code!r}: add it to CATALOGUE")
+        super().__init__(self.message or CATALOGUE[self.code].title)
+
+    @property
+    def status(self) -> int:
+        """HTTP status for this error."""
+        return CATALOGUE[self.code].status
+
+    def public_message(self) -> str:
+        """Text for the client: the specific message if there is one, else the catalogue title."""
+        return self.message or CATALOGUE[self.code].title
+
+
+class AuthenticationError(DomainError):
+    """The caller could not be authenticated (401)."""
+
+    def __init__(self, code: str = "auth.invalid_token", message: str = "") -> None:
+        super().__init__(code, message)
+
+
+class ForbiddenError(DomainError):
+    """The caller is authenticated but not allowed (403)."""
+
+    def __init__(self, message: str = "", code: str = "auth.forbidden") -> None:
+        super().__init__(code, message)
+
+
+class NotFoundError(DomainError):
+    """The object does not exist or is not visible to the caller (404)."""
+
+    def __init__(self, code: str = "resource.not_found", message: str = "") -> None:
+        super().__init__(code, message)
+
+
+class ConflictError(DomainError):
+    """The request conflicts with the current state (409)."""
+
+
+class InvalidRequestError(DomainError):
+    """The request is well-formed JSON but not acceptable (422)."""
+
+
+class PolicyDeniedError(DomainError):
+    """A data-use policy denied the action; ``details`` carries the reasons."""
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__("policy.denied", message, details or [])
+
+
+class ServiceUnavailableError(DomainError):
+    """A backing service (database, identity provider) is down (503)."""
+
+    def __init__(self, message: str = "", code: str = "service.unavailable") -> None:
+        super().__init__(code, message)
+
+
+def public_entry(code: str) -> CatalogueEntry:
+    """Catalogue entry for ``code`` (``internal`` for unknown codes)."""
+    return CATALOGUE.get(code, CATALOGUE["internal"])

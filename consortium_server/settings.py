@@ -1,0 +1,168 @@
+"""ServerSettings: the one place the consortium server reads its configuration.
+
+Built in the entry point (``consortium server``, ``create_app``), never at import. Values
+come from arguments, then ``CONCORD_*`` environment variables (nested sections with ``__``,
+e.g. ``CONCORD_DATABASE__URL``), then files in ``secrets_dir`` (Kubernetes secrets), then
+the defaults below, which are the embedded single-machine defaults.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "ApiSettings",
+    "DatabaseSettings",
+    "Environment",
+    "IdentitySettings",
+    "ServerSettings",
+    "StudySettings",
+]
+
+PLACEHOLDER_SECRETS = frozenset({"", "change-me", "changeme", "secret", "password", "dev"})
+
+
+class Environment(StrEnum):
+    """Where the server runs. Only ``development`` accepts placeholder secrets."""
+
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class DatabaseSettings(BaseModel):
+    """Database connection. Empty ``url`` means the embedded SQLite file in ``data_dir``."""
+
+    url: SecretStr | None = Field(
+        default=None,
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://concord@db/concord. "
+        "Empty: sqlite file <data_dir>/concord.db.",
+    )
+    echo: bool = Field(default=False, description="Log every SQL statement (debugging only).")
+    pool_size: int = Field(default=5, ge=1, le=100, description="PostgreSQL pool size.")
+    auto_migrate: bool = Field(
+        default=True,
+        description="Run Alembic migrations at start-up. Turn off where a Job runs them.",
+    )
+
+
+class IdentitySettings(BaseModel):
+    """How bearer tokens are verified: the built-in local issuer or a Keycloak realm."""
+
+    mode: Literal["local", "keycloak"] = Field(
+        default="local", description="`local`: the server's own issuer (development only)."
+    )
+    audience: str = Field(default="concord-api", description="Required `aud` of access tokens.")
+    organisation_claim: str = Field(
+        default="organisation", description="Token claim naming the caller's organisation."
+    )
+    leeway_s: int = Field(default=30, ge=0, le=300, description="Clock skew allowed on exp/nbf.")
+    jwks_cache_s: int = Field(default=300, ge=0, description="How long the JWKS is cached.")
+    local_realm: str = Field(default="local", description="Realm name of the local issuer.")
+    local_key_file: Path | None = Field(
+        default=None, description="Local issuer signing key (PEM). Empty: <data_dir>/issuer.pem."
+    )
+    keycloak_url: str | None = Field(
+        default=None, description="Keycloak base URL, e.g. https://keycloak.example.org."
+    )
+    keycloak_realm: str = Field(default="consortium", description="Keycloak realm name.")
+    keycloak_issuer: str | None = Field(
+        default=None,
+        description="Expected `iss` when Keycloak's public URL differs from keycloak_url; "
+        "empty: <keycloak_url>/realms/<realm>.",
+    )
+    keycloak_verify_tls: bool = Field(default=True, description="Verify Keycloak's certificate.")
+
+
+class ApiSettings(BaseModel):
+    """HTTP listener and request limits."""
+
+    host: str = Field(default="127.0.0.1", description="Interface to listen on.")
+    port: int = Field(default=8600, ge=1, le=65535, description="TCP port.")
+    public_url: str | None = Field(
+        default=None, description="URL clients use; empty: http://<host>:<port>."
+    )
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest request body accepted (413 beyond)."
+    )
+
+
+class StudySettings(BaseModel):
+    """Study lifecycle limits."""
+
+    approval_window_days: int = Field(
+        default=30, ge=1, le=365, description="Days sites have to decide before a study expires."
+    )
+
+
+class ServerSettings(BaseSettings):
+    """Configuration of one consortium server."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CONCORD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        secrets_dir=None,
+    )
+
+    environment: Environment = Field(default=Environment.DEVELOPMENT)
+    data_dir: Path = Field(
+        default=Path(".concord/server"), description="Where the embedded database and keys live."
+    )
+    log_level: str = Field(default="INFO", description="Application log level.")
+    log_json: bool = Field(default=True, description="Structured JSON logs on stderr.")
+    database: DatabaseSettings = DatabaseSettings()
+    identity: IdentitySettings = IdentitySettings()
+    api: ApiSettings = ApiSettings()
+    studies: StudySettings = StudySettings()
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Self:
+        if self.environment is Environment.DEVELOPMENT:
+            return self
+        problems: list[str] = []
+        if self.identity.mode == "local":
+            problems.append(
+                "identity.mode=local is for development; set CONCORD_IDENTITY__MODE=keycloak"
+            )
+        if self.identity.mode == "keycloak" and not self.identity.keycloak_url:
+            problems.append("identity.keycloak_url is required")
+        url = self.database.url.get_secret_value() if self.database.url else ""
+        if not url.startswith("postgresql"):
+            problems.append("database.url must name PostgreSQL in production")
+        elif any(f":{p}@" in url for p in PLACEHOLDER_SECRETS if p):
+            problems.append("database.url carries a placeholder password")
+        if problems:
+            raise ValueError("unsafe production settings: " + "; ".join(problems))
+        return self
+
+    # Derived values -----------------------------------------------------------------
+
+    def database_url(self) -> str:
+        """The SQLAlchemy URL in force (the embedded SQLite file when none is set)."""
+        if self.database.url is not None and self.database.url.get_secret_value():
+            return self.database.url.get_secret_value()
+        return f"sqlite:///{(self.data_dir / 'concord.db').resolve()}"
+
+    def public_url(self) -> str:
+        """Base URL clients reach this server at."""
+        return (self.api.public_url or f"http://{self.api.host}:{self.api.port}").rstrip("/")
+
+    def local_issuer_url(self) -> str:
+        """Issuer (``iss``) of tokens minted by the local issuer."""
+        return f"{self.public_url()}/realms/{self.identity.local_realm}"
+
+    def local_key_file(self) -> Path:
+        """Path of the local issuer's signing key."""
+        return self.identity.local_key_file or self.data_dir / "issuer.pem"
+
+
+def load_settings(secrets_dir: Path | None = None) -> ServerSettings:
+    """Build settings from the environment (and ``secrets_dir`` files when given)."""
+    if secrets_dir is not None:
+        return ServerSettings(_secrets_dir=secrets_dir)
+    return ServerSettings()

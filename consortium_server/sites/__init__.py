@@ -1,0 +1,1 @@
+"""Sites: hospitals enrolled in the consortium, with their public keys."""

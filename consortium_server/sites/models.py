@@ -1,0 +1,39 @@
+"""ORM model of an enrolled site."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from consortium_server.db.base import Base, UTCDateTime, str_enum, utcnow
+
+__all__ = ["Site", "SiteStatus"]
+
+
+class SiteStatus(StrEnum):
+    """Whether a site may take part."""
+
+    ACTIVE = "active"
+    REVOKED = "revoked"
+
+
+class Site(Base):
+    """A hospital's site node: its organisation and its public keys (never private ones)."""
+
+    __tablename__ = "sites"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organisation: Mapped[str] = mapped_column(String(200), unique=True)
+    display_name: Mapped[str] = mapped_column(String(200))
+    contact_email: Mapped[str] = mapped_column(String(320))
+    signing_public_key: Mapped[str] = mapped_column(String(64))
+    exchange_public_key: Mapped[str] = mapped_column(String(64))
+    supernode_public_key: Mapped[str] = mapped_column(Text)
+    status: Mapped[SiteStatus] = mapped_column(str_enum(SiteStatus, 16), default=SiteStatus.ACTIVE)
+    enrolled_by: Mapped[str] = mapped_column(String(255))
+    enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_reason: Mapped[str | None] = mapped_column(Text, nullable=True)

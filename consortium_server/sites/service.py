@@ -1,0 +1,70 @@
+"""Enrolment and lookup of sites. Services take a session and flush; callers commit."""
+
+from __future__ import annotations
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from consortium_server.db.base import utcnow
+from consortium_server.errors import ConflictError, ForbiddenError, NotFoundError
+from consortium_server.identity.principal import Principal
+from consortium_server.sites.models import Site, SiteStatus
+from consortium_server.sites.schemas import SiteEnrol
+
+__all__ = ["enrol_site", "get_site", "list_sites", "revoke_site", "site_of_principal"]
+
+
+def enrol_site(session: Session, data: SiteEnrol, *, actor: Principal) -> Site:
+    """Enrol a hospital. Its id and organisation must both be new."""
+    clash = session.scalars(
+        select(Site).where(or_(Site.id == data.id, Site.organisation == data.organisation))
+    ).first()
+    if clash is not None:
+        field = "id" if clash.id == data.id else "organisation"
+        raise ConflictError("site.exists", f"A site with this {field} is already enrolled.")
+    site = Site(**data.model_dump(), enrolled_by=actor.subject, status=SiteStatus.ACTIVE)
+    session.add(site)
+    session.flush()
+    return site
+
+
+def get_site(session: Session, site_id: str) -> Site:
+    """The site with ``site_id`` or ``site.not_found``."""
+    site = session.get(Site, site_id)
+    if site is None:
+        raise NotFoundError("site.not_found", f"No site with id {site_id!r}.")
+    return site
+
+
+def list_sites(session: Session) -> list[Site]:
+    """Every enrolled site, active and revoked, by id."""
+    return list(session.scalars(select(Site).order_by(Site.id)))
+
+
+def revoke_site(session: Session, site_id: str, *, reason: str) -> Site:
+    """Revoke a site: it can no longer publish, approve or take part in rounds."""
+    site = get_site(session, site_id)
+    if site.status is SiteStatus.REVOKED:
+        raise ConflictError("site.exists", f"Site {site_id!r} is already revoked.")
+    site.status = SiteStatus.REVOKED
+    site.revoked_at = utcnow()
+    site.revoked_reason = reason
+    session.flush()
+    return site
+
+
+def site_of_principal(session: Session, principal: Principal) -> Site | None:
+    """The site whose organisation the principal belongs to (None if none)."""
+    if not principal.organisation:
+        return None
+    return session.scalars(select(Site).where(Site.organisation == principal.organisation)).first()
+
+
+def require_own_active_site(session: Session, principal: Principal, site_id: str) -> Site:
+    """The site ``site_id``, provided the principal belongs to it and it is active."""
+    site = get_site(session, site_id)
+    if principal.organisation != site.organisation:
+        raise ForbiddenError(f"You do not act for site {site_id!r}.")
+    if site.status is SiteStatus.REVOKED:
+        raise ForbiddenError(f"Site {site_id!r} has been revoked.", code="auth.site_revoked")
+    return site

@@ -1,0 +1,1 @@
+"""Studies: the declarative study contract, its lifecycle and per-site approvals."""

@@ -1,0 +1,100 @@
+"""Request and response bodies of the studies API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from consortium_server.schemas import Slug, StrictModel
+from consortium_server.studies.models import ApprovalDecision, StudyState
+
+__all__ = [
+    "ApprovalCreate",
+    "ApprovalPublic",
+    "StudyAbort",
+    "StudyEventPublic",
+    "StudyPublic",
+    "StudySitePublic",
+    "StudySummary",
+]
+
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ApprovalCreate(StrictModel):
+    """A data steward's decision for their site, on one exact contract hash."""
+
+    site_id: Slug
+    contract_hash: Sha256Hex = Field(description="The hash you reviewed (GET the study first).")
+    decision: ApprovalDecision
+    reason: Annotated[str, StringConstraints(max_length=2000, strip_whitespace=True)] = ""
+
+
+class StudyAbort(StrictModel):
+    """Why a study is being stopped."""
+
+    reason: Annotated[str, StringConstraints(min_length=3, max_length=2000)]
+
+
+class ApprovalPublic(BaseModel):
+    """A recorded decision."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    site_id: str
+    decision: ApprovalDecision
+    contract_hash: str
+    decided_by: str
+    reason: str
+    decided_at: datetime
+
+
+class StudySitePublic(BaseModel):
+    """A site the study needs, and its decision so far."""
+
+    site_id: str
+    decision: ApprovalDecision | None = None
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    reason: str | None = None
+
+
+class StudyEventPublic(BaseModel):
+    """A lifecycle transition."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    from_state: StudyState | None
+    to_state: StudyState
+    actor_subject: str
+    actor_organisation: str | None
+    reason: str
+    at: datetime
+
+
+class StudySummary(BaseModel):
+    """A study in a list."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    title: str
+    state: StudyState
+    owner_subject: str
+    contract_hash: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class StudyPublic(StudySummary):
+    """A study with its contract, approvals and history."""
+
+    owner_organisation: str | None
+    state_reason: str | None
+    contract: dict[str, Any]
+    approval_deadline: datetime
+    current_round: int
+    sites: list[StudySitePublic]
+    events: list[StudyEventPublic]

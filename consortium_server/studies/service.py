@@ -1,0 +1,334 @@
+"""Submitting studies, deciding on them per site, and who may see what.
+
+Services take a session and flush; the request (or CLI command) commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from consortium_server.datasets.models import Dataset
+from consortium_server.datasets.service import get_datasets
+from consortium_server.db.base import utcnow
+from consortium_server.errors import (
+    ConflictError,
+    ForbiddenError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from consortium_server.identity.principal import Principal, Role
+from consortium_server.sites.models import Site, SiteStatus
+from consortium_server.sites.service import require_own_active_site, site_of_principal
+from consortium_server.studies.contract import StudyContract
+from consortium_server.studies.lifecycle import transition
+from consortium_server.studies.models import (
+    ApprovalDecision,
+    Study,
+    StudyApproval,
+    StudyEvent,
+    StudySite,
+    StudyState,
+)
+from consortium_server.studies.schemas import ApprovalCreate, StudyPublic, StudySitePublic
+
+__all__ = [
+    "GateDecision",
+    "SubmissionGate",
+    "abort_study",
+    "decide",
+    "get_visible_study",
+    "list_visible_studies",
+    "submit_study",
+    "to_public",
+]
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Outcome of the policy check at submission."""
+
+    allowed: bool
+    reasons: list[str] = field(default_factory=list)
+    policy_set_hash: str | None = None
+
+
+#: Called at submission with the contract, the datasets it names and the submitter.
+SubmissionGate = Callable[[StudyContract, list[Dataset], Principal], GateDecision]
+
+
+def _structural_gate(
+    contract: StudyContract, datasets: list[Dataset], _: Principal
+) -> GateDecision:
+    """Checks that hold whatever the policy: enough distinct sites for ``min_sites``."""
+    sites = {d.site_id for d in datasets}
+    if len(sites) < contract.federation.min_sites:
+        return GateDecision(
+            False,
+            [
+                f"The study needs {contract.federation.min_sites} sites but its datasets come "
+                f"from {len(sites)}."
+            ],
+        )
+    return GateDecision(True)
+
+
+def submit_study(
+    session: Session,
+    contract: StudyContract,
+    *,
+    actor: Principal,
+    approval_window: timedelta,
+    gate: SubmissionGate | None = None,
+) -> Study:
+    """Record a study, check it, and move it to ``awaiting_approvals`` or ``rejected``.
+
+    Unknown datasets or datasets of revoked sites are refused outright (nothing stored);
+    a policy denial is recorded as a ``rejected`` study with every reason.
+    """
+    datasets, unknown = get_datasets(session, contract.datasets)
+    if unknown:
+        raise InvalidRequestError(
+            "study.invalid",
+            f"Unknown dataset(s): {', '.join(unknown)}.",
+            [{"field": "datasets", "message": f"unknown dataset {i!r}"} for i in unknown],
+        )
+    site_ids = sorted({d.site_id for d in datasets})
+    revoked = [
+        s.id
+        for s in session.scalars(select(Site).where(Site.id.in_(site_ids)))
+        if s.status is SiteStatus.REVOKED
+    ]
+    if revoked:
+        raise InvalidRequestError(
+            "study.invalid", f"Dataset(s) belong to revoked site(s): {', '.join(revoked)}."
+        )
+    now = utcnow()
+    study = Study(
+        title=contract.title,
+        owner_subject=actor.subject,
+        owner_organisation=actor.organisation,
+        contract=contract.model_dump(mode="json"),
+        contract_hash=contract.contract_hash(),
+        state=StudyState.SUBMITTED,
+        approval_deadline=now + approval_window,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(study)
+    session.flush()
+    study.sites = [StudySite(study_id=study.id, site_id=s) for s in site_ids]
+    study.events.append(_created_event(study, actor))
+
+    decision = _structural_gate(contract, datasets, actor)
+    if decision.allowed and gate is not None:
+        decision = gate(contract, datasets, actor)
+    if decision.allowed:
+        session.add(transition(study, StudyState.AWAITING_APPROVALS, actor=actor))
+    else:
+        session.add(
+            transition(study, StudyState.REJECTED, actor=actor, reason=" ".join(decision.reasons))
+        )
+    session.flush()
+    return study
+
+
+def _created_event(study: Study, actor: Principal) -> StudyEvent:
+    return StudyEvent(
+        study_id=study.id,
+        from_state=None,
+        to_state=StudyState.SUBMITTED,
+        actor_subject=actor.subject,
+        actor_organisation=actor.organisation,
+        reason="",
+        at=study.created_at,
+    )
+
+
+def _expire_if_overdue(session: Session, study: Study) -> None:
+    if study.state is StudyState.AWAITING_APPROVALS and utcnow() > study.approval_deadline:
+        session.add(
+            transition(
+                study,
+                StudyState.REJECTED,
+                actor=None,
+                reason="The approval window closed before every site decided.",
+            )
+        )
+        session.flush()
+
+
+def _site_ids_of(session: Session, principal: Principal) -> set[str]:
+    site = site_of_principal(session, principal)
+    return {site.id} if site is not None else set()
+
+
+def _can_see(session: Session, principal: Principal, study: Study) -> bool:
+    if principal.has(Role.CONSORTIUM_ADMIN, Role.COMPLIANCE_OFFICER):
+        return True
+    if principal.has(Role.RESEARCHER) and study.owner_subject == principal.subject:
+        return True
+    if principal.has(Role.DATA_STEWARD, Role.SITE_NODE):
+        own = _site_ids_of(session, principal)
+        return any(s.site_id in own for s in study.sites)
+    return False
+
+
+def get_visible_study(session: Session, study_id: str, principal: Principal) -> Study:
+    """The study if it exists and the principal may see it, else ``study.not_found``.
+
+    Existence is not revealed to those who may not see the study.
+    """
+    study = session.get(Study, study_id)
+    if study is None or not _can_see(session, principal, study):
+        raise NotFoundError("study.not_found", f"No study with id {study_id!r}.")
+    _expire_if_overdue(session, study)
+    return study
+
+
+def list_visible_studies(
+    session: Session, principal: Principal, *, state: StudyState | None = None
+) -> list[Study]:
+    """Studies the principal may see, newest first."""
+    query = select(Study).order_by(Study.created_at.desc(), Study.id)
+    if state is not None:
+        query = query.where(Study.state == state)
+    if not principal.has(Role.CONSORTIUM_ADMIN, Role.COMPLIANCE_OFFICER):
+        clauses = []
+        if principal.has(Role.RESEARCHER):
+            clauses.append(Study.owner_subject == principal.subject)
+        if principal.has(Role.DATA_STEWARD, Role.SITE_NODE):
+            own = _site_ids_of(session, principal)
+            if own:
+                clauses.append(
+                    Study.id.in_(select(StudySite.study_id).where(StudySite.site_id.in_(own)))
+                )
+        if not clauses:
+            return []
+        query = query.where(or_(*clauses))
+    studies = list(session.scalars(query))
+    for study in studies:
+        _expire_if_overdue(session, study)
+    return [s for s in studies if state is None or s.state is state]
+
+
+def decide(session: Session, study_id: str, data: ApprovalCreate, *, actor: Principal) -> Study:
+    """Record a site's approval or decline of the study's exact contract hash.
+
+    When every site has approved the study becomes ``approved``; one decline rejects it.
+    """
+    study = get_visible_study(session, study_id, actor)
+    site = require_own_active_site(session, actor, data.site_id)
+    if site.id not in {s.site_id for s in study.sites}:
+        raise ConflictError(
+            "approval.not_requested", f"Study {study.id} uses no dataset of site {site.id!r}."
+        )
+    if any(a.site_id == site.id for a in study.approvals):
+        raise ConflictError(
+            "approval.duplicate", f"Site {site.id!r} has already decided on this study."
+        )
+    if study.state is not StudyState.AWAITING_APPROVALS:
+        raise ConflictError(
+            "study.invalid_transition",
+            f"The study is {study.state.value}; only studies awaiting approvals can be decided.",
+        )
+    if data.contract_hash != study.contract_hash:
+        raise ConflictError(
+            "approval.hash_mismatch",
+            "The contract hash you approved is not this study's contract hash: "
+            "fetch the study again and review the current contract.",
+        )
+    if data.decision is ApprovalDecision.DECLINED and not data.reason:
+        raise InvalidRequestError(
+            "request.invalid",
+            "A decline needs a reason.",
+            [{"field": "body.reason", "message": "required when declining"}],
+        )
+    approval = StudyApproval(
+        study_id=study.id,
+        site_id=site.id,
+        decision=data.decision,
+        contract_hash=data.contract_hash,
+        decided_by=actor.subject,
+        reason=data.reason,
+        decided_at=utcnow(),
+    )
+    session.add(approval)
+    study.approvals.append(approval)
+    if data.decision is ApprovalDecision.DECLINED:
+        session.add(
+            transition(
+                study,
+                StudyState.REJECTED,
+                actor=actor,
+                reason=f"Declined by site {site.id}: {data.reason}",
+            )
+        )
+    elif {a.site_id for a in study.approvals if a.decision is ApprovalDecision.APPROVED} >= {
+        s.site_id for s in study.sites
+    }:
+        session.add(
+            transition(study, StudyState.APPROVED, actor=actor, reason="Every site approved.")
+        )
+    session.flush()
+    return study
+
+
+def abort_study(session: Session, study_id: str, *, actor: Principal, reason: str) -> Study:
+    """Stop a study: its owner or a consortium admin."""
+    study = get_visible_study(session, study_id, actor)
+    is_owner = principal_owns(actor, study)
+    if not (is_owner or actor.has(Role.CONSORTIUM_ADMIN)):
+        raise ForbiddenError("Only the study's owner or a consortium admin can abort it.")
+    session.add(transition(study, StudyState.ABORTED, actor=actor, reason=reason))
+    session.flush()
+    return study
+
+
+def principal_owns(principal: Principal, study: Study) -> bool:
+    """True if ``principal`` submitted ``study`` as a researcher."""
+    return principal.has(Role.RESEARCHER) and study.owner_subject == principal.subject
+
+
+def to_public(study: Study) -> StudyPublic:
+    """Response body of a study, with every needed site and its decision."""
+    decided = {a.site_id: a for a in study.approvals}
+    sites = []
+    for link in study.sites:
+        approval = decided.get(link.site_id)
+        sites.append(
+            StudySitePublic(
+                site_id=link.site_id,
+                decision=approval.decision if approval else None,
+                decided_by=approval.decided_by if approval else None,
+                decided_at=approval.decided_at if approval else None,
+                reason=approval.reason if approval else None,
+            )
+        )
+    return StudyPublic.model_validate(
+        {
+            **{
+                k: getattr(study, k)
+                for k in (
+                    "id",
+                    "title",
+                    "state",
+                    "owner_subject",
+                    "owner_organisation",
+                    "contract_hash",
+                    "created_at",
+                    "updated_at",
+                    "state_reason",
+                    "contract",
+                    "approval_deadline",
+                    "current_round",
+                    "events",
+                )
+            },
+            "sites": sites,
+        }
+    )

@@ -1,0 +1,182 @@
+"""Operations and the HTTP edge: health, readiness, metrics, request ids, limits, errors."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from consortium_server.identity.local_issuer import LocalIssuer
+from consortium_server.main import create_app
+from consortium_server.settings import ServerSettings
+from tests.support.world import People, study_contract
+
+
+def test_healthz_and_readyz(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["database"] == "ok"
+
+
+def test_readyz_reports_an_unreachable_database(tmp_path: Any) -> None:
+    settings = ServerSettings(
+        data_dir=tmp_path,
+        database={  # type: ignore[arg-type]
+            "url": "postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1",
+            "auto_migrate": False,
+        },
+    )
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["status"] == "unavailable"
+        assert client.get("/healthz").status_code == 200
+
+
+def test_metrics_count_requests_by_route_template(client: TestClient, people: People) -> None:
+    client.get("/api/v1/studies/does-not-exist", headers=people.admin)
+    text = client.get("/metrics").text
+    sample = 'concord_http_requests_total{method="GET",route="/api/v1/studies/{study_id}"'
+    assert f'{sample},status="404"}} 1.0' in text
+    assert "does-not-exist" not in text
+
+
+def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
+    offered = client.get("/healthz", headers={"X-Request-ID": "trace-1234abcd"})
+    assert offered.headers["x-request-id"] == "trace-1234abcd"
+    generated = client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+    assert generated.headers["x-request-id"] != "bad id with spaces"
+    assert len(generated.headers["x-request-id"]) == 32
+
+
+def test_error_body_carries_the_request_id(client: TestClient) -> None:
+    response = client.get("/api/v1/studies", headers={"X-Request-ID": "trace-abcdef12"})
+    assert response.status_code == 401
+    assert response.json()["error"]["request_id"] == "trace-abcdef12"
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_oversized_body_is_refused_before_parsing(client: TestClient, people: People) -> None:
+    contract = study_contract(["bc-a"], description="x" * 5000)
+    contract["title"] = "t" * 100
+    big = {"padding": "y" * (70 * 1024), **contract}
+    response = client.post("/api/v1/studies", json=big, headers=people.researcher)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request.too_large"
+
+
+def test_oversized_streamed_body_is_refused(client: TestClient, people: People) -> None:
+    def chunks() -> Any:
+        for _ in range(20):
+            yield b"x" * 8192
+
+    response = client.post(
+        "/api/v1/studies",
+        content=chunks(),
+        headers={**people.researcher, "content-type": "application/json"},
+    )
+    assert response.status_code == 413
+
+
+def test_unexpected_errors_hide_the_stack_trace(app: FastAPI, client: TestClient) -> None:
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internals /etc/passwd")
+
+    with TestClient(app, raise_server_exceptions=False) as raw:
+        response = raw.get("/boom")
+    assert response.status_code == 500
+    body = response.json()
+    assert body["error"]["code"] == "internal"
+    assert "secret" not in response.text
+    assert "Traceback" not in response.text
+
+
+def test_unknown_route_is_a_json_404(client: TestClient) -> None:
+    response = client.get("/api/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "resource.not_found"
+
+
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        ("Bearer", "auth.invalid_token"),
+        ("Basic dXNlcjpwYXNz", "auth.invalid_token"),
+        ("Bearer not.a.jwt", "auth.invalid_token"),
+    ],
+)
+def test_malformed_authorization_is_401(client: TestClient, header: str, code: str) -> None:
+    response = client.get("/api/v1/me", headers={"Authorization": header})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == code
+
+
+def _mint(issuer: LocalIssuer, **claims: Any) -> dict[str, str]:
+    defaults: dict[str, Any] = {
+        "subject": "rita",
+        "roles": ["researcher"],
+        "organisation": "Uni",
+        "audience": "concord-api",
+    }
+    return {"Authorization": f"Bearer {issuer.mint(**{**defaults, **claims})}"}
+
+
+def test_tampered_expired_and_foreign_tokens_are_401(
+    app: FastAPI, client: TestClient, tmp_path: Any
+) -> None:
+    issuer: LocalIssuer = app.state.local_issuer
+    good = _mint(issuer)
+    assert client.get("/api/v1/me", headers=good).status_code == 200
+
+    token = good["Authorization"].removeprefix("Bearer ")
+    header, payload, signature = token.split(".")
+    flipped = signature[:-4] + ("AAAA" if signature[-4:] != "AAAA" else "BBBB")
+    tampered = client.get(
+        "/api/v1/me", headers={"Authorization": f"Bearer {header}.{payload}.{flipped}"}
+    )
+    assert tampered.status_code == 401
+    assert tampered.json()["error"]["code"] == "auth.invalid_token"
+
+    expired = client.get("/api/v1/me", headers=_mint(issuer, now=int(time.time()) - 7200))
+    assert expired.status_code == 401
+    assert expired.json()["error"]["code"] == "auth.expired_token"
+
+    stranger = LocalIssuer.load_or_create(tmp_path / "other.pem", "http://evil.example/realms/x")
+    foreign = client.get("/api/v1/me", headers=_mint(stranger))
+    assert foreign.status_code == 401
+
+    wrong_audience = client.get("/api/v1/me", headers=_mint(issuer, audience="another-api"))
+    assert wrong_audience.status_code == 401
+    assert "audience" in wrong_audience.json()["error"]["message"]
+
+
+def test_openapi_documents_every_route(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = set(spec["paths"])
+    for path in (
+        "/api/v1/studies",
+        "/api/v1/studies/{study_id}",
+        "/api/v1/studies/{study_id}/approvals",
+        "/api/v1/studies/{study_id}/abort",
+        "/api/v1/datasets",
+        "/api/v1/sites",
+        "/api/v1/me",
+        "/healthz",
+        "/readyz",
+    ):
+        assert path in paths
+    assert client.get("/docs").status_code == 200
+
+
+def test_local_issuer_serves_its_keys(app: FastAPI, client: TestClient) -> None:
+    jwks = client.get("/realms/local/protocol/openid-connect/certs").json()
+    assert jwks["keys"][0]["kid"] == app.state.local_issuer.kid
+    assert "d" not in jwks["keys"][0]
+    config = client.get("/realms/local/.well-known/openid-configuration").json()
+    assert config["issuer"].endswith("/realms/local")
+    assert client.get("/realms/other/protocol/openid-connect/certs").status_code == 404

@@ -1,0 +1,218 @@
+"""Study lifecycle through the API: submit, approve per site, decline, abort, bad input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.support.world import People, study_contract
+
+DATASETS = ["bc-a", "bc-b", "bc-c"]
+
+
+def submit(client: TestClient, people: People, **overrides: Any) -> dict[str, Any]:
+    response = client.post(
+        "/api/v1/studies", json=study_contract(DATASETS, **overrides), headers=people.researcher
+    )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def decide(
+    client: TestClient,
+    people: People,
+    study: dict[str, Any],
+    site: str,
+    decision: str = "approved",
+    **overrides: Any,
+) -> Any:
+    body = {
+        "site_id": f"hospital-{site}",
+        "contract_hash": study["contract_hash"],
+        "decision": decision,
+        "reason": "Reviewed by the data access committee.",
+        **overrides,
+    }
+    return client.post(
+        f"/api/v1/studies/{study['id']}/approvals", json=body, headers=people.steward(site)
+    )
+
+
+def test_submit_then_every_site_approves(client: TestClient, consortium: People) -> None:
+    study = submit(client, consortium)
+    assert study["state"] == "awaiting_approvals"
+    assert len(study["contract_hash"]) == 64
+    assert [s["site_id"] for s in study["sites"]] == ["hospital-a", "hospital-b", "hospital-c"]
+
+    for site in ("a", "b"):
+        response = decide(client, consortium, study, site)
+        assert response.status_code == 201, response.text
+        assert response.json()["state"] == "awaiting_approvals"
+    response = decide(client, consortium, study, "c")
+    final = response.json()
+    assert final["state"] == "approved"
+    assert {s["decision"] for s in final["sites"]} == {"approved"}
+    assert [e["to_state"] for e in final["events"]] == [
+        "submitted",
+        "awaiting_approvals",
+        "approved",
+    ]
+    assert final["sites"][0]["decided_by"] == "steward-a"
+
+
+def test_contract_hash_is_the_canonical_hash(client: TestClient, consortium: People) -> None:
+    from consortium_server.studies.contract import StudyContract
+
+    study = submit(client, consortium)
+    assert StudyContract.model_validate(study["contract"]).contract_hash() == study["contract_hash"]
+
+
+def test_one_decline_rejects_with_reason(client: TestClient, consortium: People) -> None:
+    study = submit(client, consortium)
+    response = decide(client, consortium, study, "b", "declined", reason="Cohort overlaps.")
+    assert response.status_code == 201
+    body = response.json()
+    assert body["state"] == "rejected"
+    assert "hospital-b" in body["state_reason"]
+    assert "Cohort overlaps." in body["state_reason"]
+    late = decide(client, consortium, study, "c")
+    assert late.status_code == 409
+    assert late.json()["error"]["code"] == "study.invalid_transition"
+
+
+def test_decline_needs_a_reason(client: TestClient, consortium: People) -> None:
+    study = submit(client, consortium)
+    response = decide(client, consortium, study, "a", "declined", reason="")
+    assert response.status_code == 422
+    assert response.json()["error"]["details"][0]["field"] == "body.reason"
+
+
+def test_duplicate_approval_is_refused(client: TestClient, consortium: People) -> None:
+    study = submit(client, consortium)
+    assert decide(client, consortium, study, "a").status_code == 201
+    again = decide(client, consortium, study, "a")
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "approval.duplicate"
+
+
+def test_approving_for_another_site_is_forbidden(client: TestClient, consortium: People) -> None:
+    study = submit(client, consortium)
+    response = client.post(
+        f"/api/v1/studies/{study['id']}/approvals",
+        json={
+            "site_id": "hospital-b",
+            "contract_hash": study["contract_hash"],
+            "decision": "approved",
+        },
+        headers=consortium.steward("a"),
+    )
+    assert response.status_code == 403
+    assert "hospital-b" in response.json()["error"]["message"]
+    current = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    assert all(s["decision"] is None for s in current["sites"])
+
+
+def test_approval_of_a_different_hash_is_refused(client: TestClient, consortium: People) -> None:
+    study = submit(client, consortium)
+    response = decide(client, consortium, study, "a", contract_hash="0" * 64)
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "approval.hash_mismatch"
+
+
+def test_unknown_dataset_is_named(client: TestClient, consortium: People) -> None:
+    response = client.post(
+        "/api/v1/studies",
+        json=study_contract(["bc-a", "bc-b", "bc-nowhere"]),
+        headers=consortium.researcher,
+    )
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "study.invalid"
+    assert "bc-nowhere" in error["message"]
+    listed = client.get("/api/v1/studies", headers=consortium.researcher).json()
+    assert listed == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda c: c.pop("title"), "body.title"),
+        (lambda c: c.pop("purpose"), "body.purpose"),
+        (lambda c: c.update(purpose="curiosity"), "body.purpose"),
+        (lambda c: c.pop("ethics_reference"), "body.ethics_reference"),
+        (lambda c: c.update(datasets=[]), "body.datasets"),
+        (lambda c: c.update(datasets=["bc-a", "bc-a", "bc-b"]), "body.datasets"),
+        (lambda c: c.update(datasets=["Not A Slug!"]), "body.datasets.0"),
+        (lambda c: c["model"].pop("name"), "body.model.name"),
+        (lambda c: c["model"].update(version="latest"), "body.model.version"),
+        (lambda c: c["training"].update(rounds=0), "body.training.rounds"),
+        (lambda c: c["privacy"].update(epsilon=-1), "body.privacy.epsilon"),
+        (lambda c: c["privacy"].update(delta=0.5), "body.privacy.delta"),
+        (lambda c: c.update(surprise=True), "body.surprise"),
+        (lambda c: c["encryption"].update(scheme="bfv"), "body.encryption.scheme"),
+    ],
+)
+def test_malformed_study_names_the_field(
+    client: TestClient, consortium: People, mutate: Any, field: str
+) -> None:
+    contract = study_contract(DATASETS)
+    mutate(contract)
+    response = client.post("/api/v1/studies", json=contract, headers=consortium.researcher)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "request.invalid"
+    assert field in [d["field"] for d in error["details"]]
+    assert field in error["message"]
+
+
+def test_too_few_sites_is_rejected_with_reason(client: TestClient, consortium: People) -> None:
+    response = client.post(
+        "/api/v1/studies",
+        json=study_contract(["bc-a", "bc-b"]),
+        headers=consortium.researcher,
+    )
+    assert response.status_code == 201
+    body = response.json()
+    assert body["state"] == "rejected"
+    assert "needs 3 sites" in body["state_reason"]
+
+
+def test_owner_can_abort_but_not_twice(client: TestClient, consortium: People) -> None:
+    study = submit(client, consortium)
+    url = f"/api/v1/studies/{study['id']}/abort"
+    response = client.post(url, json={"reason": "Wrong cohort."}, headers=consortium.researcher)
+    assert response.status_code == 200
+    assert response.json()["state"] == "aborted"
+    again = client.post(url, json={"reason": "Again."}, headers=consortium.researcher)
+    assert again.status_code == 409
+
+
+def test_expired_approval_window_rejects(client: TestClient, consortium: People, app: Any) -> None:
+    from datetime import timedelta
+
+    from consortium_server.db.base import utcnow
+    from consortium_server.studies.models import Study
+
+    study = submit(client, consortium)
+    with app.state.sessionmaker() as session:
+        row = session.get(Study, study["id"])
+        row.approval_deadline = utcnow() - timedelta(minutes=1)
+        session.commit()
+    current = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    assert current["state"] == "rejected"
+    assert "approval window" in current["state_reason"]
+    assert decide(client, consortium, study, "a").status_code == 409
+
+
+def test_list_filters_by_state(client: TestClient, consortium: People) -> None:
+    study = submit(client, consortium)
+    client.post("/api/v1/studies", json=study_contract(["bc-a"]), headers=consortium.researcher)
+    waiting = client.get(
+        "/api/v1/studies", params={"state": "awaiting_approvals"}, headers=consortium.researcher
+    ).json()
+    assert [s["id"] for s in waiting] == [study["id"]]
+    bad = client.get("/api/v1/studies", params={"state": "sleeping"}, headers=consortium.admin)
+    assert bad.status_code == 422
