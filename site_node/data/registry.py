@@ -1,0 +1,155 @@
+"""Dataset configurations registered by hospital IT, and the one entry point that loads them.
+
+A :class:`DatasetConfig` says where the data is and how to read it; it holds no data.
+:func:`load_dataset` turns it into a :class:`LocalDataset` for the train or test split. The
+split is deterministic (``seed``) and stratified by label when possible, so the train and test
+splits loaded in separate calls (or processes) never overlap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from site_node.data.csv_loader import load_csv
+from site_node.data.dataset import LocalDataset, Split
+from site_node.data.demo import breast_cancer_site, synthetic_images_site
+from site_node.data.image_folder import load_image_folder
+from site_node.data.volumes import load_volumes
+from site_node.errors import DatasetConfigError
+
+__all__ = ["DatasetConfig", "DatasetKind", "LocalDataset", "load_dataset"]
+
+DatasetKind = Literal[
+    "csv", "image_folder", "nifti", "dicom", "demo_breast_cancer", "demo_synthetic_images"
+]
+_FILE_KINDS = frozenset({"csv", "image_folder", "nifti", "dicom"})
+
+Slug = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", strip_whitespace=True)
+]
+
+
+class DatasetConfig(BaseModel):
+    """How to read one local dataset (metadata only; never sent anywhere as is).
+
+    File kinds (``csv``, ``image_folder``, ``nifti``, ``dicom``) need ``path``: the CSV file,
+    or the folder holding the images/volumes and their ``labels_file``. Demo kinds need
+    ``site_index`` and take no ``path``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Slug = Field(description="Catalogue id of the dataset, e.g. `bc-tabular`.")
+    kind: DatasetKind
+    path: Path | None = Field(default=None, description="CSV file or dataset folder.")
+    description: str = Field(default="", max_length=2000)
+    modality: str | None = Field(
+        default=None, max_length=40, description="e.g. `CT`, `MR`, `mammography`."
+    )
+    label_column: str = Field(default="label", min_length=1, description="CSV label column.")
+    exclude_columns: tuple[str, ...] = Field(
+        default=(), description="CSV columns that are not features (e.g. a record id)."
+    )
+    labels_file: str = Field(
+        default="labels.csv", min_length=1, description="`filename,label` index in the folder."
+    )
+    classes: tuple[str, ...] | None = Field(
+        default=None,
+        min_length=2,
+        description="Fixed class order (index = position); labels outside it are refused.",
+    )
+    image_size: int = Field(default=64, ge=8, le=512, description="Side of resized images.")
+    volume_mode: Literal["central_slice", "volume"] = Field(
+        default="central_slice", description="NIfTI/DICOM: middle axial slice, or whole volume."
+    )
+    test_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    seed: int = Field(default=7, ge=0, description="Seed of the train/test split (and demos).")
+    site_index: int | None = Field(default=None, ge=0, description="Demo kinds: this site.")
+    n_sites: int = Field(default=3, ge=1, le=8, description="Demo kinds: sites in the demo.")
+    n_samples: int = Field(default=256, ge=10, le=100_000, description="Synthetic images.")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> DatasetConfig:
+        if self.kind in _FILE_KINDS:
+            if self.path is None:
+                raise ValueError(f"kind {self.kind!r} needs `path`")
+        else:
+            if self.path is not None:
+                raise ValueError(f"kind {self.kind!r} takes no `path`")
+            if self.site_index is None:
+                raise ValueError(f"kind {self.kind!r} needs `site_index`")
+            if self.site_index >= self.n_sites:
+                raise ValueError("`site_index` must be smaller than `n_sites`")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError("`classes` has duplicates")
+        return self
+
+
+def load_dataset(config: DatasetConfig, *, split: Split) -> LocalDataset:
+    """Load the ``split`` ("train" or "test") of a configured dataset.
+
+    Raises:
+        DatasetError: or one of its subclasses, with a message naming the file, column or
+            line at fault (never a value).
+    """
+    if split not in ("train", "test"):
+        raise DatasetConfigError(f"split must be 'train' or 'test', got {split!r}")
+    classes = list(config.classes) if config.classes is not None else None
+    dataset: LocalDataset
+    if config.kind == "csv":
+        assert config.path is not None
+        dataset = load_csv(
+            config.path,
+            label_column=config.label_column,
+            exclude_columns=config.exclude_columns,
+            classes=classes,
+            split=split,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+        )
+    elif config.kind == "image_folder":
+        assert config.path is not None
+        dataset = load_image_folder(
+            config.path,
+            labels_file=config.labels_file,
+            image_size=config.image_size,
+            classes=classes,
+            modality=config.modality or "image",
+            split=split,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+        )
+    elif config.kind in ("nifti", "dicom"):
+        assert config.path is not None
+        dataset = load_volumes(
+            config.path,
+            fmt="nifti" if config.kind == "nifti" else "dicom",
+            labels_file=config.labels_file,
+            image_size=config.image_size,
+            volume_mode=config.volume_mode,
+            classes=classes,
+            modality=config.modality,
+            split=split,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+        )
+    else:
+        assert config.site_index is not None
+        if config.kind == "demo_breast_cancer":
+            pair = breast_cancer_site(config.site_index, config.n_sites, config.seed)
+        else:
+            pair = synthetic_images_site(
+                config.site_index,
+                config.n_sites,
+                config.seed,
+                n_samples=config.n_samples,
+                image_size=config.image_size,
+            )
+        dataset = pair[0] if split == "train" else pair[1]
+        if config.modality:
+            dataset = replace(dataset, modality=config.modality)
+    return replace(dataset, dataset_id=config.id)

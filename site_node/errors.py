@@ -1,0 +1,158 @@
+"""Site-side domain errors, each with a stable ``code``.
+
+Every error the site node raises on purpose derives from :class:`SiteError`. The ``code`` is
+stable (callers, the ClientApp and the CLI may switch on it); the message says what went wrong
+in terms a hospital IT person or data steward can act on, and :meth:`SiteError.diagnostics`
+adds what to do next. Messages never contain patient data or tensor values: at most file
+names, column names, counts and shapes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccountantStateError",
+    "DatasetConfigError",
+    "DatasetError",
+    "DatasetMismatchError",
+    "EmptyDatasetError",
+    "IncompatibleInputError",
+    "InvalidHyperparameterError",
+    "MissingColumnError",
+    "MissingFileError",
+    "NonNumericValueError",
+    "ParameterShapeError",
+    "PrivacyBudgetExhaustedError",
+    "PrivacyConfigurationError",
+    "SiteError",
+    "UnknownLabelError",
+    "UnknownModelError",
+]
+
+
+class SiteError(Exception):
+    """Base class of the site node's domain errors.
+
+    Attributes:
+        code: stable machine-readable identifier, e.g. ``"data.missing_column"``.
+        hint: optional next step for the operator.
+    """
+
+    code: str = "site.error"
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def diagnostics(self) -> str:
+        """The message plus, when known, what to do next."""
+        if self.hint:
+            return f"{self.message}\nHint: {self.hint}"
+        return self.message
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+class DatasetError(SiteError):
+    """A local dataset cannot be loaded as configured."""
+
+    code = "data.invalid"
+
+
+class DatasetConfigError(DatasetError):
+    """The dataset configuration itself is inconsistent (e.g. a file kind without a path)."""
+
+    code = "data.invalid_config"
+
+
+class MissingFileError(DatasetError):
+    """A file named by the configuration or by a labels file does not exist."""
+
+    code = "data.missing_file"
+
+
+class EmptyDatasetError(DatasetError):
+    """The source holds no records (or none left for the requested split)."""
+
+    code = "data.empty"
+
+
+class MissingColumnError(DatasetError):
+    """A required column (the label column, ``filename``) is absent."""
+
+    code = "data.missing_column"
+
+
+class NonNumericValueError(DatasetError):
+    """A feature column holds values that are not numbers."""
+
+    code = "data.non_numeric"
+
+
+class UnknownLabelError(DatasetError):
+    """A label is not one of the configured classes."""
+
+    code = "data.unknown_label"
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+class UnknownModelError(SiteError):
+    """No catalogue entry has this name and version."""
+
+    code = "model.unknown"
+
+
+class InvalidHyperparameterError(SiteError):
+    """A hyperparameter is unknown, of the wrong type, or out of range.
+
+    Attributes:
+        name: the offending hyperparameter.
+    """
+
+    code = "model.invalid_hyperparameter"
+
+    def __init__(self, name: str, message: str, *, hint: str | None = None) -> None:
+        super().__init__(f"hyperparameter {name!r}: {message}", hint=hint)
+        self.name = name
+
+
+class IncompatibleInputError(SiteError):
+    """The dataset's input shape does not suit the chosen model."""
+
+    code = "model.incompatible_input"
+
+
+class ParameterShapeError(SiteError):
+    """A parameter vector does not match the model's parameters."""
+
+    code = "model.parameter_shape"
+
+
+# --- training and privacy -------------------------------------------------------------------
+
+
+class DatasetMismatchError(SiteError):
+    """The dataset given to a round is not the one the privacy accountant was built for."""
+
+    code = "training.dataset_mismatch"
+
+
+class PrivacyConfigurationError(SiteError):
+    """The privacy target cannot be met with this training plan (or is malformed)."""
+
+    code = "privacy.invalid_config"
+
+
+class PrivacyBudgetExhaustedError(SiteError):
+    """Running one more round would take the site past its target epsilon."""
+
+    code = "privacy.budget_exhausted"
+
+
+class AccountantStateError(SiteError):
+    """A saved accountant state is malformed or belongs to another study/dataset."""
+
+    code = "privacy.invalid_state"

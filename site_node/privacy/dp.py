@@ -1,0 +1,481 @@
+"""Differentially private training for one site across a whole study (Opacus DP-SGD).
+
+A :class:`DpTrainer` is built once per (study, dataset) from the study's ``PrivacySpec``
+(target epsilon, delta, clipping norm), its ``TrainingSpec`` (rounds, local epochs, batch
+size) and the local dataset size. It fixes the plan for the whole study up front:
+
+* ``sample_rate`` ``q = 1 / ceil(n / batch_size)``: the rate Opacus itself derives from a
+  data loader of that batch size (``1 / len(loader)``), equal to ``batch_size / n`` when the
+  batch size divides ``n``. Using Opacus' own figure keeps our accounting identical to the
+  steps its optimizer hook records.
+* ``steps_per_round = local_epochs * ceil(n / batch_size)``; total steps = ``rounds *
+  steps_per_round``.
+* ``noise_multiplier``: ``opacus.accountants.utils.get_noise_multiplier`` for the target
+  (epsilon, delta) over the total steps, with the PRV accountant by default (``"rdp"`` is
+  available: looser, faster, and the fallback if PRV misbehaves for extreme settings).
+
+Each round, :meth:`DpTrainer.private_round` wraps the model, optimizer and data loader with a
+fresh ``PrivacyEngine.make_private`` (Poisson sampling, flat clipping, that fixed noise
+multiplier) whose accountant is replaced by the trainer's own, so ONE history of
+``(noise_multiplier, sample_rate, steps)`` accumulates over all rounds. The history survives
+restarts through :meth:`DpTrainer.save` / :meth:`DpTrainer.load` (JSON, atomic write).
+
+Before a round starts, the epsilon the history would reach after that round is computed on a
+copy; if it exceeds the target, the round is refused with
+:class:`~site_node.errors.PrivacyBudgetExhaustedError`. With the plan above exactly
+``rounds`` rounds fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from torch import nn
+from torch.utils.data import DataLoader
+
+from consortium_server.studies.contract import PrivacySpec, TrainingSpec
+from site_node.errors import (
+    AccountantStateError,
+    DatasetMismatchError,
+    PrivacyBudgetExhaustedError,
+    PrivacyConfigurationError,
+)
+
+__all__ = [
+    "STATE_FORMAT",
+    "AccountantMechanism",
+    "DpPlan",
+    "DpTrainer",
+    "PrivateRound",
+    "compute_epsilon",
+]
+
+STATE_FORMAT = "concord.dp-trainer"
+_STATE_VERSION = 1
+_EPS_SLACK = 1e-9  # float noise only; the plan itself is exact
+
+AccountantMechanism = Literal["prv", "rdp"]
+HistoryEntry = tuple[float, float, int]
+
+
+@lru_cache(maxsize=256)
+def _noise_multiplier(
+    epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str
+) -> float:
+    with warnings.catch_warnings():
+        # PRV sizes its domain with RDP, which warns about its alpha grid: harmless here.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(
+            get_noise_multiplier(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=mechanism,
+            )
+        )
+
+
+@lru_cache(maxsize=256)
+def _epsilon_cached(mechanism: str, history: tuple[HistoryEntry, ...], delta: float) -> float:
+    if not history:
+        return 0.0
+    accountant = create_accountant(mechanism=mechanism)
+    accountant.history = list(history)
+    with warnings.catch_warnings():
+        # RDP alpha-grid notes, and log(1 - q) = -inf at q = 1 (handled by PRV): harmless.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(accountant.get_epsilon(delta=delta))
+
+
+def compute_epsilon(
+    history: list[HistoryEntry] | tuple[HistoryEntry, ...],
+    *,
+    delta: float,
+    mechanism: AccountantMechanism = "prv",
+) -> float:
+    """Epsilon of a ``(noise_multiplier, sample_rate, steps)`` history, via an Opacus accountant.
+
+    Same as a fresh ``create_accountant(mechanism)`` with that history; 0 for no steps.
+    """
+    return _epsilon_cached(
+        mechanism, tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta)
+    )
+
+
+def _append_steps(
+    history: tuple[HistoryEntry, ...], noise: float, rate: float, steps: int
+) -> tuple[HistoryEntry, ...]:
+    """The history after ``steps`` more steps, merged as Opacus' accountants merge them."""
+    if steps <= 0:
+        return history
+    if history and history[-1][0] == noise and history[-1][1] == rate:
+        return (*history[:-1], (noise, rate, history[-1][2] + steps))
+    return (*history, (noise, rate, steps))
+
+
+@dataclass(frozen=True)
+class DpPlan:
+    """The study-wide DP plan of one site (all that the accounting depends on)."""
+
+    mechanism: AccountantMechanism
+    target_epsilon: float
+    delta: float
+    max_grad_norm: float
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    num_samples: int
+    sample_rate: float
+    steps_per_epoch: int
+    steps_per_round: int
+    noise_multiplier: float
+
+    @property
+    def total_steps(self) -> int:
+        """Steps over the whole study."""
+        return self.rounds * self.steps_per_round
+
+
+class PrivateRound(NamedTuple):
+    """The objects to train with during one private round (use these, not the originals)."""
+
+    module: nn.Module
+    optimizer: DPOptimizer
+    data_loader: DataLoader[Any]
+
+
+class DpTrainer:
+    """DP-SGD for one site over one study, with a persistent privacy accountant.
+
+    Args:
+        privacy: the study's privacy target (per site, whole study).
+        training: the study's training plan (rounds, local epochs, batch size).
+        num_samples: size of the local training split.
+        accountant: ``"prv"`` (default, tight) or ``"rdp"``.
+        noise_multiplier: use this instead of computing it (for restoring saved state).
+        secure_mode: Opacus' cryptographically secure RNG (needs ``torchcsprng``); off by
+            default because that package is not installable here. Use it in production.
+
+    Raises:
+        PrivacyConfigurationError: the target cannot be met (budget too low) or the inputs
+            are malformed.
+    """
+
+    def __init__(
+        self,
+        privacy: PrivacySpec,
+        training: TrainingSpec,
+        *,
+        num_samples: int,
+        accountant: AccountantMechanism = "prv",
+        noise_multiplier: float | None = None,
+        secure_mode: bool = False,
+    ) -> None:
+        if accountant not in ("prv", "rdp"):
+            raise PrivacyConfigurationError(f"unknown accountant {accountant!r}")
+        if num_samples < 1:
+            raise PrivacyConfigurationError("DP training needs at least one record")
+        steps_per_epoch = math.ceil(num_samples / training.batch_size)
+        sample_rate = 1.0 / steps_per_epoch
+        steps_per_round = training.local_epochs * steps_per_epoch
+        if noise_multiplier is None:
+            try:
+                noise_multiplier = _noise_multiplier(
+                    privacy.epsilon,
+                    privacy.delta,
+                    sample_rate,
+                    training.rounds * steps_per_round,
+                    accountant,
+                )
+            except ValueError as exc:
+                raise PrivacyConfigurationError(
+                    f"epsilon {privacy.epsilon:g} at delta {privacy.delta:g} cannot be met "
+                    f"for {training.rounds * steps_per_round} steps at sample rate "
+                    f"{sample_rate:.4g}: {exc}",
+                    hint="raise epsilon, or use fewer rounds/epochs or larger batches",
+                ) from exc
+        if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+            raise PrivacyConfigurationError("noise multiplier must be a positive number")
+        self.plan = DpPlan(
+            mechanism=accountant,
+            target_epsilon=float(privacy.epsilon),
+            delta=float(privacy.delta),
+            max_grad_norm=float(privacy.max_grad_norm),
+            rounds=training.rounds,
+            local_epochs=training.local_epochs,
+            batch_size=training.batch_size,
+            num_samples=num_samples,
+            sample_rate=sample_rate,
+            steps_per_epoch=steps_per_epoch,
+            steps_per_round=steps_per_round,
+            noise_multiplier=float(noise_multiplier),
+        )
+        self.secure_mode = secure_mode
+        self._accountant: IAccountant = create_accountant(mechanism=accountant)
+        self.rounds_completed = 0
+
+    # --- accounting -------------------------------------------------------------------------
+
+    @property
+    def noise_multiplier(self) -> float:
+        """Noise multiplier used for every step of the study."""
+        return self.plan.noise_multiplier
+
+    @property
+    def sample_rate(self) -> float:
+        """Poisson sampling rate of every step."""
+        return self.plan.sample_rate
+
+    @property
+    def history(self) -> tuple[HistoryEntry, ...]:
+        """The accountant's ``(noise_multiplier, sample_rate, steps)`` history."""
+        return tuple((float(s), float(q), int(n)) for s, q, n in self._accountant.history)
+
+    @property
+    def steps_taken(self) -> int:
+        """DP-SGD steps recorded so far, across all rounds."""
+        return sum(n for _, _, n in self.history)
+
+    def epsilon_spent(self) -> float:
+        """Epsilon (at the plan's delta) spent so far; 0 before the first step."""
+        return compute_epsilon(self.history, delta=self.plan.delta, mechanism=self.plan.mechanism)
+
+    def epsilon_after_next_round(self) -> float:
+        """Epsilon the history would reach after one more full round (computed on a copy)."""
+        projected = _append_steps(
+            self.history, self.noise_multiplier, self.sample_rate, self.plan.steps_per_round
+        )
+        return compute_epsilon(projected, delta=self.plan.delta, mechanism=self.plan.mechanism)
+
+    def rounds_remaining(self) -> int:
+        """Full rounds the plan still allows (by step count)."""
+        return max(0, (self.plan.total_steps - self.steps_taken) // self.plan.steps_per_round)
+
+    def check_round_allowed(self) -> None:
+        """Raise :class:`PrivacyBudgetExhaustedError` if one more round would pass the target."""
+        projected = self.epsilon_after_next_round()
+        if projected > self.plan.target_epsilon + _EPS_SLACK:
+            raise PrivacyBudgetExhaustedError(
+                f"one more round would bring epsilon to {projected:.4f}, above the study's "
+                f"target {self.plan.target_epsilon:g} (spent so far: "
+                f"{self.epsilon_spent():.4f} after {self.rounds_completed} rounds)",
+                hint="the study has used its privacy budget at this site",
+            )
+
+    # --- training ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def private_round(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader[Any]
+    ) -> Iterator[PrivateRound]:
+        """Wrap ``module``/``optimizer``/``data_loader`` for one private round.
+
+        Checks the budget first. ``data_loader`` must iterate the full local training split
+        with the plan's batch size. Every optimizer step inside the block is charged to the
+        persistent accountant (also when the block raises). On exit the Opacus hooks are
+        removed, so ``module`` (whose parameters were trained in place) is a plain model again.
+
+        Raises:
+            PrivacyBudgetExhaustedError: the round would exceed the target epsilon.
+            DatasetMismatchError: the loader does not match the plan's dataset size/batching.
+        """
+        self.check_round_allowed()
+        n = len(data_loader.dataset)  # type: ignore[arg-type]
+        if n != self.plan.num_samples or len(data_loader) != self.plan.steps_per_epoch:
+            raise DatasetMismatchError(
+                f"this DP plan is for {self.plan.num_samples} records in batches of "
+                f"{self.plan.batch_size}; the data loader has {n} records in "
+                f"{len(data_loader)} batches",
+                hint="build the DpTrainer with the size of the training split you train on",
+            )
+        with warnings.catch_warnings():
+            # "Secure RNG turned off": see `secure_mode` in the class docstring.
+            warnings.simplefilter("ignore", UserWarning)
+            engine = PrivacyEngine(accountant=self.plan.mechanism, secure_mode=self.secure_mode)
+        engine.accountant = self._accountant  # the hook steps our persistent accountant
+        steps_before = self.steps_taken
+        private_module, private_optimizer, private_loader = engine.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.plan.max_grad_norm,
+            poisson_sampling=True,
+        )
+        try:
+            yield PrivateRound(private_module, private_optimizer, private_loader)
+        finally:
+            private_module.cleanup()
+            for p in module.parameters():
+                p.grad = None
+            if self.steps_taken - steps_before >= self.plan.steps_per_round:
+                self.rounds_completed += 1
+
+    # --- persistence ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state: format, plan, accountant history and rounds completed."""
+        return {
+            "format": STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "plan": asdict(self.plan),
+            "history": [list(entry) for entry in self.history],
+            "rounds_completed": self.rounds_completed,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore state saved by :meth:`state_dict` for the same plan.
+
+        Raises:
+            AccountantStateError: malformed state, or state of another plan (study/dataset).
+        """
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise AccountantStateError("not a saved DP trainer state")
+        if state.get("version") != _STATE_VERSION:
+            raise AccountantStateError(f"unsupported state version {state.get('version')!r}")
+        saved_plan = state.get("plan")
+        mine = asdict(self.plan)
+        if not isinstance(saved_plan, Mapping) or set(saved_plan) != set(mine):
+            raise AccountantStateError("saved state has no valid plan")
+        differing = sorted(k for k in mine if saved_plan[k] != mine[k])
+        if differing:
+            raise AccountantStateError(
+                f"saved state belongs to another DP plan (differs in: {', '.join(differing)})",
+                hint="the study contract or the dataset changed; do not reuse this state",
+            )
+        history = _parse_history(state.get("history"), self.plan)
+        rounds = state.get("rounds_completed")
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
+            raise AccountantStateError("saved state has an invalid rounds_completed")
+        self._accountant.load_state_dict(
+            {"history": list(history), "mechanism": self.plan.mechanism}
+        )
+        self.rounds_completed = rounds
+
+    def save(self, path: Path | str) -> None:
+        """Write :meth:`state_dict` to ``path`` as JSON, atomically (temp file + rename)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps(self.state_dict(), indent=2, sort_keys=True, allow_nan=False)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any], *, secure_mode: bool = False) -> DpTrainer:
+        """A trainer rebuilt from saved state alone (no noise-multiplier search)."""
+        plan = state.get("plan") if isinstance(state, Mapping) else None
+        if not isinstance(plan, Mapping):
+            raise AccountantStateError("not a saved DP trainer state")
+        try:
+            trainer = cls(
+                PrivacySpec(
+                    epsilon=plan["target_epsilon"],
+                    delta=plan["delta"],
+                    max_grad_norm=plan["max_grad_norm"],
+                ),
+                TrainingSpec(
+                    rounds=plan["rounds"],
+                    local_epochs=plan["local_epochs"],
+                    batch_size=plan["batch_size"],
+                ),
+                num_samples=plan["num_samples"],
+                accountant=plan["mechanism"],
+                noise_multiplier=plan["noise_multiplier"],
+                secure_mode=secure_mode,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AccountantStateError(f"saved plan is malformed: {type(exc).__name__}") from exc
+        trainer.load_state_dict(state)
+        return trainer
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | str,
+        *,
+        privacy: PrivacySpec | None = None,
+        training: TrainingSpec | None = None,
+        num_samples: int | None = None,
+        secure_mode: bool = False,
+    ) -> DpTrainer:
+        """Rebuild a trainer saved with :meth:`save`.
+
+        When ``privacy``/``training``/``num_samples`` are given, the saved plan must match
+        them (so a changed contract or dataset cannot reuse an old history).
+
+        Raises:
+            AccountantStateError: unreadable file, malformed state, or a plan mismatch.
+        """
+        try:
+            state = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise AccountantStateError(
+                f"cannot read DP state {Path(path).name!r}: {type(exc).__name__}"
+            ) from exc
+        trainer = cls.from_state_dict(state, secure_mode=secure_mode)
+        expected: dict[str, object] = {}
+        if privacy is not None:
+            expected |= {
+                "target_epsilon": float(privacy.epsilon),
+                "delta": float(privacy.delta),
+                "max_grad_norm": float(privacy.max_grad_norm),
+            }
+        if training is not None:
+            expected |= {
+                "rounds": training.rounds,
+                "local_epochs": training.local_epochs,
+                "batch_size": training.batch_size,
+            }
+        if num_samples is not None:
+            expected["num_samples"] = num_samples
+        plan = asdict(trainer.plan)
+        differing = sorted(k for k, v in expected.items() if plan[k] != v)
+        if differing:
+            raise AccountantStateError(
+                f"saved DP state does not match this study/dataset (differs in: "
+                f"{', '.join(differing)})"
+            )
+        return trainer
+
+
+def _parse_history(raw: object, plan: DpPlan) -> tuple[HistoryEntry, ...]:
+    if not isinstance(raw, list):
+        raise AccountantStateError("saved history is not a list")
+    out: list[HistoryEntry] = []
+    for entry in raw:
+        if not (isinstance(entry, list | tuple) and len(entry) == 3):
+            raise AccountantStateError("saved history entry is malformed")
+        noise, rate, steps = entry
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise AccountantStateError("saved history has an invalid step count")
+        if noise != plan.noise_multiplier or rate != plan.sample_rate:
+            raise AccountantStateError("saved history holds steps of another plan")
+        out.append((float(noise), float(rate), int(steps)))
+    return tuple(out)

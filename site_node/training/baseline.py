@@ -1,0 +1,75 @@
+"""A centralised, non-private baseline: what the model reaches on pooled data.
+
+Used by the demo to print federated results next to the result a single data holder with
+all sites' records would get (same model, same number of passes over the data, no DP).
+It never runs at a real site: pooling is exactly what a federation avoids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from consortium_server.studies.contract import ModelSpec, TrainingSpec
+from site_node.data.dataset import LocalDataset
+from site_node.errors import DatasetError
+from site_node.training.catalogue import build_model
+from site_node.training.loops import EvalResult, evaluate, train_round
+
+__all__ = ["BaselineResult", "centralised_baseline", "pool"]
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    """Metrics of the centralised baseline on the test set."""
+
+    num_train_samples: int
+    epochs: int
+    metrics: EvalResult
+
+
+def pool(datasets: Sequence[LocalDataset]) -> LocalDataset:
+    """Concatenate datasets with the same input shape and classes."""
+    if not datasets:
+        raise DatasetError("nothing to pool")
+    first = datasets[0]
+    for other in datasets[1:]:
+        if other.input_shape != first.input_shape or other.num_classes != first.num_classes:
+            raise DatasetError("datasets to pool differ in input shape or number of classes")
+    return LocalDataset(
+        features=torch.cat([d.features for d in datasets]),
+        labels=torch.cat([d.labels for d in datasets]),
+        num_classes=first.num_classes,
+        modality=first.modality,
+        feature_names=first.feature_names,
+        class_names=first.class_names,
+        split="train",
+    )
+
+
+def centralised_baseline(
+    train: LocalDataset | Sequence[LocalDataset],
+    test: LocalDataset,
+    spec: ModelSpec,
+    training: TrainingSpec,
+    *,
+    seed: int = 0,
+) -> BaselineResult:
+    """Train ``spec`` without DP on the pooled ``train`` data, evaluate on ``test``.
+
+    Training runs ``training.rounds`` x ``training.local_epochs`` epochs (the federation's
+    number of passes) with the study's optimizer, learning rate and batch size.
+    """
+    pooled = train if isinstance(train, LocalDataset) else pool(train)
+    model = build_model(
+        spec, input_shape=pooled.input_shape, num_classes=pooled.num_classes, seed=seed
+    )
+    for r in range(training.rounds):
+        train_round(model, pooled, training, dp=None, seed=seed + r)
+    return BaselineResult(
+        num_train_samples=len(pooled),
+        epochs=training.rounds * training.local_epochs,
+        metrics=evaluate(model, test),
+    )

@@ -1,0 +1,189 @@
+"""Local training and evaluation loops (no Flower, no encryption).
+
+:func:`train_round` runs one federated round of local training, privately when given a
+:class:`~site_node.privacy.DpTrainer`; :func:`evaluate` scores a model on a split. Nothing
+here logs records, tensors or per-record values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.nn import functional
+from torch.utils.data import DataLoader
+
+from consortium_server.studies.contract import TrainingSpec
+from site_node.data.dataset import LocalDataset
+from site_node.errors import EmptyDatasetError, IncompatibleInputError
+
+if TYPE_CHECKING:
+    from site_node.privacy.dp import DpTrainer
+
+__all__ = ["EvalResult", "TrainResult", "evaluate", "make_optimizer", "train_round"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of one local round.
+
+    Attributes:
+        num_samples: records in the local training split (the aggregation weight).
+        mean_loss: mean cross-entropy over the round's batches, weighted by batch size. Not
+            privatised: do not send it off-site unless the site policy allows.
+        steps: optimizer steps taken.
+        epsilon_spent: epsilon spent by this site in the study so far (``None`` without DP).
+    """
+
+    num_samples: int
+    mean_loss: float
+    steps: int
+    epsilon_spent: float | None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics of a model on one split (``nan`` where undefined)."""
+
+    num_samples: int
+    loss: float
+    accuracy: float
+    auc: float
+
+
+def make_optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
+    """The optimizer named by ``training`` over the model's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if training.optimizer == "adam":
+        return torch.optim.Adam(params, lr=training.learning_rate)
+    return torch.optim.SGD(params, lr=training.learning_rate, momentum=0.0)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed torch's global RNG inside the block only (Opacus noise and sampling use it)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _run_epochs(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[Any],
+    epochs: int,
+) -> tuple[float, int]:
+    total_loss, total_n, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            logits = module(x)
+            if len(y) == 0:
+                # An empty Poisson batch: still a DP step (noise only); keep the loss finite.
+                loss = logits.sum() * 0.0
+            else:
+                loss = functional.cross_entropy(logits, y)
+                total_loss += float(loss.detach()) * len(y)
+                total_n += len(y)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+    return (total_loss / total_n if total_n else math.nan), steps
+
+
+def train_round(
+    model: nn.Module,
+    dataset: LocalDataset,
+    training: TrainingSpec,
+    *,
+    dp: DpTrainer | None,
+    seed: int | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``training.local_epochs`` epochs on ``dataset``.
+
+    With ``dp``, training is DP-SGD with Poisson sampling under the study-wide plan of
+    ``dp`` (which must have been built for ``len(dataset)`` records and this training
+    spec); the round is refused beforehand if it would exceed the target epsilon. Without
+    ``dp``, plain minibatch training with shuffling. A fresh optimizer is made each round.
+    ``seed`` makes shuffling, sampling and noise reproducible without touching the caller's
+    RNG state.
+
+    Raises:
+        EmptyDatasetError: no training records.
+        PrivacyBudgetExhaustedError: (DP) the round would exceed the target epsilon.
+        DatasetMismatchError: (DP) ``dataset`` is not the size ``dp`` was planned for.
+    """
+    if len(dataset) == 0:
+        raise EmptyDatasetError("the training split has no records")
+    model.train()
+    optimizer = make_optimizer(model, training)
+    with _seeded(seed):
+        if dp is None:
+            loader: DataLoader[Any] = DataLoader(
+                dataset.as_torch(), batch_size=training.batch_size, shuffle=True
+            )
+            mean_loss, steps = _run_epochs(model, optimizer, loader, training.local_epochs)
+            return TrainResult(len(dataset), mean_loss, steps, None)
+        loader = DataLoader(dataset.as_torch(), batch_size=training.batch_size)
+        with dp.private_round(model, optimizer, loader) as private, warnings.catch_warnings():
+            # Opacus' hooks on the first layer: inputs never require grad. Harmless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            mean_loss, steps = _run_epochs(
+                private.module, private.optimizer, private.data_loader, training.local_epochs
+            )
+    return TrainResult(len(dataset), mean_loss, steps, dp.epsilon_spent())
+
+
+def _macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Binary: AUC of class 1. Multiclass: mean one-vs-rest AUC over classes that have both
+    positives and negatives. ``nan`` when no class qualifies (e.g. one class only)."""
+    num_classes = probs.shape[1]
+    classes = [1] if num_classes == 2 else list(range(num_classes))
+    scores = []
+    for c in classes:
+        positive = labels == c
+        if positive.any() and (~positive).any():
+            scores.append(float(roc_auc_score(positive.astype(int), probs[:, c])))
+    return float(np.mean(scores)) if scores else math.nan
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: LocalDataset, *, batch_size: int = 256) -> EvalResult:
+    """Loss (mean cross-entropy), accuracy and AUC of ``model`` on ``dataset``.
+
+    AUC is computed with scikit-learn: for binary tasks on the class-1 probability, for
+    multiclass as the macro one-vs-rest average over classes present. Metrics that are not
+    defined (no records; a single class for AUC) are ``nan``. The model's train/eval mode is
+    restored afterwards.
+    """
+    n = len(dataset)
+    if n == 0:
+        return EvalResult(0, math.nan, math.nan, math.nan)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = torch.cat(
+            [model(x) for x in torch.split(dataset.features, batch_size)], dim=0
+        ).float()
+    finally:
+        model.train(was_training)
+    if logits.ndim != 2 or logits.shape[1] != dataset.num_classes:
+        raise IncompatibleInputError(
+            f"model outputs {tuple(logits.shape[1:])} scores per record, the dataset has "
+            f"{dataset.num_classes} classes"
+        )
+    loss = float(functional.cross_entropy(logits, dataset.labels))
+    accuracy = float((logits.argmax(dim=1) == dataset.labels).float().mean())
+    probs = torch.softmax(logits, dim=1).double().numpy()
+    return EvalResult(n, loss, accuracy, _macro_auc(dataset.labels.numpy(), probs))

@@ -1,0 +1,175 @@
+"""DpTrainer: accounting equals Opacus', budget refusal, persistence across save/load."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from consortium_server.studies.contract import ModelSpec, PrivacySpec, TrainingSpec
+from site_node.data import LocalDataset
+from site_node.errors import (
+    AccountantStateError,
+    DatasetMismatchError,
+    PrivacyBudgetExhaustedError,
+)
+from site_node.privacy import DpTrainer
+from site_node.training import build_model, flatten, train_round
+
+torch.set_num_threads(1)
+
+N, BATCH, SIGMA = 40, 10, 3.0  # sample rate 1/4, 4 steps per epoch
+MLP = ModelSpec(name="tabular-mlp", version="1", hyperparameters={"hidden": 8, "layers": 1})
+TRAINING = TrainingSpec(rounds=3, local_epochs=1, batch_size=BATCH, learning_rate=0.2)
+
+
+def _fresh_epsilon(steps: int, delta: float, mechanism: str = "prv") -> float:
+    """Epsilon from a brand-new Opacus accountant, independent of site_node code."""
+    accountant = PRVAccountant() if mechanism == "prv" else RDPAccountant()
+    accountant.history = [(SIGMA, 1 / 4, steps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta=delta))
+
+
+def _data() -> LocalDataset:
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(N) % 2
+    return LocalDataset(
+        features=torch.randn(N, 5, generator=gen) + labels[:, None].float(),
+        labels=labels,
+        num_classes=2,
+        modality="tabular",
+    )
+
+
+def _trainer(epsilon: float = 50.0, **kw: object) -> DpTrainer:
+    return DpTrainer(
+        PrivacySpec(epsilon=epsilon, delta=1e-5, max_grad_norm=1.0),
+        TRAINING,
+        num_samples=N,
+        noise_multiplier=SIGMA,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_plan_uses_opacus_sample_rate_and_steps() -> None:
+    plan = _trainer().plan
+    assert plan.sample_rate == 0.25
+    assert plan.steps_per_epoch == 4
+    assert plan.steps_per_round == 4
+    assert plan.total_steps == 12
+    odd = DpTrainer(
+        PrivacySpec(epsilon=50, delta=1e-5), TRAINING, num_samples=41, noise_multiplier=SIGMA
+    )
+    assert odd.plan.sample_rate == 1 / 5  # 1 / ceil(41 / 10), as Opacus derives it
+
+
+def test_epsilon_equals_a_fresh_opacus_accountant_before_and_after_save_load(
+    tmp_path: Path,
+) -> None:
+    data = _data()
+    model = build_model(MLP, input_shape=(5,), num_classes=2)
+    trainer = _trainer()
+    assert trainer.epsilon_spent() == 0.0
+    for k in (1, 2):
+        result = train_round(model, data, TRAINING, dp=trainer, seed=k)
+        expected = _fresh_epsilon(4 * k, 1e-5)
+        assert trainer.history == ((SIGMA, 0.25, 4 * k),)
+        assert result.epsilon_spent == pytest.approx(expected, abs=1e-6)
+        assert trainer.epsilon_spent() == pytest.approx(expected, abs=1e-6)
+    assert trainer.rounds_completed == 2
+    path = tmp_path / "state" / "dp.json"
+    trainer.save(path)
+    restored = DpTrainer.load(path, training=TRAINING, num_samples=N)
+    assert restored.history == trainer.history
+    assert restored.rounds_completed == 2
+    assert restored.epsilon_spent() == pytest.approx(_fresh_epsilon(8, 1e-5), abs=1e-6)
+    # Training continues on the restored accountant and keeps matching Opacus.
+    result = train_round(model, data, TRAINING, dp=restored, seed=3)
+    assert result.epsilon_spent == pytest.approx(_fresh_epsilon(12, 1e-5), abs=1e-6)
+
+
+def test_rdp_accountant_matches_too() -> None:
+    trainer = _trainer(accountant="rdp")
+    result = train_round(
+        build_model(MLP, input_shape=(5,), num_classes=2), _data(), TRAINING, dp=trainer, seed=0
+    )
+    assert result.epsilon_spent == pytest.approx(_fresh_epsilon(4, 1e-5, "rdp"), abs=1e-6)
+
+
+def test_round_that_would_exceed_the_target_is_refused() -> None:
+    target = _fresh_epsilon(8, 1e-5) + 1e-6  # exactly two rounds fit
+    trainer = _trainer(epsilon=target)
+    data = _data()
+    model = build_model(MLP, input_shape=(5,), num_classes=2)
+    train_round(model, data, TRAINING, dp=trainer, seed=0)
+    train_round(model, data, TRAINING, dp=trainer, seed=1)
+    weights, history = flatten(model), trainer.history
+    with pytest.raises(PrivacyBudgetExhaustedError, match="above the study's target") as info:
+        train_round(model, data, TRAINING, dp=trainer, seed=2)
+    assert info.value.code == "privacy.budget_exhausted"
+    assert np.array_equal(flatten(model), weights)  # nothing trained
+    assert trainer.history == history  # nothing charged
+    assert trainer.epsilon_spent() <= target
+
+
+def test_dataset_of_another_size_is_refused() -> None:
+    trainer = _trainer()
+    small = LocalDataset(
+        features=torch.zeros(30, 5),
+        labels=torch.arange(30) % 2,
+        num_classes=2,
+        modality="tabular",
+    )
+    model = build_model(MLP, input_shape=(5,), num_classes=2)
+    with pytest.raises(DatasetMismatchError, match="40 records"):
+        train_round(model, small, TRAINING, dp=trainer)
+    assert trainer.steps_taken == 0
+
+
+def test_state_dict_round_trip_and_mismatch(tmp_path: Path) -> None:
+    trainer = _trainer()
+    trainer.load_state_dict(
+        {**trainer.state_dict(), "history": [[SIGMA, 0.25, 5]], "rounds_completed": 1}
+    )
+    assert trainer.steps_taken == 5
+    state = trainer.state_dict()
+    assert json.loads(json.dumps(state)) == state
+    other = DpTrainer(
+        PrivacySpec(epsilon=50, delta=1e-5),
+        TrainingSpec(rounds=4, batch_size=BATCH),
+        num_samples=N,
+        noise_multiplier=SIGMA,
+    )
+    with pytest.raises(AccountantStateError, match="rounds"):
+        other.load_state_dict(state)
+    with pytest.raises(AccountantStateError, match="another plan"):
+        trainer.load_state_dict({**state, "history": [[SIGMA + 1, 0.25, 5]]})
+    path = tmp_path / "dp.json"
+    trainer.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["dp.json"]  # no temp files left behind
+    with pytest.raises(AccountantStateError, match="num_samples"):
+        DpTrainer.load(path, num_samples=N + 1)
+    path.write_text("{not json")
+    with pytest.raises(AccountantStateError, match="cannot read"):
+        DpTrainer.load(path)
+
+
+@pytest.mark.slow
+def test_noise_multiplier_is_searched_for_the_whole_study() -> None:
+    training = TrainingSpec(rounds=20, batch_size=32)
+    privacy = PrivacySpec(epsilon=3.0, delta=1e-5)
+    trainer = DpTrainer(privacy, training, num_samples=128)  # q = 1/4, 80 steps
+    accountant = PRVAccountant()
+    accountant.history = [(trainer.noise_multiplier, 0.25, 80)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final = accountant.get_epsilon(delta=1e-5)
+    assert 2.9 < final <= 3.0
+    assert trainer.rounds_remaining() == 20

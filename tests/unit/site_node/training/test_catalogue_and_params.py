@@ -1,0 +1,193 @@
+"""Model catalogue (DP-readiness, hyperparameter validation) and parameter vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+
+from consortium_server.studies.contract import ModelSpec, PrivacySpec, TrainingSpec
+from site_node.data import LocalDataset
+from site_node.errors import (
+    IncompatibleInputError,
+    InvalidHyperparameterError,
+    ParameterShapeError,
+    UnknownModelError,
+)
+from site_node.privacy import DpTrainer
+from site_node.training import (
+    build_model,
+    flatten,
+    list_models,
+    manifest_digest,
+    num_parameters,
+    parameter_manifest,
+    train_round,
+    unflatten_into,
+)
+
+torch.set_num_threads(1)
+
+SHAPES = {"tabular": (6,), "image": (1, 16, 16)}
+
+
+def _spec(name: str, **hp: int | float | str | bool) -> ModelSpec:
+    return ModelSpec(name=name, version="1", hyperparameters=hp)
+
+
+def _toy(shape: tuple[int, ...], n: int = 16, classes: int = 3) -> LocalDataset:
+    gen = torch.Generator().manual_seed(0)
+    return LocalDataset(
+        features=torch.randn(n, *shape, generator=gen),
+        labels=torch.arange(n) % classes,
+        num_classes=classes,
+        modality="test",
+    )
+
+
+def test_list_models_describes_every_entry() -> None:
+    entries = list_models()
+    assert {(e.name, e.version) for e in entries} == {
+        ("image-cnn", "1"),
+        ("image-densenet", "1"),
+        ("tabular-mlp", "1"),
+    }
+    for entry in entries:
+        schema = entry.schema()
+        assert schema["task"] == "classification"
+        assert schema["description"]
+        for hp in schema["hyperparameters"]:
+            assert {"name", "type", "default", "description"} <= set(hp)
+            assert "choices" in hp or ("minimum" in hp and "maximum" in hp)
+
+
+@pytest.mark.parametrize("entry", list_models(), ids=lambda e: e.name)
+def test_every_entry_is_dp_ready_and_trains_one_dp_step(entry: object) -> None:
+    name = entry.name  # type: ignore[attr-defined]
+    shape = SHAPES[entry.modality]  # type: ignore[attr-defined]
+    model = build_model(_spec(name), input_shape=shape, num_classes=3, seed=1)
+    ModuleValidator.validate(model, strict=True)
+    assert all(not getattr(m, "inplace", False) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    data = _toy(shape)
+    training = TrainingSpec(rounds=1, batch_size=8, learning_rate=0.1)
+    dp = DpTrainer(
+        PrivacySpec(epsilon=50.0, delta=1e-3), training, num_samples=16, noise_multiplier=1.0
+    )
+    before = flatten(model)
+    result = train_round(model, data, training, dp=dp, seed=0)
+    assert result.steps == 2  # 1 epoch = ceil(16 / 8) Poisson-sampled steps
+    assert dp.steps_taken == 2
+    assert result.epsilon_spent is not None
+    assert result.epsilon_spent > 0
+    assert not np.array_equal(before, flatten(model))
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # hooks removed
+
+
+@pytest.mark.parametrize("name", ["image-cnn", "image-densenet"])
+def test_image_models_accept_volumes(name: str) -> None:
+    model = build_model(_spec(name), input_shape=(1, 8, 8, 8), num_classes=2)
+    assert model(torch.zeros(2, 1, 8, 8, 8)).shape == (2, 2)
+
+
+def test_init_is_deterministic_given_seed() -> None:
+    a = build_model(_spec("image-cnn"), input_shape=(1, 16, 16), num_classes=2, seed=5)
+    b = build_model(_spec("image-cnn"), input_shape=(1, 16, 16), num_classes=2, seed=5)
+    c = build_model(_spec("image-cnn"), input_shape=(1, 16, 16), num_classes=2, seed=6)
+    assert np.array_equal(flatten(a), flatten(b))
+    assert not np.array_equal(flatten(a), flatten(c))
+
+
+def test_version_matching_and_unknown_models() -> None:
+    build_model(ModelSpec(name="tabular-mlp", version="1.0.0"), input_shape=(3,), num_classes=2)
+    with pytest.raises(UnknownModelError, match="version '2'") as info:
+        build_model(ModelSpec(name="tabular-mlp", version="2"), input_shape=(3,), num_classes=2)
+    assert info.value.code == "model.unknown"
+    with pytest.raises(UnknownModelError, match="'vit'"):
+        build_model(ModelSpec(name="vit", version="1"), input_shape=(3,), num_classes=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "hp", "offender"),
+    [
+        ("tabular-mlp", {"width": 4}, "width"),
+        ("tabular-mlp", {"hidden": 0}, "hidden"),
+        ("tabular-mlp", {"hidden": 2000}, "hidden"),
+        ("tabular-mlp", {"hidden": 3.5}, "hidden"),
+        ("tabular-mlp", {"layers": True}, "layers"),
+        ("tabular-mlp", {"dropout": 0.95}, "dropout"),
+        ("tabular-mlp", {"activation": "gelu"}, "activation"),
+        ("image-cnn", {"norm": "batch"}, "norm"),
+        ("image-cnn", {"base_channels": 6, "norm_groups": 4}, "norm_groups"),
+        ("image-densenet", {"init_features": 6, "norm_groups": 4}, "norm_groups"),
+        ("image-densenet", {"blocks": 9}, "blocks"),
+    ],
+)
+def test_invalid_hyperparameters_are_named(
+    name: str, hp: dict[str, int | float | str | bool], offender: str
+) -> None:
+    shape = (5,) if name == "tabular-mlp" else (1, 32, 32)
+    with pytest.raises(InvalidHyperparameterError) as info:
+        build_model(_spec(name, **hp), input_shape=shape, num_classes=2)
+    assert info.value.name == offender
+    assert offender in str(info.value)
+    assert info.value.code == "model.invalid_hyperparameter"
+
+
+def test_incompatible_input_shapes() -> None:
+    with pytest.raises(IncompatibleInputError, match="tabular"):
+        build_model(_spec("tabular-mlp"), input_shape=(1, 8, 8), num_classes=2)
+    with pytest.raises(IncompatibleInputError, match="channel-first"):
+        build_model(_spec("image-cnn"), input_shape=(30,), num_classes=2)
+    with pytest.raises(IncompatibleInputError, match="too small"):
+        build_model(_spec("image-cnn", depth=5), input_shape=(1, 16, 16), num_classes=2)
+
+
+class TestParams:
+    def test_flatten_unflatten_round_trip(self) -> None:
+        spec = _spec("image-densenet")
+        a = build_model(spec, input_shape=(1, 16, 16), num_classes=2, seed=1)
+        b = build_model(spec, input_shape=(1, 16, 16), num_classes=2, seed=2)
+        vector = flatten(a)
+        assert vector.dtype == np.float64
+        assert vector.shape == (num_parameters(a),)
+        unflatten_into(b, vector)
+        assert np.array_equal(flatten(b), vector)
+        x = torch.randn(3, 1, 16, 16)
+        a.eval()
+        b.eval()
+        assert torch.allclose(a(x), b(x))
+
+    def test_unflatten_checks_shape(self) -> None:
+        model = build_model(_spec("tabular-mlp"), input_shape=(4,), num_classes=2)
+        n = num_parameters(model)
+        with pytest.raises(ParameterShapeError, match=f"has {n - 1} values, the model has {n}"):
+            unflatten_into(model, np.zeros(n - 1))
+        with pytest.raises(ParameterShapeError, match="1-D"):
+            unflatten_into(model, np.zeros((1, n)))
+        bad = np.zeros(n)
+        bad[3] = np.nan
+        with pytest.raises(ParameterShapeError, match="non-finite"):
+            unflatten_into(model, bad)
+
+    def test_manifest_and_digest(self) -> None:
+        model = build_model(
+            _spec("tabular-mlp", hidden=8, layers=1), input_shape=(4,), num_classes=2
+        )
+        assert parameter_manifest(model) == [
+            ("0.weight", (8, 4)),
+            ("0.bias", (8,)),
+            ("2.weight", (2, 8)),
+            ("2.bias", (2,)),
+        ]
+        same = build_model(
+            _spec("tabular-mlp", hidden=8, layers=1), input_shape=(4,), num_classes=2, seed=9
+        )
+        other = build_model(
+            _spec("tabular-mlp", hidden=9, layers=1), input_shape=(4,), num_classes=2
+        )
+        assert manifest_digest(model) == manifest_digest(same)
+        assert manifest_digest(model) == manifest_digest(parameter_manifest(model))
+        assert manifest_digest(model) != manifest_digest(other)
+        assert len(manifest_digest(model)) == 64
