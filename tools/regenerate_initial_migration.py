@@ -7,6 +7,7 @@ Once a release has shipped, never regenerate: add a new revision with
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,15 +19,31 @@ from consortium_server.db.session import make_engine
 
 
 def main() -> int:
-    for old in (MIGRATIONS_DIR / "versions").glob("0001_*.py"):
-        old.unlink()
+    versions = MIGRATIONS_DIR / "versions"
     with tempfile.TemporaryDirectory() as tmp:
-        engine = make_engine(f"sqlite:///{Path(tmp) / 'gen.db'}")
-        command.revision(
-            alembic_config(engine), message="initial schema", autogenerate=True, rev_id="0001"
-        )
-        engine.dispose()
-    (path,) = (MIGRATIONS_DIR / "versions").glob("0001_*.py")
+        # Later hand-written revisions (0002 ...) depend on 0001: park them while it is rebuilt.
+        parked = Path(tmp) / "parked"
+        parked.mkdir()
+        later = [p for p in versions.glob("*.py") if not p.name.startswith("0001_")]
+        for path in later:
+            shutil.move(str(path), parked / path.name)
+        old = list(versions.glob("0001_*.py"))
+        try:
+            for path in old:
+                shutil.move(str(path), parked / path.name)
+            engine = make_engine(f"sqlite:///{Path(tmp) / 'gen.db'}")
+            command.revision(
+                alembic_config(engine), message="initial schema", autogenerate=True, rev_id="0001"
+            )
+            engine.dispose()
+        except BaseException:
+            for path in old:
+                shutil.move(str(parked / path.name), path)
+            raise
+        finally:
+            for path in later:
+                shutil.move(str(parked / path.name), path)
+    (path,) = versions.glob("0001_*.py")
     text = path.read_text()
     text = text.replace("astext_type=Text()", "astext_type=sa.Text()")
     text = re.sub(r"Create Date: .*\n", "", text)

@@ -1,0 +1,84 @@
+"""ORM models of the audit log: leaves, signed tree heads, witness cosignatures.
+
+All three tables are insert-only. Migration 0002 adds triggers that refuse UPDATE and
+DELETE on ``audit_leaves`` (SQLite and PostgreSQL); heads and cosignatures are only ever
+inserted by the code, and any rewrite of them is caught by signature checks.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from consortium_server.db.base import Base, UTCDateTime, utcnow
+
+__all__ = ["AuditCosignature", "AuditLeaf", "AuditTreeHead"]
+
+
+class AuditLeaf(Base):
+    """One log entry: dense zero-based ``index``, canonical entry bytes, leaf hash.
+
+    ``action``, ``actor_subject`` and ``at`` are copies of fields inside ``entry`` for
+    report queries; verification checks that they agree with the hashed bytes.
+    """
+
+    __tablename__ = "audit_leaves"
+    __table_args__ = (
+        CheckConstraint('"index" >= 0', name="index_non_negative"),
+        Index("ix_audit_leaves_action_at", "action", "at"),
+        Index("ix_audit_leaves_actor_subject", "actor_subject"),
+    )
+
+    index: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    entry: Mapped[bytes] = mapped_column(LargeBinary)
+    leaf_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    action: Mapped[str] = mapped_column(String(100))
+    actor_subject: Mapped[str] = mapped_column(String(255))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AuditTreeHead(Base):
+    """A tree head signed by the server's Ed25519 key."""
+
+    __tablename__ = "audit_tree_heads"
+    __table_args__ = (
+        CheckConstraint("tree_size >= 0", name="tree_size_non_negative"),
+        Index("ix_audit_tree_heads_tree_size", "tree_size"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tree_size: Mapped[int] = mapped_column(BigInteger)
+    root_hash: Mapped[str] = mapped_column(String(64))
+    timestamp: Mapped[datetime] = mapped_column(UTCDateTime)
+    key_id: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AuditCosignature(Base):
+    """A site witness's Ed25519 cosignature of a tree head (size and root)."""
+
+    __tablename__ = "audit_cosignatures"
+    __table_args__ = (
+        UniqueConstraint("site_id", "tree_size"),
+        Index("ix_audit_cosignatures_tree_size", "tree_size"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    site_id: Mapped[str] = mapped_column(String(64))
+    tree_size: Mapped[int] = mapped_column(BigInteger)
+    root_hash: Mapped[str] = mapped_column(String(64))
+    timestamp: Mapped[datetime] = mapped_column(UTCDateTime)
+    signature: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,133 @@
+"""Fixtures for the audit-log tests: sessions, a signer, entries, witnesses, tampering."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from consortium_server.audit.entries import (
+    Actor,
+    AuditEntry,
+    AuditObject,
+    Outcome,
+    PolicyDecision,
+    PolicyRef,
+)
+from consortium_server.audit.heads import TreeHeadSigner, encode_public_key
+from consortium_server.audit.log import AuditLog
+from consortium_server.audit.witness import Witness
+from consortium_server.db.session import make_sessionmaker
+
+AUDIT_TABLES = ("audit_leaves", "audit_tree_heads", "audit_cosignatures")
+BASE_TIME = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def make_entry(n: int, *, action: str = "study.approved", subject: str = "alice") -> AuditEntry:
+    """A realistic entry, distinct for each ``n``."""
+    return AuditEntry(
+        actor=Actor(subject=subject, organisation="hospital-a", roles=("data_steward",)),
+        action=action,
+        object=AuditObject(type="study", id=f"study-{n}"),
+        outcome=Outcome.SUCCESS,
+        purpose="diagnostic_research",
+        policy=PolicyRef(set_hash="a" * 64, decision=PolicyDecision.ALLOW),
+        contract_hash="b" * 64,
+        at=BASE_TIME + timedelta(seconds=n),
+        request_id=f"req-{n}",
+        source="consortium-server/api",
+        details={"n": n},
+    )
+
+
+@pytest.fixture
+def session_factory(db_engine: Engine) -> sessionmaker[Session]:
+    """Session factory on the test's database (SQLite or PostgreSQL)."""
+    return make_sessionmaker(db_engine)
+
+
+@pytest.fixture
+def session(session_factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One session; tests commit where they mean to."""
+    with session_factory() as s:
+        yield s
+
+
+@pytest.fixture
+def audit_log() -> AuditLog:
+    """The log service (quorum of two witnesses)."""
+    return AuditLog(witness_quorum=2)
+
+
+@pytest.fixture
+def signer() -> TreeHeadSigner:
+    """A tree-head signer with a fresh key."""
+    return TreeHeadSigner.generate()
+
+
+@pytest.fixture
+def append_entries(audit_log: AuditLog, session: Session) -> Callable[[int], list[int]]:
+    """Append ``count`` entries (committed); returns their indices."""
+
+    def _append(count: int) -> list[int]:
+        start = audit_log.size(session=session)
+        indices = [
+            audit_log.append(make_entry(start + i), session=session).index for i in range(count)
+        ]
+        session.commit()
+        return indices
+
+    return _append
+
+
+class SiteWitness:
+    """A site's witness plus the site's public key (as the sites table holds it)."""
+
+    def __init__(self, site_id: str, state_file: Path, signer: TreeHeadSigner) -> None:
+        self.site_id = site_id
+        self.key = Ed25519PrivateKey.generate()
+        self.public_key_b64 = encode_public_key(self.key.public_key())
+        self.state_file = state_file
+        self._server_key = signer.public_key
+
+    def witness(self) -> Witness:
+        """A fresh Witness object on the same state file (a restart)."""
+        return Witness(self.state_file, self.site_id, self.key, self._server_key)
+
+
+@pytest.fixture
+def make_site(tmp_path: Path, signer: TreeHeadSigner) -> Callable[[str], SiteWitness]:
+    """Create a site witness with its own key and state file."""
+
+    def _make(site_id: str) -> SiteWitness:
+        return SiteWitness(site_id, tmp_path / site_id / "witness.json", signer)
+
+    return _make
+
+
+@contextmanager
+def append_only_triggers_disabled(engine: Engine) -> Iterator[None]:
+    """What an attacker with database superuser rights does first (restored afterwards,
+    since PostgreSQL tests share one database)."""
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            for table in AUDIT_TABLES:
+                conn.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER {table}_append_only"))
+        try:
+            yield
+        finally:
+            with engine.begin() as conn:
+                for table in AUDIT_TABLES:
+                    conn.execute(text(f"ALTER TABLE {table} ENABLE TRIGGER {table}_append_only"))
+        return
+    with engine.begin() as conn:
+        for table in AUDIT_TABLES:
+            for action in ("update", "delete"):
+                conn.execute(text(f"DROP TRIGGER {table}_no_{action}"))
+    yield

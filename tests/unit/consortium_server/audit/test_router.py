@@ -1,0 +1,161 @@
+"""/api/v1/audit over HTTP: heads, entries with proofs, consistency, export, cosignatures."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from consortium_server.api.errors import install_error_handlers
+from consortium_server.audit.export import AuditExport
+from consortium_server.audit.heads import TreeHeadSigner, verify_tree_head
+from consortium_server.audit.log import AuditLog
+from consortium_server.audit.merkle import leaf_hash, verify_consistency, verify_inclusion
+from consortium_server.audit.router import TreeHeadPublic, router
+from consortium_server.audit.verify import verify_export
+from consortium_server.errors import AuthenticationError
+from consortium_server.identity.principal import Principal, Role
+from consortium_server.sites.models import Site
+
+from .conftest import SiteWitness
+
+PRINCIPALS = {
+    "officer": Principal("officer", frozenset({Role.COMPLIANCE_OFFICER}), None, "test"),
+    "researcher": Principal("res", frozenset({Role.RESEARCHER}), "uni", "test"),
+    "site-a": Principal("svc-a", frozenset({Role.SITE_NODE}), "Hospital A", "test"),
+    "site-b": Principal("svc-b", frozenset({Role.SITE_NODE}), "Hospital B", "test"),
+}
+
+
+class _Verifier:
+    def verify(self, token: str) -> Principal:
+        if token not in PRINCIPALS:
+            raise AuthenticationError()
+        return PRINCIPALS[token]
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def client(
+    session_factory: sessionmaker[Session], audit_log: AuditLog, signer: TreeHeadSigner
+) -> Iterator[TestClient]:
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(router)
+    app.state.sessionmaker = session_factory
+    app.state.verifier = _Verifier()
+    app.state.audit_log = audit_log
+    app.state.tree_head_signer = signer
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def test_entries_heads_and_consistency_over_http(
+    client: TestClient,
+    signer: TreeHeadSigner,
+    append_entries: Callable[[int], list[int]],
+) -> None:
+    append_entries(3)
+    first = client.get("/api/v1/audit/heads/latest", headers=_auth("researcher"))
+    assert first.status_code == 200, first.text
+    head3 = TreeHeadPublic.model_validate(first.json())
+    verify_tree_head(head3.signed_head(), signer.public_key)
+    assert (head3.tree_size, head3.witnessed, head3.cosignatures) == (3, False, [])
+
+    append_entries(4)
+    response = client.get("/api/v1/audit/entries/5", headers=_auth("officer"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["tree_size"] == 7
+    assert body["head"]["tree_size"] == 7
+    leaf = leaf_hash(base64.b64decode(body["entry_b64"]))
+    assert leaf.hex() == body["leaf_hash"]
+    assert body["entry"]["actor"]["subject"] == "alice"
+    verify_inclusion(
+        leaf,
+        5,
+        7,
+        [bytes.fromhex(p) for p in body["inclusion_proof"]],
+        bytes.fromhex(body["root_hash"]),
+    )
+    older = client.get("/api/v1/audit/entries/1?tree_size=3", headers=_auth("officer")).json()
+    assert older["root_hash"] == head3.root_hash
+    assert older["head"]["tree_size"] == 3
+
+    proof = client.get("/api/v1/audit/consistency?first=3", headers=_auth("researcher")).json()
+    assert proof["second"] == 7
+    verify_consistency(
+        3,
+        7,
+        bytes.fromhex(head3.root_hash),
+        bytes.fromhex(body["root_hash"]),
+        [bytes.fromhex(p) for p in proof["proof"]],
+    )
+
+    assert client.get("/api/v1/audit/entries/1", headers=_auth("researcher")).status_code == 403
+    missing = client.get("/api/v1/audit/entries/99", headers=_auth("officer"))
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "audit.entry_not_found")
+    bad = client.get("/api/v1/audit/consistency?first=5&second=4", headers=_auth("officer"))
+    assert bad.json()["error"]["code"] == "audit.invalid_range"
+    assert client.get("/api/v1/audit/heads/latest").status_code == 401
+
+    export = client.get("/api/v1/audit/export", headers=_auth("officer"))
+    assert export.status_code == 200
+    report = verify_export(
+        AuditExport.model_validate(export.json()), trusted_server_key=signer.public_key_b64
+    )
+    assert report.ok
+    assert report.entries == 7
+    assert client.get("/api/v1/audit/export", headers=_auth("site-a")).status_code == 403
+
+
+def test_sites_cosign_heads_for_their_own_organisation(
+    client: TestClient,
+    session: Session,
+    make_site: Callable[[str], SiteWitness],
+    append_entries: Callable[[int], list[int]],
+) -> None:
+    sites = {"site-a": make_site("site-a"), "site-b": make_site("site-b")}
+    for site_id, org in (("site-a", "Hospital A"), ("site-b", "Hospital B")):
+        session.add(
+            Site(
+                id=site_id,
+                organisation=org,
+                display_name=org,
+                contact_email="it@example.org",
+                signing_public_key=sites[site_id].public_key_b64,
+                exchange_public_key="x",
+                supernode_public_key="x",
+                enrolled_by="admin",
+            )
+        )
+    session.commit()
+    append_entries(2)
+    head = TreeHeadPublic.model_validate(
+        client.get("/api/v1/audit/heads/latest", headers=_auth("site-a")).json()
+    ).signed_head()
+
+    def post(token: str, site_id: str) -> tuple[int, dict[str, object]]:
+        cosig = sites[site_id].witness().cosign(head, [])
+        body = cosig.model_dump(mode="json", exclude={"tree_size"})
+        response = client.post(
+            f"/api/v1/audit/heads/{head.tree_size}/cosignatures", json=body, headers=_auth(token)
+        )
+        return response.status_code, response.json()
+
+    assert post("site-a", "site-b")[0] == 403  # another organisation's site
+    assert post("officer", "site-a")[0] == 403  # not a site node
+    assert post("site-a", "site-a")[0] == 201
+    status, created = post("site-b", "site-b")
+    assert status == 201
+    assert created["site_id"] == "site-b"
+    latest = client.get("/api/v1/audit/heads/latest", headers=_auth("officer")).json()
+    assert latest["witnessed"] is True
+    assert [c["site_id"] for c in latest["cosignatures"]] == ["site-a", "site-b"]
