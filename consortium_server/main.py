@@ -8,16 +8,27 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import OperationalError
 
 from consortium_server import __version__
 from consortium_server.api.errors import install_error_handlers
 from consortium_server.api.health import router as health_router
 from consortium_server.api.middleware import HttpMetrics, RequestContextMiddleware
+from consortium_server.audit.heads import TreeHeadSigner
+from consortium_server.audit.log import AuditLog
+from consortium_server.audit.recorder import AuditRecorder
+from consortium_server.audit.router import router as audit_router
+from consortium_server.budgets.router import router as budgets_router
 from consortium_server.datasets.router import router as datasets_router
 from consortium_server.db.migrate import upgrade_to_head
-from consortium_server.db.session import make_engine, make_sessionmaker
+from consortium_server.db.session import make_engine, make_sessionmaker, session_scope
 from consortium_server.identity.factory import build_local_issuer, build_verifier
 from consortium_server.identity.router import router as identity_router
+from consortium_server.reports.router import router as reports_router
+from consortium_server.policy.checks import PolicyContext, model_catalogue_keys
+from consortium_server.policy.engine import SCHEMA_FILENAME, PolicyEngine
+from consortium_server.policy.router import router as policy_router
+from consortium_server.policy.service import active_version
 from consortium_server.settings import ServerSettings
 from consortium_server.sites.router import router as sites_router
 from consortium_server.studies.router import router as studies_router
@@ -37,6 +48,33 @@ provider (Keycloak, or the built-in issuer in development). Errors have the shap
 """
 
 
+def _seed_policies(app: FastAPI, settings: ServerSettings) -> None:
+    """Validate the policy directory (an invalid policy stops start-up with the file, line
+    and reason), then load the active set, seeding version 1 at first start. If the
+    database does not answer yet, seeding happens on first use instead."""
+    directory = settings.policy_directory()
+    PolicyEngine.load(directory / "consortium", directory / SCHEMA_FILENAME)
+    try:
+        with session_scope(app.state.sessionmaker) as session:
+            seeded = active_version(session) is None
+            engine = app.state.policy_context.engine(session)
+            if seeded:
+                AuditRecorder(
+                    app.state.audit_log, session, principal=None, source="consortium-server"
+                ).record(
+                    "policy.published",
+                    object_type="policy_set",
+                    object_id="1",
+                    policy_set_hash=engine.policy_set_hash,
+                    policy_allowed=True,
+                    details={"note": "seeded at first start", "directory": str(directory)},
+                )
+    except OperationalError as exc:
+        log.warning("database unavailable at start; policies load on first use: %s", exc.orig)
+        return
+    log.info("policy set loaded", extra={"policy_set_hash": engine.policy_set_hash})
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     """Build the consortium server. Nothing is connected until the lifespan starts."""
 
@@ -54,6 +92,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.local_issuer = local_issuer
         app.state.verifier = build_verifier(settings, local_issuer=local_issuer)
+        app.state.audit_log = AuditLog(witness_quorum=settings.audit.witness_quorum)
+        app.state.tree_head_signer = TreeHeadSigner.load_or_create(settings.audit_head_key_file())
+        app.state.policy_context = PolicyContext(
+            model_catalogue=model_catalogue_keys(),
+            member_organisations=frozenset(settings.policy.member_organisations),
+            directory=settings.policy_directory(),
+        )
+        _seed_policies(app, settings)
         log.info(
             "consortium server ready",
             extra={"identity": settings.identity.mode, "database": engine.dialect.name},
@@ -78,6 +124,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
         metrics=HttpMetrics(registry),
     )
     install_error_handlers(app)
-    for router in (health_router, identity_router, sites_router, datasets_router, studies_router):
+    for router in (
+        health_router,
+        identity_router,
+        sites_router,
+        datasets_router,
+        studies_router,
+        policy_router,
+        budgets_router,
+        audit_router,
+        reports_router,
+    ):
         app.include_router(router)
     return app

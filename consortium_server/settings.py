@@ -17,9 +17,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "ApiSettings",
+    "AuditSettings",
     "DatabaseSettings",
     "Environment",
     "IdentitySettings",
+    "PolicySettings",
     "ServerSettings",
     "StudySettings",
 ]
@@ -99,6 +101,33 @@ class StudySettings(BaseModel):
     )
 
 
+class PolicySettings(BaseModel):
+    """Data-use policies (Cedar) and who belongs to the consortium."""
+
+    directory: Path | None = Field(
+        default=None,
+        description="Policy directory seeded as version 1 at first start (schema.cedarschema "
+        "and consortium/*.cedar). Empty: the policies/ shipped with Concord.",
+    )
+    member_organisations: list[str] = Field(
+        default_factory=list,
+        description="Organisations whose researchers may submit studies, besides the "
+        "organisations of enrolled sites.",
+    )
+
+
+class AuditSettings(BaseModel):
+    """The tamper-evident audit log."""
+
+    witness_quorum: int = Field(
+        default=2, ge=1, le=100, description="Site cosignatures that make a head witnessed."
+    )
+    head_key_file: Path | None = Field(
+        default=None,
+        description="Ed25519 key signing tree heads (PEM). Empty: <data_dir>/audit-head-key.pem.",
+    )
+
+
 class ServerSettings(BaseSettings):
     """Configuration of one consortium server."""
 
@@ -119,6 +148,8 @@ class ServerSettings(BaseSettings):
     identity: IdentitySettings = IdentitySettings()
     api: ApiSettings = ApiSettings()
     studies: StudySettings = StudySettings()
+    audit: AuditSettings = AuditSettings()
+    policy: PolicySettings = PolicySettings()
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Self:
@@ -155,6 +186,14 @@ class ServerSettings(BaseSettings):
     def local_issuer_url(self) -> str:
         """Issuer (``iss``) of tokens minted by the local issuer."""
         return f"{self.public_url()}/realms/{self.identity.local_realm}"
+
+    def policy_directory(self) -> Path:
+        """The policy directory seeded at first start."""
+        return self.policy.directory or Path(__file__).resolve().parents[1] / "policies"
+
+    def audit_head_key_file(self) -> Path:
+        """Path of the tree-head signing key."""
+        return self.audit.head_key_file or self.data_dir / "audit-head-key.pem"
 
     def local_key_file(self) -> Path:
         """Path of the local issuer's signing key."""

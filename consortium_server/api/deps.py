@@ -17,12 +17,16 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
+from consortium_server.audit.entries import Actor, Outcome
+from consortium_server.audit.recorder import AuditRecorder
 from consortium_server.errors import AuthenticationError, ForbiddenError
 from consortium_server.identity.principal import Principal, Role
+from consortium_server.logs import request_id_var
 from consortium_server.settings import ServerSettings
 
 __all__ = [
     "ANY_MEMBER",
+    "AuditDep",
     "CurrentPrincipal",
     "SessionDep",
     "SettingsDep",
@@ -56,17 +60,48 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 def current_principal(request: Request) -> Principal:
-    """Verify the bearer token of the request and return who is calling."""
+    """Verify the bearer token of the request and return who is calling.
+
+    A presented token that fails verification is recorded in the audit log as a refused
+    sign-in (a request with no token at all is not).
+    """
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
         raise AuthenticationError("auth.missing_token", "Send `Authorization: Bearer <token>`.")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise AuthenticationError("auth.invalid_token", "Use the Bearer authorization scheme.")
-    verifier: _Verifier = request.app.state.verifier
-    principal = verifier.verify(token.strip())
+    try:
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError("auth.invalid_token", "Use the Bearer authorization scheme.")
+        verifier: _Verifier = request.app.state.verifier
+        principal = verifier.verify(token.strip())
+    except AuthenticationError as exc:
+        _record_refused_sign_in(request, exc)
+        raise
     request.state.principal = principal
     return principal
+
+
+def _record_refused_sign_in(request: Request, error: AuthenticationError) -> None:
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    with factory() as session:
+        AuditRecorder(
+            request.app.state.audit_log,
+            session,
+            principal=None,
+            request_id=request_id_var.get(),
+        ).record(
+            "auth.sign_in_refused",
+            object_type="endpoint",
+            object_id=f"{request.method} {request.url.path}"[:200],
+            outcome=Outcome.DENIED,
+            details={
+                "code": error.code,
+                "reason": error.public_message()[:300],
+                "client": request.client.host if request.client else None,
+            },
+            actor=Actor(subject="anonymous"),
+        )
+        session.commit()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -91,3 +126,16 @@ def require_roles(*roles: Role) -> Any:
 
 #: Any consortium role at all (a token without a Concord role sees nothing).
 ANY_MEMBER = require_roles(*Role)
+
+
+def get_audit(request: Request, session: SessionDep) -> AuditRecorder:
+    """An audit recorder in the request's unit of work, acting as the request's principal."""
+    return AuditRecorder(
+        request.app.state.audit_log,
+        session,
+        principal=getattr(request.state, "principal", None),
+        request_id=request_id_var.get(),
+    )
+
+
+AuditDep = Annotated[AuditRecorder, Depends(get_audit)]

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from consortium_server.cli.common import api, console, fail, print_json, read_document, state
+from consortium_server.cli.governance import audit_app, budget_app, policy_app
 from consortium_server.cli.studies import catalogue_app, study_app
 from consortium_server.settings import ServerSettings
 
@@ -29,6 +30,9 @@ site_app = typer.Typer(help="Enrol, list and revoke hospital sites (consortium a
 app.add_typer(study_app, name="study")
 app.add_typer(catalogue_app, name="catalogue")
 app.add_typer(site_app, name="site")
+app.add_typer(policy_app, name="policy")
+app.add_typer(budget_app, name="budget")
+app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 
 

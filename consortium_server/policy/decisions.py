@@ -126,7 +126,7 @@ def check_submission(
 
 def check_site_approval(
     consortium: PolicyEngine,
-    site: PolicyEngine,
+    site: PolicyEngine | None,
     contract: StudyContract,
     datasets: Sequence[Dataset],
     owner: Principal,
@@ -141,7 +141,8 @@ def check_site_approval(
     ``datasets``: every dataset of the study (site counts need them all); only this
     site's are evaluated. ``owner``: the study owner (``facts.owner_principal`` builds one
     from the stored subject and organisation). ``site``: the site's own policy set (loaded
-    with the same schema), which can only add denials.
+    with the same schema), which can only add denials; None where the site's own policy is
+    enforced at the site (the consortium server does not hold sites' policies).
     """
     missing = _missing_datasets(contract, datasets)
     study = build_study_facts(
@@ -161,11 +162,15 @@ def check_site_approval(
             f"site {site_id}",
         )
         return Decision(
-            False, [reason, *missing], [], consortium.policy_set_hash, site.policy_set_hash
+            False,
+            [reason, *missing],
+            [],
+            consortium.policy_set_hash,
+            site.policy_set_hash if site is not None else None,
         )
     contexts = {dataset_id: study.study_context() for dataset_id in mine}
     consortium_decisions = _per_dataset(consortium, "UseDataset", study, contexts)
-    site_decisions = _per_dataset(site, "UseDataset", study, contexts)
+    site_decisions = _per_dataset(site, "UseDataset", study, contexts) if site else []
     combined = combine([*consortium_decisions, *site_decisions], missing)
     return _with_site_hash(combined, consortium, site)
 

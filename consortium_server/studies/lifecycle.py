@@ -16,7 +16,10 @@ from consortium_server.errors import ConflictError
 from consortium_server.identity.principal import Principal
 from consortium_server.studies.models import Study, StudyEvent, StudyState
 
-__all__ = ["TERMINAL_STATES", "TRANSITIONS", "transition"]
+__all__ = ["SERVER_SUBJECT", "TERMINAL_STATES", "TRANSITIONS", "transition"]
+
+#: Who the history names when the server itself changes a study (expiry, failures).
+SERVER_SUBJECT = "system:consortium-server"
 
 S = StudyState
 TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
@@ -53,7 +56,7 @@ def transition(
         study_id=study.id,
         from_state=current,
         to_state=to,
-        actor_subject=actor.subject if actor else "concord-server",
+        actor_subject=actor.subject if actor else SERVER_SUBJECT,
         actor_organisation=actor.organisation if actor else None,
         reason=reason,
         at=utcnow(),

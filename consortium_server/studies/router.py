@@ -1,4 +1,8 @@
-"""/api/v1/studies: submit (researcher), decide per site (data steward), follow, abort."""
+"""/api/v1/studies: submit (researcher), decide per site (data steward), follow, abort.
+
+Every state change and every site decision is recorded in the audit log in the same
+transaction as the change.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,18 @@ from fastapi import APIRouter, Request, status
 
 from consortium_server.api.deps import (
     ANY_MEMBER,
+    AuditDep,
     CurrentPrincipal,
     SessionDep,
     SettingsDep,
     require_roles,
 )
+from consortium_server.audit.entries import Outcome
 from consortium_server.identity.principal import Role
+from consortium_server.policy.checks import PolicyContext, approval_gate, submission_gate
 from consortium_server.studies import service
 from consortium_server.studies.contract import StudyContract
-from consortium_server.studies.models import StudyState
+from consortium_server.studies.models import Study, StudyState
 from consortium_server.studies.schemas import (
     ApprovalCreate,
     StudyAbort,
@@ -25,6 +32,15 @@ from consortium_server.studies.schemas import (
 )
 
 router = APIRouter(prefix="/api/v1/studies", tags=["studies"])
+
+
+def _policy(request: Request) -> PolicyContext:
+    context: PolicyContext = request.app.state.policy_context
+    return context
+
+
+def _record_new_events(audit: AuditDep, study: Study, before: int) -> None:
+    audit.study_events(study, list(study.events[before:]))
 
 
 @router.post(
@@ -38,15 +54,37 @@ def submit_study(
     session: SessionDep,
     settings: SettingsDep,
     principal: CurrentPrincipal,
+    audit: AuditDep,
 ) -> StudyPublic:
     """Submit a study contract. A policy denial is returned as a `rejected` study with reasons."""
+    decisions: list[service.GateDecision] = []
+    policy_gate = submission_gate(session, _policy(request))
+
+    def gate(*args: object) -> service.GateDecision:
+        decision = policy_gate(*args)  # type: ignore[arg-type]
+        decisions.append(decision)
+        return decision
+
     study = service.submit_study(
         session,
         body,
         actor=principal,
         approval_window=timedelta(days=settings.studies.approval_window_days),
-        gate=getattr(request.app.state, "submission_gate", None),
+        gate=gate,
     )
+    decision = decisions[0] if decisions else None
+    audit.record(
+        "policy.decision",
+        object_type="study",
+        object_id=study.id,
+        outcome=Outcome.SUCCESS if study.state is not StudyState.REJECTED else Outcome.DENIED,
+        purpose=body.purpose.value,
+        contract_hash=study.contract_hash,
+        policy_set_hash=decision.policy_set_hash if decision else None,
+        policy_allowed=decision.allowed if decision else None,
+        details={"action": "SubmitStudy", "reasons": decision.reasons if decision else []},
+    )
+    _record_new_events(audit, study, 0)
     return service.to_public(study)
 
 
@@ -73,10 +111,32 @@ def get_study(study_id: str, session: SessionDep, principal: CurrentPrincipal) -
     dependencies=[require_roles(Role.DATA_STEWARD)],
 )
 def decide(
-    study_id: str, body: ApprovalCreate, session: SessionDep, principal: CurrentPrincipal
+    study_id: str,
+    body: ApprovalCreate,
+    request: Request,
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    audit: AuditDep,
 ) -> StudyPublic:
     """Approve or decline the study for your site, naming the contract hash you reviewed."""
-    return service.to_public(service.decide(session, study_id, body, actor=principal))
+    before = len(service.get_visible_study(session, study_id, principal).events)
+    study = service.decide(
+        session,
+        study_id,
+        body,
+        actor=principal,
+        gate=approval_gate(session, _policy(request)),
+    )
+    audit.record(
+        f"study.site_{body.decision.value}",
+        object_type="study",
+        object_id=study.id,
+        purpose=str(study.contract.get("purpose")),
+        contract_hash=study.contract_hash,
+        details={"site_id": body.site_id, "reason": body.reason},
+    )
+    _record_new_events(audit, study, before)
+    return service.to_public(study)
 
 
 @router.post(
@@ -84,8 +144,14 @@ def decide(
     dependencies=[require_roles(Role.RESEARCHER, Role.CONSORTIUM_ADMIN)],
 )
 def abort_study(
-    study_id: str, body: StudyAbort, session: SessionDep, principal: CurrentPrincipal
+    study_id: str,
+    body: StudyAbort,
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    audit: AuditDep,
 ) -> StudyPublic:
-    """Stop a study (its owner or a consortium admin)."""
+    """Stop a study (its owner or a consortium admin); its unused budget is returned."""
+    before = len(service.get_visible_study(session, study_id, principal).events)
     study = service.abort_study(session, study_id, actor=principal, reason=body.reason)
+    _record_new_events(audit, study, before)
     return service.to_public(study)

@@ -12,6 +12,8 @@ from datetime import timedelta
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from consortium_server.budgets import service as budgets
+from consortium_server.budgets.service import BudgetExceededError
 from consortium_server.datasets.models import Dataset
 from consortium_server.datasets.service import get_datasets
 from consortium_server.db.base import utcnow
@@ -20,6 +22,7 @@ from consortium_server.errors import (
     ForbiddenError,
     InvalidRequestError,
     NotFoundError,
+    PolicyDeniedError,
 )
 from consortium_server.identity.principal import Principal, Role
 from consortium_server.sites.models import Site, SiteStatus
@@ -37,6 +40,7 @@ from consortium_server.studies.models import (
 from consortium_server.studies.schemas import ApprovalCreate, StudyPublic, StudySitePublic
 
 __all__ = [
+    "ApprovalGate",
     "GateDecision",
     "SubmissionGate",
     "abort_study",
@@ -59,6 +63,8 @@ class GateDecision:
 
 #: Called at submission with the contract, the datasets it names and the submitter.
 SubmissionGate = Callable[[StudyContract, list[Dataset], Principal], GateDecision]
+#: Called when a site approves, with the study and the site's id.
+ApprovalGate = Callable[[Study, str], GateDecision]
 
 
 def _structural_gate(
@@ -216,10 +222,20 @@ def list_visible_studies(
     return [s for s in studies if state is None or s.state is state]
 
 
-def decide(session: Session, study_id: str, data: ApprovalCreate, *, actor: Principal) -> Study:
+def decide(
+    session: Session,
+    study_id: str,
+    data: ApprovalCreate,
+    *,
+    actor: Principal,
+    gate: ApprovalGate | None = None,
+) -> Study:
     """Record a site's approval or decline of the study's exact contract hash.
 
-    When every site has approved the study becomes ``approved``; one decline rejects it.
+    An approval is checked against the policy (``gate``) first: a denial is refused with
+    its reasons and nothing is recorded. When every site has approved, the study's epsilon
+    is reserved on every dataset it uses and it becomes ``approved``; if a dataset no
+    longer has the budget, it becomes ``rejected`` with the numbers. One decline rejects it.
     """
     study = get_visible_study(session, study_id, actor)
     site = require_own_active_site(session, actor, data.site_id)
@@ -248,6 +264,14 @@ def decide(session: Session, study_id: str, data: ApprovalCreate, *, actor: Prin
             "A decline needs a reason.",
             [{"field": "body.reason", "message": "required when declining"}],
         )
+    if data.decision is ApprovalDecision.APPROVED and gate is not None:
+        verdict = gate(study, site.id)
+        if not verdict.allowed:
+            raise PolicyDeniedError(
+                "The consortium policy does not allow this site to approve: "
+                + " ".join(verdict.reasons),
+                [{"reason": r} for r in verdict.reasons],
+            )
     approval = StudyApproval(
         study_id=study.id,
         site_id=site.id,
@@ -271,11 +295,37 @@ def decide(session: Session, study_id: str, data: ApprovalCreate, *, actor: Prin
     elif {a.site_id for a in study.approvals if a.decision is ApprovalDecision.APPROVED} >= {
         s.site_id for s in study.sites
     }:
-        session.add(
-            transition(study, StudyState.APPROVED, actor=actor, reason="Every site approved.")
-        )
+        _reserve_and_approve(session, study, actor)
     session.flush()
     return study
+
+
+def _reserve_and_approve(session: Session, study: Study, actor: Principal) -> None:
+    contract = StudyContract.model_validate(study.contract)
+    try:
+        with session.begin_nested():
+            budgets.reserve(
+                session,
+                study.id,
+                contract.datasets,
+                contract.privacy.epsilon,
+                contract.privacy.delta,
+            )
+    except BudgetExceededError as exc:
+        transition(
+            study,
+            StudyState.REJECTED,
+            actor=actor,
+            reason=f"Every site approved, but the privacy budget is exhausted: {exc.message}",
+        )
+        return
+    transition(
+        study,
+        StudyState.APPROVED,
+        actor=actor,
+        reason=f"Every site approved; ε={contract.privacy.epsilon:g} reserved on "
+        f"{len(contract.datasets)} dataset(s).",
+    )
 
 
 def abort_study(session: Session, study_id: str, *, actor: Principal, reason: str) -> Study:
@@ -284,7 +334,8 @@ def abort_study(session: Session, study_id: str, *, actor: Principal, reason: st
     is_owner = principal_owns(actor, study)
     if not (is_owner or actor.has(Role.CONSORTIUM_ADMIN)):
         raise ForbiddenError("Only the study's owner or a consortium admin can abort it.")
-    session.add(transition(study, StudyState.ABORTED, actor=actor, reason=reason))
+    transition(study, StudyState.ABORTED, actor=actor, reason=reason)
+    budgets.release(session, study.id)
     session.flush()
     return study
 

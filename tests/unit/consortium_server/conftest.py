@@ -22,6 +22,7 @@ def settings(db_url: str, tmp_path: Path) -> ServerSettings:
         data_dir=tmp_path / "server",
         database={"url": db_url, "auto_migrate": False},  # type: ignore[arg-type]
         api={"max_body_bytes": 64 * 1024},  # type: ignore[arg-type]
+        policy={"member_organisations": ["University of Leiden", "University of Ghent"]},  # type: ignore[arg-type]
         log_json=True,
     )
 

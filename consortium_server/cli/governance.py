@@ -1,0 +1,221 @@
+"""``consortium policy``, ``consortium budget`` and ``consortium audit``: checking studies
+against the policies, publishing policy sets, reading budgets, verifying the audit log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from consortium_server.cli.common import (
+    api,
+    console,
+    err_console,
+    fail,
+    print_json,
+    read_document,
+    state,
+)
+
+policy_app = typer.Typer(help="Dry-run studies against the data-use policies; publish policy sets.")
+budget_app = typer.Typer(help="Privacy budgets of datasets (epsilon spent, reserved, remaining).")
+audit_app = typer.Typer(help="The tamper-evident audit log: heads, export, verification.")
+
+
+def show_decision(decision: dict[str, Any]) -> None:
+    """Print a policy decision with every reason."""
+    if state.as_json:
+        print_json(decision)
+        return
+    verdict = "[bold green]ALLOW[/]" if decision["allowed"] else "[bold red]DENY[/]"
+    console.print(f"{verdict}  (policy set {decision['policy_set_hash'][:16]}…)")
+    for reason in decision["reasons"]:
+        console.print(f"  - [{reason['policy_id']}] {reason['text']}")
+    for error in decision.get("errors", []):
+        console.print(f"  - [red]error:[/] {error}")
+
+
+@policy_app.command("check")
+def policy_check(
+    path: Annotated[Path, typer.Argument(help="Study contract (YAML or JSON).")],
+) -> None:
+    """Dry-run a study: the decision and every reason, without submitting. Exits 2 on deny."""
+    contract = read_document(path)
+    with api() as client:
+        decision = client.request("POST", "/api/v1/policy/check", json=contract)
+    show_decision(decision)
+    if not decision["allowed"]:
+        raise typer.Exit(2)
+
+
+@policy_app.command("show")
+def policy_show(
+    files: Annotated[bool, typer.Option("--files", help="Print every policy file.")] = False,
+) -> None:
+    """The active policy set and the versions published so far."""
+    with api() as client:
+        active = client.request("GET", "/api/v1/policy")
+        versions = client.request("GET", "/api/v1/policy/versions")
+    if state.as_json:
+        print_json({"active": active, "versions": versions})
+        return
+    table = Table(title="Policy versions")
+    for column in ("version", "hash", "active", "by", "at", "note"):
+        table.add_column(column)
+    for v in versions:
+        table.add_row(
+            str(v["version"]),
+            v["policy_set_hash"][:16] + "…",
+            "yes" if v["active"] else "",
+            v["published_by"],
+            v["published_at"][:19],
+            v["note"],
+        )
+    console.print(table)
+    if files:
+        for name, text in sorted(active["files"].items()):
+            console.rule(name)
+            console.print(text, markup=False, highlight=False)
+
+
+@policy_app.command("publish")
+def policy_publish(
+    directory: Annotated[
+        Path, typer.Argument(help="Directory with consortium/*.cedar (and schema.cedarschema).")
+    ],
+    note: Annotated[str, typer.Option(help="Why (recorded).")] = "",
+) -> None:
+    """Publish a new version of the consortium policy set (consortium admin). It is
+    validated first; an invalid policy is refused with the file, line and reason."""
+    folder = directory / "consortium" if (directory / "consortium").is_dir() else directory
+    files = {p.name: p.read_text() for p in sorted(folder.glob("*.cedar"))}
+    if not files:
+        fail(f"no .cedar files in {folder}")
+    body: dict[str, Any] = {"files": files, "note": note}
+    schema = directory / "schema.cedarschema"
+    if schema.exists():
+        body["schema"] = schema.read_text()
+    with api() as client:
+        change = client.request("POST", "/api/v1/policy", json=body)
+    if state.as_json:
+        print_json(change)
+    else:
+        version = change["version"]
+        console.print(
+            f"[green]published[/] version {version['version']} "
+            f"({version['policy_set_hash'][:16]}…): {json.dumps(change['details'])}"
+        )
+
+
+@policy_app.command("activate")
+def policy_activate(
+    version: Annotated[int, typer.Argument(help="Version to make active.")],
+) -> None:
+    """Roll back (or forward) to a published version (consortium admin)."""
+    with api() as client:
+        change = client.request("POST", f"/api/v1/policy/versions/{version}/activate")
+    console.print(f"[green]active[/] version {change['version']['version']}")
+
+
+@budget_app.command("show")
+def budget_show(dataset_id: Annotated[str, typer.Argument(help="Dataset id.")]) -> None:
+    """A dataset's lifetime epsilon: cap, spent, reserved, remaining, and per study."""
+    with api() as client:
+        budget = client.request("GET", f"/api/v1/budgets/{dataset_id}")
+    if state.as_json:
+        print_json(budget)
+        return
+    console.print(
+        f"[bold]{budget['dataset_id']}[/]  ε cap {budget['epsilon_cap']}  spent "
+        f"{budget['epsilon_spent']}  reserved {budget['epsilon_reserved']}  "
+        f"[bold]remaining {budget['epsilon_remaining']}[/]   "
+        f"(δ remaining {budget['delta_remaining']})"
+    )
+    table = Table(title="Per study")
+    for column in ("study", "reserved", "charged", "released", "outstanding", "rounds charged"):
+        table.add_column(column)
+    for line in budget["lines"]:
+        table.add_row(
+            line["study_id"],
+            str(line["epsilon_reserved"]),
+            str(line["epsilon_charged"]),
+            str(line["epsilon_released"]),
+            str(line["epsilon_outstanding"]),
+            str(line["charges"]),
+        )
+    console.print(table)
+
+
+@audit_app.command("head")
+def audit_head() -> None:
+    """The latest signed tree head (size, root, signature, cosigners)."""
+    with api() as client:
+        head = client.request("GET", "/api/v1/audit/heads/latest")
+    print_json(head)
+
+
+@audit_app.command("export")
+def audit_export(
+    out: Annotated[Path, typer.Argument(help="File to write the export to (JSON).")],
+) -> None:
+    """Download the whole log with heads and cosignatures (compliance officer, admin)."""
+    with api() as client:
+        export = client.request("GET", "/api/v1/audit/export")
+    out.write_text(json.dumps(export, indent=1))
+    console.print(f"[green]wrote[/] {out} ({len(export.get('entries', []))} entries)")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    export_file: Annotated[
+        Path | None,
+        typer.Option("--file", help="Verify this export offline instead of the live log."),
+    ] = None,
+    server_key: Annotated[
+        str | None,
+        typer.Option(help="The server's head-signing key (base64), obtained out of band."),
+    ] = None,
+    quorum: Annotated[int | None, typer.Option(help="Cosignatures a head needs.")] = None,
+) -> None:
+    """Check the log end to end: every leaf, the roots, the head signatures and the sites'
+    cosignatures. Reports every problem; exits 1 if there is any."""
+    from pydantic import ValidationError
+
+    from consortium_server.audit.cli_support import render_report, verify_export_file
+    from consortium_server.audit.export import AuditExport
+    from consortium_server.audit.verify import verify_export
+    from consortium_server.errors import DomainError
+
+    try:
+        if export_file is not None:
+            report = verify_export_file(export_file, trusted_server_key=server_key, quorum=quorum)
+        else:
+            with api() as client:
+                raw = client.request("GET", "/api/v1/audit/export")
+            try:
+                export = AuditExport.model_validate(raw)
+            except ValidationError as exc:
+                fail(f"the server's export is not a Concord audit export: {exc}")
+            report = verify_export(export, trusted_server_key=server_key, quorum=quorum)
+    except DomainError as exc:
+        fail(exc.public_message())
+    if state.as_json:
+        print_json(
+            {
+                "ok": report.ok,
+                "summary": report.summary(),
+                "problems": [p.message for p in report.problems],
+            }
+        )
+    else:
+        render_report(report, console)
+    if server_key is None:
+        err_console.print(
+            "[dim]note: checked against the key inside the export; pass --server-key "
+            "(obtained out of band) to detect a replaced signing key.[/]"
+        )
+    if not report.ok:
+        raise typer.Exit(1)

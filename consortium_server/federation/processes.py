@@ -1,0 +1,331 @@
+"""Run the federation on the consortium side: SuperLink process, SuperNode registration, runs.
+
+* :func:`start_superlink`: ``flower-superlink`` with TLS, SuperNode authentication and
+  runtime dependency installation disabled (so Flower never runs ``uv sync``).
+* :func:`write_connection`: the ``$FLWR_HOME/config.toml`` that the ``flwr`` CLI reads.
+* :func:`register_supernode`: ``flwr supernode register KEY.pub CONNECTION``: only
+  registered SuperNode keys may connect.
+* :func:`start_study_run` / :func:`run_study`: ``flwr run`` of the Concord app bundle with
+  the study's :class:`RunPlan` (contract, contract hash, public context, ...) as run config,
+  then wait for the ServerApp's outcome (per-round records and the encrypted final model).
+
+Every Flower process gets :data:`FLOWER_ENV` (no telemetry, no update check, no runtime
+dependency installation). Nothing here reads ``os.environ`` except to pass ``PATH`` on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import tomli_w
+
+from consortium_server.federation.serverapp import read_outcome
+from consortium_server.federation.strategy import RunPlan, StudyOutcome
+
+__all__ = [
+    "FLOWER_ENV",
+    "FlowerProcessError",
+    "ManagedProcess",
+    "SuperLinkHandle",
+    "TlsFiles",
+    "flower_env",
+    "flwr_binary",
+    "register_supernode",
+    "run_study",
+    "start_study_run",
+    "start_superlink",
+    "wait_for_outcome",
+    "wait_for_port",
+    "write_connection",
+]
+
+#: Environment for every Flower process we start.
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+class FlowerProcessError(RuntimeError):
+    """A Flower process or CLI call failed; ``detail`` holds the tail of its output."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message if not detail else f"{message}\n{detail[-2000:]}")
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of the SuperLink's TLS: the CA that sites trust, the server cert and key."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def flwr_binary(name: str) -> str:
+    """Path of a Flower console script next to this interpreter (the installed venv)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise FlowerProcessError(f"{name} not found")
+    return found
+
+
+def flower_env(flwr_home: Path, *, path_prefix: Path | None = None) -> dict[str, str]:
+    """Environment of a Flower process: ``FLOWER_ENV``, its own ``FLWR_HOME``, a ``PATH``
+    starting with the venv's bin (and ``path_prefix`` before it, if given)."""
+    parts = [str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")]
+    if path_prefix is not None:
+        parts.insert(0, str(path_prefix))
+    env = {
+        "PATH": os.pathsep.join(parts),
+        "HOME": str(flwr_home),
+        "FLWR_HOME": str(flwr_home),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        **FLOWER_ENV,
+    }
+    return env
+
+
+def wait_for_port(host: str, port: int, *, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until ``host:port`` accepts TCP connections (or the process exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FlowerProcessError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise FlowerProcessError(f"{host}:{port} did not open within {timeout:.0f}s")
+
+
+@dataclass
+class ManagedProcess:
+    """A child process with its log file; :meth:`stop` terminates it (then kills)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        """The last ``chars`` characters of the process log."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Terminate the process group (SIGTERM, then SIGKILL); return the exit code."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, 15)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, 9)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+
+def spawn(name: str, args: list[str], *, env: dict[str, str], log_path: Path) -> ManagedProcess:
+    """Start ``args`` in its own process group, output to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = log_path.open("wb")
+    proc = subprocess.Popen(
+        args, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return ManagedProcess(name, proc, log_path, handle)
+
+
+@dataclass
+class SuperLinkHandle:
+    """A running SuperLink and the ``flwr`` CLI connection that reaches it."""
+
+    process: ManagedProcess
+    address: str
+    flwr_home: Path
+    connection: str
+
+    def stop(self) -> int | None:
+        """Stop the SuperLink (and the ServerApp processes it started)."""
+        return self.process.stop()
+
+
+def write_connection(
+    flwr_home: Path, name: str, address: str, *, root_certificates: Path | None
+) -> Path:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection (the default)."""
+    conn: dict[str, object] = {"address": address}
+    if root_certificates is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(root_certificates)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(tomli_w.dumps({"superlink": {"default": name, name: conn}}))
+    return path
+
+
+def start_superlink(
+    work_dir: Path,
+    *,
+    port: int,
+    tls: TlsFiles,
+    host: str = "127.0.0.1",
+    connection: str = "concord",
+    supernode_auth: bool = True,
+    startup_timeout: float = 60.0,
+) -> SuperLinkHandle:
+    """Start ``flower-superlink`` (TLS, SuperNode auth, no runtime installs) on ``port``."""
+    flwr_home = work_dir / "flwr-home"
+    args = [
+        flwr_binary("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--ssl-ca-certfile",
+        str(tls.ca_cert),
+        "--ssl-certfile",
+        str(tls.server_cert),
+        "--ssl-keyfile",
+        str(tls.server_key),
+        "--database",
+        str(work_dir / "superlink.db"),
+        "--disable-runtime-dependency-installation",
+    ]
+    if supernode_auth:
+        args.append("--enable-supernode-auth")
+    proc = spawn(
+        "superlink", args, env=flower_env(flwr_home), log_path=work_dir / "superlink.log"
+    )
+    try:
+        wait_for_port(host, port, timeout=startup_timeout, proc=proc.proc)
+    except FlowerProcessError as exc:
+        proc.stop()
+        raise FlowerProcessError(str(exc), proc.log_tail()) from None
+    address = f"{host}:{port}"
+    write_connection(flwr_home, connection, address, root_certificates=tls.ca_cert)
+    return SuperLinkHandle(proc, address, flwr_home, connection)
+
+
+def _flwr(link: SuperLinkHandle, args: list[str], *, timeout: float = 120.0) -> str:
+    result = subprocess.run(
+        [flwr_binary("flwr"), *args],
+        env=flower_env(link.flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise FlowerProcessError(
+            f"flwr {args[0]} {args[1] if len(args) > 1 else ''} failed ({result.returncode})",
+            result.stdout + result.stderr,
+        )
+    return result.stdout
+
+
+def _json_tail(output: str) -> dict[str, object]:
+    start = output.find("{")
+    if start < 0:
+        raise FlowerProcessError("no JSON in flwr output", output)
+    body = json.loads(output[start:])
+    if not isinstance(body, dict):
+        raise FlowerProcessError("unexpected flwr output", output)
+    return body
+
+
+def register_supernode(link: SuperLinkHandle, public_key: Path, *, name: str) -> dict[str, object]:
+    """Register a SuperNode public key (OpenSSH EC) with the SuperLink; return flwr's JSON."""
+    out = _flwr(
+        link,
+        ["supernode", "register", str(public_key), link.connection, "--name", name, "--format", "json"],
+    )
+    body = _json_tail(out)
+    if body.get("success") is False:
+        raise FlowerProcessError("SuperNode registration refused", out)
+    return body
+
+
+def start_study_run(link: SuperLinkHandle, app_dir: Path, plan: RunPlan, work_dir: Path) -> int:
+    """``flwr run`` the app bundle in ``app_dir`` with ``plan`` as run config; the run id."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config_file = work_dir / f"run-config-{plan.study_id}.toml"
+    config_file.write_text(tomli_w.dumps(plan.to_run_config()))
+    out = _flwr(
+        link,
+        ["run", str(app_dir), link.connection, "--run-config", str(config_file), "--format", "json"],
+    )
+    body = _json_tail(out)
+    run_id = body.get("run-id", body.get("run_id"))
+    if body.get("success") is False or run_id is None:
+        raise FlowerProcessError("flwr run did not start a run", out)
+    return int(str(run_id))
+
+
+def wait_for_outcome(
+    records_dir: Path, *, timeout: float, link: SuperLinkHandle | None = None
+) -> StudyOutcome:
+    """Wait for the ServerApp's outcome file in ``records_dir``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        outcome = read_outcome(records_dir)
+        if outcome is not None:
+            return outcome
+        if link is not None and not link.process.alive():
+            raise FlowerProcessError("the SuperLink exited", link.process.log_tail())
+        time.sleep(0.5)
+    raise FlowerProcessError(
+        f"no outcome in {records_dir} after {timeout:.0f}s",
+        link.process.log_tail() if link is not None else "",
+    )
+
+
+def run_study(
+    link: SuperLinkHandle,
+    plan: RunPlan,
+    *,
+    app_dir: Path,
+    work_dir: Path,
+    timeout: float | None = None,
+) -> StudyOutcome:
+    """Run one study to its end on a running SuperLink and return its outcome.
+
+    ``plan.records_dir`` must be set (the ServerApp writes round records there). The
+    default timeout is rounds x (round timeout x 2 + 60 s) plus the node wait.
+    """
+    if plan.records_dir is None:
+        raise ValueError("plan.records_dir is required")
+    start_study_run(link, app_dir, plan, work_dir)
+    limit = timeout or plan.rounds * (2 * plan.round_timeout_s + 60) + plan.node_wait_s
+    return wait_for_outcome(plan.records_dir, timeout=limit, link=link)

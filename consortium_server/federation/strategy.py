@@ -1,0 +1,532 @@
+"""Blind aggregation strategy: the run plan, the message layout, and per-round records.
+
+Both sides import the message layout from here (one place): the ServerApp
+(:mod:`consortium_server.federation.serverapp`) and the site's ClientApp
+(:mod:`site_node.federation.clientapp`).
+
+Why not a subclass of Flower's ``FedAvg``: ``Strategy.start`` keeps going with the old
+arrays when ``aggregate_train`` returns nothing, has no notion of a minimum number of valid
+replies, and treats the global model as plaintext arrays the server holds. Here the server
+never holds the model: the "global model" is the encrypted aggregate of the last round plus
+the total weight, which the sites decrypt. So :class:`BlindAggregationStrategy` is a small
+class of pure functions (build contents, check and aggregate replies, weigh metrics) and
+:func:`consortium_server.federation.serverapp.run_study_rounds` is the round loop on
+``grid.send_and_receive`` with the study's round timeout.
+
+Messages (``RecordDict`` keys):
+
+* train, server -> site: ``config`` (ConfigRecord: ``round``, ``study-id``,
+  ``contract-hash``, ``total-weight``, ``has-global``) and, from round 2, ``global``
+  (ArrayRecord of the previous aggregate in the update wire format).
+* train, site -> server: ``update`` (ArrayRecord, blobs ``[header, *chunks]``), ``metrics``
+  (MetricRecord: ``num-examples``, ``epsilon``, ``train-seconds``, ``encrypt-seconds``),
+  ``site`` (ConfigRecord: ``site-id``, ``key-fingerprint``).
+* evaluate, server -> site: ``config`` and ``global`` as above (the new aggregate).
+* evaluate, site -> server: ``metrics`` (``num-examples``, ``loss``, ``accuracy``, ``auc``)
+  and ``site``.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from consortium_server.federation.blind_sum import (
+    BlindSumResult,
+    NotEnoughSitesError,
+    blind_sum,
+    plain_sum,
+)
+from consortium_server.studies.contract import StudyContract
+from site_node.crypto.ckks import context_info, load_context
+from site_node.crypto.wire import PLAIN_CHUNK_SIZE, RoundInfo, expected_chunks
+
+__all__ = [
+    "BLOB_STYPE",
+    "POLICY_MIN_SITES",
+    "REC_CONFIG",
+    "REC_GLOBAL",
+    "REC_METRICS",
+    "REC_SITE",
+    "REC_UPDATE",
+    "BlindAggregationStrategy",
+    "GlobalModel",
+    "RoundFailedError",
+    "RoundHook",
+    "RoundRecord",
+    "RunPlan",
+    "SiteReply",
+    "StudyOutcome",
+    "arrays_to_blobs",
+    "blobs_to_arrays",
+]
+
+#: The consortium policy's floor: no aggregation of fewer sites, whatever a contract says.
+POLICY_MIN_SITES = 3
+#: ``stype`` of an ``Array`` that carries opaque bytes (a wire-format blob).
+BLOB_STYPE = "concord.blob.v1"
+
+# Record and key names of the message layout (see the module docstring).
+REC_CONFIG, REC_GLOBAL, REC_UPDATE, REC_METRICS, REC_SITE = (
+    "config",
+    "global",
+    "update",
+    "metrics",
+    "site",
+)
+
+# Extra reply reasons on top of blind_sum's (a reply that never reached blind_sum).
+ERROR_REPLY = "error_reply"
+MALFORMED_REPLY = "malformed_reply"
+UNKNOWN_SITE = "unknown_site"
+DUPLICATE_SITE = "duplicate_site"
+BAD_WEIGHT = "bad_weight"
+KEY_MISMATCH = "key_mismatch"
+
+
+def blobs_to_arrays(blobs: Sequence[bytes]) -> ArrayRecord:
+    """Wrap wire-format blobs as a Flower ``ArrayRecord`` (keys ``0000``, ``0001``, ...)."""
+    record = ArrayRecord()
+    for index, blob in enumerate(blobs):
+        record[f"{index:04d}"] = Array(
+            dtype="uint8", shape=(len(blob),), stype=BLOB_STYPE, data=bytes(blob)
+        )
+    return record
+
+
+def arrays_to_blobs(record: ArrayRecord) -> list[bytes]:
+    """Inverse of :func:`blobs_to_arrays`; raises ``ValueError`` on any other layout."""
+    keys = list(record.keys())
+    if keys != [f"{i:04d}" for i in range(len(keys))]:
+        raise ValueError("blob record keys are not 0000..n in order")
+    blobs: list[bytes] = []
+    for key in keys:
+        array = record[key]
+        if array.stype != BLOB_STYPE or array.dtype != "uint8":
+            raise ValueError("blob record holds a non-blob array")
+        blobs.append(bytes(array.data))
+    return blobs
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything the ServerApp needs for one study run (carried in the Flower run config).
+
+    ``public_context`` is ``None`` when the contract turns encryption off. ``sites`` are the
+    study's approved sites; ``records_dir`` (optional) is where the ServerApp writes its
+    round records and the final aggregate for the consortium server to pick up.
+    """
+
+    study_id: str
+    contract: StudyContract
+    contract_hash: str
+    num_params: int
+    sites: tuple[str, ...]
+    public_context: bytes | None = None
+    records_dir: Path | None = None
+    node_wait_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.contract.contract_hash() != self.contract_hash:
+            raise ValueError("contract does not hash to contract_hash")
+        if self.contract.encryption.enabled and self.public_context is None:
+            raise ValueError("encryption is on but no public context was given")
+        if self.num_params < 1:
+            raise ValueError("num_params must be positive")
+
+    @property
+    def rounds(self) -> int:
+        """Rounds to run (from the contract)."""
+        return self.contract.training.rounds
+
+    @property
+    def min_sites(self) -> int:
+        """Valid replies needed per aggregation: the contract's, never below the policy 3."""
+        return max(POLICY_MIN_SITES, self.contract.federation.min_sites)
+
+    @property
+    def round_timeout_s(self) -> float:
+        """Seconds to wait for the sites' replies each round."""
+        return float(self.contract.federation.round_timeout_s)
+
+    def to_run_config(self) -> dict[str, str | int | float | bool]:
+        """Flat run-config values (keys exist in the app's ``[tool.flwr.app.config]``)."""
+        return {
+            "study-id": self.study_id,
+            "contract-hash": self.contract_hash,
+            "contract": self.contract.canonical().decode(),
+            "num-params": self.num_params,
+            "sites": ",".join(self.sites),
+            "public-context": base64.b64encode(self.public_context or b"").decode(),
+            "records-dir": str(self.records_dir or ""),
+            "node-wait-s": float(self.node_wait_s),
+        }
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> RunPlan:
+        """Parse the run config written by :meth:`to_run_config`."""
+        contract = StudyContract.model_validate_json(str(config["contract"]))
+        public = base64.b64decode(str(config.get("public-context", "")), validate=True)
+        records = str(config.get("records-dir", ""))
+        return cls(
+            study_id=str(config["study-id"]),
+            contract=contract,
+            contract_hash=str(config["contract-hash"]),
+            num_params=int(config["num-params"]),
+            sites=tuple(s for s in str(config["sites"]).split(",") if s),
+            public_context=public or None,
+            records_dir=Path(records) if records else None,
+            node_wait_s=float(config.get("node-wait-s", 60.0)),
+        )
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """The current global model as the server holds it: an aggregate it cannot read."""
+
+    round_number: int
+    blobs: tuple[bytes, ...]
+    total_weight: float
+    digest: str
+
+
+@dataclass(frozen=True)
+class SiteReply:
+    """Plain metadata of one accepted train reply."""
+
+    site_id: str
+    node_id: int
+    num_examples: int
+    epsilon: float | None
+    train_seconds: float
+    encrypt_seconds: float
+    key_fingerprint: str
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round, JSON-ready for the audit log (no values, no tensors)."""
+
+    study_id: str
+    contract_hash: str
+    round_number: int
+    status: str = "running"  # "aggregated" | "failed"
+    started_at: str = ""
+    finished_at: str = ""
+    wall_seconds: float = 0.0
+    train_wall_seconds: float = 0.0
+    evaluate_wall_seconds: float = 0.0
+    aggregate_seconds: float = 0.0
+    site_train_seconds: dict[str, float] = field(default_factory=dict)
+    site_encrypt_seconds: dict[str, float] = field(default_factory=dict)
+    nodes_contacted: int = 0
+    participants: list[str] = field(default_factory=list)
+    sample_counts: dict[str, int] = field(default_factory=dict)
+    epsilon: dict[str, float | None] = field(default_factory=dict)
+    site_digests: dict[str, str] = field(default_factory=dict)
+    aggregate_digest: str | None = None
+    total_weight: float = 0.0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    missing_sites: list[str] = field(default_factory=list)
+    evaluation: dict[str, float] = field(default_factory=dict)
+    failure: str | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        """Plain dict for JSON / the audit log."""
+        return asdict(self)
+
+    @property
+    def orchestration_seconds(self) -> float:
+        """Train-phase wall time not spent training/encrypting at the slowest site."""
+        busiest = max(
+            (
+                self.site_train_seconds.get(s, 0.0) + self.site_encrypt_seconds.get(s, 0.0)
+                for s in self.participants
+            ),
+            default=0.0,
+        )
+        return max(0.0, self.train_wall_seconds - busiest)
+
+
+#: Called once per round with its record (the audit log / ledger hook).
+RoundHook = Callable[[RoundRecord], None]
+
+
+@dataclass
+class StudyOutcome:
+    """The result of a study run: per-round records and the final (encrypted) model."""
+
+    study_id: str
+    contract_hash: str
+    status: str  # "completed" | "failed"
+    rounds: list[RoundRecord] = field(default_factory=list)
+    final_model: GlobalModel | None = None
+    failure: str | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        """JSON-ready summary (the final model's blobs are not included, only its digest)."""
+        return {
+            "study_id": self.study_id,
+            "contract_hash": self.contract_hash,
+            "status": self.status,
+            "failure": self.failure,
+            "rounds": [r.as_record() for r in self.rounds],
+            "final_model": None
+            if self.final_model is None
+            else {
+                "round_number": self.final_model.round_number,
+                "total_weight": self.final_model.total_weight,
+                "digest": self.final_model.digest,
+            },
+        }
+
+
+class RoundFailedError(Exception):
+    """The round cannot be aggregated (too few valid replies); carries its record."""
+
+    def __init__(self, message: str, record: RoundRecord) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _reject(site_id: str, reason: str, detail: str) -> dict[str, Any]:
+    return {"site_id": site_id, "reason": reason, "detail": detail, "digest": None}
+
+
+class BlindAggregationStrategy:
+    """Build round messages, check replies, sum updates blindly and weigh metrics."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan = plan
+        if plan.public_context is not None:
+            info = context_info(load_context(plan.public_context, require_secret=False))
+            self.chunk_size = info.slot_count
+            # Serialised CKKS ciphertext: 2 polynomials of N coefficients per data prime,
+            # 8 bytes each, plus a header; primes are >= 20 bits, so this bounds it.
+            primes = max(1, math.ceil(info.data_modulus_bits / 20))
+            self.max_chunk_bytes = 2 * info.poly_modulus_degree * 8 * primes + 8192
+        else:
+            self.chunk_size = PLAIN_CHUNK_SIZE
+            self.max_chunk_bytes = 8 * PLAIN_CHUNK_SIZE
+        self.expected_chunks = expected_chunks(plan.num_params, self.chunk_size)
+
+    # --- contents ---------------------------------------------------------------------
+
+    def round_info(self, round_number: int) -> RoundInfo:
+        """What a reply of ``round_number`` must declare."""
+        p = self.plan
+        return RoundInfo(p.study_id, p.contract_hash, round_number, p.num_params)
+
+    def content(self, round_number: int, model: GlobalModel | None) -> RecordDict:
+        """Train/evaluate content: round config plus the current aggregate, if any."""
+        config = ConfigRecord(
+            {
+                "round": round_number,
+                "study-id": self.plan.study_id,
+                "contract-hash": self.plan.contract_hash,
+                "total-weight": float(model.total_weight) if model else 0.0,
+                "has-global": model is not None,
+                "global-round": model.round_number if model else 0,
+            }
+        )
+        content = RecordDict({REC_CONFIG: config})
+        if model is not None:
+            content[REC_GLOBAL] = blobs_to_arrays(model.blobs)
+        return content
+
+    # --- train replies ----------------------------------------------------------------
+
+    def _screen_reply(
+        self,
+        msg: Message,
+        seen_sites: set[str],
+        rejected: list[dict[str, Any]],
+    ) -> tuple[SiteReply, list[bytes]] | None:
+        node = msg.metadata.src_node_id
+        label = f"node-{node}"
+        if msg.has_error():
+            err = msg.error
+            rejected.append(_reject(label, ERROR_REPLY, f"code {err.code}: {err.reason[:300]}"))
+            return None
+        content = msg.content
+        try:
+            site_rec = content.config_records[REC_SITE]
+            site_id = str(site_rec["site-id"])
+            fingerprint = str(site_rec.get("key-fingerprint", ""))
+        except (KeyError, TypeError, ValueError):
+            rejected.append(_reject(label, MALFORMED_REPLY, "no site record"))
+            return None
+        if site_id not in self.plan.sites:
+            rejected.append(_reject(label, UNKNOWN_SITE, f"{site_id!r} is not a study site"))
+            return None
+        if site_id in seen_sites:
+            rejected.append(_reject(site_id, DUPLICATE_SITE, f"second reply from node {node}"))
+            return None
+        seen_sites.add(site_id)
+        try:
+            metrics = content.metric_records[REC_METRICS]
+            blobs = arrays_to_blobs(content.array_records[REC_UPDATE])
+            raw_n = metrics["num-examples"]
+            raw_eps = metrics.get("epsilon", -1.0)
+            train_s = float(metrics.get("train-seconds", 0.0))  # type: ignore[arg-type]
+            enc_s = float(metrics.get("encrypt-seconds", 0.0))  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as exc:
+            rejected.append(_reject(site_id, MALFORMED_REPLY, f"missing or bad record: {exc}"))
+            return None
+        if (
+            isinstance(raw_n, bool)
+            or not isinstance(raw_n, int | float)
+            or not math.isfinite(raw_n)
+            or raw_n < 1
+            or int(raw_n) != raw_n
+        ):
+            rejected.append(_reject(site_id, BAD_WEIGHT, "num-examples is not a positive integer"))
+            return None
+        eps = float(raw_eps) if isinstance(raw_eps, int | float) else -1.0
+        reply = SiteReply(
+            site_id=site_id,
+            node_id=node,
+            num_examples=int(raw_n),
+            epsilon=eps if math.isfinite(eps) and eps >= 0 else None,
+            train_seconds=train_s,
+            encrypt_seconds=enc_s,
+            key_fingerprint=fingerprint,
+        )
+        return reply, blobs
+
+    def aggregate_train(
+        self, round_number: int, replies: Iterable[Message], record: RoundRecord
+    ) -> GlobalModel:
+        """Check every reply, sum the valid ones blindly, fill ``record``.
+
+        Bad replies are dropped with a record entry. Raises :class:`RoundFailedError` (with
+        the record filled in) when fewer than ``plan.min_sites`` valid replies remain.
+        """
+        rejected: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        screened: dict[str, tuple[SiteReply, list[bytes]]] = {}
+        for msg in replies:
+            result = self._screen_reply(msg, seen, rejected)
+            if result is not None:
+                screened[result[0].site_id] = result
+        # Sites must share one study key (fingerprints are plain metadata; the majority
+        # fingerprint wins, the others are dropped: their ciphertexts would not add up).
+        fingerprints = [r.key_fingerprint for r, _ in screened.values()]
+        if fingerprints and self.plan.public_context is not None:
+            common = max(set(fingerprints), key=fingerprints.count)
+            for site_id, (r, _) in list(screened.items()):
+                if r.key_fingerprint != common:
+                    rejected.append(_reject(site_id, KEY_MISMATCH, "another study key"))
+                    del screened[site_id]
+        updates = {site: blobs for site, (_, blobs) in screened.items()}
+        t0 = time.perf_counter()
+        try:
+            result = self._sum(round_number, updates)
+        except NotEnoughSitesError as exc:
+            record.aggregate_seconds = time.perf_counter() - t0
+            rejected.extend(r.as_record() for r in exc.rejected)
+            self._fill(record, screened, list(exc.accepted), rejected, None)
+            record.status = "failed"
+            record.failure = str(exc)
+            raise RoundFailedError(str(exc), record) from None
+        record.aggregate_seconds = time.perf_counter() - t0
+        rejected.extend(r.as_record() for r in result.rejected)
+        total = float(sum(screened[s][0].num_examples for s in result.accepted))
+        self._fill(record, screened, list(result.accepted), rejected, result)
+        record.total_weight = total
+        record.status = "aggregated"
+        return GlobalModel(
+            round_number=round_number,
+            blobs=tuple(result.to_bytes_list()),
+            total_weight=total,
+            digest=result.digest,
+        )
+
+    def _sum(self, round_number: int, updates: Mapping[str, Sequence[bytes]]) -> BlindSumResult:
+        kwargs: dict[str, Any] = {
+            "expected": self.round_info(round_number),
+            "expected_chunks": self.expected_chunks,
+            "max_chunk_bytes": self.max_chunk_bytes,
+            "min_sites": self.plan.min_sites,
+        }
+        if self.plan.public_context is None:
+            return plain_sum(updates, chunk_size=self.chunk_size, **kwargs)
+        return blind_sum(self.plan.public_context, updates, **kwargs)
+
+    def _fill(
+        self,
+        record: RoundRecord,
+        screened: Mapping[str, tuple[SiteReply, list[bytes]]],
+        accepted: list[str],
+        rejected: list[dict[str, Any]],
+        result: BlindSumResult | None,
+    ) -> None:
+        record.participants = sorted(accepted)
+        record.sample_counts = {s: screened[s][0].num_examples for s in record.participants}
+        record.epsilon = {s: screened[s][0].epsilon for s in record.participants}
+        record.site_train_seconds = {s: r.train_seconds for s, (r, _) in screened.items()}
+        record.site_encrypt_seconds = {s: r.encrypt_seconds for s, (r, _) in screened.items()}
+        record.rejected = rejected
+        replied = set(screened) | {r["site_id"] for r in rejected}
+        record.missing_sites = sorted(set(self.plan.sites) - replied)
+        if result is not None:
+            record.site_digests = dict(result.site_digests)
+            record.aggregate_digest = result.digest
+
+    # --- evaluate replies -------------------------------------------------------------
+
+    def aggregate_evaluate(self, replies: Iterable[Message]) -> dict[str, float]:
+        """Weighted (by ``num-examples``) loss, accuracy and AUC over valid replies.
+
+        A metric that is ``nan`` at a site (e.g. AUC with one class) is averaged over the
+        other sites. Error replies and malformed metrics are skipped.
+        """
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        sites = 0
+        for msg in replies:
+            if msg.has_error() or REC_METRICS not in msg.content.metric_records:
+                continue
+            metrics = msg.content.metric_records[REC_METRICS]
+            n = metrics.get("num-examples")
+            if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
+                continue
+            sites += 1
+            for key in ("loss", "accuracy", "auc"):
+                value = metrics.get(key)
+                if isinstance(value, int | float) and math.isfinite(value):
+                    sums[key] = sums.get(key, 0.0) + float(value) * float(n)
+                    weights[key] = weights.get(key, 0.0) + float(n)
+        out = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+        out["num-examples"] = float(weights.get("accuracy", 0.0))
+        out["sites"] = float(sites)
+        return out
+
+
+def new_record(plan: RunPlan, round_number: int) -> RoundRecord:
+    """An empty record for ``round_number`` with its start time."""
+    return RoundRecord(
+        study_id=plan.study_id,
+        contract_hash=plan.contract_hash,
+        round_number=round_number,
+        started_at=_now(),
+    )
+
+
+def finish_record(record: RoundRecord, started: float) -> None:
+    """Stamp the end time and wall time of ``record``."""
+    record.finished_at = _now()
+    record.wall_seconds = time.perf_counter() - started
+

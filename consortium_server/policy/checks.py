@@ -1,0 +1,134 @@
+"""Where the API meets the policy engine: facts from the database, gates for the studies
+service, and the dry run researchers use before submitting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from consortium_server.budgets import service as budgets
+from consortium_server.datasets.models import Dataset
+from consortium_server.datasets.service import get_datasets
+from consortium_server.identity.principal import Principal
+from consortium_server.policy.decisions import check_site_approval, check_submission
+from consortium_server.policy.engine import Decision, PolicyEngine
+from consortium_server.policy.facts import (
+    ConsortiumFacts,
+    load_site_organisations,
+    owner_principal,
+)
+from consortium_server.policy.service import startup_engine
+from consortium_server.studies.contract import StudyContract
+from consortium_server.studies.models import Study
+from consortium_server.studies.service import ApprovalGate, GateDecision, SubmissionGate
+
+__all__ = [
+    "ApprovalGate",
+    "PolicyContext",
+    "approval_gate",
+    "dry_run",
+    "model_catalogue_keys",
+    "submission_gate",
+    "to_gate_decision",
+]
+
+
+@lru_cache(maxsize=1)
+def model_catalogue_keys() -> frozenset[tuple[str, str]]:
+    """(name, version) of every model the site-side catalogue can build."""
+    from site_node.training.catalogue import list_models  # imports torch: once, lazily
+
+    return frozenset((entry.name, entry.version) for entry in list_models())
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What the server knows beyond the database: the model catalogue and the members."""
+
+    model_catalogue: frozenset[tuple[str, str]]
+    member_organisations: frozenset[str]
+    directory: Path
+
+    def engine(self, session: Session) -> PolicyEngine:
+        """The active policy set (seeding version 1 from ``directory`` if none exists)."""
+        return startup_engine(session, self.directory)
+
+    def facts(self, session: Session) -> ConsortiumFacts:
+        """Consortium facts now: enrolled sites' organisations are members too."""
+        sites = load_site_organisations(session)
+        return ConsortiumFacts(
+            model_catalogue=self.model_catalogue,
+            member_organisations=self.member_organisations | frozenset(sites.values()),
+            site_organisations=sites,
+        )
+
+
+def to_gate_decision(decision: Decision) -> GateDecision:
+    """The studies service's view of a policy decision."""
+    return GateDecision(
+        allowed=decision.allowed,
+        reasons=[reason.text for reason in decision.reasons] + list(decision.errors),
+        policy_set_hash=decision.policy_set_hash,
+    )
+
+
+def _submission(
+    session: Session,
+    context: PolicyContext,
+    contract: StudyContract,
+    datasets: list[Dataset],
+    principal: Principal,
+) -> Decision:
+    return check_submission(
+        context.engine(session),
+        contract,
+        datasets,
+        principal,
+        context.facts(session),
+        remaining_epsilon=budgets.remaining_epsilon(session, contract.datasets),
+    )
+
+
+def dry_run(
+    session: Session, context: PolicyContext, contract: StudyContract, principal: Principal
+) -> Decision:
+    """The decision a submission of ``contract`` by ``principal`` would get now."""
+    datasets, _unknown = get_datasets(session, contract.datasets)
+    return _submission(session, context, contract, datasets, principal)
+
+
+def submission_gate(session: Session, context: PolicyContext) -> SubmissionGate:
+    """The gate the studies service calls at submission."""
+
+    def gate(
+        contract: StudyContract, datasets: list[Dataset], principal: Principal
+    ) -> GateDecision:
+        return to_gate_decision(_submission(session, context, contract, datasets, principal))
+
+    return gate
+
+
+def approval_gate(session: Session, context: PolicyContext) -> ApprovalGate:
+    """The gate the studies service calls when a site approves (consortium policy for that
+    site's datasets; the site's own policy is enforced by the site)."""
+
+    def gate(study: Study, site_id: str) -> GateDecision:
+        contract = StudyContract.model_validate(study.contract)
+        datasets, _unknown = get_datasets(session, contract.datasets)
+        decision = check_site_approval(
+            context.engine(session),
+            None,
+            contract,
+            datasets,
+            owner_principal(study.owner_subject, study.owner_organisation),
+            context.facts(session),
+            site_id=site_id,
+            remaining_epsilon=budgets.remaining_epsilon(session, contract.datasets),
+            study_id=study.id,
+        )
+        return to_gate_decision(decision)
+
+    return gate

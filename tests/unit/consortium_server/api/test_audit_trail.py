@@ -1,0 +1,138 @@
+"""What the API writes into the audit log: sign-ins refused, study submissions with the
+policy decision, each site decision, every state change, policy changes; and the log
+verifies end to end afterwards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from consortium_server.audit.entries import AuditEntry
+from tests.support.world import People, study_contract
+
+
+def _entries(app: FastAPI) -> list[AuditEntry]:
+    log = app.state.audit_log
+    with app.state.sessionmaker() as session:
+        return [log.get_entry(i, session=session).entry for i in range(log.size(session=session))]
+
+
+def _entry(app: FastAPI, action: str) -> list[AuditEntry]:
+    return [e for e in _entries(app) if e.action == action]
+
+
+def test_policy_seed_is_the_first_entry(client: TestClient, app: FastAPI) -> None:
+    first = _entries(app)[0]
+    assert first.action == "policy.published"
+    assert first.policy is not None
+
+
+def test_refused_sign_ins_are_recorded_without_the_token(client: TestClient, app: FastAPI) -> None:
+    client.get(
+        "/api/v1/studies",
+        headers={"Authorization": "Bearer not-a-token", "X-Request-ID": "req-0000001"},
+    )
+    client.get("/api/v1/studies")  # no token at all: not a sign-in attempt
+    refused = _entry(app, "auth.sign_in_refused")
+    assert len(refused) == 1
+    entry = refused[0]
+    assert entry.outcome.value == "denied"
+    assert entry.request_id == "req-0000001"
+    assert entry.details["code"] == "auth.invalid_token"
+    assert "not-a-token" not in entry.canonical_bytes().decode()
+
+
+def test_study_lifecycle_is_recorded(client: TestClient, consortium: People, app: FastAPI) -> None:
+    study: dict[str, Any] = client.post(
+        "/api/v1/studies",
+        json=study_contract(["bc-a", "bc-b", "bc-c"]),
+        headers=consortium.researcher,
+    ).json()
+    for site in "abc":
+        client.post(
+            f"/api/v1/studies/{study['id']}/approvals",
+            json={
+                "site_id": f"hospital-{site}",
+                "contract_hash": study["contract_hash"],
+                "decision": "approved",
+                "reason": "DAC ok",
+            },
+            headers=consortium.steward(site),
+        )
+    actions = [e.action for e in _entries(app) if e.object.id == study["id"]]
+    assert actions == [
+        "policy.decision",
+        "study.submitted",
+        "study.awaiting_approvals",
+        "study.site_approved",
+        "study.site_approved",
+        "study.site_approved",
+        "study.approved",
+    ]
+    decision = _entry(app, "policy.decision")[-1]
+    assert decision.policy is not None
+    assert decision.policy.decision.value == "allow"
+    assert decision.contract_hash == study["contract_hash"]
+    approvals = _entry(app, "study.site_approved")
+    assert {e.details["site_id"] for e in approvals} == {"hospital-a", "hospital-b", "hospital-c"}
+    assert approvals[0].actor.subject == "steward-a"
+    assert approvals[0].actor.roles == ("data_steward",)
+    assert approvals[0].purpose == "diagnostic_research"
+
+
+def test_rejection_records_the_denying_decision(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    contract = study_contract(["bc-a", "bc-b", "bc-c"], purpose="commercial_research")
+    study = client.post("/api/v1/studies", json=contract, headers=consortium.researcher).json()
+    decision = _entry(app, "policy.decision")[-1]
+    assert decision.object.id == study["id"]
+    assert decision.policy is not None
+    assert decision.policy.decision.value == "deny"
+    assert any("commercial_research" in r for r in decision.details["reasons"])
+    rejected = _entry(app, "study.rejected")[-1]
+    assert rejected.outcome.value == "denied"
+
+
+def test_log_verifies_after_activity(client: TestClient, consortium: People, app: FastAPI) -> None:
+    from consortium_server.audit.verify import verify_live
+
+    client.post(
+        "/api/v1/studies",
+        json=study_contract(["bc-a", "bc-b", "bc-c"]),
+        headers=consortium.researcher,
+    )
+    head = client.get("/api/v1/audit/heads/latest", headers=consortium.compliance).json()
+    assert head["tree_size"] == len(_entries(app))
+    with app.state.sessionmaker() as session:
+        report = verify_live(session, server_public_key=app.state.tree_head_signer.public_key_b64)
+    assert report.ok, report.summary()
+
+
+def test_cli_verifies_the_live_log(
+    client: TestClient, consortium: People, monkeypatch: Any
+) -> None:
+    import consortium_server.cli.common as common
+    from consortium_server.cli import app as cli_app
+    from consortium_server.client import ConsortiumClient
+
+    client.post(
+        "/api/v1/studies",
+        json=study_contract(["bc-a", "bc-b", "bc-c"]),
+        headers=consortium.researcher,
+    )
+    client.get("/api/v1/audit/heads/latest", headers=consortium.compliance)
+    transport = client._transport
+    original = ConsortiumClient.__init__
+
+    def patched(self: ConsortiumClient, base_url: str, token: object = None, **_: object) -> None:
+        original(self, "http://testserver", token, transport=transport)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(common.ConsortiumClient, "__init__", patched)
+    token = consortium.compliance["Authorization"][7:]
+    result = CliRunner().invoke(cli_app, ["--token", token, "audit", "verify"])
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.output or "ok" in result.output.lower()
