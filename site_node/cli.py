@@ -9,6 +9,7 @@ import typer
 import yaml
 from rich.console import Console
 
+from site_node.cli_data import data_app, models_app
 from site_node.settings import SiteSettings
 
 app = typer.Typer(
@@ -23,6 +24,8 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Create and show this site's keys (signing, key exchange, SuperNode).")
 app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
 console = Console()
 err = Console(stderr=True)
 
