@@ -12,6 +12,7 @@ export CONCORD_DATA_DIR="$STATE/server"
 export CONCORD_API__PORT="$PORT"
 export CONCORD_API_URL="http://127.0.0.1:$PORT"
 export CONCORD_LOG_JSON=true
+export CONCORD_POLICY__MEMBER_ORGANISATIONS='["University of Leiden"]'
 
 rm -rf "$STATE" && mkdir -p "$STATE"
 step() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
@@ -50,7 +51,8 @@ for s in a b c; do
 done
 consortium --token "$RESEARCHER" catalogue list
 
-step "4. A researcher submits the study"
+step "4. A researcher dry-runs the study against the data-use policies, then submits it"
+consortium --token "$RESEARCHER" policy check docs/examples/study.yaml
 STUDY=$(consortium --json --token "$RESEARCHER" study submit docs/examples/study.yaml \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 consortium --token "$RESEARCHER" study status "$STUDY"
@@ -61,10 +63,15 @@ for s in a b c; do
     study approve "$STUDY" --site "hospital-$s" --yes --reason "Approved by the data access committee"
 done
 
-step "6. The study is approved"
+step "6. The study is approved: its epsilon is reserved on every dataset"
 consortium --token "$RESEARCHER" study status "$STUDY"
 state=$(consortium --json --token "$RESEARCHER" study status "$STUDY" \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')
 [ "$state" = approved ] || { echo "expected approved, got $state"; exit 1; }
+COMPLIANCE=$(token carla-compliance compliance_officer "Consortium office")
+consortium --token "$COMPLIANCE" budget show bc-hospital-a
+
+step "7. A compliance officer verifies the audit log end to end"
+consortium --token "$COMPLIANCE" audit verify
 echo
 echo "Server log: $STATE/server.log   State: $STATE"

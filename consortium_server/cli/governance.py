@@ -194,6 +194,7 @@ def audit_verify(
             report = verify_export_file(export_file, trusted_server_key=server_key, quorum=quorum)
         else:
             with api() as client:
+                client.request("GET", "/api/v1/audit/heads/latest")  # sign the current size
                 raw = client.request("GET", "/api/v1/audit/export")
             try:
                 export = AuditExport.model_validate(raw)

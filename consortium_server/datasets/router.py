@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from consortium_server.api.deps import ANY_MEMBER, CurrentPrincipal, SessionDep, require_roles
+from consortium_server.api.deps import (
+    ANY_MEMBER,
+    AuditDep,
+    CurrentPrincipal,
+    SessionDep,
+    require_roles,
+)
 from consortium_server.datasets import service
 from consortium_server.datasets.schemas import DatasetPublic, DatasetPublish
 from consortium_server.identity.principal import Role
@@ -19,10 +25,23 @@ router = APIRouter(prefix="/api/v1/datasets", tags=["catalogue"])
     dependencies=[require_roles(Role.DATA_STEWARD, Role.SITE_NODE)],
 )
 def publish_dataset(
-    body: DatasetPublish, session: SessionDep, principal: CurrentPrincipal
+    body: DatasetPublish, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
 ) -> DatasetPublic:
     """Publish a dataset's metadata for your own site (data steward or site node)."""
-    return DatasetPublic.model_validate(service.publish_dataset(session, body, actor=principal))
+    dataset = service.publish_dataset(session, body, actor=principal)
+    audit.record(
+        "dataset.published",
+        object_type="dataset",
+        object_id=dataset.id,
+        details={
+            "site_id": dataset.site_id,
+            "allowed_purposes": list(dataset.allowed_purposes),
+            "epsilon_budget": dataset.epsilon_budget,
+            "max_epsilon_per_study": dataset.max_epsilon_per_study,
+            "requires_encryption": dataset.requires_encryption,
+        },
+    )
+    return DatasetPublic.model_validate(dataset)
 
 
 @router.get("", dependencies=[ANY_MEMBER])

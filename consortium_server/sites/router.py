@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from consortium_server.api.deps import ANY_MEMBER, CurrentPrincipal, SessionDep, require_roles
+from consortium_server.api.deps import (
+    ANY_MEMBER,
+    AuditDep,
+    CurrentPrincipal,
+    SessionDep,
+    require_roles,
+)
 from consortium_server.identity.principal import Role
 from consortium_server.sites import service
 from consortium_server.sites.schemas import SiteEnrol, SitePublic, SiteRevoke
@@ -14,9 +20,22 @@ ADMIN = require_roles(Role.CONSORTIUM_ADMIN)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[ADMIN])
-def enrol_site(body: SiteEnrol, session: SessionDep, principal: CurrentPrincipal) -> SitePublic:
+def enrol_site(
+    body: SiteEnrol, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
+) -> SitePublic:
     """Enrol a hospital with its public keys (consortium admin)."""
-    return SitePublic.model_validate(service.enrol_site(session, body, actor=principal))
+    site = service.enrol_site(session, body, actor=principal)
+    audit.record(
+        "site.enrolled",
+        object_type="site",
+        object_id=site.id,
+        details={
+            "organisation": site.organisation,
+            "signing_public_key": site.signing_public_key,
+            "exchange_public_key": site.exchange_public_key,
+        },
+    )
+    return SitePublic.model_validate(site)
 
 
 @router.get("", dependencies=[ANY_MEMBER])
@@ -32,6 +51,10 @@ def get_site(site_id: str, session: SessionDep, _: CurrentPrincipal) -> SitePubl
 
 
 @router.post("/{site_id}/revoke", dependencies=[ADMIN])
-def revoke_site(site_id: str, body: SiteRevoke, session: SessionDep) -> SitePublic:
+def revoke_site(site_id: str, body: SiteRevoke, session: SessionDep, audit: AuditDep) -> SitePublic:
     """Revoke a site: it can no longer publish, approve or train (consortium admin)."""
-    return SitePublic.model_validate(service.revoke_site(session, site_id, reason=body.reason))
+    site = service.revoke_site(session, site_id, reason=body.reason)
+    audit.record(
+        "site.revoked", object_type="site", object_id=site.id, details={"reason": body.reason}
+    )
+    return SitePublic.model_validate(site)

@@ -41,4 +41,7 @@ def test_demo_script_submits_and_approves_a_study(tmp_path: Path) -> None:
     assert out.count("enrolled hospital-") == 3
     assert out.count("published bc-hospital-") == 3
     assert "state:         approved" in out
-    assert "Every site approved." in out
+    assert "Every site approved" in out
+    assert "ALLOW" in out  # the dry run
+    assert "reserved 3" in out  # the budget reservation
+    assert "OK:" in out  # the audit log verified

@@ -136,3 +136,13 @@ def test_cli_verifies_the_live_log(
     result = CliRunner().invoke(cli_app, ["--token", token, "audit", "verify"])
     assert result.exit_code == 0, result.output
     assert "OK" in result.output or "ok" in result.output.lower()
+
+
+def test_enrolment_and_publication_are_recorded(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    enrolled = _entry(app, "site.enrolled")
+    assert [e.object.id for e in enrolled] == ["hospital-a", "hospital-b", "hospital-c"]
+    assert enrolled[0].actor.subject == "olga-operator"
+    published = _entry(app, "dataset.published")
+    assert [e.details["site_id"] for e in published] == ["hospital-a", "hospital-b", "hospital-c"]
