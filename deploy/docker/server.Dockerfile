@@ -1,0 +1,36 @@
+# Concord consortium server image: `consortium server`, `consortium db upgrade` and the
+# Flower SuperLink (`flower-superlink`). Build from the repository root:
+#   docker build -f deploy/docker/server.Dockerfile -t concord-server:0.1.0 .
+FROM python:3.11.11-slim-bookworm AS build
+
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/concord
+ENV PATH=/opt/concord/bin:$PATH
+# torch first and pinned, from the CPU index: any other spec pulls a multi-GB CUDA build.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md /src/
+COPY consortium_server /src/consortium_server
+COPY site_node /src/site_node
+RUN pip install /src
+
+FROM python:3.11.11-slim-bookworm
+
+# WeasyPrint (PDF reports) needs pango; nothing else from apt.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz0b fonts-dejavu-core \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 10001 concord \
+    && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin concord
+COPY --from=build /opt/concord /opt/concord
+COPY policies /opt/concord/share/policies
+ENV PATH=/opt/concord/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    FLWR_TELEMETRY_ENABLED=0 \
+    FLWR_DISABLE_UPDATE_CHECK=1 \
+    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+USER 10001:10001
+EXPOSE 8600 9092
+# The chart sets the command of every container; this default serves the API.
+CMD ["consortium", "server"]

@@ -1,0 +1,32 @@
+# Concord site-node image: the site agent (`site-node run`) and the Flower SuperNode
+# (`flower-supernode`, which starts `flwr-clientapp` per message). Build from the root:
+#   docker build -f deploy/docker/site-node.Dockerfile -t concord-site-node:0.1.0 .
+FROM python:3.11.11-slim-bookworm AS build
+
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/concord
+ENV PATH=/opt/concord/bin:$PATH
+# torch first and pinned, from the CPU index: any other spec pulls a multi-GB CUDA build.
+# (For GPU sites build with the matching CUDA index instead, same version.)
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md /src/
+COPY consortium_server /src/consortium_server
+COPY site_node /src/site_node
+RUN pip install /src
+
+FROM python:3.11.11-slim-bookworm
+
+RUN groupadd --gid 10001 concord \
+    && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin concord
+COPY --from=build /opt/concord /opt/concord
+COPY policies/sites /opt/concord/share/policies/sites
+ENV PATH=/opt/concord/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    FLWR_TELEMETRY_ENABLED=0 \
+    FLWR_DISABLE_UPDATE_CHECK=1 \
+    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+USER 10001:10001
+# The chart sets the command of every container; this default runs the agent.
+CMD ["site-node", "run"]
