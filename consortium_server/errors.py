@@ -99,6 +99,16 @@ CATALOGUE: dict[str, CatalogueEntry] = {
     ),
     "audit.export_invalid": CatalogueEntry(422, "The audit export is not valid."),
     "audit.log_corrupt": CatalogueEntry(500, "The audit log failed an integrity check."),
+    "keys.not_study_site": CatalogueEntry(
+        403, "Only an approved site of this study may relay or fetch its key."
+    ),
+    "keys.study_not_ready": CatalogueEntry(409, "The study is not approved or running."),
+    "keys.exists": CatalogueEntry(409, "This study's key has already been relayed."),
+    "keys.invalid": CatalogueEntry(422, "The study keys are not valid."),
+    "keys.secret_context": CatalogueEntry(
+        422, "The context holds the secret key; the server only takes the public context."
+    ),
+    "keys.not_found": CatalogueEntry(404, "No study key for your site."),
     "internal": CatalogueEntry(500, "Internal error."),
 }
 

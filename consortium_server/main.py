@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,18 +23,22 @@ from consortium_server.budgets.router import router as budgets_router
 from consortium_server.datasets.router import router as datasets_router
 from consortium_server.db.migrate import upgrade_to_head
 from consortium_server.db.session import make_engine, make_sessionmaker, session_scope
+from consortium_server.federation.router import router as federation_router
 from consortium_server.identity.factory import build_local_issuer, build_verifier
 from consortium_server.identity.router import router as identity_router
-from consortium_server.reports.router import router as reports_router
 from consortium_server.policy.checks import PolicyContext, model_catalogue_keys
 from consortium_server.policy.engine import SCHEMA_FILENAME, PolicyEngine
 from consortium_server.policy.router import router as policy_router
 from consortium_server.policy.service import active_version
+from consortium_server.reports.router import router as reports_router
 from consortium_server.settings import ServerSettings
 from consortium_server.sites.router import router as sites_router
 from consortium_server.studies.router import router as studies_router
 
 __all__ = ["create_app"]
+
+#: The study-key relay carries one sealed CKKS key (~175 KB) per site.
+KEY_RELAY_PATH = re.compile(r"/api/v1/studies/[^/]+/keys")
 
 log = logging.getLogger("concord.server")
 
@@ -122,6 +127,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         RequestContextMiddleware,
         max_body_bytes=settings.api.max_body_bytes,
         metrics=HttpMetrics(registry),
+        larger_limits=[(KEY_RELAY_PATH, settings.api.max_key_body_bytes)],
     )
     install_error_handlers(app)
     for router in (
@@ -130,6 +136,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         sites_router,
         datasets_router,
         studies_router,
+        federation_router,
         policy_router,
         budgets_router,
         audit_router,

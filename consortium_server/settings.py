@@ -91,6 +91,11 @@ class ApiSettings(BaseModel):
     max_body_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest request body accepted (413 beyond)."
     )
+    max_key_body_bytes: int = Field(
+        default=64 * 1_048_576,
+        ge=1024,
+        description="Largest body on the study-key relay (sealed CKKS keys, ~175 KB per site).",
+    )
 
 
 class StudySettings(BaseModel):

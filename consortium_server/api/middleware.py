@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -64,10 +65,25 @@ def _error_body(code: str, request_id: str, message: str | None = None) -> bytes
 class RequestContextMiddleware:
     """Gives every request an id (``X-Request-ID``), caps its body, and measures it."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: HttpMetrics) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        metrics: HttpMetrics,
+        larger_limits: Sequence[tuple[re.Pattern[str], int]] = (),
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.larger_limits = tuple(larger_limits)
+
+    def limit_for(self, path: str) -> int:
+        """The body limit for ``path``: the default, or a larger one for routes that need it."""
+        for pattern, limit in self.larger_limits:
+            if pattern.fullmatch(path):
+                return limit
+        return self.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,7 +96,7 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status_code = 500
-        limit = self.max_body_bytes
+        limit = self.limit_for(scope["path"])
 
         async def send_with_id(message: Message) -> None:
             nonlocal status_code
@@ -107,12 +123,12 @@ class RequestContextMiddleware:
         try:
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                await self._reject_too_large(send_with_id, request_id)
+                await self._reject_too_large(send_with_id, request_id, limit)
             else:
                 try:
                     await self.app(scope, limited_receive, send_with_id)
                 except _BodyTooLargeError:
-                    await self._reject_too_large(send_with_id, request_id)
+                    await self._reject_too_large(send_with_id, request_id, limit)
         finally:
             elapsed = time.perf_counter() - started
             route = _route_template(scope)
@@ -129,11 +145,11 @@ class RequestContextMiddleware:
             )
             request_id_var.reset(token)
 
-    async def _reject_too_large(self, send: Send, request_id: str) -> None:
+    async def _reject_too_large(self, send: Send, request_id: str, limit: int) -> None:
         body = _error_body(
             "request.too_large",
             request_id,
-            f"The request body exceeds the limit of {self.max_body_bytes} bytes.",
+            f"The request body exceeds the limit of {limit} bytes.",
         )
         await send(
             {

@@ -15,6 +15,7 @@ dependency installation). Nothing here reads ``os.environ`` except to pass ``PAT
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -138,17 +139,13 @@ class ManagedProcess:
     def stop(self, timeout: float = 10.0) -> int | None:
         """Terminate the process group (SIGTERM, then SIGKILL); return the exit code."""
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, 15)
-            except ProcessLookupError:
-                pass
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, 9)
-                except ProcessLookupError:
-                    pass
                 self.proc.wait(timeout)
         if self._log is not None:
             self._log.close()
@@ -225,9 +222,7 @@ def start_superlink(
     ]
     if supernode_auth:
         args.append("--enable-supernode-auth")
-    proc = spawn(
-        "superlink", args, env=flower_env(flwr_home), log_path=work_dir / "superlink.log"
-    )
+    proc = spawn("superlink", args, env=flower_env(flwr_home), log_path=work_dir / "superlink.log")
     try:
         wait_for_port(host, port, timeout=startup_timeout, proc=proc.proc)
     except FlowerProcessError as exc:
@@ -269,7 +264,16 @@ def register_supernode(link: SuperLinkHandle, public_key: Path, *, name: str) ->
     """Register a SuperNode public key (OpenSSH EC) with the SuperLink; return flwr's JSON."""
     out = _flwr(
         link,
-        ["supernode", "register", str(public_key), link.connection, "--name", name, "--format", "json"],
+        [
+            "supernode",
+            "register",
+            str(public_key),
+            link.connection,
+            "--name",
+            name,
+            "--format",
+            "json",
+        ],
     )
     body = _json_tail(out)
     if body.get("success") is False:
@@ -284,7 +288,15 @@ def start_study_run(link: SuperLinkHandle, app_dir: Path, plan: RunPlan, work_di
     config_file.write_text(tomli_w.dumps(plan.to_run_config()))
     out = _flwr(
         link,
-        ["run", str(app_dir), link.connection, "--run-config", str(config_file), "--format", "json"],
+        [
+            "run",
+            str(app_dir),
+            link.connection,
+            "--run-config",
+            str(config_file),
+            "--format",
+            "json",
+        ],
     )
     body = _json_tail(out)
     run_id = body.get("run-id", body.get("run_id"))

@@ -85,6 +85,13 @@ def _send(
     return list(grid.send_and_receive(messages, timeout=timeout))
 
 
+def _site_of(msg: Message) -> str | None:
+    if msg.has_error() or "site" not in msg.content.config_records:
+        return None
+    value = msg.content.config_records["site"].get("site-id")
+    return value if isinstance(value, str) else None
+
+
 def run_study_rounds(grid: Grid, plan: RunPlan, *, hook: RoundHook | None = None) -> StudyOutcome:
     """Run the study's rounds on ``grid``; call ``hook`` with each round's record.
 
@@ -112,10 +119,7 @@ def run_study_rounds(grid: Grid, plan: RunPlan, *, hook: RoundHook | None = None
             record.train_wall_seconds = time.perf_counter() - t0
             model = strategy.aggregate_train(round_number, replies, record)
             accepted_nodes = [
-                m.metadata.src_node_id
-                for m in replies
-                if not m.has_error()
-                and m.content.config_records.get("site", {}).get("site-id") in record.participants
+                m.metadata.src_node_id for m in replies if _site_of(m) in record.participants
             ]
             t0 = time.perf_counter()
             eval_replies = _send(grid, strategy, "evaluate", round_number, model, accepted_nodes)

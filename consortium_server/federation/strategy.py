@@ -358,7 +358,9 @@ class BlindAggregationStrategy:
         label = f"node-{node}"
         if msg.has_error():
             err = msg.error
-            rejected.append(_reject(label, ERROR_REPLY, f"code {err.code}: {err.reason[:300]}"))
+            rejected.append(
+                _reject(label, ERROR_REPLY, f"code {err.code}: {(err.reason or '')[:300]}")
+            )
             return None
         content = msg.content
         try:
@@ -418,9 +420,9 @@ class BlindAggregationStrategy:
         seen: set[str] = set()
         screened: dict[str, tuple[SiteReply, list[bytes]]] = {}
         for msg in replies:
-            result = self._screen_reply(msg, seen, rejected)
-            if result is not None:
-                screened[result[0].site_id] = result
+            screened_reply = self._screen_reply(msg, seen, rejected)
+            if screened_reply is not None:
+                screened[screened_reply[0].site_id] = screened_reply
         # Sites must share one study key (fingerprints are plain metadata; the majority
         # fingerprint wins, the others are dropped: their ciphertexts would not add up).
         fingerprints = [r.key_fingerprint for r, _ in screened.values()]
@@ -529,4 +531,3 @@ def finish_record(record: RoundRecord, started: float) -> None:
     """Stamp the end time and wall time of ``record``."""
     record.finished_at = _now()
     record.wall_seconds = time.perf_counter() - started
-

@@ -178,6 +178,30 @@ def upgrade() -> None:
     with op.batch_alter_table('study_events', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_study_events_study_id'), ['study_id'], unique=False)
 
+    op.create_table('study_key_relays',
+    sa.Column('study_id', sa.String(length=36), nullable=False),
+    sa.Column('sender_site_id', sa.String(length=64), nullable=False),
+    sa.Column('contract_hash', sa.String(length=64), nullable=False),
+    sa.Column('public_context', sa.LargeBinary(), nullable=False),
+    sa.Column('public_context_sha256', sa.String(length=64), nullable=False),
+    sa.Column('key_fingerprint', sa.String(length=64), nullable=False),
+    sa.Column('uploaded_by', sa.String(length=255), nullable=False),
+    sa.Column('created_at', consortium_server.db.base.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['sender_site_id'], ['sites.id'], name=op.f('fk_study_key_relays_sender_site_id_sites')),
+    sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_study_key_relays_study_id_studies')),
+    sa.PrimaryKeyConstraint('study_id', name=op.f('pk_study_key_relays'))
+    )
+    op.create_table('study_sealed_keys',
+    sa.Column('study_id', sa.String(length=36), nullable=False),
+    sa.Column('recipient_site_id', sa.String(length=64), nullable=False),
+    sa.Column('sender_site_id', sa.String(length=64), nullable=False),
+    sa.Column('sealed', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
+    sa.Column('created_at', consortium_server.db.base.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['recipient_site_id'], ['sites.id'], name=op.f('fk_study_sealed_keys_recipient_site_id_sites')),
+    sa.ForeignKeyConstraint(['sender_site_id'], ['sites.id'], name=op.f('fk_study_sealed_keys_sender_site_id_sites')),
+    sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_study_sealed_keys_study_id_studies')),
+    sa.PrimaryKeyConstraint('study_id', 'recipient_site_id', name=op.f('pk_study_sealed_keys'))
+    )
     op.create_table('study_sites',
     sa.Column('study_id', sa.String(length=36), nullable=False),
     sa.Column('site_id', sa.String(length=64), nullable=False),
@@ -242,6 +266,8 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_study_sites_site_id'))
 
     op.drop_table('study_sites')
+    op.drop_table('study_sealed_keys')
+    op.drop_table('study_key_relays')
     with op.batch_alter_table('study_events', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_study_events_study_id'))
 

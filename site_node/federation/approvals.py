@@ -1,0 +1,213 @@
+"""The site's local store of approved study contracts and study keys.
+
+A data steward's approval is recorded here, on disk under the site's state dir, by the
+site agent (or ``site-node`` commands); the Flower ClientApp only *reads* it. Layout::
+
+    <state_dir>/federation/
+        approvals/<contract_hash>.json    {"study_id", "contract_hash", "contract", "approved_at"}
+        study-keys/<study_id>.ctx         the study's CKKS secret context (mode 0600)
+        study-keys/<study_id>.json        {"key_fingerprint", "sender_id", "public_context_sha256"}
+        allowed-fabs.txt                  extra Flower app bundle hashes the site accepts
+        dp/<study_id>-<hash[:16]>.json    the Opacus accountant state of the study
+
+The contract is stored as the site saw it when approving, and :meth:`ApprovalStore.approve`
+refuses a contract whose hash is not the one given: a run can only use a contract the
+steward actually approved. Nothing here logs contents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from consortium_server.studies.contract import StudyContract
+from site_node.crypto.sealing import study_key_fingerprint
+from site_node.crypto.wire import sha256_hex
+
+__all__ = ["ApprovalError", "ApprovalStore", "ApprovedStudy", "StudyKey"]
+
+_HEX64 = frozenset("0123456789abcdef")
+
+
+class ApprovalError(Exception):
+    """A contract or key cannot be stored or is missing. ``code`` is stable."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ApprovedStudy:
+    """A contract this site approved."""
+
+    study_id: str
+    contract_hash: str
+    contract: StudyContract
+    approved_at: str
+
+
+@dataclass(frozen=True)
+class StudyKey:
+    """The study's CKKS secret context as held by this site."""
+
+    study_id: str
+    secret_context: bytes
+    key_fingerprint: str
+    sender_id: str
+
+
+def _is_hash(value: str) -> bool:
+    return len(value) == 64 and set(value) <= _HEX64
+
+
+def _safe_id(value: str) -> str:
+    if not value or len(value) > 128 or not all(c.isalnum() or c in "._-" for c in value):
+        raise ApprovalError("study id must be 1-128 of [A-Za-z0-9._-]", code="approval.bad_id")
+    if value.startswith("."):
+        raise ApprovalError("study id must not start with '.'", code="approval.bad_id")
+    return value
+
+
+def _write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ApprovalStore:
+    """Approved contract hashes, study keys and accepted app bundles of one site."""
+
+    def __init__(self, state_dir: Path | str) -> None:
+        self.root = Path(state_dir) / "federation"
+
+    # --- approvals --------------------------------------------------------------------
+
+    def _approval_path(self, contract_hash: str) -> Path:
+        if not _is_hash(contract_hash):
+            raise ApprovalError("not a contract hash", code="approval.bad_hash")
+        return self.root / "approvals" / f"{contract_hash}.json"
+
+    def approve(self, study_id: str, contract: StudyContract, contract_hash: str) -> ApprovedStudy:
+        """Record the steward's approval of ``contract`` (which must hash to ``contract_hash``)."""
+        if contract.contract_hash() != contract_hash:
+            raise ApprovalError(
+                "the contract does not hash to the approved value", code="approval.hash_mismatch"
+            )
+        record = ApprovedStudy(
+            study_id=_safe_id(study_id),
+            contract_hash=contract_hash,
+            contract=contract,
+            approved_at=datetime.now(UTC).isoformat(),
+        )
+        body = {
+            "study_id": record.study_id,
+            "contract_hash": contract_hash,
+            "contract": contract.model_dump(mode="json"),
+            "approved_at": record.approved_at,
+        }
+        _write_atomic(self._approval_path(contract_hash), json.dumps(body, sort_keys=True).encode())
+        return record
+
+    def revoke(self, contract_hash: str) -> None:
+        """Withdraw an approval (later runs of that contract are refused)."""
+        self._approval_path(contract_hash).unlink(missing_ok=True)
+
+    def get(self, contract_hash: str) -> ApprovedStudy | None:
+        """The approval of ``contract_hash``, or ``None``; re-checks the stored contract's hash."""
+        try:
+            path = self._approval_path(contract_hash)
+        except ApprovalError:
+            return None
+        if not path.is_file():
+            return None
+        body = json.loads(path.read_text())
+        contract = StudyContract.model_validate(body["contract"])
+        if contract.contract_hash() != contract_hash or body.get("contract_hash") != contract_hash:
+            raise ApprovalError(
+                "stored approval does not match its hash (file altered?)",
+                code="approval.corrupt",
+            )
+        return ApprovedStudy(
+            study_id=str(body["study_id"]),
+            contract_hash=contract_hash,
+            contract=contract,
+            approved_at=str(body["approved_at"]),
+        )
+
+    def approved_hashes(self) -> set[str]:
+        """Every approved contract hash."""
+        folder = self.root / "approvals"
+        if not folder.is_dir():
+            return set()
+        return {p.stem for p in folder.glob("*.json") if _is_hash(p.stem)}
+
+    # --- study keys -------------------------------------------------------------------
+
+    def save_study_key(self, study_id: str, secret_context: bytes, *, sender_id: str) -> StudyKey:
+        """Store the study's secret context (from :func:`open_study_key` or generated here)."""
+        sid = _safe_id(study_id)
+        fingerprint = study_key_fingerprint(secret_context)
+        folder = self.root / "study-keys"
+        _write_atomic(folder / f"{sid}.ctx", secret_context)
+        meta = {"key_fingerprint": fingerprint, "sender_id": sender_id}
+        _write_atomic(folder / f"{sid}.json", json.dumps(meta, sort_keys=True).encode())
+        return StudyKey(sid, secret_context, fingerprint, sender_id)
+
+    def study_key(self, study_id: str) -> StudyKey | None:
+        """The study's key, or ``None`` when this site has none yet."""
+        sid = _safe_id(study_id)
+        folder = self.root / "study-keys"
+        ctx_path, meta_path = folder / f"{sid}.ctx", folder / f"{sid}.json"
+        if not ctx_path.is_file() or not meta_path.is_file():
+            return None
+        if ctx_path.stat().st_mode & 0o077:
+            raise ApprovalError(
+                f"{ctx_path} is readable by group or others", code="approval.key_permissions"
+            )
+        secret = ctx_path.read_bytes()
+        meta = json.loads(meta_path.read_text())
+        if study_key_fingerprint(secret) != meta.get("key_fingerprint"):
+            raise ApprovalError("study key does not match its fingerprint", code="approval.corrupt")
+        return StudyKey(sid, secret, str(meta["key_fingerprint"]), str(meta["sender_id"]))
+
+    # --- app bundles and accountant state ---------------------------------------------
+
+    def allowed_fab_hashes(self) -> set[str]:
+        """Extra Flower app bundle (FAB) hashes the site accepts besides its own bundle."""
+        path = self.root / "allowed-fabs.txt"
+        if not path.is_file():
+            return set()
+        return {line.strip() for line in path.read_text().splitlines() if _is_hash(line.strip())}
+
+    def allow_fab(self, fab_hash: str) -> None:
+        """Accept one more app bundle hash (e.g. a newer release of the site's bundle)."""
+        if not _is_hash(fab_hash):
+            raise ApprovalError("not a FAB hash", code="approval.bad_hash")
+        hashes = sorted(self.allowed_fab_hashes() | {fab_hash})
+        _write_atomic(self.root / "allowed-fabs.txt", ("\n".join(hashes) + "\n").encode())
+
+    def dp_state_path(self, study_id: str, contract_hash: str) -> Path:
+        """Where the study's accountant state lives at this site."""
+        return self.root / "dp" / f"{_safe_id(study_id)}-{contract_hash[:16]}.json"
+
+
+def contract_digest(contract_json: str) -> str:
+    """Hash of a contract given as JSON text (the value sites approve)."""
+    return StudyContract.model_validate_json(contract_json).contract_hash()
+
+
+def public_context_digest(public_context: bytes) -> str:
+    """SHA-256 hex of a public context."""
+    return sha256_hex(public_context)

@@ -1,0 +1,277 @@
+"""The site's Flower ClientApp: local DP training and encrypted, weighted updates.
+
+``app`` is what the app bundle's ``[tool.flwr.app.components] clientapp`` names; the code
+is this installed package, never code shipped in a bundle (see
+:mod:`site_node.federation.processes`). Every message passes :class:`ContractGuardMod`
+first. Node config (``flower-supernode --node-config``):
+
+* ``site-id``: this site's id in the consortium;
+* ``state-dir``: the site's state dir (approvals, study keys, accountant state);
+* ``datasets-file``: YAML list of the site's :class:`~site_node.data.DatasetConfig`.
+
+train: decrypt the previous aggregate (or build the contract's model from its fixed seed in
+round 1), train with Opacus DP-SGD, multiply by the local sample count and encrypt with the
+study's CKKS key, reply ciphertexts plus plain metadata (sample count, epsilon spent,
+timings). evaluate: decrypt the new aggregate and score it on the local test split. The
+training loss is not sent (not privatised). Logs carry counts and codes only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import yaml
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from consortium_server.federation.strategy import (
+    REC_CONFIG,
+    REC_GLOBAL,
+    REC_METRICS,
+    REC_SITE,
+    REC_UPDATE,
+    arrays_to_blobs,
+    blobs_to_arrays,
+)
+from consortium_server.studies.contract import StudyContract
+from site_node.crypto.wire import (
+    CkksCodec,
+    EncodedUpdate,
+    PlainCodec,
+    RoundInfo,
+    UpdateCodec,
+)
+from site_node.data.dataset import LocalDataset, Split
+from site_node.data.registry import DatasetConfig, load_dataset
+from site_node.federation.approvals import ApprovalStore
+from site_node.federation.mods import ContractGuardMod
+from site_node.privacy.dp import DpTrainer
+from site_node.settings import SiteSettings
+from site_node.training.baseline import pool
+from site_node.training.catalogue import build_model
+from site_node.training.loops import evaluate, train_round
+from site_node.training.params import flatten, num_parameters, unflatten_into
+
+__all__ = [
+    "MODEL_SEED",
+    "SiteRuntime",
+    "app",
+    "decode_global",
+    "load_site_datasets",
+    "site_settings",
+]
+
+log = logging.getLogger("concord.federation.site")
+
+#: Seed of the round-1 model: every site builds bit-identical initial weights.
+MODEL_SEED = 0
+
+
+class FederationError(Exception):
+    """A message this site cannot serve; ``code`` is stable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+def site_settings(context: Context) -> SiteSettings:
+    """The site's settings from the SuperNode's node config."""
+    cfg = context.node_config
+    datasets = str(cfg.get("datasets-file", ""))
+    return SiteSettings(
+        site_id=str(cfg["site-id"]),
+        state_dir=Path(str(cfg["state-dir"])),
+        datasets_file=Path(datasets) if datasets else None,
+    )
+
+
+def _store(context: Context) -> ApprovalStore:
+    return ApprovalStore(site_settings(context).state_dir)
+
+
+def load_site_datasets(path: Path) -> dict[str, DatasetConfig]:
+    """Parse the site's datasets file: a YAML list (or ``{datasets: [...]}``) of configs."""
+    raw = yaml.safe_load(path.read_text())
+    items = raw.get("datasets", []) if isinstance(raw, dict) else raw
+    if not isinstance(items, list):
+        raise FederationError("site.datasets_file", "datasets file must hold a list")
+    configs = [DatasetConfig.model_validate(item) for item in items]
+    return {c.id: c for c in configs}
+
+
+@dataclass
+class SiteRuntime:
+    """What one message needs at this site: settings, the approved contract, the codec."""
+
+    settings: SiteSettings
+    store: ApprovalStore
+    study_id: str
+    contract_hash: str
+    contract: StudyContract
+    codec: UpdateCodec
+    key_fingerprint: str
+
+    @classmethod
+    def from_context(cls, context: Context) -> SiteRuntime:
+        """Build it from the run and node config (the guard mod has checked the contract)."""
+        settings = site_settings(context)
+        store = ApprovalStore(settings.state_dir)
+        contract_hash = str(context.run_config["contract-hash"])
+        approved = store.get(contract_hash)
+        if approved is None:
+            raise FederationError("contract.not_approved", "no approval for this contract")
+        codec: UpdateCodec
+        fingerprint = ""
+        if approved.contract.encryption.enabled:
+            key = store.study_key(approved.study_id)
+            if key is None:
+                raise FederationError("study.no_key", "this site has no key for the study yet")
+            codec = CkksCodec(key.secret_context)
+            fingerprint = key.key_fingerprint
+        else:
+            codec = PlainCodec()
+        return cls(
+            settings,
+            store,
+            approved.study_id,
+            contract_hash,
+            approved.contract,
+            codec,
+            fingerprint,
+        )
+
+    def dataset(self, split: Split) -> LocalDataset:
+        """The site's data for the study's datasets (pooled when it holds several)."""
+        if self.settings.datasets_file is None:
+            raise FederationError("site.no_datasets", "no datasets file configured")
+        configs = load_site_datasets(self.settings.datasets_file)
+        mine = [configs[d] for d in self.contract.datasets if d in configs]
+        if not mine:
+            raise FederationError("site.no_study_dataset", "none of the study's datasets is here")
+        parts = [load_dataset(c, split=split) for c in mine]
+        return parts[0] if len(parts) == 1 else pool(parts)
+
+    def model_for(self, dataset: LocalDataset) -> nn.Module:
+        """The contract's model, built from the fixed seed."""
+        return build_model(
+            self.contract.model,
+            input_shape=dataset.input_shape,
+            num_classes=dataset.num_classes,
+            seed=MODEL_SEED,
+        )
+
+    def site_record(self) -> ConfigRecord:
+        """The plain identity part of every reply."""
+        return ConfigRecord(
+            {"site-id": str(self.settings.site_id), "key-fingerprint": self.key_fingerprint}
+        )
+
+
+def decode_global(
+    runtime: SiteRuntime, content: RecordDict, num_params: int
+) -> npt.NDArray[np.float64] | None:
+    """The averaged global parameters sent with a message, or ``None`` in round 1."""
+    config = content.config_records[REC_CONFIG]
+    if not bool(config.get("has-global", False)):
+        return None
+    blobs = arrays_to_blobs(content.array_records[REC_GLOBAL])
+    update = EncodedUpdate.from_bytes_list(blobs)
+    header = update.header
+    global_round = int(str(config["global-round"]))
+    expected = RoundInfo(runtime.study_id, runtime.contract_hash, global_round, num_params)
+    if header.mismatches(expected) or header.scheme != runtime.codec.scheme:
+        raise FederationError("update.global_mismatch", "the aggregate is for another round")
+    total = float(config["total-weight"])  # type: ignore[arg-type]
+    return runtime.codec.decrypt_aggregate(update.chunks, num_params=num_params, total_weight=total)
+
+
+def _train(msg: Message, context: Context) -> Message:
+    runtime = SiteRuntime.from_context(context)
+    config = msg.content.config_records[REC_CONFIG]
+    round_number = int(config["round"])  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    data = runtime.dataset("train")
+    model = runtime.model_for(data)
+    n_params = num_parameters(model)
+    start = decode_global(runtime, msg.content, n_params)
+    if start is not None:
+        unflatten_into(model, start)
+    dp_path = runtime.store.dp_state_path(runtime.study_id, runtime.contract_hash)
+    privacy, training = runtime.contract.privacy, runtime.contract.training
+    if dp_path.is_file():
+        dp = DpTrainer.load(dp_path, privacy=privacy, training=training, num_samples=len(data))
+    else:
+        dp = DpTrainer(privacy, training, num_samples=len(data))
+    result = train_round(model, data, training, dp=dp)
+    dp.save(dp_path)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    info = RoundInfo(runtime.study_id, runtime.contract_hash, round_number, n_params)
+    update = runtime.codec.encode(flatten(model), weight=float(result.num_samples), info=info)
+    encrypt_s = time.perf_counter() - t0
+    log.info(
+        "study %s round %d: trained on %d records, %d steps",
+        runtime.study_id,
+        round_number,
+        result.num_samples,
+        result.steps,
+    )
+    metrics: dict[str, Any] = {
+        "num-examples": int(result.num_samples),
+        "epsilon": float(result.epsilon_spent if result.epsilon_spent is not None else -1.0),
+        "train-seconds": train_s,
+        "encrypt-seconds": encrypt_s,
+    }
+    content = RecordDict(
+        {
+            REC_UPDATE: blobs_to_arrays(update.to_bytes_list()),
+            REC_METRICS: MetricRecord(metrics),
+            REC_SITE: runtime.site_record(),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    runtime = SiteRuntime.from_context(context)
+    data = runtime.dataset("test")
+    model = runtime.model_for(data)
+    params = decode_global(runtime, msg.content, num_parameters(model))
+    if params is None:
+        raise FederationError("update.no_global", "evaluate needs the aggregate")
+    unflatten_into(model, params)
+    result = evaluate(model, data)
+    metrics = MetricRecord(
+        {
+            "num-examples": int(result.num_samples),
+            "loss": float(result.loss),
+            "accuracy": float(result.accuracy),
+            "auc": float(result.auc),
+        }
+    )
+    return Message(
+        RecordDict({REC_METRICS: metrics, REC_SITE: runtime.site_record()}), reply_to=msg
+    )
+
+
+app = ClientApp(mods=[ContractGuardMod(_store)])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train locally with DP, reply the encrypted weighted update and plain metadata."""
+    return _train(msg, context)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Score the decrypted aggregate on the local test split."""
+    return _evaluate(msg, context)

@@ -1,0 +1,185 @@
+"""Test support for real Flower processes: a throwaway CA and server certificate, free ports,
+SuperNode key pairs, and a three-hospital breast-cancer world on disk."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from consortium_server.federation.processes import TlsFiles
+from consortium_server.studies.contract import (
+    EncryptionSpec,
+    FederationSpec,
+    ModelSpec,
+    PrivacySpec,
+    Purpose,
+    StudyContract,
+    TrainingSpec,
+)
+from site_node.crypto import generate_study_context, public_context
+from site_node.federation.approvals import ApprovalStore
+
+__all__ = [
+    "SiteFixture",
+    "breast_cancer_contract",
+    "free_port",
+    "make_site",
+    "make_supernode_key",
+    "make_tls",
+]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_tls(directory: Path) -> TlsFiles:
+    """A CA and a server certificate for ``localhost`` / ``127.0.0.1`` (EC P-256, 1 day)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("Concord test CA"))
+        .issuer_name(_name("Concord test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("localhost"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TlsFiles(
+        ca_cert=directory / "ca.pem",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server.key",
+    )
+    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.server_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    files.server_key.chmod(0o600)
+    return files
+
+
+def make_supernode_key(directory: Path, name: str = "supernode") -> tuple[Path, Path]:
+    """An EC P-384 key pair in OpenSSH format (as ``site-node keys init`` makes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = directory / name, directory / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + b"\n"
+    )
+    return private, public
+
+
+def breast_cancer_contract(
+    *,
+    rounds: int = 3,
+    encryption: bool = True,
+    epsilon: float = 8.0,
+    round_timeout_s: int = 120,
+    title: str = "Breast cancer federated test",
+) -> StudyContract:
+    """A small DP study of the tabular MLP on the demo breast-cancer split."""
+    return StudyContract(
+        title=title,
+        purpose=Purpose.METHOD_DEVELOPMENT,
+        ethics_reference="IRB-2026-0001",
+        datasets=["bc-a", "bc-b", "bc-c"],
+        model=ModelSpec(name="tabular-mlp", version="1", hyperparameters={}),
+        training=TrainingSpec(
+            rounds=rounds, local_epochs=2, batch_size=32, learning_rate=0.1, optimizer="sgd"
+        ),
+        privacy=PrivacySpec(epsilon=epsilon, delta=1e-5, max_grad_norm=1.0),
+        federation=FederationSpec(min_sites=3, round_timeout_s=round_timeout_s),
+        encryption=EncryptionSpec(enabled=encryption),
+    )
+
+
+@dataclass(frozen=True)
+class SiteFixture:
+    """One demo hospital on disk."""
+
+    site_id: str
+    index: int
+    state_dir: Path
+    datasets_file: Path
+
+
+def make_site(root: Path, index: int, *, dataset_id: str | None = None) -> SiteFixture:
+    """A site state dir with a datasets file for the demo breast-cancer split ``index``."""
+    site_id = f"hospital-{'abcdefgh'[index]}"
+    state = root / site_id
+    state.mkdir(parents=True, exist_ok=True)
+    datasets = state / "datasets.yaml"
+    ds_id = dataset_id or f"bc-{'abcdefgh'[index]}"
+    datasets.write_text(
+        yaml.safe_dump(
+            [{"id": ds_id, "kind": "demo_breast_cancer", "site_index": index, "n_sites": 3}]
+        )
+    )
+    return SiteFixture(site_id, index, state, datasets)
+
+
+def approve_everywhere(
+    sites: list[SiteFixture], study_id: str, contract: StudyContract
+) -> bytes | None:
+    """Approve ``contract`` at every site and give each the study key; the public context."""
+    secret = generate_study_context() if contract.encryption.enabled else None
+    for site in sites:
+        store = ApprovalStore(site.state_dir)
+        store.approve(study_id, contract, contract.contract_hash())
+        if secret is not None:
+            store.save_study_key(study_id, secret, sender_id=sites[0].site_id)
+    return public_context(secret) if secret is not None else None

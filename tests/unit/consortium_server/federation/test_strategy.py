@@ -1,0 +1,322 @@
+"""Blind aggregation strategy and the round loop, in-process.
+
+``InProcessGrid`` stands in for Flower's Grid: it hands each message to the real site
+ClientApp (guard mod included) with that node's context, the way a SuperNode would, so the
+round loop, the guard, DP training and CKKS run for real without processes. Bad replies are
+built with the real codec and then broken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from consortium_server.federation.serverapp import run_study_rounds
+from consortium_server.federation.strategy import (
+    BlindAggregationStrategy,
+    RoundFailedError,
+    RoundRecord,
+    RunPlan,
+    blobs_to_arrays,
+    new_record,
+)
+from site_node.crypto import CkksCodec, EncodedUpdate, PlainCodec, RoundInfo
+from site_node.federation.clientapp import app as client_app
+from site_node.training import build_model, num_parameters
+from tests.support.flower import approve_everywhere, breast_cancer_contract, make_site
+
+N_PARAMS = 5000
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterator[None]:
+    """Flower stamps messages with the process's run id (set by its runtimes)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = {k: TaskIdentity.__dict__.get(k) for k in ("_run_id", "_node_id", "_task_id")}
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 1
+    TaskIdentity.task_id = 1
+    yield
+    for key, value in saved.items():
+        setattr(TaskIdentity, key, value)
+
+
+class InProcessGrid:
+    """A Grid whose nodes run the site ClientApp in this process (``drop`` nodes never answer)."""
+
+    def __init__(self, contexts: dict[int, Context], *, drop: Iterable[int] = ()) -> None:
+        self.contexts = contexts
+        self.drop = set(drop)
+        self.sent: list[str] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(
+            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id
+        )
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg.metadata.message_type)
+            node = msg.metadata.dst_node_id
+            if node in self.drop:
+                continue
+            replies.append(client_app(msg, self.contexts[node]))
+        return replies
+
+
+def _contexts(tmp_path: Path, plan: RunPlan, n: int = 3) -> dict[int, Context]:
+    out = {}
+    for i in range(n):
+        site = make_site(tmp_path, i)
+        out[100 + i] = Context(
+            run_id=1,
+            node_id=100 + i,
+            node_config={
+                "site-id": site.site_id,
+                "state-dir": str(site.state_dir),
+                "datasets-file": str(site.datasets_file),
+            },
+            state=RecordDict(),
+            run_config=plan.to_run_config(),
+        )
+    return out
+
+
+def _plan(contract_kwargs: dict[str, object], public: bytes | None, **kw: object) -> RunPlan:
+    contract = breast_cancer_contract(**contract_kwargs)  # type: ignore[arg-type]
+    n = num_parameters(build_model(contract.model, input_shape=(30,), num_classes=2))
+    return RunPlan(
+        study_id="study-1",
+        contract=contract,
+        contract_hash=contract.contract_hash(),
+        num_params=n,
+        sites=("hospital-a", "hospital-b", "hospital-c", "hospital-d"),
+        public_context=public,
+        node_wait_s=0.0,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_dp_he_rounds_in_process_with_the_real_clientapp(tmp_path: Path) -> None:
+    contract = breast_cancer_contract(rounds=2)
+    sites = [make_site(tmp_path, i) for i in range(3)]
+    public = approve_everywhere(sites, "study-1", contract)
+    plan = _plan({"rounds": 2}, public)
+    grid = InProcessGrid(_contexts(tmp_path, plan))
+    records: list[RoundRecord] = []
+
+    outcome = run_study_rounds(grid, plan, hook=records.append)  # type: ignore[arg-type]
+
+    assert outcome.status == "completed", outcome.failure
+    assert [r.round_number for r in records] == [1, 2]
+    assert grid.sent == ["train"] * 3 + ["evaluate"] * 3 + ["train"] * 3 + ["evaluate"] * 3
+    for record in records:
+        assert record.participants == ["hospital-a", "hospital-b", "hospital-c"]
+        assert record.missing_sites == ["hospital-d"]
+        assert record.rejected == []
+        assert sum(record.sample_counts.values()) == record.total_weight
+        assert 0.5 < record.evaluation["accuracy"] <= 1.0
+        assert record.as_record()["aggregate_digest"] == record.aggregate_digest
+    assert records[1].epsilon["hospital-a"] > records[0].epsilon["hospital-a"]  # type: ignore[operator]
+    assert outcome.final_model is not None
+    assert outcome.final_model.round_number == 2
+
+
+def test_unapproved_contract_is_refused_by_the_clientapp_and_the_round_fails(
+    tmp_path: Path,
+) -> None:
+    plan = _plan({"rounds": 1, "encryption": False}, None)
+    grid = InProcessGrid(_contexts(tmp_path, plan))  # nothing approved anywhere
+
+    outcome = run_study_rounds(grid, plan)
+
+    assert outcome.status == "failed"
+    (record,) = outcome.rounds
+    assert record.status == "failed"
+    assert [r["reason"] for r in record.rejected] == ["error_reply"] * 3
+    assert all("contract.not_approved" in r["detail"] for r in record.rejected)
+
+
+def test_site_that_does_not_answer_is_dropped_and_two_sites_fail_the_round(
+    tmp_path: Path,
+) -> None:
+    contract = breast_cancer_contract(rounds=1, encryption=False)
+    sites = [make_site(tmp_path, i) for i in range(3)]
+    approve_everywhere(sites, "study-1", contract)
+    plan = _plan({"rounds": 1, "encryption": False}, None)
+    grid = InProcessGrid(_contexts(tmp_path, plan), drop=[102])
+
+    outcome = run_study_rounds(grid, plan)
+
+    assert outcome.status == "failed"
+    assert "at least 3 needed" in (outcome.failure or "")
+    assert outcome.rounds[0].missing_sites == ["hospital-c", "hospital-d"]
+
+
+# --- aggregate_train on crafted replies ----------------------------------------------------
+
+
+def _reply(site: str, node: int, blobs: list[bytes], n: int = 100) -> Message:
+    request = Message(RecordDict(), dst_node_id=node, message_type="train", group_id="1")
+    content = RecordDict(
+        {
+            "update": blobs_to_arrays(blobs),
+            "metrics": MetricRecord({"num-examples": n, "epsilon": 0.5}),
+            "site": ConfigRecord({"site-id": site, "key-fingerprint": "f" * 64}),
+        }
+    )
+    return Message(content, reply_to=request)
+
+
+def _plain_plan() -> RunPlan:
+    contract = breast_cancer_contract(rounds=1, encryption=False)
+    return RunPlan(
+        study_id="study-1",
+        contract=contract,
+        contract_hash=contract.contract_hash(),
+        num_params=N_PARAMS,
+        sites=("hospital-a", "hospital-b", "hospital-c", "hospital-d"),
+    )
+
+
+@pytest.fixture(scope="module")
+def ckks_setup() -> tuple[RunPlan, CkksCodec]:
+    from site_node.crypto import generate_study_context, public_context
+
+    secret = generate_study_context()
+    contract = breast_cancer_contract(rounds=1)
+    plan = RunPlan(
+        study_id="study-1",
+        contract=contract,
+        contract_hash=contract.contract_hash(),
+        num_params=N_PARAMS,
+        sites=("hospital-a", "hospital-b", "hospital-c", "hospital-d"),
+        public_context=public_context(secret),
+    )
+    return plan, CkksCodec(secret)
+
+
+def _good(codec: CkksCodec | PlainCodec, plan: RunPlan, seed: int) -> list[bytes]:
+    vector = np.random.default_rng(seed).normal(0, 0.1, N_PARAMS)
+    info = RoundInfo(plan.study_id, plan.contract_hash, 1, N_PARAMS)
+    return codec.encode(vector, weight=100.0, info=info).to_bytes_list()
+
+
+Breaker = Callable[[list[bytes]], list[bytes]]
+
+
+def _corrupt(blobs: list[bytes]) -> list[bytes]:
+    update = EncodedUpdate.from_bytes_list(blobs)
+    chunks = [bytes(b"\x00" * len(update.chunks[0])), *update.chunks[1:]]
+    info = update.header.round_info()
+    return (
+        type(update).build(info, chunk_size=update.header.chunk_size, chunks=chunks).to_bytes_list()
+    )
+
+
+def _drop_chunk(blobs: list[bytes]) -> list[bytes]:
+    return blobs[:-1]
+
+
+@pytest.mark.parametrize(
+    ("breaker", "reason"),
+    [(_corrupt, "undecodable_chunk"), (_drop_chunk, "wrong_chunk_count")],
+)
+def test_bad_ciphertext_reply_is_dropped_with_a_record(
+    ckks_setup: tuple[RunPlan, CkksCodec], breaker: Breaker, reason: str
+) -> None:
+    plan, codec = ckks_setup
+    strategy = BlindAggregationStrategy(plan)
+    sites = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
+    replies = [_reply(s, 10 + i, _good(codec, plan, i)) for i, s in enumerate(sites)]
+    bad = _reply("hospital-d", 13, breaker(_good(codec, plan, 3)))
+    record = new_record(plan, 1)
+
+    model = strategy.aggregate_train(1, [*replies[:3], bad], record)
+
+    assert record.participants == sites[:3]
+    (rejected,) = record.rejected
+    assert rejected["site_id"] == "hospital-d"
+    assert rejected["reason"] == reason
+    assert model.total_weight == 300.0
+    total = codec.decrypt_aggregate(
+        EncodedUpdate.from_bytes_list(list(model.blobs)).chunks,
+        num_params=N_PARAMS,
+        total_weight=model.total_weight,
+    )
+    expected = np.mean(
+        [np.random.default_rng(i).normal(0, 0.1, N_PARAMS) for i in range(3)], axis=0
+    )
+    assert np.allclose(total, expected, atol=1e-5)
+
+
+def test_nan_update_is_refused_by_the_site_codec_and_dropped_by_the_server() -> None:
+    plan = _plain_plan()
+    codec = PlainCodec()
+    info = RoundInfo(plan.study_id, plan.contract_hash, 1, N_PARAMS)
+    with pytest.raises(Exception, match=r"(?i)finite|nan"):
+        codec.encode(np.full(N_PARAMS, np.nan), weight=1.0, info=info)
+    # A site that bypasses its codec: the server drops the reply.
+    good = [
+        _reply(s, 10 + i, _good(codec, plan, i))
+        for i, s in enumerate(["hospital-a", "hospital-b", "hospital-c"])
+    ]
+    update = EncodedUpdate.from_bytes_list(_good(codec, plan, 9))
+    nan_chunks = [np.full(len(c) // 8, np.nan).astype("<f8").tobytes() for c in update.chunks]
+    poisoned = type(update).build(info, chunk_size=update.header.chunk_size, chunks=nan_chunks)
+    record = new_record(plan, 1)
+
+    BlindAggregationStrategy(plan).aggregate_train(
+        1, [*good, _reply("hospital-d", 13, poisoned.to_bytes_list())], record
+    )
+
+    assert [r["reason"] for r in record.rejected] == ["non_finite"]
+    assert record.participants == ["hospital-a", "hospital-b", "hospital-c"]
+
+
+def test_unknown_duplicate_and_bad_weight_replies_fail_a_round_cleanly() -> None:
+    plan = _plain_plan()
+    codec = PlainCodec()
+    replies = [
+        _reply("hospital-a", 10, _good(codec, plan, 0)),
+        _reply("hospital-a", 11, _good(codec, plan, 1)),  # duplicate site
+        _reply("hospital-x", 12, _good(codec, plan, 2)),  # not a study site
+        _reply("hospital-c", 13, _good(codec, plan, 3), n=0),  # bad weight
+    ]
+    record = new_record(plan, 1)
+
+    with pytest.raises(RoundFailedError) as info:
+        BlindAggregationStrategy(plan).aggregate_train(1, replies, record)
+
+    assert info.value.record.status == "failed"
+    reasons = sorted(r["reason"] for r in info.value.record.rejected)
+    assert reasons == ["bad_weight", "duplicate_site", "unknown_site"]
+
+
+def test_contract_minimum_below_policy_is_raised_to_three() -> None:
+    contract = breast_cancer_contract(rounds=1).model_copy(
+        update={
+            "federation": breast_cancer_contract().federation.model_copy(update={"min_sites": 1})
+        }
+    )
+    plan = RunPlan("s", contract, contract.contract_hash(), 10, ("a",), public_context=b"x")
+    assert plan.min_sites == 3
+    assert RunPlan.from_run_config(plan.to_run_config()) == plan
