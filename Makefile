@@ -49,6 +49,7 @@ check: install ## Lint (ruff) and type-check (mypy)
 
 test: check ## Lint, type-check, then every test on SQLite and PostgreSQL
 	bash scripts/ensure-postgres.sh
+	bash scripts/ensure-chromium.sh
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: install ## Tests without the slow, integration and PostgreSQL tiers

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
-from datetime import datetime
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, date2num
@@ -25,13 +24,11 @@ __all__ = ["epsilon_chart_data_uri", "epsilon_chart_png"]
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
 
 
-def epsilon_chart_png(
-    budgets: Sequence[DatasetBudget], *, now: datetime | None = None, dpi: int = 110
-) -> bytes | None:
+def epsilon_chart_png(budgets: Sequence[DatasetBudget], *, dpi: int = 110) -> bytes | None:
     """A step chart of cumulative epsilon spent per dataset, with each cap dashed.
 
-    Returns None when no dataset has a point to draw. ``now`` extends each line flat to
-    the right edge (the spend stays where the last round left it).
+    One point per audited round that charged the dataset; None when there is no point
+    to draw.
     """
     drawn = [b for b in budgets if b.series]
     if not drawn:
@@ -41,21 +38,13 @@ def epsilon_chart_png(
     axes = figure.add_subplot()
     for position, budget in enumerate(drawn):
         colour = PALETTE[position % len(PALETTE)]
-        times = [point.at for point in budget.series]
+        x = date2num([point.at for point in budget.series])
         values = [float(point.epsilon_spent) for point in budget.series]
-        if now is not None and now > times[-1]:
-            times.append(now)
-            values.append(values[-1])
-        x = date2num(times)
-        axes.step(x, values, where="post", color=colour, linewidth=2, label=budget.dataset_id)
+        label = f"{budget.dataset_id} (cap {format(budget.epsilon_cap.normalize(), 'f')})"
+        axes.step(x, values, where="post", color=colour, linewidth=2, label=label)
         axes.plot(x, values, "o", color=colour, markersize=3)
         axes.axhline(
-            float(budget.epsilon_cap),
-            color=colour,
-            linestyle="--",
-            linewidth=1,
-            alpha=0.7,
-            label=f"{budget.dataset_id} cap ({budget.epsilon_cap})",
+            float(budget.epsilon_cap), color=colour, linestyle="--", linewidth=1, alpha=0.7
         )
     axes.xaxis_date()
     locator = AutoDateLocator()
@@ -65,17 +54,15 @@ def epsilon_chart_png(
     axes.set_ylim(bottom=0)
     axes.set_title("Privacy budget: epsilon spent over time (UTC)", fontsize=10)
     axes.grid(visible=True, alpha=0.3)
-    axes.legend(fontsize=7, loc="upper left", ncols=2, frameon=False)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
 
 
-def epsilon_chart_data_uri(
-    budgets: Sequence[DatasetBudget], *, now: datetime | None = None
-) -> str | None:
+def epsilon_chart_data_uri(budgets: Sequence[DatasetBudget]) -> str | None:
     """The chart as ``data:image/png;base64,...`` (None when there is nothing to draw)."""
-    png = epsilon_chart_png(budgets, now=now)
+    png = epsilon_chart_png(budgets)
     if png is None:
         return None
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

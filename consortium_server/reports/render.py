@@ -109,6 +109,7 @@ CSV_COLUMNS: dict[CsvSection, tuple[str, ...]] = {
         "epsilon_spent",
         "epsilon_reserved",
         "epsilon_remaining",
+        "epsilon_charged",
         "epsilon_audited",
         "reconciled",
         "delta_cap",
@@ -190,7 +191,7 @@ def render_html(
     ``chart_uri`` (a ``data:`` URI) is drawn from the report when not given.
     """
     if chart_uri is None:
-        chart_uri = epsilon_chart_data_uri(report.budgets, now=report.generated_at)
+        chart_uri = epsilon_chart_data_uri(report.budgets)
     template = _environment().get_template("compliance.html")
     return template.render(
         report=report,
@@ -204,7 +205,7 @@ def render_html(
 
 def _verify_command(report: ComplianceReport) -> str:
     key = report.head.server_public_key if report.head else "<server public key>"
-    return f"consortium audit verify audit-export.json --server-key {key}"
+    return f"consortium audit verify --file audit-export.json --server-key {key}"
 
 
 def render_pdf(report: ComplianceReport) -> bytes:

@@ -63,10 +63,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -117,6 +117,14 @@ log = logging.getLogger("concord.reports")
 
 #: The audit action the federation records for every completed round.
 ROUND_ACTION = "round.completed"
+
+
+def _plain_decimal(value: Decimal) -> str:
+    return format(value, "f")
+
+
+#: An exact amount (epsilon, delta); JSON: a plain decimal string ("10", "0.00001").
+Amount = Annotated[Decimal, PlainSerializer(_plain_decimal, return_type=str, when_used="json")]
 
 
 class _Model(BaseModel):
@@ -238,7 +246,7 @@ class RoundRow(_Model):
     at: datetime
     participants: list[str]
     samples: int
-    epsilon: dict[str, Decimal]
+    epsilon: dict[str, Amount]
     digests: int
     audit_index: int
 
@@ -255,8 +263,8 @@ class StudyLifecycle(_Model):
     state_reason: str | None
     contract_hash: str
     datasets: list[str]
-    epsilon: Decimal | None
-    delta: Decimal | None
+    epsilon: Amount | None
+    delta: Amount | None
     created_at: datetime
     approvals: list[ApprovalRow]
     events: list[LifecycleEvent]
@@ -267,7 +275,7 @@ class BudgetPoint(_Model):
     """Cumulative epsilon spent on a dataset at ``at`` (after round ``round`` of a study)."""
 
     at: datetime
-    epsilon_spent: Decimal
+    epsilon_spent: Amount
     study_id: str | None
     round: int | None
 
@@ -276,9 +284,9 @@ class BudgetLineRow(_Model):
     """One study's reservation on the dataset (the ledger's line)."""
 
     study_id: str
-    epsilon_reserved: Decimal
-    epsilon_charged: Decimal
-    epsilon_released: Decimal
+    epsilon_reserved: Amount
+    epsilon_charged: Amount
+    epsilon_released: Amount
     charges: int
     reserved_at: datetime
     last_charged_at: datetime | None
@@ -288,22 +296,24 @@ class BudgetLineRow(_Model):
 class DatasetBudget(_Model):
     """A dataset's privacy budget: the ledger's totals and epsilon spent over time.
 
-    ``epsilon_audited`` is what the audited rounds add up to (for the selected studies);
-    with no study filter it should equal ``epsilon_spent`` from the ledger, and
-    ``reconciled`` says whether it does.
+    ``epsilon_cap/spent/reserved/remaining`` and ``delta_*`` are the dataset's current
+    ledger totals, whatever the filters. ``epsilon_charged`` is what the ledger charged to
+    the selected studies and ``epsilon_audited`` what their audited rounds add up to;
+    ``reconciled`` says whether the two agree (they must: every charge follows a round).
     """
 
     dataset_id: str
     site_id: str
     title: str
-    epsilon_cap: Decimal
-    epsilon_spent: Decimal
-    epsilon_reserved: Decimal
-    epsilon_remaining: Decimal
-    delta_cap: Decimal
-    delta_spent: Decimal
-    delta_reserved: Decimal
-    epsilon_audited: Decimal
+    epsilon_cap: Amount
+    epsilon_spent: Amount
+    epsilon_reserved: Amount
+    epsilon_remaining: Amount
+    delta_cap: Amount
+    delta_spent: Amount
+    delta_reserved: Amount
+    epsilon_charged: Amount
+    epsilon_audited: Amount
     reconciled: bool
     lines: list[BudgetLineRow]
     series: list[BudgetPoint]
@@ -321,7 +331,7 @@ class SiteContribution(_Model):
     studies: list[str]
     rounds: int
     samples: int
-    epsilon: Decimal
+    epsilon: Amount
     datasets: list[str]
 
 
@@ -359,7 +369,7 @@ class RoundRecord(_Model):
     round: int
     participants: list[str]
     samples: dict[str, int]
-    epsilon: dict[str, Decimal]
+    epsilon: dict[str, Amount]
     digests: dict[str, str]
 
 
@@ -459,7 +469,9 @@ def _summary(entry: AuditEntry) -> str:
         return f"{text}: {reason}" if reason else text
     parts = []
     for key, value in details.items():
-        if isinstance(value, str | int | float | bool) or value is None:
+        if isinstance(value, str) and len(value) > 40:  # keys, digests: their start is enough
+            parts.append(f"{key}={value[:16]}…")
+        elif isinstance(value, str | int | float | bool) or value is None:
             parts.append(f"{key}={value}")
         elif isinstance(value, dict | list):
             parts.append(f"{key}=[{len(value)}]")
@@ -842,6 +854,7 @@ def budgets_by_dataset(
                 delta_cap=view.delta_cap,
                 delta_spent=view.delta_spent,
                 delta_reserved=view.delta_reserved,
+                epsilon_charged=ledger_spent,
                 epsilon_audited=running,
                 reconciled=running == ledger_spent,
                 lines=lines,

@@ -171,7 +171,9 @@ def populate(client: Any, people: People, app: FastAPI) -> ReportWorld:
     keys = {f"hospital-{site}": _enrol(client, people, site) for site in SITES}
     main = _submit(client, people, title="Malignancy from FNA features")
     for site in SITES:
-        main = _decide(client, people, main, site, "approved", f"DAC minutes 2026-{site}: approved.")
+        main = _decide(
+            client, people, main, site, "approved", f"DAC minutes 2026-{site}: approved."
+        )
     assert main["state"] == "approved", main
     pilot = _submit(
         client,
