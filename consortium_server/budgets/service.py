@@ -129,6 +129,7 @@ class BudgetLineView:
     """One study's reservation on a dataset (amounts as Decimals)."""
 
     study_id: str
+    dataset_id: str
     epsilon_reserved: Decimal
     epsilon_charged: Decimal
     epsilon_released: Decimal
@@ -198,6 +199,7 @@ def _view(account: BudgetAccount, lines: Iterable[BudgetLine]) -> BudgetView:
 def _line_view(line: BudgetLine) -> BudgetLineView:
     return BudgetLineView(
         study_id=line.study_id,
+        dataset_id=line.dataset_id,
         epsilon_reserved=_eps(line.epsilon_reserved),
         epsilon_charged=_eps(line.epsilon_charged),
         epsilon_released=_eps(line.epsilon_released),

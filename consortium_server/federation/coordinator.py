@@ -1,0 +1,224 @@
+"""The consortium side of a study run: the lifecycle around the federation.
+
+``approved -> running``: :func:`begin_run` checks the state and the key relay, and builds the
+:class:`RunPlan`. Each round's :class:`RoundRecord` goes through :func:`record_round`: an
+audit entry (``round.completed`` or ``round.failed``, with participants, sample counts,
+epsilon, ciphertext digests and rejected replies) and, for an aggregated round, the
+sites' cumulative epsilon charged to the ledger on each of their datasets. :func:`finish_run`
+moves the study to ``completed`` or ``failed`` and returns the unused reservation.
+
+Each function takes a session and flushes; :func:`run_with_lifecycle` commits between the
+steps, so a crash mid-study leaves every finished round recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from consortium_server.audit.entries import Outcome
+from consortium_server.audit.log import AuditLog
+from consortium_server.audit.recorder import AuditRecorder
+from consortium_server.budgets import service as budgets
+from consortium_server.budgets.service import BudgetOverchargeError
+from consortium_server.datasets.service import get_datasets
+from consortium_server.db.session import session_scope
+from consortium_server.errors import ConflictError, InvalidRequestError
+from consortium_server.federation.models import StudyKeyRelay
+from consortium_server.federation.strategy import RoundHook, RoundRecord, RunPlan, StudyOutcome
+from consortium_server.identity.principal import Principal
+from consortium_server.studies.contract import StudyContract
+from consortium_server.studies.lifecycle import transition
+from consortium_server.studies.models import ApprovalDecision, Study, StudyState
+
+__all__ = ["begin_run", "finish_run", "model_size", "record_round", "run_with_lifecycle"]
+
+SOURCE = "consortium-server/federation"
+
+
+def model_size(contract: StudyContract, feature_summary: dict[str, object]) -> int:
+    """Number of parameters of the contract's model for a dataset's input.
+
+    The input shape comes from the catalogue entry's feature summary (``input_shape``, or
+    ``features`` for tabular data); the class count from ``num_classes`` (default 2).
+    """
+    from site_node.training import build_model, num_parameters
+
+    shape = feature_summary.get("input_shape")
+    if not isinstance(shape, list):
+        features = feature_summary.get("features")
+        if not isinstance(features, int):
+            raise InvalidRequestError(
+                "study.invalid",
+                "The dataset's feature summary gives neither input_shape nor features.",
+            )
+        shape = [features]
+    classes = feature_summary.get("num_classes", 2)
+    model = build_model(
+        contract.model,
+        input_shape=tuple(int(d) for d in shape),
+        num_classes=int(classes) if isinstance(classes, int) else 2,
+    )
+    return int(num_parameters(model))
+
+
+def _recorder(session: Session, log: AuditLog, actor: Principal | None) -> AuditRecorder:
+    return AuditRecorder(log, session, principal=actor, source=SOURCE)
+
+
+def begin_run(
+    session: Session,
+    study_id: str,
+    *,
+    log: AuditLog,
+    actor: Principal | None,
+    records_dir: Path | None = None,
+) -> RunPlan:
+    """Move an approved study to ``running`` and return the plan for its run.
+
+    Refuses a study that is not approved, and an encrypted study whose key exchange has not
+    happened yet (no public context relayed).
+    """
+    study = session.get(Study, study_id, with_for_update=True)
+    if study is None:
+        raise ConflictError("study.invalid_transition", f"No study {study_id!r}.")
+    if study.state is not StudyState.APPROVED:
+        raise ConflictError(
+            "study.invalid_transition",
+            f"Only an approved study can start; this one is {study.state.value}.",
+        )
+    contract = StudyContract.model_validate(study.contract)
+    relay = session.get(StudyKeyRelay, study_id)
+    if contract.encryption.enabled and relay is None:
+        raise ConflictError(
+            "study.invalid_transition",
+            "The sites have not exchanged the study key yet (no public context relayed).",
+        )
+    datasets, _ = get_datasets(session, contract.datasets)
+    plan = RunPlan(
+        study_id=study.id,
+        contract=contract,
+        contract_hash=study.contract_hash,
+        num_params=model_size(contract, datasets[0].feature_summary),
+        sites=tuple(
+            sorted(a.site_id for a in study.approvals if a.decision is ApprovalDecision.APPROVED)
+        ),
+        public_context=relay.public_context if relay is not None else None,
+        records_dir=records_dir,
+    )
+    before = len(study.events)
+    transition(study, StudyState.RUNNING, actor=actor, reason="The federated run started.")
+    session.flush()
+    _recorder(session, log, actor).study_events(study, list(study.events[before:]))
+    return plan
+
+
+def record_round(session: Session, record: RoundRecord, *, log: AuditLog) -> None:
+    """Audit one round and charge the sites' epsilon to the ledger.
+
+    Each site reports its accountant's epsilon for the whole study so far; it is charged,
+    as an increase, to every dataset of that site in the study. A charge beyond the
+    reservation is refused by the ledger and recorded as a failed charge (the round stays
+    audited; the study is failed by :func:`finish_run`).
+    """
+    study = session.get(Study, record.study_id)
+    if study is None:
+        raise ConflictError("study.invalid_transition", f"No study {record.study_id!r}.")
+    contract = StudyContract.model_validate(study.contract)
+    datasets, _ = get_datasets(session, contract.datasets)
+    details = record.as_record()
+    charged: dict[str, str] = {}
+    overcharged: list[str] = []
+    if record.status == "aggregated":
+        for site_id, epsilon in sorted(record.epsilon.items()):
+            if epsilon is None:
+                continue
+            for dataset in (d for d in datasets if d.site_id == site_id):
+                try:
+                    with session.begin_nested():
+                        budgets.charge_cumulative(session, study.id, dataset.id, epsilon)
+                    charged[dataset.id] = f"{epsilon:.6f}"
+                except BudgetOverchargeError as exc:
+                    overcharged.append(exc.message)
+        study.current_round = record.round_number
+    details["charged_epsilon"] = charged
+    if overcharged:
+        details["overcharged"] = overcharged
+    _recorder(session, log, None).record(
+        "round.completed" if record.status == "aggregated" else "round.failed",
+        object_type="study",
+        object_id=study.id,
+        outcome=Outcome.SUCCESS
+        if record.status == "aggregated" and not overcharged
+        else Outcome.FAILURE,
+        purpose=contract.purpose.value,
+        contract_hash=study.contract_hash,
+        details=details,
+    )
+    session.flush()
+
+
+def finish_run(session: Session, outcome: StudyOutcome, *, log: AuditLog) -> Study:
+    """``completed`` or ``failed``, with the reason; the unused reservation goes back."""
+    study = session.get(Study, outcome.study_id, with_for_update=True)
+    if study is None:
+        raise ConflictError("study.invalid_transition", f"No study {outcome.study_id!r}.")
+    completed = outcome.status == "completed"
+    if completed:
+        digest = outcome.final_model.digest if outcome.final_model else "none"
+        reason = f"{len(outcome.rounds)} round(s) aggregated; final aggregate {digest[:16]}."
+    else:
+        reason = f"The run failed: {outcome.failure or 'no reason given'}"
+    before = len(study.events)
+    transition(
+        study,
+        StudyState.COMPLETED if completed else StudyState.FAILED,
+        actor=None,
+        reason=reason,
+    )
+    released = budgets.release(session, study.id)
+    session.flush()
+    recorder = _recorder(session, log, None)
+    recorder.study_events(study, list(study.events[before:]))
+    recorder.record(
+        "budget.released",
+        object_type="study",
+        object_id=study.id,
+        contract_hash=study.contract_hash,
+        details={
+            "released": {line.dataset_id: str(line.epsilon_released) for line in released},
+        },
+    )
+    return study
+
+
+Runner = Callable[[RunPlan, RoundHook], StudyOutcome]
+
+
+def run_with_lifecycle(
+    factory: sessionmaker[Session],
+    log: AuditLog,
+    study_id: str,
+    runner: Runner,
+    *,
+    actor: Principal | None = None,
+    records_dir: Path | None = None,
+) -> StudyOutcome:
+    """Run a study: begin (commit), each round recorded as it ends (commit), finish (commit).
+
+    ``runner(plan, hook)`` executes the federation (real processes or an in-process grid)
+    and must call ``hook`` with each round's record.
+    """
+    with session_scope(factory) as session:
+        plan = begin_run(session, study_id, log=log, actor=actor, records_dir=records_dir)
+
+    def hook(record: RoundRecord) -> None:
+        with session_scope(factory) as session:
+            record_round(session, record, log=log)
+
+    outcome = runner(plan, hook)
+    with session_scope(factory) as session:
+        finish_run(session, outcome, log=log)
+    return outcome

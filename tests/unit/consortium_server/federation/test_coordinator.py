@@ -1,0 +1,267 @@
+"""A study run on the consortium side: approved -> running -> completed/failed, every round
+audited and its epsilon charged to the ledger, the unused reservation returned."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from consortium_server.audit.verify import verify_live
+from consortium_server.budgets import service as budgets
+from consortium_server.errors import ConflictError
+from consortium_server.federation.coordinator import begin_run, run_with_lifecycle
+from consortium_server.federation.models import StudyKeyRelay
+from consortium_server.federation.strategy import (
+    GlobalModel,
+    RoundHook,
+    RoundRecord,
+    RunPlan,
+    StudyOutcome,
+)
+from site_node.crypto import generate_study_context, public_context, study_key_fingerprint
+from tests.support.world import People, study_contract
+
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+
+
+def _approved_study(client: TestClient, people: People, **contract: Any) -> dict[str, Any]:
+    study: dict[str, Any] = client.post(
+        "/api/v1/studies",
+        json=study_contract(["bc-a", "bc-b", "bc-c"], **contract),
+        headers=people.researcher,
+    ).json()
+    for site in "abc":
+        body = {
+            "site_id": f"hospital-{site}",
+            "contract_hash": study["contract_hash"],
+            "decision": "approved",
+        }
+        response = client.post(
+            f"/api/v1/studies/{study['id']}/approvals", json=body, headers=people.steward(site)
+        )
+        assert response.status_code == 201, response.text
+    return client.get(f"/api/v1/studies/{study['id']}", headers=people.researcher).json()
+
+
+def _relay_keys(app: FastAPI, study: dict[str, Any]) -> bytes:
+    secret = generate_study_context()
+    public = public_context(secret)
+    with app.state.sessionmaker() as session:
+        session.add(
+            StudyKeyRelay(
+                study_id=study["id"],
+                sender_site_id="hospital-a",
+                contract_hash=study["contract_hash"],
+                public_context=public,
+                public_context_sha256=hashlib.sha256(public).hexdigest(),
+                key_fingerprint=study_key_fingerprint(secret),
+                uploaded_by="service-account-a",
+            )
+        )
+        session.commit()
+    return secret
+
+
+def _record(plan: RunPlan, n: int, epsilon: float, status: str = "aggregated") -> RoundRecord:
+    return RoundRecord(
+        study_id=plan.study_id,
+        contract_hash=plan.contract_hash,
+        round_number=n,
+        status=status,
+        participants=list(SITES) if status == "aggregated" else ["hospital-a", "hospital-b"],
+        sample_counts={s: 100 + i for i, s in enumerate(SITES)},
+        epsilon={s: epsilon for s in SITES},
+        site_digests={s: "ab" * 32 for s in SITES},
+        aggregate_digest="cd" * 32 if status == "aggregated" else None,
+        missing_sites=[] if status == "aggregated" else ["hospital-c"],
+        failure=None if status == "aggregated" else "only 2 valid replies; the minimum is 3",
+    )
+
+
+def _runner(epsilons: list[float], fail_last: bool = False) -> Any:
+    def run(plan: RunPlan, hook: RoundHook) -> StudyOutcome:
+        records = []
+        for n, eps in enumerate(epsilons, start=1):
+            failed = fail_last and n == len(epsilons)
+            record = _record(plan, n, eps, "failed" if failed else "aggregated")
+            hook(record)
+            records.append(record)
+        if fail_last:
+            return StudyOutcome(
+                plan.study_id, plan.contract_hash, "failed", records, failure=records[-1].failure
+            )
+        final = GlobalModel(len(records), (b"x",), 300.0, "ef" * 32)
+        return StudyOutcome(plan.study_id, plan.contract_hash, "completed", records, final)
+
+    return run
+
+
+def _actions(app: FastAPI, study_id: str) -> list[str]:
+    log = app.state.audit_log
+    with app.state.sessionmaker() as session:
+        entries = [
+            log.get_entry(i, session=session).entry for i in range(log.size(session=session))
+        ]
+    return [e.action for e in entries if e.object.id == study_id]
+
+
+def _budget(app: FastAPI, dataset: str) -> budgets.BudgetView:
+    with app.state.sessionmaker() as session:
+        return budgets.show(session, dataset)
+
+
+def test_completed_run_charges_rounds_and_returns_the_rest(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    study = _approved_study(client, consortium)
+    _relay_keys(app, study)
+    outcome = run_with_lifecycle(
+        app.state.sessionmaker, app.state.audit_log, study["id"], _runner([1.0, 2.0])
+    )
+    assert outcome.status == "completed"
+    final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    assert final["state"] == "completed"
+    assert final["current_round"] == 2
+    budget = _budget(app, "bc-a")
+    assert float(budget.epsilon_spent) == pytest.approx(2.0)
+    assert float(budget.epsilon_reserved) == 0
+    assert float(budget.epsilon_remaining) == pytest.approx(8.0)
+    actions = _actions(app, study["id"])
+    assert actions[-5:] == [
+        "study.running",
+        "round.completed",
+        "round.completed",
+        "study.completed",
+        "budget.released",
+    ]
+    with app.state.sessionmaker() as session:
+        report = verify_live(session, server_public_key=app.state.tree_head_signer.public_key_b64)
+    assert report.ok, report.summary()
+
+
+def test_failed_round_fails_the_study_and_returns_the_reservation(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    study = _approved_study(client, consortium)
+    _relay_keys(app, study)
+    run_with_lifecycle(
+        app.state.sessionmaker,
+        app.state.audit_log,
+        study["id"],
+        _runner([1.0, 1.5], fail_last=True),
+    )
+    final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    assert final["state"] == "failed"
+    assert "minimum is 3" in final["state_reason"]
+    assert final["current_round"] == 1
+    budget = _budget(app, "bc-b")
+    assert float(budget.epsilon_spent) == pytest.approx(1.0)
+    assert float(budget.epsilon_reserved) == 0
+    assert "round.failed" in _actions(app, study["id"])
+
+
+def test_a_site_reporting_more_than_reserved_is_not_charged(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    study = _approved_study(client, consortium)  # epsilon 3.0 reserved
+    _relay_keys(app, study)
+    run_with_lifecycle(app.state.sessionmaker, app.state.audit_log, study["id"], _runner([4.0]))
+    assert float(_budget(app, "bc-a").epsilon_spent) == 0
+    log = app.state.audit_log
+    with app.state.sessionmaker() as session:
+        rounds = [
+            e.entry
+            for i in range(log.size(session=session))
+            if (e := log.get_entry(i, session=session)).entry.action == "round.completed"
+        ]
+    assert rounds[-1].outcome.value == "failure"
+    assert rounds[-1].details["overcharged"]
+
+
+def test_only_approved_studies_with_relayed_keys_start(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    study = _approved_study(client, consortium)
+    with app.state.sessionmaker() as session, pytest.raises(ConflictError, match="exchanged"):
+        begin_run(session, study["id"], log=app.state.audit_log, actor=None)
+    waiting = client.post(
+        "/api/v1/studies",
+        json=study_contract(["bc-a", "bc-b", "bc-c"]),
+        headers=consortium.researcher,
+    ).json()
+    with app.state.sessionmaker() as session, pytest.raises(ConflictError, match="approved"):
+        begin_run(session, waiting["id"], log=app.state.audit_log, actor=None)
+
+
+@pytest.mark.slow
+def test_real_clientapp_run_in_process_drives_the_lifecycle(
+    client: TestClient, consortium: People, app: FastAPI, tmp_path: Path
+) -> None:
+    """The real ClientApp (guard, Opacus, CKKS) at three sites behind an in-process grid."""
+    from flwr.app import Context, RecordDict
+
+    from consortium_server.federation.serverapp import run_study_rounds
+    from consortium_server.studies.contract import StudyContract
+    from tests.support.flower import make_site
+    from tests.unit.consortium_server.federation.test_strategy import InProcessGrid
+
+    study = _approved_study(
+        client,
+        consortium,
+        purpose="method_development",
+        training={"rounds": 2, "local_epochs": 2, "batch_size": 32, "learning_rate": 0.1},
+        privacy={"epsilon": 5.0, "delta": 1e-5, "max_grad_norm": 1.0},
+        model={"name": "tabular-mlp", "version": "1", "hyperparameters": {}},
+    )
+    secret = _relay_keys(app, study)
+    contract = StudyContract.model_validate(study["contract"])
+    sites = [make_site(tmp_path, i) for i in range(3)]
+    from site_node.federation.approvals import ApprovalStore
+
+    for site in sites:
+        store = ApprovalStore(site.state_dir)
+        store.approve(study["id"], contract, study["contract_hash"])
+        store.save_study_key(study["id"], secret, sender_id="hospital-a")
+
+    def runner(plan: RunPlan, hook: RoundHook) -> StudyOutcome:
+        contexts = {
+            100 + i: Context(
+                run_id=1,
+                node_id=100 + i,
+                node_config={
+                    "site-id": s.site_id,
+                    "state-dir": str(s.state_dir),
+                    "datasets-file": str(s.datasets_file),
+                },
+                state=RecordDict(),
+                run_config=plan.to_run_config(),
+            )
+            for i, s in enumerate(sites)
+        }
+        plan = RunPlan(**{**plan.__dict__, "node_wait_s": 0.0})
+        return run_study_rounds(InProcessGrid(contexts), plan, hook=hook)  # type: ignore[arg-type]
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = {k: TaskIdentity.__dict__.get(k) for k in ("_run_id", "_node_id", "_task_id")}
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # as Flower's runtime
+    try:
+        outcome = run_with_lifecycle(
+            app.state.sessionmaker, app.state.audit_log, study["id"], runner
+        )
+    finally:
+        for key, value in saved.items():
+            setattr(TaskIdentity, key, value)
+    assert outcome.status == "completed", outcome.failure
+    final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    assert final["state"] == "completed"
+    spent = float(_budget(app, "bc-a").epsilon_spent)
+    assert 0 < spent <= 5.0
+    assert final["current_round"] == 2
+    assert [r.participants for r in outcome.rounds] == [list(SITES), list(SITES)]
+    assert _actions(app, study["id"]).count("round.completed") == 2
