@@ -24,6 +24,7 @@ from consortium_server.datasets.router import router as datasets_router
 from consortium_server.db.migrate import upgrade_to_head
 from consortium_server.db.session import make_engine, make_sessionmaker, session_scope
 from consortium_server.federation.router import router as federation_router
+from consortium_server.federation.runs import build_run_manager
 from consortium_server.identity.factory import build_local_issuer, build_verifier
 from consortium_server.identity.router import router as identity_router
 from consortium_server.policy.checks import PolicyContext, model_catalogue_keys
@@ -105,6 +106,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
             directory=settings.policy_directory(),
         )
         _seed_policies(app, settings)
+        app.state.run_manager = build_run_manager(
+            settings, app.state.sessionmaker, app.state.audit_log
+        )
         log.info(
             "consortium server ready",
             extra={"identity": settings.identity.mode, "database": engine.dialect.name},
@@ -112,6 +116,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         try:
             yield
         finally:
+            if app.state.run_manager is not None:
+                app.state.run_manager.shutdown()
             engine.dispose()
 
     app = FastAPI(

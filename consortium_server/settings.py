@@ -20,6 +20,7 @@ __all__ = [
     "AuditSettings",
     "DatabaseSettings",
     "Environment",
+    "FederationSettings",
     "IdentitySettings",
     "PolicySettings",
     "ServerSettings",
@@ -121,6 +122,34 @@ class PolicySettings(BaseModel):
     )
 
 
+class FederationSettings(BaseModel):
+    """How the server reaches the Flower SuperLink that runs studies."""
+
+    superlink_address: str | None = Field(
+        default=None,
+        description="host:port of the SuperLink (its Control API). Empty: runs are disabled.",
+    )
+    root_certificates: Path | None = Field(
+        default=None, description="CA certificate of the SuperLink's TLS (PEM)."
+    )
+    insecure: bool = Field(
+        default=False, description="Plain gRPC to the SuperLink (tests on loopback only)."
+    )
+    runs_dir: Path | None = Field(
+        default=None,
+        description="Where the ServerApp writes round records; shared with the SuperLink. "
+        "Empty: <data_dir>/runs.",
+    )
+    app_dir: Path | None = Field(
+        default=None, description="The Flower app bundle directory. Empty: the installed one."
+    )
+    run_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Give up on a run after this long. Empty: from the contract.",
+    )
+
+
 class AuditSettings(BaseModel):
     """The tamper-evident audit log."""
 
@@ -155,6 +184,7 @@ class ServerSettings(BaseSettings):
     studies: StudySettings = StudySettings()
     audit: AuditSettings = AuditSettings()
     policy: PolicySettings = PolicySettings()
+    federation: FederationSettings = FederationSettings()
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Self:
@@ -195,6 +225,10 @@ class ServerSettings(BaseSettings):
     def policy_directory(self) -> Path:
         """The policy directory seeded at first start."""
         return self.policy.directory or Path(__file__).resolve().parents[1] / "policies"
+
+    def runs_dir(self) -> Path:
+        """Where study runs keep their records."""
+        return self.federation.runs_dir or self.data_dir / "runs"
 
     def audit_head_key_file(self) -> Path:
         """Path of the tree-head signing key."""

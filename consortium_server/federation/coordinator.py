@@ -33,7 +33,15 @@ from consortium_server.studies.contract import StudyContract
 from consortium_server.studies.lifecycle import transition
 from consortium_server.studies.models import ApprovalDecision, Study, StudyState
 
-__all__ = ["begin_run", "finish_run", "model_size", "record_round", "run_with_lifecycle"]
+__all__ = [
+    "Runner",
+    "begin_run",
+    "continue_run",
+    "finish_run",
+    "model_size",
+    "record_round",
+    "run_with_lifecycle",
+]
 
 SOURCE = "consortium-server/federation"
 
@@ -213,12 +221,28 @@ def run_with_lifecycle(
     """
     with session_scope(factory) as session:
         plan = begin_run(session, study_id, log=log, actor=actor, records_dir=records_dir)
+    return continue_run(factory, log, plan, runner)
+
+
+def continue_run(
+    factory: sessionmaker[Session], log: AuditLog, plan: RunPlan, runner: Runner
+) -> StudyOutcome:
+    """After :func:`begin_run` committed: run, record each round as it ends, finish.
+
+    A runner that raises (the SuperLink went away, a timeout) fails the study with the
+    error as the reason; the rounds already recorded stay recorded.
+    """
 
     def hook(record: RoundRecord) -> None:
         with session_scope(factory) as session:
             record_round(session, record, log=log)
 
-    outcome = runner(plan, hook)
+    try:
+        outcome = runner(plan, hook)
+    except Exception as exc:  # the run's end must be recorded whatever broke
+        outcome = StudyOutcome(
+            plan.study_id, plan.contract_hash, "failed", failure=f"{type(exc).__name__}: {exc}"
+        )
     with session_scope(factory) as session:
         finish_run(session, outcome, log=log)
     return outcome

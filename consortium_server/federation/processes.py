@@ -165,16 +165,20 @@ def spawn(name: str, args: list[str], *, env: dict[str, str], log_path: Path) ->
 
 @dataclass
 class SuperLinkHandle:
-    """A running SuperLink and the ``flwr`` CLI connection that reaches it."""
+    """A SuperLink and the ``flwr`` CLI connection that reaches it.
 
-    process: ManagedProcess
+    ``process`` is set when this program started the SuperLink; a connection to one run
+    elsewhere (the consortium cluster's) has none.
+    """
+
+    process: ManagedProcess | None
     address: str
     flwr_home: Path
     connection: str
 
     def stop(self) -> int | None:
-        """Stop the SuperLink (and the ServerApp processes it started)."""
-        return self.process.stop()
+        """Stop the SuperLink (and the ServerApp processes it started), if we started it."""
+        return self.process.stop() if self.process is not None else None
 
 
 def write_connection(
@@ -314,12 +318,12 @@ def wait_for_outcome(
         outcome = read_outcome(records_dir)
         if outcome is not None:
             return outcome
-        if link is not None and not link.process.alive():
+        if link is not None and link.process is not None and not link.process.alive():
             raise FlowerProcessError("the SuperLink exited", link.process.log_tail())
         time.sleep(0.5)
     raise FlowerProcessError(
         f"no outcome in {records_dir} after {timeout:.0f}s",
-        link.process.log_tail() if link is not None else "",
+        link.process.log_tail() if link is not None and link.process is not None else "",
     )
 
 

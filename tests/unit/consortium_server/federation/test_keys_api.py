@@ -170,6 +170,21 @@ def test_relay_round_trip_and_the_server_holds_no_secret(
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "keys.exists"
 
+    log = app.state.audit_log
+    with app.state.sessionmaker() as session:
+        entries = [
+            log.get_entry(i, session=session).entry for i in range(log.size(session=session))
+        ]
+    steps = [(e.action, e.actor.subject) for e in entries if e.object.id == study_id]
+    assert steps == [
+        ("keys.relayed", "service-account-a"),
+        ("keys.fetched", "service-account-b"),
+        ("keys.fetched", "service-account-a"),
+    ]
+    relayed = next(e for e in entries if e.action == "keys.relayed")
+    assert relayed.details["recipients"] == ["hospital-b", "hospital-c"]
+    assert secret.hex()[:64] not in relayed.canonical_bytes().decode()
+
 
 def test_secret_context_is_refused(
     app: FastAPI,
