@@ -99,6 +99,26 @@ class ConsortiumClient:
             error.get("request_id"),
         )
 
+    def download(self, path: str, **kwargs: Any) -> bytes:
+        """GET a binary resource (a PDF, a model); raises :class:`ApiError` like ``request``."""
+        try:
+            response = self._http.get(path, headers=self._headers(), **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiError(0, "connection", f"cannot reach {self._http.base_url}: {exc}") from exc
+        if response.is_success:
+            return response.content
+        try:
+            error = response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(response.status_code, "http", response.text[:500]) from None
+        raise ApiError(
+            response.status_code,
+            error.get("code", "http"),
+            error.get("message", ""),
+            error.get("details"),
+            error.get("request_id"),
+        )
+
     # -- identity -------------------------------------------------------------------------
 
     def me(self) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import yaml
 from rich.console import Console
 
 from site_node.cli_data import data_app, models_app
+from site_node.errors import SiteError
+from site_node.keys import SUPERNODE_KEY_FILE
 from site_node.settings import SiteSettings
 
 app = typer.Typer(
@@ -26,10 +28,10 @@ keys_app = typer.Typer(help="Create and show this site's keys (signing, key exch
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+audit_app = typer.Typer(help="Check the consortium's audit log as this site's witness.")
+app.add_typer(audit_app, name="audit")
 console = Console()
 err = Console(stderr=True)
-
-SUPERNODE_KEY_FILE = "supernode"
 
 
 def _keys_dir(directory: Path | None) -> Path:
@@ -43,34 +45,15 @@ def keys_init(
     ] = None,
 ) -> None:
     """Create the site's Ed25519 signing key, X25519 exchange key and SuperNode EC key."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     from site_node.crypto.errors import CryptoError
-    from site_node.crypto.sealing import SiteKeyPair
+    from site_node.keys import init_site_keys
 
     path = _keys_dir(directory)
     try:
-        SiteKeyPair.generate().save(path)
+        init_site_keys(path)
     except CryptoError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
-    supernode = ec.generate_private_key(ec.SECP384R1())
-    private = path / SUPERNODE_KEY_FILE
-    private.write_bytes(
-        supernode.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-    )
-    private.chmod(0o600)
-    (path / f"{SUPERNODE_KEY_FILE}.pub").write_bytes(
-        supernode.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        + b"\n"
-    )
     console.print(f"[green]created[/] site keys in {path}")
 
 
@@ -97,6 +80,75 @@ def keys_enrolment(
         "supernode_public_key": (path / f"{SUPERNODE_KEY_FILE}.pub").read_text().strip(),
     }
     typer.echo(yaml.safe_dump(body, sort_keys=False))
+
+
+@app.command("run")
+def run(
+    once: Annotated[
+        bool, typer.Option("--once", help="Run one pass and exit (status 1 if a step failed).")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Run the site agent: sync approved studies, exchange study keys, cosign the audit log.
+
+    Runs a pass every CONCORD_SITE_POLL_INTERVAL_S seconds until SIGTERM; logs JSON lines
+    on stderr. Settings come from CONCORD_SITE_* variables (see docs/hospital-it.md).
+    """
+    from pydantic import ValidationError
+
+    from site_node.agent.loop import configure_agent_logging, run_agent
+    from site_node.crypto.errors import CryptoError
+
+    configure_agent_logging(log_level)
+    try:
+        settings = SiteSettings()
+        status = run_agent(settings, once=once)
+    except ValidationError as exc:
+        err.print(f"[red]error:[/] invalid CONCORD_SITE_* settings: {exc.error_count()} problem(s)")
+        for problem in exc.errors():
+            err.print(f"  {'.'.join(map(str, problem['loc']))}: {problem['msg']}")
+        raise typer.Exit(2) from None
+    except (SiteError, CryptoError) as exc:
+        message = exc.diagnostics() if isinstance(exc, SiteError) else str(exc)
+        err.print(f"[red]error:[/] {message}")
+        raise typer.Exit(2) from None
+    raise typer.Exit(status)
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check that the latest signed tree head extends the last head this site cosigned.
+
+    Read-only: nothing is cosigned or stored. Exit 1 if the log does not extend what this
+    site witnessed (or the head key changed), 2 if the site is not configured.
+    """
+    from pydantic import ValidationError
+
+    from consortium_server.client import ApiError
+    from consortium_server.errors import DomainError
+    from site_node.agent.loop import verify_audit
+    from site_node.crypto.errors import CryptoError
+
+    try:
+        size, last = verify_audit(SiteSettings())
+    except ValidationError as exc:
+        err.print(f"[red]error:[/] invalid CONCORD_SITE_* settings: {exc.error_count()} problem(s)")
+        raise typer.Exit(2) from None
+    except CryptoError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except SiteError as exc:
+        err.print(f"[red]error:[/] {exc.diagnostics()}")
+        raise typer.Exit(
+            2 if exc.code in {"agent.no_site_id", "agent.no_credentials"} else 1
+        ) from None
+    except (DomainError, ApiError) as exc:
+        err.print(f"[red]refused:[/] {exc.code}: {exc.message}")
+        raise typer.Exit(1) from None
+    if last is None:
+        console.print(f"[yellow]ok[/] head of {size} entries is signed; nothing cosigned yet")
+    else:
+        console.print(f"[green]ok[/] head of {size} entries extends the cosigned head of {last}")
 
 
 def main() -> None:

@@ -126,7 +126,7 @@ def data_catalogue_entry(
 ) -> None:
     """Print the catalogue entry for a local dataset: governance fields from your YAML plus
     the record count and summary computed here. Publish it with `consortium catalogue publish`."""
-    from site_node.data.registry import load_dataset
+    from site_node.data.publish import catalogue_entry
 
     configs = {c.id: c for c in _read_configs(_datasets_file(path))}
     if dataset_id not in configs:
@@ -137,19 +137,5 @@ def data_catalogue_entry(
         _fail(f"cannot read {governance}: {exc}")
     if not isinstance(entry, dict):
         _fail(f"{governance} must hold a mapping")
-    config = configs[dataset_id]
-    train = load_dataset(config, split="train")
-    test = load_dataset(config, split="test")
-    summary = train.summary()
-    entry["record_count"] = len(train) + len(test)
-    entry["feature_summary"] = {
-        "input_shape": summary["input_shape"],
-        "num_classes": summary["num_classes"],
-        "label_counts_train": summary["label_counts"],
-        **({"features": len(summary["feature_names"])} if "feature_names" in summary else {}),
-    }
-    entry["modality"] = "tabular" if train.modality == "tabular" else "image"
-    entry["task"] = (
-        "binary_classification" if train.num_classes == 2 else "multiclass_classification"
-    )
+    entry = catalogue_entry(configs[dataset_id], entry)
     typer.echo(yaml.safe_dump(entry, sort_keys=False))

@@ -37,6 +37,23 @@ class SiteSettings(BaseSettings):
     datasets_file: Path | None = Field(
         default=None, description="YAML list of local datasets (see docs/hospital-it.md)."
     )
+    token: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Static bearer token for development only; with token_url, client_id and "
+            "client_secret set the agent uses client credentials instead."
+        ),
+    )
+    poll_interval_s: float = Field(
+        default=15.0, gt=0, le=3600, description="Seconds between two passes of the site agent."
+    )
+    server_head_key: str | None = Field(
+        default=None,
+        description=(
+            "Base64 raw Ed25519 key of the consortium's audit tree heads (from the operator). "
+            "Unset: the agent trusts the first key it sees and pins it in state_dir."
+        ),
+    )
 
     def keys_dir(self) -> Path:
         """Where the site's private keys live."""

@@ -56,6 +56,9 @@ class StudySitePublic(BaseModel):
 
     site_id: str
     decision: ApprovalDecision | None = None
+    contract_hash: str | None = Field(
+        default=None, description="The exact contract hash this site decided on."
+    )
     decided_by: str | None = None
     decided_at: datetime | None = None
     reason: str | None = None

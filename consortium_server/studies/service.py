@@ -355,6 +355,7 @@ def to_public(study: Study) -> StudyPublic:
             StudySitePublic(
                 site_id=link.site_id,
                 decision=approval.decision if approval else None,
+                contract_hash=approval.contract_hash if approval else None,
                 decided_by=approval.decided_by if approval else None,
                 decided_at=approval.decided_at if approval else None,
                 reason=approval.reason if approval else None,
