@@ -109,6 +109,37 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         422, "The context holds the secret key; the server only takes the public context."
     ),
     "keys.not_found": CatalogueEntry(404, "No study key for your site."),
+    "release.not_completed": CatalogueEntry(
+        409, "The study is not completed; its results cannot be released now."
+    ),
+    "release.no_aggregate": CatalogueEntry(404, "No final aggregate is stored for this study."),
+    "release.aggregate_invalid": CatalogueEntry(
+        422, "The final aggregate is malformed or belongs to another study."
+    ),
+    "release.aggregate_exists": CatalogueEntry(
+        409, "A different final aggregate is already stored for this study."
+    ),
+    "release.not_study_site": CatalogueEntry(403, "Only a site of this study may do this."),
+    "release.signature_invalid": CatalogueEntry(
+        422, "The sign-off signature does not verify with the site's registered key."
+    ),
+    "release.already_signed_off": CatalogueEntry(
+        409, "This site already signed off a different model hash."
+    ),
+    "release.model_invalid": CatalogueEntry(
+        422, "The model bytes are not the model this site signed off."
+    ),
+    "release.model_exists": CatalogueEntry(
+        409, "A different model was already uploaded for this study."
+    ),
+    "release.signoffs_missing": CatalogueEntry(
+        409, "Not every site of the study has signed off the final model."
+    ),
+    "release.hash_mismatch": CatalogueEntry(
+        409, "The sites signed off different model hashes; this model is never released."
+    ),
+    "release.model_missing": CatalogueEntry(409, "No site has uploaded the signed-off model yet."),
+    "release.not_released": CatalogueEntry(409, "The study's results have not been released."),
     "internal": CatalogueEntry(500, "Internal error."),
 }
 

@@ -31,6 +31,7 @@ from consortium_server.policy.checks import PolicyContext, model_catalogue_keys
 from consortium_server.policy.engine import SCHEMA_FILENAME, PolicyEngine
 from consortium_server.policy.router import router as policy_router
 from consortium_server.policy.service import active_version
+from consortium_server.release.router import router as release_router
 from consortium_server.reports.router import router as reports_router
 from consortium_server.settings import ServerSettings
 from consortium_server.sites.router import router as sites_router
@@ -40,6 +41,8 @@ __all__ = ["create_app"]
 
 #: The study-key relay carries one sealed CKKS key (~175 KB) per site.
 KEY_RELAY_PATH = re.compile(r"/api/v1/studies/[^/]+/keys")
+#: A site uploads the released model (float64 parameters: 8 bytes each).
+MODEL_UPLOAD_PATH = re.compile(r"/api/v1/studies/[^/]+/release/model")
 
 log = logging.getLogger("concord.server")
 
@@ -133,7 +136,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         RequestContextMiddleware,
         max_body_bytes=settings.api.max_body_bytes,
         metrics=HttpMetrics(registry),
-        larger_limits=[(KEY_RELAY_PATH, settings.api.max_key_body_bytes)],
+        larger_limits=[
+            (KEY_RELAY_PATH, settings.api.max_key_body_bytes),
+            (MODEL_UPLOAD_PATH, settings.api.max_key_body_bytes),
+        ],
     )
     install_error_handlers(app)
     for router in (
@@ -147,6 +153,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         budgets_router,
         audit_router,
         reports_router,
+        release_router,
     ):
         app.include_router(router)
     return app

@@ -95,7 +95,8 @@ class ApiSettings(BaseModel):
     max_key_body_bytes: int = Field(
         default=64 * 1_048_576,
         ge=1024,
-        description="Largest body on the study-key relay (sealed CKKS keys, ~175 KB per site).",
+        description="Largest body on the study-key relay (sealed CKKS keys, ~175 KB per site) "
+        "and on the released-model upload (8 bytes per parameter).",
     )
 
 

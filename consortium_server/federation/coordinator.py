@@ -25,10 +25,11 @@ from consortium_server.budgets import service as budgets
 from consortium_server.budgets.service import BudgetOverchargeError
 from consortium_server.datasets.service import get_datasets
 from consortium_server.db.session import session_scope
-from consortium_server.errors import ConflictError, InvalidRequestError
+from consortium_server.errors import ConflictError, DomainError, InvalidRequestError
 from consortium_server.federation.models import StudyKeyRelay
 from consortium_server.federation.strategy import RoundHook, RoundRecord, RunPlan, StudyOutcome
 from consortium_server.identity.principal import Principal
+from consortium_server.release.service import store_final_aggregate
 from consortium_server.studies.contract import StudyContract
 from consortium_server.studies.lifecycle import transition
 from consortium_server.studies.models import ApprovalDecision, Study, StudyState
@@ -174,6 +175,20 @@ def finish_run(session: Session, outcome: StudyOutcome, *, log: AuditLog) -> Stu
     if study is None:
         raise ConflictError("study.invalid_transition", f"No study {outcome.study_id!r}.")
     completed = outcome.status == "completed"
+    if completed and outcome.final_model is not None:
+        try:
+            with session.begin_nested():
+                # Kept for the release gate: sites decrypt it and sign off the model's hash.
+                store_final_aggregate(session, study.id, outcome.final_model)
+        except DomainError as exc:
+            completed = False
+            outcome = StudyOutcome(
+                outcome.study_id,
+                outcome.contract_hash,
+                "failed",
+                outcome.rounds,
+                failure=f"the final aggregate cannot be kept for release: {exc.public_message()}",
+            )
     if completed:
         digest = outcome.final_model.digest if outcome.final_model else "none"
         reason = f"{len(outcome.rounds)} round(s) aggregated; final aggregate {digest[:16]}."

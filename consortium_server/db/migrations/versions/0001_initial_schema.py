@@ -146,6 +146,56 @@ def upgrade() -> None:
     with op.batch_alter_table('datasets', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_datasets_site_id'), ['site_id'], unique=False)
 
+    op.create_table('release_final_aggregates',
+    sa.Column('study_id', sa.String(length=36), nullable=False),
+    sa.Column('contract_hash', sa.String(length=64), nullable=False),
+    sa.Column('round_number', sa.Integer(), nullable=False),
+    sa.Column('scheme', sa.String(length=16), nullable=False),
+    sa.Column('num_params', sa.Integer(), nullable=False),
+    sa.Column('total_weight', sa.Float(), nullable=False),
+    sa.Column('digest', sa.String(length=64), nullable=False),
+    sa.Column('created_at', consortium_server.db.base.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_release_final_aggregates_study_id_studies')),
+    sa.PrimaryKeyConstraint('study_id', name=op.f('pk_release_final_aggregates'))
+    )
+    op.create_table('release_models',
+    sa.Column('study_id', sa.String(length=36), nullable=False),
+    sa.Column('model_sha256', sa.String(length=64), nullable=False),
+    sa.Column('num_params', sa.Integer(), nullable=False),
+    sa.Column('data', sa.LargeBinary(), nullable=False),
+    sa.Column('uploaded_by_site', sa.String(length=64), nullable=False),
+    sa.Column('uploaded_by', sa.String(length=255), nullable=False),
+    sa.Column('uploaded_at', consortium_server.db.base.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_release_models_study_id_studies')),
+    sa.ForeignKeyConstraint(['uploaded_by_site'], ['sites.id'], name=op.f('fk_release_models_uploaded_by_site_sites')),
+    sa.PrimaryKeyConstraint('study_id', name=op.f('pk_release_models'))
+    )
+    op.create_table('release_releases',
+    sa.Column('study_id', sa.String(length=36), nullable=False),
+    sa.Column('model_sha256', sa.String(length=64), nullable=False),
+    sa.Column('card', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
+    sa.Column('released_by', sa.String(length=255), nullable=False),
+    sa.Column('released_at', consortium_server.db.base.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_release_releases_study_id_studies')),
+    sa.PrimaryKeyConstraint('study_id', name=op.f('pk_release_releases'))
+    )
+    op.create_table('release_signoffs',
+    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
+    sa.Column('study_id', sa.String(length=36), nullable=False),
+    sa.Column('site_id', sa.String(length=64), nullable=False),
+    sa.Column('contract_hash', sa.String(length=64), nullable=False),
+    sa.Column('model_sha256', sa.String(length=64), nullable=False),
+    sa.Column('signature', sa.String(length=128), nullable=False),
+    sa.Column('signed_by', sa.String(length=255), nullable=False),
+    sa.Column('signed_at', consortium_server.db.base.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['site_id'], ['sites.id'], name=op.f('fk_release_signoffs_site_id_sites')),
+    sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_release_signoffs_study_id_studies')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_release_signoffs')),
+    sa.UniqueConstraint('study_id', 'site_id', name=op.f('uq_release_signoffs_study_id'))
+    )
+    with op.batch_alter_table('release_signoffs', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_release_signoffs_study_id'), ['study_id'], unique=False)
+
     op.create_table('study_approvals',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('study_id', sa.String(length=36), nullable=False),
@@ -227,6 +277,13 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], name=op.f('fk_budget_accounts_dataset_id_datasets')),
     sa.PrimaryKeyConstraint('dataset_id', name=op.f('pk_budget_accounts'))
     )
+    op.create_table('release_final_aggregate_blobs',
+    sa.Column('study_id', sa.String(length=36), nullable=False),
+    sa.Column('position', sa.Integer(), autoincrement=False, nullable=False),
+    sa.Column('data', sa.LargeBinary(), nullable=False),
+    sa.ForeignKeyConstraint(['study_id'], ['release_final_aggregates.study_id'], name=op.f('fk_release_final_aggregate_blobs_study_id_release_final_aggregates')),
+    sa.PrimaryKeyConstraint('study_id', 'position', name=op.f('pk_release_final_aggregate_blobs'))
+    )
     op.create_table('budget_lines',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('study_id', sa.String(length=64), nullable=False),
@@ -261,6 +318,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_budget_lines_dataset_id'))
 
     op.drop_table('budget_lines')
+    op.drop_table('release_final_aggregate_blobs')
     op.drop_table('budget_accounts')
     with op.batch_alter_table('study_sites', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_study_sites_site_id'))
@@ -276,6 +334,13 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_study_approvals_study_id'))
 
     op.drop_table('study_approvals')
+    with op.batch_alter_table('release_signoffs', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_release_signoffs_study_id'))
+
+    op.drop_table('release_signoffs')
+    op.drop_table('release_releases')
+    op.drop_table('release_models')
+    op.drop_table('release_final_aggregates')
     with op.batch_alter_table('datasets', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_datasets_site_id'))
 

@@ -83,7 +83,27 @@ def _record(plan: RunPlan, n: int, epsilon: float, status: str = "aggregated") -
     )
 
 
-def _runner(epsilons: list[float], fail_last: bool = False) -> Any:
+def final_aggregate(plan: RunPlan, secret: bytes, round_number: int) -> GlobalModel:
+    """A real final aggregate: three sites' CKKS updates summed blindly, as the run does."""
+    import numpy as np
+
+    from consortium_server.federation.strategy import BlindAggregationStrategy
+    from site_node.crypto import CkksCodec
+
+    strategy = BlindAggregationStrategy(plan)
+    codec = CkksCodec(secret)
+    rng = np.random.default_rng(round_number)
+    updates = {
+        site: codec.encode(
+            rng.normal(size=plan.num_params), weight=100.0, info=strategy.round_info(round_number)
+        ).to_bytes_list()
+        for site in SITES
+    }
+    summed = strategy._sum(round_number, updates)
+    return GlobalModel(round_number, tuple(summed.to_bytes_list()), 300.0, summed.digest)
+
+
+def _runner(epsilons: list[float], fail_last: bool = False, secret: bytes | None = None) -> Any:
     def run(plan: RunPlan, hook: RoundHook) -> StudyOutcome:
         records = []
         for n, eps in enumerate(epsilons, start=1):
@@ -95,7 +115,11 @@ def _runner(epsilons: list[float], fail_last: bool = False) -> Any:
             return StudyOutcome(
                 plan.study_id, plan.contract_hash, "failed", records, failure=records[-1].failure
             )
-        final = GlobalModel(len(records), (b"x",), 300.0, "ef" * 32)
+        final = (
+            final_aggregate(plan, secret, len(records))
+            if secret is not None
+            else GlobalModel(len(records), (b"not an aggregate",), 300.0, "ef" * 32)
+        )
         return StudyOutcome(plan.study_id, plan.contract_hash, "completed", records, final)
 
     return run
@@ -119,9 +143,9 @@ def test_completed_run_charges_rounds_and_returns_the_rest(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
     study = _approved_study(client, consortium)
-    _relay_keys(app, study)
+    secret = _relay_keys(app, study)
     outcome = run_with_lifecycle(
-        app.state.sessionmaker, app.state.audit_log, study["id"], _runner([1.0, 2.0])
+        app.state.sessionmaker, app.state.audit_log, study["id"], _runner([1.0, 2.0], secret=secret)
     )
     assert outcome.status == "completed"
     final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
@@ -169,8 +193,10 @@ def test_a_site_reporting_more_than_reserved_is_not_charged(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
     study = _approved_study(client, consortium)  # epsilon 3.0 reserved
-    _relay_keys(app, study)
-    run_with_lifecycle(app.state.sessionmaker, app.state.audit_log, study["id"], _runner([4.0]))
+    secret = _relay_keys(app, study)
+    run_with_lifecycle(
+        app.state.sessionmaker, app.state.audit_log, study["id"], _runner([4.0], secret=secret)
+    )
     assert float(_budget(app, "bc-a").epsilon_spent) == 0
     log = app.state.audit_log
     with app.state.sessionmaker() as session:
@@ -265,3 +291,15 @@ def test_real_clientapp_run_in_process_drives_the_lifecycle(
     assert final["current_round"] == 2
     assert [r.participants for r in outcome.rounds] == [list(SITES), list(SITES)]
     assert _actions(app, study["id"]).count("round.completed") == 2
+
+
+def test_a_malformed_final_aggregate_fails_the_study(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    study = _approved_study(client, consortium)
+    _relay_keys(app, study)
+    run_with_lifecycle(app.state.sessionmaker, app.state.audit_log, study["id"], _runner([1.0]))
+    final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    assert final["state"] == "failed"
+    assert "cannot be kept for release" in final["state_reason"]
+    assert float(_budget(app, "bc-a").epsilon_reserved) == 0

@@ -16,9 +16,13 @@ from tests.unit.consortium_server.federation.test_coordinator import (
 )
 
 
-def _install_manager(app: FastAPI, epsilons: list[float], *, fail_last: bool = False) -> RunManager:
+def _install_manager(
+    app: FastAPI, epsilons: list[float], *, fail_last: bool = False, secret: bytes | None = None
+) -> RunManager:
     manager = RunManager(
-        app.state.sessionmaker, app.state.audit_log, lambda plan: _runner(epsilons, fail_last)
+        app.state.sessionmaker,
+        app.state.audit_log,
+        lambda plan: _runner(epsilons, fail_last, secret=secret),
     )
     app.state.run_manager = manager
     return manager
@@ -28,8 +32,8 @@ def test_owner_starts_a_run_that_completes_in_the_background(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
     study = _approved_study(client, consortium)
-    _relay_keys(app, study)
-    manager = _install_manager(app, [0.8, 1.6])
+    secret = _relay_keys(app, study)
+    manager = _install_manager(app, [0.8, 1.6], secret=secret)
     response = client.post(f"/api/v1/studies/{study['id']}/run", headers=consortium.researcher)
     assert response.status_code == 202, response.text
     assert response.json()["state"] == "running"

@@ -1,0 +1,295 @@
+"""The model card of a released study: what was trained, on whose data, at what privacy
+cost, who vouched for the model, and where the release sits in the audit log.
+
+The card is built once, at release, and stored with the release; only ``witnessed`` of its
+audit head is refreshed when it is read (sites cosign heads after the fact). It holds no
+patient data: counts and epsilons per dataset, aggregate evaluation metrics, hashes.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from consortium_server.audit.entries import format_utc
+from consortium_server.audit.heads import SignedTreeHead
+from consortium_server.audit.models import AuditLeaf
+from consortium_server.budgets import service as budgets
+from consortium_server.datasets.service import get_datasets
+from consortium_server.identity.principal import Principal
+from consortium_server.release import MODEL_ENCODING
+from consortium_server.release.models import FinalAggregate, ReleasedModel, ReleaseSignoff
+from consortium_server.studies.contract import StudyContract
+from consortium_server.studies.models import Study
+
+__all__ = [
+    "CARD_VERSION",
+    "CardAuditHead",
+    "CardDataset",
+    "CardModel",
+    "CardSignoff",
+    "ModelCard",
+    "audit_head",
+    "build_card",
+    "last_evaluation",
+    "render_markdown",
+]
+
+CARD_VERSION: Literal["concord.model-card/1"] = "concord.model-card/1"
+
+DP_NOTE = (
+    "Sites trained with differentially private SGD; the (epsilon, delta) charged to each "
+    "dataset bound what the released model can reveal about any one patient."
+)
+
+
+class _Card(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CardModel(_Card):
+    """The released model: catalogue entry, hyperparameters, and the exact bytes' hash."""
+
+    name: str
+    version: str
+    hyperparameters: dict[str, Any]
+    sha256: str = Field(description="SHA-256 of the released bytes (every site signed it).")
+    encoding: str = Field(description="Byte layout of the parameter vector.")
+    num_params: int
+    size_bytes: int
+
+
+class CardDataset(_Card):
+    """Privacy spent on one dataset by this study (decimal strings, as in the ledger)."""
+
+    dataset_id: str
+    site_id: str
+    epsilon_charged: str
+    delta_charged: str
+
+
+class CardSignoff(_Card):
+    """One site's Ed25519 signature over the model hash (see ``signoff_message``)."""
+
+    site_id: str
+    model_sha256: str
+    signature: str
+    signed_at: str
+
+
+class CardAuditHead(_Card):
+    """The signed audit tree head that covers the release entry."""
+
+    tree_size: int
+    root_hash: str
+    timestamp: str
+    key_id: str
+    signature: str
+    server_public_key: str
+    witnessed: bool
+    witness_quorum: int
+
+
+class ModelCard(_Card):
+    """Everything a reader of the released model needs to judge and verify it."""
+
+    card_version: Literal["concord.model-card/1"] = "concord.model-card/1"
+    study_id: str
+    title: str
+    purpose: str
+    description: str
+    ethics_reference: str
+    contract_hash: str
+    model: CardModel
+    training: dict[str, Any]
+    rounds_completed: int
+    final_round: int
+    final_aggregate_digest: str
+    sites: list[str]
+    datasets: list[CardDataset]
+    privacy: dict[str, Any]
+    evaluation: dict[str, float] | None = Field(
+        default=None, description="Weighted evaluation metrics of the last round, if any."
+    )
+    evaluation_round: int | None = None
+    signoffs: list[CardSignoff]
+    audit_head: CardAuditHead
+    released_by: dict[str, str | None]
+    released_at: str
+
+
+def last_evaluation(session: Session, study_id: str) -> tuple[int, dict[str, float]] | None:
+    """(round, metrics) of the study's latest ``round.completed`` entry with an evaluation."""
+    rows = session.scalars(
+        select(AuditLeaf.entry)
+        .where(AuditLeaf.action == "round.completed")
+        .order_by(AuditLeaf.index.desc())
+    )
+    for raw in rows:
+        entry = json.loads(raw)
+        if entry.get("object", {}).get("id") != study_id:
+            continue
+        details = entry.get("details", {})
+        evaluation = details.get("evaluation") or {}
+        if evaluation:
+            metrics = {str(k): float(v) for k, v in evaluation.items()}
+            return int(details.get("round_number", 0)), metrics
+    return None
+
+
+def audit_head(
+    head: SignedTreeHead, *, server_public_key: str, witnessed: bool, quorum: int
+) -> CardAuditHead:
+    """The card's view of a signed tree head."""
+    return CardAuditHead(
+        tree_size=head.tree_size,
+        root_hash=head.root_hash,
+        timestamp=format_utc(head.timestamp),
+        key_id=head.key_id,
+        signature=head.signature,
+        server_public_key=server_public_key,
+        witnessed=witnessed,
+        witness_quorum=quorum,
+    )
+
+
+def _datasets(session: Session, study: Study, contract: StudyContract) -> list[CardDataset]:
+    known, _unknown = get_datasets(session, contract.datasets)
+    out: list[CardDataset] = []
+    for dataset in sorted(known, key=lambda d: d.id):
+        view = budgets.show(session, dataset.id)
+        lines = [line for line in view.lines if line.study_id == study.id]
+        eps = sum((line.epsilon_charged for line in lines), start=Decimal(0))
+        delta = sum((line.delta_charged for line in lines), start=Decimal(0))
+        out.append(
+            CardDataset(
+                dataset_id=dataset.id,
+                site_id=dataset.site_id,
+                epsilon_charged=format(eps, "f"),
+                delta_charged=format(delta, "f"),
+            )
+        )
+    return out
+
+
+def build_card(
+    session: Session,
+    study: Study,
+    *,
+    model: ReleasedModel,
+    aggregate: FinalAggregate,
+    signoffs: list[ReleaseSignoff],
+    head: CardAuditHead,
+    released_by: Principal,
+    released_at: datetime,
+) -> ModelCard:
+    """The model card of ``study`` as it is being released."""
+    contract = StudyContract.model_validate(study.contract)
+    evaluation = last_evaluation(session, study.id)
+    return ModelCard(
+        study_id=study.id,
+        title=contract.title,
+        purpose=contract.purpose.value,
+        description=contract.description,
+        ethics_reference=contract.ethics_reference,
+        contract_hash=study.contract_hash,
+        model=CardModel(
+            name=contract.model.name,
+            version=contract.model.version,
+            hyperparameters=dict(contract.model.hyperparameters),
+            sha256=model.model_sha256,
+            encoding=MODEL_ENCODING,
+            num_params=model.num_params,
+            size_bytes=len(model.data),
+        ),
+        training=contract.training.model_dump(mode="json"),
+        rounds_completed=study.current_round,
+        final_round=aggregate.round_number,
+        final_aggregate_digest=aggregate.digest,
+        sites=sorted(s.site_id for s in study.sites),
+        datasets=_datasets(session, study, contract),
+        privacy={
+            "epsilon_target": contract.privacy.epsilon,
+            "delta_target": contract.privacy.delta,
+            "max_grad_norm": contract.privacy.max_grad_norm,
+            "note": DP_NOTE,
+        },
+        evaluation=evaluation[1] if evaluation else None,
+        evaluation_round=evaluation[0] if evaluation else None,
+        signoffs=[
+            CardSignoff(
+                site_id=s.site_id,
+                model_sha256=s.model_sha256,
+                signature=s.signature,
+                signed_at=format_utc(s.signed_at),
+            )
+            for s in sorted(signoffs, key=lambda s: s.site_id)
+        ],
+        audit_head=head,
+        released_by={"subject": released_by.subject, "organisation": released_by.organisation},
+        released_at=format_utc(released_at),
+    )
+
+
+def render_markdown(card: ModelCard) -> str:
+    """A human-readable rendering of ``card`` (the JSON stays the reference)."""
+    lines = [
+        f"# Model card: {card.title}",
+        "",
+        f"- Study: `{card.study_id}` ({card.purpose}, ethics {card.ethics_reference})",
+        f"- Contract hash: `{card.contract_hash}`",
+        f"- Model: {card.model.name} v{card.model.version}, {card.model.num_params} parameters "
+        f"({card.model.encoding}), hyperparameters `{json.dumps(card.model.hyperparameters)}`",
+        f"- Model SHA-256: `{card.model.sha256}`",
+        f"- Rounds: {card.rounds_completed} completed of {card.training.get('rounds')} planned; "
+        f"final aggregate `{card.final_aggregate_digest}` (round {card.final_round})",
+        f"- Sites: {', '.join(card.sites)}",
+        f"- Released {card.released_at} by {card.released_by.get('subject')}",
+        "",
+        "## Privacy",
+        "",
+        f"Target epsilon {card.privacy['epsilon_target']}, delta {card.privacy['delta_target']}. "
+        + str(card.privacy["note"]),
+        "",
+        "| dataset | site | epsilon charged | delta charged |",
+        "| --- | --- | --- | --- |",
+        *(
+            f"| {d.dataset_id} | {d.site_id} | {d.epsilon_charged} | {d.delta_charged} |"
+            for d in card.datasets
+        ),
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if card.evaluation:
+        lines.append(f"Round {card.evaluation_round} (weighted over the sites' test splits):")
+        lines.append("")
+        lines.extend(f"- {name}: {value:.4f}" for name, value in sorted(card.evaluation.items()))
+    else:
+        lines.append("No evaluation was recorded.")
+    lines += [
+        "",
+        "## Site sign-offs",
+        "",
+        "| site | model SHA-256 | signed at |",
+        "| --- | --- | --- |",
+        *(f"| {s.site_id} | `{s.model_sha256}` | {s.signed_at} |" for s in card.signoffs),
+        "",
+        "## Audit log",
+        "",
+        f"Tree head {card.audit_head.tree_size} `{card.audit_head.root_hash}` signed "
+        f"{card.audit_head.timestamp}; "
+        + (
+            f"witnessed by at least {card.audit_head.witness_quorum} site(s)."
+            if card.audit_head.witnessed
+            else f"not yet witnessed (quorum {card.audit_head.witness_quorum})."
+        ),
+        "",
+    ]
+    return "\n".join(lines)

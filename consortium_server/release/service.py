@@ -1,0 +1,532 @@
+"""The release gate's rules: the final aggregate, site sign-offs, the uploaded model, and the
+decision to release.
+
+Trust model. The server never holds the study's secret key, so it cannot decrypt the final
+aggregate and cannot know the model itself. Each site decrypts the aggregate with the study
+key (decryption is deterministic across sites: rounded to a grid, see docs/crypto.md),
+hashes the canonical model bytes (:func:`consortium_server.release.model_sha256`) and signs
+that hash with its enrolled Ed25519 key. One site uploads the bytes; the server only checks
+that they hash to what the sites signed. The release needs a sign-off from **every** site
+of the study, all on the **same** hash: if one site's hash disagrees, the model is never
+released (a site that decrypted something else would otherwise vouch for a model it never
+saw). Uploading the decrypted model to the server is safe for patients only because of
+differential privacy: each site trained with DP-SGD, and the (epsilon, delta) charged to its
+datasets bounds what the released model reveals about any one patient; encryption only
+hides individual sites' updates during training, not the final model.
+
+Every function takes ``session`` and flushes; the request boundary commits.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from consortium_server.audit.heads import decode_public_key
+from consortium_server.datasets.service import get_datasets
+from consortium_server.db.base import utcnow
+from consortium_server.errors import (
+    CATALOGUE,
+    ConflictError,
+    DomainError,
+    ForbiddenError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from consortium_server.federation.strategy import GlobalModel
+from consortium_server.identity.principal import Principal
+from consortium_server.policy.checks import PolicyContext
+from consortium_server.policy.decisions import check_release
+from consortium_server.policy.engine import Decision
+from consortium_server.policy.facts import owner_principal
+from consortium_server.release import model_sha256, signoff_message
+from consortium_server.release.card import ModelCard
+from consortium_server.release.models import (
+    FinalAggregate,
+    FinalAggregateBlob,
+    ReleasedModel,
+    ReleaseSignoff,
+    StudyRelease,
+)
+from consortium_server.sites.models import Site
+from consortium_server.sites.service import require_own_active_site, site_of_principal
+from consortium_server.studies.contract import StudyContract
+from consortium_server.studies.lifecycle import transition
+from consortium_server.studies.models import Study, StudyEvent, StudyState
+from site_node.crypto.errors import WireFormatError
+from site_node.crypto.wire import EncodedUpdate
+
+__all__ = [
+    "ReleaseCheck",
+    "ReleaseProblem",
+    "check_release_gate",
+    "get_final_aggregate",
+    "get_release",
+    "get_released_model",
+    "list_signoffs",
+    "mark_released",
+    "record_signoff",
+    "require_state",
+    "require_study_site",
+    "store_final_aggregate",
+    "store_release",
+    "study_site_ids",
+    "upload_model",
+    "verify_signoff_signature",
+]
+
+
+def study_site_ids(study: Study) -> list[str]:
+    """Every site of the study (each must sign off), sorted."""
+    return sorted(s.site_id for s in study.sites)
+
+
+def require_state(study: Study, *states: StudyState) -> None:
+    """``release.not_completed`` unless ``study`` is in one of ``states``."""
+    if study.state not in states:
+        raise ConflictError(
+            "release.not_completed",
+            f"Study {study.id} is {study.state.value}; this needs "
+            f"{' or '.join(s.value for s in states)}.",
+        )
+
+
+# --------------------------------------------------------------------- final aggregate
+
+
+def store_final_aggregate(
+    session: Session, study_id: str, final_model: GlobalModel
+) -> FinalAggregate:
+    """Keep the final encrypted aggregate of a run for the sites to decrypt at release.
+
+    Called by the coordinator when a run completes. The blobs are checked as an update in
+    the wire format (header, chunk count, every chunk digest) and must name this study and
+    its contract hash. Storing the same aggregate twice is a no-op; a different one is
+    refused (``release.aggregate_exists``).
+    """
+    study = session.get(Study, study_id)
+    if study is None:
+        raise NotFoundError("study.not_found", f"No study with id {study_id!r}.")
+    require_state(study, StudyState.RUNNING, StudyState.COMPLETED)
+    try:
+        update = EncodedUpdate.from_bytes_list(final_model.blobs)
+    except WireFormatError as exc:
+        raise InvalidRequestError("release.aggregate_invalid", exc.message) from None
+    header = update.header
+    problems = []
+    if header.study_id != study.id:
+        problems.append("it names another study")
+    if header.contract_hash != study.contract_hash:
+        problems.append("it names another contract hash")
+    if update.digest != final_model.digest:
+        problems.append("its digest does not match the header")
+    if problems:
+        raise InvalidRequestError(
+            "release.aggregate_invalid", f"The final aggregate is refused: {'; '.join(problems)}."
+        )
+    existing = session.get(FinalAggregate, study.id)
+    if existing is not None:
+        if existing.digest == update.digest:
+            return existing
+        raise ConflictError(
+            "release.aggregate_exists",
+            f"Study {study.id} already has final aggregate {existing.digest[:16]}.",
+        )
+    aggregate = FinalAggregate(
+        study_id=study.id,
+        contract_hash=study.contract_hash,
+        round_number=final_model.round_number,
+        scheme=header.scheme,
+        num_params=header.num_params,
+        total_weight=float(final_model.total_weight),
+        digest=update.digest,
+        blobs=[
+            FinalAggregateBlob(study_id=study.id, position=i, data=bytes(blob))
+            for i, blob in enumerate(final_model.blobs)
+        ],
+    )
+    session.add(aggregate)
+    session.flush()
+    return aggregate
+
+
+def require_study_site(session: Session, study: Study, principal: Principal) -> Site:
+    """The caller's own active site, provided it is a site of ``study`` (403 otherwise)."""
+    site = site_of_principal(session, principal)
+    if site is None:
+        raise ForbiddenError(
+            "Your identity acts for no enrolled site.", code="release.not_study_site"
+        )
+    require_own_active_site(session, principal, site.id)
+    if site.id not in study_site_ids(study):
+        raise ForbiddenError(
+            f"Site {site.id} takes no part in study {study.id}.", code="release.not_study_site"
+        )
+    return site
+
+
+def get_final_aggregate(session: Session, study: Study) -> FinalAggregate:
+    """The study's final aggregate (``release.no_aggregate`` if none was stored)."""
+    aggregate = session.get(FinalAggregate, study.id)
+    if aggregate is None:
+        raise NotFoundError(
+            "release.no_aggregate", f"No final aggregate is stored for study {study.id}."
+        )
+    return aggregate
+
+
+# --------------------------------------------------------------------------- sign-offs
+
+
+def list_signoffs(session: Session, study_id: str) -> list[ReleaseSignoff]:
+    """The study's sign-offs, by site id."""
+    return list(
+        session.scalars(
+            select(ReleaseSignoff)
+            .where(ReleaseSignoff.study_id == study_id)
+            .order_by(ReleaseSignoff.site_id)
+        )
+    )
+
+
+def verify_signoff_signature(
+    site: Site, *, study: Study, model_sha256: str, signature_b64: str
+) -> bool:
+    """True if ``signature_b64`` is ``site``'s Ed25519 signature of the sign-off message."""
+    try:
+        signature = base64.b64decode(signature_b64, validate=True)
+        key = decode_public_key(site.signing_public_key)
+        key.verify(
+            signature,
+            signoff_message(
+                study_id=study.id,
+                contract_hash=study.contract_hash,
+                model_sha256=model_sha256,
+                site_id=site.id,
+            ),
+        )
+    except (binascii.Error, ValueError, InvalidSignature, DomainError):
+        return False
+    return True
+
+
+def record_signoff(
+    session: Session,
+    study: Study,
+    site: Site,
+    *,
+    model_sha256: str,
+    signature: str,
+    actor: Principal,
+) -> tuple[ReleaseSignoff, bool]:
+    """Store ``site``'s sign-off of ``model_sha256``; returns it and whether it is new.
+
+    Needs a completed study with a stored final aggregate and a signature that verifies
+    with the site's registered key (``release.signature_invalid``). A site signs off once:
+    repeating the same hash is a no-op, another hash is refused
+    (``release.already_signed_off``).
+    """
+    require_state(study, StudyState.COMPLETED)
+    get_final_aggregate(session, study)
+    if not verify_signoff_signature(
+        site, study=study, model_sha256=model_sha256, signature_b64=signature
+    ):
+        raise InvalidRequestError(
+            "release.signature_invalid",
+            f"The signature does not verify with site {site.id}'s registered signing key.",
+        )
+    existing = session.scalars(
+        select(ReleaseSignoff).where(
+            ReleaseSignoff.study_id == study.id, ReleaseSignoff.site_id == site.id
+        )
+    ).first()
+    if existing is not None:
+        if existing.model_sha256 == model_sha256:
+            return existing, False
+        raise ConflictError(
+            "release.already_signed_off",
+            f"Site {site.id} already signed off model {existing.model_sha256[:16]}.",
+        )
+    signoff = ReleaseSignoff(
+        study_id=study.id,
+        site_id=site.id,
+        contract_hash=study.contract_hash,
+        model_sha256=model_sha256,
+        signature=signature,
+        signed_by=actor.subject,
+        signed_at=utcnow(),
+    )
+    session.add(signoff)
+    session.flush()
+    return signoff, True
+
+
+# ------------------------------------------------------------------------------- model
+
+
+def upload_model(
+    session: Session, study: Study, site: Site, data: bytes, *, actor: Principal
+) -> tuple[ReleasedModel, bool]:
+    """Store the decrypted model bytes ``site`` uploaded; returns it and whether it is new.
+
+    The uploading site must have signed off, and the bytes must hash to its signed-off hash
+    and be ``num_params`` finite float64 values (``release.model_invalid``). The first
+    upload wins: the same bytes again are a no-op, other bytes ``release.model_exists``.
+    """
+    require_state(study, StudyState.COMPLETED)
+    aggregate = get_final_aggregate(session, study)
+    own = session.scalars(
+        select(ReleaseSignoff).where(
+            ReleaseSignoff.study_id == study.id, ReleaseSignoff.site_id == site.id
+        )
+    ).first()
+    if own is None:
+        raise ConflictError(
+            "release.signoffs_missing", f"Site {site.id} must sign off before uploading."
+        )
+    digest = model_sha256(data)
+    if digest != own.model_sha256:
+        raise InvalidRequestError(
+            "release.model_invalid",
+            f"The bytes hash to {digest[:16]}, site {site.id} signed off {own.model_sha256[:16]}.",
+        )
+    if len(data) != 8 * aggregate.num_params:
+        raise InvalidRequestError(
+            "release.model_invalid",
+            f"Expected {aggregate.num_params} float64 values ({8 * aggregate.num_params} bytes), "
+            f"got {len(data)} bytes.",
+        )
+    if not np.isfinite(np.frombuffer(data, dtype="<f8")).all():
+        raise InvalidRequestError("release.model_invalid", "The model holds NaN or infinity.")
+    existing = session.get(ReleasedModel, study.id)
+    if existing is not None:
+        if existing.model_sha256 == digest:
+            return existing, False
+        raise ConflictError(
+            "release.model_exists",
+            f"Model {existing.model_sha256[:16]} was already uploaded by "
+            f"{existing.uploaded_by_site}.",
+        )
+    model = ReleasedModel(
+        study_id=study.id,
+        model_sha256=digest,
+        num_params=aggregate.num_params,
+        data=data,
+        uploaded_by_site=site.id,
+        uploaded_by=actor.subject,
+        uploaded_at=utcnow(),
+    )
+    session.add(model)
+    session.flush()
+    return model, True
+
+
+# -------------------------------------------------------------------------------- gate
+
+
+@dataclass(frozen=True)
+class ReleaseProblem:
+    """One reason the release is refused (``code`` is a catalogue code)."""
+
+    code: str
+    message: str
+    sites: tuple[str, ...] = ()
+
+    def as_detail(self) -> dict[str, Any]:
+        """JSON form for error details and the audit entry."""
+        return {"code": self.code, "message": self.message, "sites": list(self.sites)}
+
+
+#: Which refusal is reported first when several apply (the others are in the details).
+_PRIORITY = (
+    "release.not_completed",
+    "release.no_aggregate",
+    "release.hash_mismatch",
+    "release.signoffs_missing",
+    "release.model_missing",
+    "policy.denied",
+)
+
+
+@dataclass
+class ReleaseCheck:
+    """The outcome of the release gate for one request."""
+
+    problems: list[ReleaseProblem] = field(default_factory=list)
+    decision: Decision | None = None
+    model_sha256: str | None = None
+    signoffs: list[ReleaseSignoff] = field(default_factory=list)
+
+    @property
+    def allowed(self) -> bool:
+        """True when nothing stands in the way."""
+        return not self.problems
+
+    def primary(self) -> ReleaseProblem:
+        """The refusal to report as the error code."""
+        return min(self.problems, key=lambda p: _PRIORITY.index(p.code))
+
+    @property
+    def status(self) -> int:
+        """HTTP status of the refusal."""
+        return CATALOGUE[self.primary().code].status
+
+
+def _policy_decision(
+    session: Session,
+    context: PolicyContext,
+    study: Study,
+    requester: Principal,
+    signed: int,
+) -> Decision:
+    contract = StudyContract.model_validate(study.contract)
+    datasets, _unknown = get_datasets(session, contract.datasets)
+    return check_release(
+        context.engine(session),
+        contract,
+        datasets,
+        owner_principal(study.owner_subject, study.owner_organisation),
+        requester,
+        context.facts(session),
+        study_id=study.id,
+        state=study.state.value,
+        sites_signed_off=signed,
+    )
+
+
+def _hash_groups(signoffs: Sequence[ReleaseSignoff]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for signoff in signoffs:
+        groups.setdefault(signoff.model_sha256, []).append(signoff.site_id)
+    return groups
+
+
+def check_release_gate(
+    session: Session, study: Study, *, requester: Principal, policy: PolicyContext
+) -> ReleaseCheck:
+    """Every reason not to release ``study`` now (none: it may be released).
+
+    Checks the state, the stored aggregate, that every study site signed off and all on
+    one hash (a disagreement is ``release.hash_mismatch``, naming each site and its hash),
+    the uploaded model, and the consortium policy (``ReleaseModel``). Changes nothing.
+    """
+    check = ReleaseCheck()
+    sites = study_site_ids(study)
+    if study.state is not StudyState.COMPLETED:
+        check.problems.append(
+            ReleaseProblem(
+                "release.not_completed",
+                f"Study {study.id} is {study.state.value}; only a completed study is released.",
+            )
+        )
+    if session.get(FinalAggregate, study.id) is None:
+        check.problems.append(
+            ReleaseProblem("release.no_aggregate", "No final aggregate is stored for the study.")
+        )
+    signoffs = [s for s in list_signoffs(session, study.id) if s.site_id in sites]
+    check.signoffs = signoffs
+    groups = _hash_groups(signoffs)
+    if len(groups) > 1:
+        named = "; ".join(
+            f"{', '.join(site_ids)} signed {digest[:16]}"
+            for digest, site_ids in sorted(groups.items())
+        )
+        check.problems.append(
+            ReleaseProblem(
+                "release.hash_mismatch",
+                f"The sites disagree on the final model: {named}.",
+                tuple(sorted(s.site_id for s in signoffs)),
+            )
+        )
+    missing = tuple(sorted(set(sites) - {s.site_id for s in signoffs}))
+    if missing:
+        check.problems.append(
+            ReleaseProblem(
+                "release.signoffs_missing",
+                f"Not signed off yet by: {', '.join(missing)}.",
+                missing,
+            )
+        )
+    if len(groups) == 1:
+        check.model_sha256 = next(iter(groups))
+    model = session.get(ReleasedModel, study.id)
+    if model is None or (check.model_sha256 and model.model_sha256 != check.model_sha256):
+        check.problems.append(
+            ReleaseProblem(
+                "release.model_missing",
+                "No uploaded model matches the signed-off hash."
+                if model is not None
+                else "No site has uploaded the decrypted model yet.",
+            )
+        )
+    decision = _policy_decision(session, policy, study, requester, len(signoffs))
+    check.decision = decision
+    if not decision.allowed:
+        reasons = [r.text for r in decision.reasons] + list(decision.errors)
+        check.problems.append(
+            ReleaseProblem(
+                "policy.denied", "The data-use policy denies the release: " + " ".join(reasons)
+            )
+        )
+    return check
+
+
+def mark_released(study: Study, *, actor: Principal, check: ReleaseCheck) -> StudyEvent:
+    """``completed -> released`` (only after :func:`check_release_gate` allowed it)."""
+    if not check.allowed or check.model_sha256 is None:
+        raise ValueError("mark_released needs a passed release check")
+    return transition(
+        study,
+        StudyState.RELEASED,
+        actor=actor,
+        reason=f"Every site signed off model {check.model_sha256[:16]}; the policy allows it.",
+    )
+
+
+def store_release(
+    session: Session,
+    study: Study,
+    *,
+    card: ModelCard,
+    actor: Principal,
+    released_at: datetime,
+) -> StudyRelease:
+    """Record the release and its model card."""
+    release = StudyRelease(
+        study_id=study.id,
+        model_sha256=card.model.sha256,
+        card=card.model_dump(mode="json"),
+        released_by=actor.subject,
+        released_at=released_at,
+    )
+    session.add(release)
+    session.flush()
+    return release
+
+
+def get_release(session: Session, study: Study) -> StudyRelease:
+    """The study's release (``release.not_released`` before it happened)."""
+    release = session.get(StudyRelease, study.id)
+    if study.state is not StudyState.RELEASED or release is None:
+        raise ConflictError(
+            "release.not_released", f"Study {study.id} is {study.state.value}, not released."
+        )
+    return release
+
+
+def get_released_model(session: Session, study: Study) -> ReleasedModel:
+    """The released model's bytes (``release.not_released`` before release)."""
+    release = get_release(session, study)
+    model = session.get(ReleasedModel, study.id)
+    if model is None or model.model_sha256 != release.model_sha256:
+        raise ConflictError("release.not_released", "The released model is not available.")
+    return model

@@ -1,0 +1,439 @@
+"""The release gate end to end: a study run to `completed` with a real CKKS final aggregate,
+three sites decrypting it and signing off, and the researcher downloading model and card."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from consortium_server.audit.verify import verify_live
+from consortium_server.client import ConsortiumClient
+from consortium_server.federation.blind_sum import blind_sum
+from consortium_server.federation.coordinator import run_with_lifecycle
+from consortium_server.federation.models import StudyKeyRelay
+from consortium_server.federation.strategy import (
+    GlobalModel,
+    RoundHook,
+    RoundRecord,
+    RunPlan,
+    StudyOutcome,
+)
+from consortium_server.release import model_sha256, signoff_message
+from consortium_server.release.service import store_final_aggregate
+from consortium_server.studies.contract import StudyContract
+from site_node.crypto import (
+    CkksCodec,
+    RoundInfo,
+    SiteKeyPair,
+    expected_chunks,
+    generate_study_context,
+    public_context,
+    study_key_fingerprint,
+)
+from site_node.federation.approvals import ApprovalStore
+from site_node.release import sign_off
+from tests.support.world import People, dataset_body, site_enrolment, study_contract
+
+SITES = ("a", "b", "c")
+WEIGHTS = {"a": 100.0, "b": 200.0, "c": 300.0}
+BASE = "/api/v1/studies/{}/release"
+
+
+@dataclass
+class World:
+    """A consortium whose sites' private keys and study keys the test holds."""
+
+    client: TestClient
+    app: FastAPI
+    people: People
+    keys: dict[str, SiteKeyPair]
+    stores: dict[str, ApprovalStore]
+    study: dict[str, Any]
+    secret: bytes
+    expected: np.ndarray[Any, np.dtype[np.float64]] | None = None
+
+    @property
+    def base(self) -> str:
+        return BASE.format(self.study["id"])
+
+    def api(self, site: str) -> ConsortiumClient:
+        token = self.people.node(site)["Authorization"].removeprefix("Bearer ")
+        return ConsortiumClient("http://testserver", token, transport=self.client._transport)
+
+    def sign_off(self, site: str, *, upload: bool = False) -> str:
+        with self.api(site) as api:
+            result = sign_off(
+                api,
+                self.study["id"],
+                site_id=f"hospital-{site}",
+                keys=self.keys[site],
+                store=self.stores[site],
+                upload=upload,
+            )
+        return result.model_sha256
+
+    def signed(self, site: str, digest: str, *, key: SiteKeyPair | None = None) -> Any:
+        message = signoff_message(
+            study_id=self.study["id"],
+            contract_hash=self.study["contract_hash"],
+            model_sha256=digest,
+            site_id=f"hospital-{site}",
+        )
+        signature = (key or self.keys[site]).signing_key.sign(message)
+        return self.client.post(
+            f"{self.base}/signoffs",
+            json={
+                "site_id": f"hospital-{site}",
+                "model_sha256": digest,
+                "signature": base64.b64encode(signature).decode(),
+            },
+            headers=self.people.node(site),
+        )
+
+    def release(self, headers: dict[str, str] | None = None) -> Any:
+        return self.client.post(self.base, headers=headers or self.people.researcher)
+
+    def entries(self) -> list[dict[str, Any]]:
+        log = self.app.state.audit_log
+        with self.app.state.sessionmaker() as session:
+            stored = [log.get_entry(i, session=session) for i in range(log.size(session=session))]
+        return [
+            s.entry.model_dump(mode="json") for s in stored if s.entry.object.id == self.study["id"]
+        ]
+
+    def actions(self) -> list[str]:
+        return [e["action"] for e in self.entries()]
+
+
+def _enrol(client: TestClient, people: People, site: str, keys: SiteKeyPair) -> None:
+    body = site_enrolment(f"hospital-{site}", f"Hospital {site}")
+    body["signing_public_key"] = keys.signing_public_b64
+    body["exchange_public_key"] = keys.exchange_public_b64
+    assert client.post("/api/v1/sites", json=body, headers=people.admin).status_code == 201
+    dataset = dataset_body(f"bc-{site}", f"hospital-{site}")
+    response = client.post("/api/v1/datasets", json=dataset, headers=people.steward(site))
+    assert response.status_code == 201, response.text
+
+
+@pytest.fixture
+def world(client: TestClient, people: People, app: FastAPI, tmp_path: Path) -> World:
+    """Three hospitals with known keys and an approved study whose key they all hold."""
+    keys = {site: SiteKeyPair.generate() for site in SITES}
+    for site in SITES:
+        _enrol(client, people, site, keys[site])
+    study = client.post(
+        "/api/v1/studies",
+        json=study_contract([f"bc-{s}" for s in SITES]),
+        headers=people.researcher,
+    ).json()
+    for site in SITES:
+        body = {
+            "site_id": f"hospital-{site}",
+            "contract_hash": study["contract_hash"],
+            "decision": "approved",
+        }
+        response = client.post(
+            f"/api/v1/studies/{study['id']}/approvals", json=body, headers=people.steward(site)
+        )
+        assert response.status_code == 201, response.text
+    secret = generate_study_context()
+    public = public_context(secret)
+    with app.state.sessionmaker() as session:
+        session.add(
+            StudyKeyRelay(
+                study_id=study["id"],
+                sender_site_id="hospital-a",
+                contract_hash=study["contract_hash"],
+                public_context=public,
+                public_context_sha256=hashlib.sha256(public).hexdigest(),
+                key_fingerprint=study_key_fingerprint(secret),
+                uploaded_by="service-account-a",
+            )
+        )
+        session.commit()
+    contract = StudyContract.model_validate(study["contract"])
+    stores = {}
+    for site in SITES:
+        store = ApprovalStore(tmp_path / f"site-{site}")
+        store.approve(study["id"], contract, study["contract_hash"])
+        store.save_study_key(study["id"], secret, sender_id="hospital-a")
+        stores[site] = store
+    return World(client, app, people, keys, stores, study, secret)
+
+
+def _run(world: World, rounds: int = 2) -> World:
+    """Drive the study to `completed` with a real encrypted final aggregate, then keep it
+    (the line ``finish_run`` calls)."""
+    secret, public = world.secret, public_context(world.secret)
+    codec = CkksCodec(secret)
+    rng = np.random.default_rng(7)
+
+    def run(plan: RunPlan, hook: RoundHook) -> StudyOutcome:
+        records, final = [], None
+        for n in range(1, rounds + 1):
+            info = RoundInfo(plan.study_id, plan.contract_hash, n, plan.num_params)
+            vectors = {s: rng.normal(0, 0.1, plan.num_params) for s in SITES}
+            updates = {
+                f"hospital-{s}": codec.encode(
+                    vectors[s], weight=WEIGHTS[s], info=info
+                ).to_bytes_list()
+                for s in SITES
+            }
+            summed = blind_sum(
+                public,
+                updates,
+                expected=info,
+                expected_chunks=expected_chunks(plan.num_params, codec.chunk_size),
+                max_chunk_bytes=2 * 8192 * 8 * 2 + 8192,
+            )
+            total = sum(WEIGHTS.values())
+            weighted = np.sum([WEIGHTS[s] * vectors[s] for s in SITES], axis=0)
+            world.expected = np.asarray(weighted / total, dtype=np.float64)
+            record = RoundRecord(
+                study_id=plan.study_id,
+                contract_hash=plan.contract_hash,
+                round_number=n,
+                status="aggregated",
+                participants=[f"hospital-{s}" for s in SITES],
+                sample_counts={f"hospital-{s}": int(WEIGHTS[s]) for s in SITES},
+                epsilon={f"hospital-{s}": 0.75 * n for s in SITES},
+                aggregate_digest=summed.digest,
+                total_weight=total,
+                evaluation={"accuracy": 0.8 + 0.05 * n, "auc": 0.85 + 0.02 * n},
+            )
+            hook(record)
+            records.append(record)
+            final = GlobalModel(n, tuple(summed.to_bytes_list()), total, summed.digest)
+        return StudyOutcome(plan.study_id, plan.contract_hash, "completed", records, final)
+
+    outcome = run_with_lifecycle(
+        world.app.state.sessionmaker, world.app.state.audit_log, world.study["id"], run
+    )
+    assert outcome.final_model is not None
+    with world.app.state.sessionmaker() as session:
+        store_final_aggregate(session, world.study["id"], outcome.final_model)
+        session.commit()
+    return world
+
+
+@pytest.fixture
+def completed(world: World) -> World:
+    return _run(world)
+
+
+def test_three_sites_decrypt_sign_off_and_the_researcher_gets_model_and_card(
+    completed: World,
+) -> None:
+    w = completed
+    hashes = {site: w.sign_off(site, upload=site == "b") for site in SITES}
+    assert len(set(hashes.values())) == 1  # decryption is deterministic across sites
+    digest = hashes["a"]
+
+    response = w.release()
+    assert response.status_code == 200, response.text
+    card = response.json()
+    assert card["contract_hash"] == w.study["contract_hash"]
+    assert card["sites"] == ["hospital-a", "hospital-b", "hospital-c"]
+    assert card["rounds_completed"] == 2
+    assert card["final_round"] == 2
+    assert card["model"]["sha256"] == digest
+    assert card["model"]["name"] == "tabular-mlp"
+    assert card["model"]["hyperparameters"]
+    assert {d["dataset_id"]: d["epsilon_charged"] for d in card["datasets"]} == {
+        "bc-a": "1.5",
+        "bc-b": "1.5",
+        "bc-c": "1.5",
+    }
+    assert all(float(d["delta_charged"]) == pytest.approx(1e-5) for d in card["datasets"])
+    assert card["privacy"]["epsilon_target"] == 3.0
+    assert card["evaluation"] == {"accuracy": pytest.approx(0.9), "auc": pytest.approx(0.89)}
+    assert [s["site_id"] for s in card["signoffs"]] == card["sites"]
+    assert card["audit_head"]["witnessed"] is False
+    assert card["audit_head"]["tree_size"] >= 1
+
+    model = w.client.get(f"{w.base}/model", headers=w.people.researcher)
+    assert model.status_code == 200
+    assert model.headers["x-model-sha256"] == digest == hashlib.sha256(model.content).hexdigest()
+    vector = np.frombuffer(model.content, dtype="<f8")
+    assert w.expected is not None
+    np.testing.assert_allclose(vector, w.expected, atol=1e-6)  # the real weighted average
+
+    stored = w.client.get(f"{w.base}/card", headers=w.people.researcher).json()
+    assert stored["model"]["sha256"] == digest
+    markdown = w.client.get(f"{w.base}/card?format=markdown", headers=w.people.admin)
+    assert markdown.status_code == 200
+    assert digest in markdown.text
+    state = w.client.get(f"/api/v1/studies/{w.study['id']}", headers=w.people.researcher).json()
+    assert state["state"] == "released"
+
+    actions = w.actions()
+    assert actions.count("release.aggregate_fetched") == 3
+    assert actions.count("release.signed_off") == 3
+    assert actions.count("release.model_uploaded") == 1
+    assert actions[-3:] == ["policy.decision", "study.released", "release.model_downloaded"]
+    with w.app.state.sessionmaker() as session:
+        report = verify_live(session, server_public_key=w.app.state.tree_head_signer.public_key_b64)
+    assert report.ok, report.summary()
+    # Released is terminal: a second release is refused.
+    assert w.release().json()["error"]["code"] == "release.not_completed"
+
+
+def test_a_site_whose_hash_disagrees_blocks_the_release_and_is_recorded(completed: World) -> None:
+    w = completed
+    w.sign_off("a", upload=True)
+    w.sign_off("b")
+    other = model_sha256(b"a model hospital-c decrypted differently")
+    assert w.signed("c", other).status_code == 201
+
+    status = w.client.get(w.base, headers=w.people.researcher).json()
+    assert status["hashes_agree"] is False
+    assert status["pending_sites"] == []
+    response = w.release()
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "release.hash_mismatch"
+    assert "hospital-c" in error["message"]
+    mismatch = next(d for d in error["details"] if d["code"] == "release.hash_mismatch")
+    assert mismatch["sites"] == ["hospital-a", "hospital-b", "hospital-c"]
+    refused = [e for e in w.entries() if e["action"] == "release.refused"]
+    assert refused
+    assert refused[-1]["outcome"] == "denied"
+    assert refused[-1]["details"]["code"] == "release.hash_mismatch"
+    # A site cannot change its mind afterwards, and nothing was released.
+    assert w.signed("c", status["signoffs"][0]["model_sha256"]).status_code == 409
+    assert w.client.get(f"{w.base}/model", headers=w.people.researcher).status_code == 409
+    state = w.client.get(f"/api/v1/studies/{w.study['id']}", headers=w.people.researcher).json()
+    assert state["state"] == "completed"
+
+
+def test_a_missing_sign_off_is_refused(completed: World) -> None:
+    w = completed
+    w.sign_off("a", upload=True)
+    w.sign_off("b")
+    response = w.release()
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "release.signoffs_missing"
+    assert "hospital-c" in error["message"]
+    assert "release.refused" in w.actions()
+
+
+def test_a_forged_signature_is_refused_and_recorded(completed: World) -> None:
+    w = completed
+    digest = w.sign_off("a")
+    response = w.signed("c", digest, key=SiteKeyPair.generate())
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "release.signature_invalid"
+    status = w.client.get(w.base, headers=w.people.researcher).json()
+    assert status["pending_sites"] == ["hospital-b", "hospital-c"]
+    refused = [e for e in w.entries() if e["action"] == "release.refused"]
+    assert refused[-1]["details"]["stage"] == "signoff"
+
+
+def test_uploaded_bytes_must_match_the_sites_sign_off(completed: World) -> None:
+    w = completed
+    w.sign_off("a")
+    wrong = np.zeros(8, dtype="<f8").tobytes()
+    response = w.client.post(
+        f"{w.base}/model",
+        content=wrong,
+        headers={**w.people.node("a"), "content-type": "application/octet-stream"},
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "release.model_invalid"
+    # Site b has not signed off: it may not upload at all.
+    response = w.client.post(
+        f"{w.base}/model",
+        json={"model_b64": base64.b64encode(wrong).decode()},
+        headers=w.people.node("b"),
+    )
+    assert response.status_code == 409
+
+
+def test_wrong_roles_and_other_sites_are_forbidden(completed: World) -> None:
+    w = completed
+    assert w.client.get(f"{w.base}/aggregate", headers=w.people.researcher).status_code == 403
+    assert w.client.get(f"{w.base}/aggregate", headers=w.people.steward("a")).status_code == 403
+    _enrol(w.client, w.people, "d", SiteKeyPair.generate())
+    response = w.client.get(f"{w.base}/aggregate", headers=w.people.node("d"))
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "release.not_study_site"
+    digest = model_sha256(b"x")
+    message = signoff_message(
+        study_id=w.study["id"],
+        contract_hash=w.study["contract_hash"],
+        model_sha256=digest,
+        site_id="hospital-b",
+    )
+    response = w.client.post(
+        f"{w.base}/signoffs",
+        json={
+            "site_id": "hospital-b",
+            "model_sha256": digest,
+            "signature": base64.b64encode(w.keys["b"].signing_key.sign(message)).decode(),
+        },
+        headers=w.people.node("a"),  # hospital-a's identity speaking for hospital-b
+    )
+    assert response.status_code == 403
+    assert w.release(w.people.steward("a")).status_code == 403
+    assert w.release(w.people.node("a")).status_code == 403
+    assert w.client.get(f"{w.base}/model", headers=w.people.compliance).status_code == 403
+
+
+def test_release_before_completion_is_a_conflict(world: World) -> None:
+    w = world  # approved, never run
+    response = w.release()
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "release.not_completed"
+    response = w.client.get(f"{w.base}/aggregate", headers=w.people.node("a"))
+    assert response.status_code == 409
+    refused = [e for e in w.entries() if e["action"] == "release.refused"]
+    assert refused[-1]["details"]["code"] == "release.not_completed"
+
+
+def test_a_policy_denial_refuses_the_release(completed: World) -> None:
+    w = completed
+    for site in SITES:
+        w.sign_off(site, upload=site == "a")
+    # The consortium admin's organisation is not a consortium member: ReleaseModel forbids.
+    response = w.release(w.people.admin)
+    assert response.status_code == 403
+    error = response.json()["error"]
+    assert error["code"] == "policy.denied"
+    assert "consortium member" in error["message"]
+    refused = [e for e in w.entries() if e["action"] == "release.refused"][-1]
+    assert refused["policy"]["decision"] == "deny"
+    assert w.release().status_code == 200  # the owner, a member, may
+
+
+def test_model_and_card_are_not_available_before_release(completed: World) -> None:
+    w = completed
+    response = w.client.get(f"{w.base}/model", headers=w.people.researcher)
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "release.not_released"
+    assert w.client.get(f"{w.base}/card", headers=w.people.researcher).status_code == 409
+    assert w.client.get(f"{w.base}/model", headers=w.people.other_researcher).status_code == 404
+
+
+def test_the_final_aggregate_is_kept_once(completed: World) -> None:
+    w = completed
+    with w.app.state.sessionmaker() as session:
+        from consortium_server.release.models import FinalAggregate
+
+        stored = session.get(FinalAggregate, w.study["id"])
+        assert stored is not None
+        blobs = tuple(b.data for b in stored.blobs)
+        same = GlobalModel(stored.round_number, blobs, stored.total_weight, stored.digest)
+        assert store_final_aggregate(session, w.study["id"], same) is stored
+        header = json.loads(blobs[0])
+        assert header["study_id"] == w.study["id"]
+        assert stored.num_params == header["num_params"]
