@@ -19,6 +19,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export CONCORD_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: help install demo test check lint format pytest test-fast clean
 
@@ -39,8 +40,8 @@ tests/oidc_provider/node_modules/.stamp: tests/oidc_provider/package-lock.json
 
 install: $(VENV)/.stamp-python tests/oidc_provider/node_modules/.stamp ## Create the venv and install everything
 
-demo: $(VENV)/.stamp-python ## Run the demo on the embedded defaults (SQLite, local issuer)
-	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+demo: $(VENV)/.stamp-python ## A whole study across three local hospitals (embedded defaults)
+	$(BIN)/consortium demo $(DEMO_ARGS)
 
 check: install ## Lint (ruff) and type-check (mypy)
 	$(BIN)/ruff check .

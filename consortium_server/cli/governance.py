@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from consortium_server.cli.common import (
@@ -33,9 +34,9 @@ def show_decision(decision: dict[str, Any]) -> None:
     verdict = "[bold green]ALLOW[/]" if decision["allowed"] else "[bold red]DENY[/]"
     console.print(f"{verdict}  (policy set {decision['policy_set_hash'][:16]}…)")
     for reason in decision["reasons"]:
-        console.print(f"  - [{reason['policy_id']}] {reason['text']}")
+        console.print(f"  - {escape('[' + reason['policy_id'] + ']')} {escape(reason['text'])}")
     for error in decision.get("errors", []):
-        console.print(f"  - [red]error:[/] {error}")
+        console.print(f"  - [red]error:[/] {escape(error)}")
 
 
 @policy_app.command("check")

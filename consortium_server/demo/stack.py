@@ -1,0 +1,259 @@
+"""The processes of the demo: server, SuperLink, and per hospital a SuperNode and an agent."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from consortium_server.client import ConsortiumClient
+from consortium_server.federation.processes import (
+    FlowerProcessError,
+    ManagedProcess,
+    SuperLinkHandle,
+    flower_env,
+    flwr_binary,
+    register_supernode,
+    spawn,
+    start_superlink,
+)
+from consortium_server.federation.tls import make_dev_tls
+from consortium_server.identity.local_issuer import LocalIssuer
+from consortium_server.settings import ServerSettings
+from site_node.crypto.sealing import SiteKeyPair
+from site_node.federation.processes import SuperNodeSpec, start_supernode
+from site_node.keys import SUPERNODE_KEY_FILE, init_site_keys
+
+__all__ = ["DemoStack", "Hospital", "free_port"]
+
+RESEARCHER_ORG = "University of Leiden"
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Hospital:
+    """One simulated hospital: its directory, keys, dataset and processes."""
+
+    index: int
+    letter: str
+    root: Path
+    keys: SiteKeyPair | None = None
+    supernode: ManagedProcess | None = None
+    agent: ManagedProcess | None = None
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def site_id(self) -> str:
+        return f"hospital-{self.letter}"
+
+    @property
+    def organisation(self) -> str:
+        return f"Hospital {self.letter.upper()}"
+
+    @property
+    def dataset_id(self) -> str:
+        return f"bc-{self.site_id}"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / self.site_id
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.state_dir / "keys"
+
+    @property
+    def datasets_file(self) -> Path:
+        return self.state_dir / "datasets.yaml"
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.state_dir / "policy"
+
+
+class DemoStack:
+    """Starts and stops everything the demo runs; every process logs to a file."""
+
+    def __init__(self, state: Path, *, n_sites: int = 3, python_bin: Path) -> None:
+        self.state = state
+        self.bin = python_bin
+        self.api_port = free_port()
+        self.link_port = free_port()
+        self.hospitals = [Hospital(i, "abcdefgh"[i], state / "sites") for i in range(n_sites)]
+        self.server: ManagedProcess | None = None
+        self.link: SuperLinkHandle | None = None
+        self.settings = ServerSettings(
+            data_dir=state / "server",
+            api={"port": self.api_port},
+        )
+        self._issuer: LocalIssuer | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    # -- identities -----------------------------------------------------------------------
+
+    def token(self, subject: str, roles: list[str], organisation: str | None) -> str:
+        """A token from the server's local issuer (the demo runs on the server's machine)."""
+        if self._issuer is None:
+            from consortium_server.identity.factory import build_local_issuer
+
+            self._issuer = build_local_issuer(self.settings)
+        return self._issuer.mint(
+            subject=subject,
+            roles=roles,
+            organisation=organisation,
+            audience=self.settings.identity.audience,
+            ttl_s=6 * 3600,
+        )
+
+    def client(self, token: str) -> ConsortiumClient:
+        """An API client with ``token``."""
+        return ConsortiumClient(self.api_url, token, timeout_s=120)
+
+    # -- processes ------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """A clean state directory (a second run starts from scratch)."""
+        if self.state.exists():
+            shutil.rmtree(self.state)
+        self.state.mkdir(parents=True)
+
+    def start_superlink(self) -> SuperLinkHandle:
+        """The SuperLink with TLS (a development CA) and SuperNode authentication."""
+        tls = make_dev_tls(self.state / "tls")
+        self.tls = tls
+        self.link = start_superlink(self.state / "superlink", port=self.link_port, tls=tls)
+        return self.link
+
+    def start_server(self) -> None:
+        """``consortium server`` on the embedded defaults, pointed at the SuperLink."""
+        assert self.link is not None
+        env = {
+            **_base_env(self.state / "server-home"),
+            "CONCORD_DATA_DIR": str(self.settings.data_dir),
+            "CONCORD_API__PORT": str(self.api_port),
+            "CONCORD_POLICY__MEMBER_ORGANISATIONS": json.dumps([RESEARCHER_ORG]),
+            "CONCORD_FEDERATION__SUPERLINK_ADDRESS": self.link.address,
+            "CONCORD_FEDERATION__ROOT_CERTIFICATES": str(self.tls.ca_cert),
+            "CONCORD_FEDERATION__RUNS_DIR": str(self.state / "runs"),
+        }
+        self.server = spawn(
+            "consortium-server",
+            [str(self.bin / "consortium"), "server"],
+            env=env,
+            log_path=self.state / "server.log",
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if not self.server.alive():
+                raise FlowerProcessError("the consortium server exited", self.server.log_tail())
+            try:
+                if httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise FlowerProcessError(
+            "the consortium server did not become ready", self.server.log_tail()
+        )
+
+    def init_keys(self, hospital: Hospital) -> SiteKeyPair:
+        """``site-node keys init`` for the hospital."""
+        hospital.keys = init_site_keys(hospital.keys_dir)
+        return hospital.keys
+
+    def register_supernode(self, hospital: Hospital) -> None:
+        """Register the hospital's SuperNode key with the SuperLink."""
+        assert self.link is not None
+        register_supernode(
+            self.link, hospital.keys_dir / f"{SUPERNODE_KEY_FILE}.pub", name=hospital.site_id
+        )
+
+    def start_supernode(self, hospital: Hospital) -> None:
+        """The hospital's Flower SuperNode (TLS, authenticated, guarded ClientApp runner)."""
+        assert self.link is not None
+        hospital.supernode = start_supernode(
+            SuperNodeSpec(
+                site_id=hospital.site_id,
+                state_dir=hospital.state_dir,
+                datasets_file=hospital.datasets_file,
+                superlink_address=self.link.address,
+                root_certificates=self.tls.ca_cert,
+                auth_private_key=hospital.keys_dir / SUPERNODE_KEY_FILE,
+                runtime_port=free_port(),
+            )
+        )
+
+    def start_agent(self, hospital: Hospital, *, server_head_key: str) -> None:
+        """``site-node run``: syncs approvals, exchanges study keys, witnesses the log."""
+        env = {
+            **_base_env(hospital.state_dir / "home"),
+            "CONCORD_SITE_SITE_ID": hospital.site_id,
+            "CONCORD_SITE_ORGANISATION": hospital.organisation,
+            "CONCORD_SITE_STATE_DIR": str(hospital.state_dir),
+            "CONCORD_SITE_API_URL": self.api_url,
+            "CONCORD_SITE_TOKEN": hospital.tokens["node"],
+            "CONCORD_SITE_POLL_INTERVAL_S": "1",
+            "CONCORD_SITE_DATASETS_FILE": str(hospital.datasets_file),
+            "CONCORD_SITE_SERVER_HEAD_KEY": server_head_key,
+        }
+        hospital.agent = spawn(
+            f"agent-{hospital.site_id}",
+            [str(self.bin / "site-node"), "run"],
+            env=env,
+            log_path=hospital.state_dir / "agent.log",
+        )
+
+    def stop(self) -> None:
+        """Stop every process (agents, SuperNodes, server, SuperLink)."""
+        for hospital in self.hospitals:
+            for proc in (hospital.agent, hospital.supernode):
+                if proc is not None:
+                    proc.stop()
+        if self.server is not None:
+            self.server.stop()
+        if self.link is not None:
+            self.link.stop()
+
+    @contextmanager
+    def running(self) -> Iterator[DemoStack]:
+        """Stop everything on exit, whatever happened."""
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+def _base_env(home: Path) -> dict[str, str]:
+    """A child's environment: the venv first on PATH, its own HOME, Flower's variables."""
+    return flower_env(home)
+
+
+def flwr_available() -> bool:
+    """True if the Flower executables are installed next to this Python."""
+    try:
+        flwr_binary("flower-superlink")
+    except FlowerProcessError:
+        return False
+    return True
+
+
+def summarise(body: Any) -> str:
+    """A short JSON rendering for logs."""
+    return json.dumps(body, default=str)[:300]
