@@ -110,7 +110,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         )
         _seed_policies(app, settings)
         app.state.run_manager = build_run_manager(
-            settings, app.state.sessionmaker, app.state.audit_log
+            settings, app.state.sessionmaker, app.state.audit_log, app.state.policy_context
         )
         log.info(
             "consortium server ready",

@@ -25,18 +25,29 @@ from consortium_server.budgets import service as budgets
 from consortium_server.budgets.service import BudgetOverchargeError
 from consortium_server.datasets.service import get_datasets
 from consortium_server.db.session import session_scope
-from consortium_server.errors import ConflictError, DomainError, InvalidRequestError
+from consortium_server.errors import (
+    ConflictError,
+    DomainError,
+    InvalidRequestError,
+    PolicyDeniedError,
+)
 from consortium_server.federation.models import StudyKeyRelay
 from consortium_server.federation.strategy import RoundHook, RoundRecord, RunPlan, StudyOutcome
 from consortium_server.identity.principal import Principal
+from consortium_server.policy.checks import PolicyContext
+from consortium_server.policy.decisions import check_round
+from consortium_server.policy.engine import Decision
+from consortium_server.policy.facts import owner_principal
 from consortium_server.release.service import store_final_aggregate
 from consortium_server.studies.contract import StudyContract
 from consortium_server.studies.lifecycle import transition
 from consortium_server.studies.models import ApprovalDecision, Study, StudyState
 
 __all__ = [
+    "RunStoppedError",
     "Runner",
     "begin_run",
+    "check_round_policy",
     "continue_run",
     "finish_run",
     "model_size",
@@ -45,6 +56,56 @@ __all__ = [
 ]
 
 SOURCE = "consortium-server/federation"
+
+
+class RunStoppedError(Exception):
+    """Raised from a round hook to stop a run (the policy denies the next round)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def check_round_policy(
+    session: Session,
+    study: Study,
+    round_number: int,
+    *,
+    participating_sites: int,
+    policy: PolicyContext,
+    log: AuditLog,
+) -> Decision:
+    """May round ``round_number`` run? The consortium policy (RunRound) on every dataset,
+    with what is left of the study's reservation; the decision is an audit entry."""
+    contract = StudyContract.model_validate(study.contract)
+    datasets, _ = get_datasets(session, contract.datasets)
+    decision = check_round(
+        policy.engine(session),
+        contract,
+        datasets,
+        owner_principal(study.owner_subject, study.owner_organisation),
+        policy.facts(session),
+        study_id=study.id,
+        round_number=round_number,
+        participating_sites=participating_sites,
+        reservation_remaining=budgets.reservation_remaining(session, study.id),
+    )
+    _recorder(session, log, None).record(
+        "policy.decision",
+        object_type="study",
+        object_id=study.id,
+        outcome=Outcome.SUCCESS if decision.allowed else Outcome.DENIED,
+        purpose=contract.purpose.value,
+        contract_hash=study.contract_hash,
+        policy_set_hash=decision.policy_set_hash,
+        policy_allowed=decision.allowed,
+        details={
+            "action": "RunRound",
+            "round": round_number,
+            "reasons": [r.text for r in decision.reasons] + list(decision.errors),
+        },
+    )
+    return decision
 
 
 def model_size(contract: StudyContract, feature_summary: dict[str, object]) -> int:
@@ -84,11 +145,13 @@ def begin_run(
     log: AuditLog,
     actor: Principal | None,
     records_dir: Path | None = None,
+    policy: PolicyContext | None = None,
 ) -> RunPlan:
     """Move an approved study to ``running`` and return the plan for its run.
 
-    Refuses a study that is not approved, and an encrypted study whose key exchange has not
-    happened yet (no public context relayed).
+    Refuses a study that is not approved, an encrypted study whose key exchange has not
+    happened yet (no public context relayed), and, with ``policy``, a first round the
+    policy denies (the reasons are recorded and raised as ``policy.denied``).
     """
     study = session.get(Study, study_id, with_for_update=True)
     if study is None:
@@ -117,6 +180,17 @@ def begin_run(
         public_context=relay.public_context if relay is not None else None,
         records_dir=records_dir,
     )
+    if policy is not None:
+        decision = check_round_policy(
+            session, study, 1, participating_sites=len(plan.sites), policy=policy, log=log
+        )
+        if not decision.allowed:
+            # The denial is recorded in ``session``: the caller commits it before failing.
+            reasons = [r.text for r in decision.reasons] + list(decision.errors)
+            raise PolicyDeniedError(
+                "The policy does not allow the study's first round: " + " ".join(reasons),
+                [{"reason": r} for r in reasons],
+            )
     before = len(study.events)
     transition(study, StudyState.RUNNING, actor=actor, reason="The federated run started.")
     session.flush()
@@ -228,6 +302,7 @@ def run_with_lifecycle(
     *,
     actor: Principal | None = None,
     records_dir: Path | None = None,
+    policy: PolicyContext | None = None,
 ) -> StudyOutcome:
     """Run a study: begin (commit), each round recorded as it ends (commit), finish (commit).
 
@@ -235,25 +310,56 @@ def run_with_lifecycle(
     and must call ``hook`` with each round's record.
     """
     with session_scope(factory) as session:
-        plan = begin_run(session, study_id, log=log, actor=actor, records_dir=records_dir)
-    return continue_run(factory, log, plan, runner)
+        try:
+            plan = begin_run(
+                session, study_id, log=log, actor=actor, records_dir=records_dir, policy=policy
+            )
+        except PolicyDeniedError:
+            session.commit()  # keep the recorded denial
+            raise
+    return continue_run(factory, log, plan, runner, policy=policy)
 
 
 def continue_run(
-    factory: sessionmaker[Session], log: AuditLog, plan: RunPlan, runner: Runner
+    factory: sessionmaker[Session],
+    log: AuditLog,
+    plan: RunPlan,
+    runner: Runner,
+    *,
+    policy: PolicyContext | None = None,
 ) -> StudyOutcome:
     """After :func:`begin_run` committed: run, record each round as it ends, finish.
 
-    A runner that raises (the SuperLink went away, a timeout) fails the study with the
-    error as the reason; the rounds already recorded stay recorded.
+    With ``policy``, the next round is checked after each round is recorded; a denial
+    stops the run (:class:`RunStoppedError` from the hook) and fails the study with the
+    reasons. A runner that raises (the SuperLink went away, a timeout) fails the study with
+    the error as the reason; the rounds already recorded stay recorded.
     """
 
     def hook(record: RoundRecord) -> None:
         with session_scope(factory) as session:
             record_round(session, record, log=log)
+        if policy is None or record.status != "aggregated" or record.round_number >= plan.rounds:
+            return
+        with session_scope(factory) as session:
+            study = session.get(Study, plan.study_id)
+            assert study is not None
+            decision = check_round_policy(
+                session,
+                study,
+                record.round_number + 1,
+                participating_sites=len(record.participants),
+                policy=policy,
+                log=log,
+            )
+        if not decision.allowed:
+            reasons = " ".join([r.text for r in decision.reasons] + list(decision.errors))
+            raise RunStoppedError(f"the policy denies round {record.round_number + 1}: {reasons}")
 
     try:
         outcome = runner(plan, hook)
+    except RunStoppedError as exc:
+        outcome = StudyOutcome(plan.study_id, plan.contract_hash, "failed", failure=exc.reason)
     except Exception as exc:  # the run's end must be recorded whatever broke
         outcome = StudyOutcome(
             plan.study_id, plan.contract_hash, "failed", failure=f"{type(exc).__name__}: {exc}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -31,6 +32,8 @@ import tomli_w
 
 from consortium_server.federation.serverapp import read_outcome
 from consortium_server.federation.strategy import RunPlan, StudyOutcome
+
+log = logging.getLogger("concord.federation")
 
 __all__ = [
     "FLOWER_ENV",
@@ -307,6 +310,14 @@ def start_study_run(link: SuperLinkHandle, app_dir: Path, plan: RunPlan, work_di
     if body.get("success") is False or run_id is None:
         raise FlowerProcessError("flwr run did not start a run", out)
     return int(str(run_id))
+
+
+def stop_run(link: SuperLinkHandle, run_id: int) -> None:
+    """Ask the SuperLink to stop a run (``flwr stop``); a run already over is not an error."""
+    try:
+        _flwr(link, ["stop", str(run_id), link.connection, "--format", "json"], timeout=60.0)
+    except FlowerProcessError as exc:
+        log.warning("could not stop run %s: %s", run_id, exc)
 
 
 def wait_for_outcome(

@@ -11,7 +11,7 @@ from consortium_server.api.deps import (
     SettingsDep,
     require_roles,
 )
-from consortium_server.errors import ForbiddenError, ServiceUnavailableError
+from consortium_server.errors import ForbiddenError, PolicyDeniedError, ServiceUnavailableError
 from consortium_server.federation.coordinator import begin_run
 from consortium_server.federation.keys import (
     MySealedKey,
@@ -107,13 +107,18 @@ def start_run(
         raise ServiceUnavailableError(
             "No SuperLink is configured: set CONCORD_FEDERATION__SUPERLINK_ADDRESS."
         )
-    plan = begin_run(
-        session,
-        study_id,
-        log=request.app.state.audit_log,
-        actor=principal,
-        records_dir=settings.runs_dir() / study_id,
-    )
+    try:
+        plan = begin_run(
+            session,
+            study_id,
+            log=request.app.state.audit_log,
+            actor=principal,
+            records_dir=settings.runs_dir() / study_id,
+            policy=request.app.state.policy_context,
+        )
+    except PolicyDeniedError:
+        session.commit()  # keep the recorded denial of the first round
+        raise
     session.commit()  # the background run must see the study running
     manager.submit(plan)
     return studies.to_public(study)

@@ -20,15 +20,17 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from consortium_server.audit.log import AuditLog
-from consortium_server.federation.coordinator import Runner, continue_run
+from consortium_server.federation.coordinator import Runner, RunStoppedError, continue_run
 from consortium_server.federation.processes import (
     FlowerProcessError,
     SuperLinkHandle,
     start_study_run,
+    stop_run,
     write_connection,
 )
 from consortium_server.federation.serverapp import read_outcome
 from consortium_server.federation.strategy import RoundHook, RoundRecord, RunPlan, StudyOutcome
+from consortium_server.policy.checks import PolicyContext
 from consortium_server.settings import ServerSettings
 
 __all__ = ["RunManager", "build_run_manager", "connect_superlink", "superlink_runner"]
@@ -75,20 +77,27 @@ def superlink_runner(
         limit = timeout_s or plan.rounds * (plan.round_timeout_s * 2 + 60) + plan.node_wait_s
         deadline = time.monotonic() + limit
         reported: set[int] = set()
+
+        def report(record: RoundRecord) -> None:
+            if record.round_number in reported:
+                return
+            reported.add(record.round_number)
+            try:
+                hook(record)
+            except RunStoppedError:
+                stop_run(link, run_id)
+                raise
+
         while True:
             for path in sorted(records.glob("round-*.json")):
-                record = RoundRecord(**json.loads(path.read_text()))
-                if record.round_number not in reported:
-                    reported.add(record.round_number)
-                    hook(record)
+                report(RoundRecord(**json.loads(path.read_text())))
             outcome = read_outcome(records)
             if outcome is not None:
                 for record in outcome.rounds:
-                    if record.round_number not in reported:
-                        reported.add(record.round_number)
-                        hook(record)
+                    report(record)
                 return outcome
             if time.monotonic() > deadline:
+                stop_run(link, run_id)
                 raise FlowerProcessError(f"no outcome after {limit:.0f}s", "")
             time.sleep(poll_s)
 
@@ -104,10 +113,12 @@ class RunManager:
         audit_log: AuditLog,
         runner_for: Callable[[RunPlan], Runner],
         *,
+        policy: PolicyContext | None = None,
         max_concurrent: int = 1,
     ) -> None:
         self._factory = factory
         self._log = audit_log
+        self._policy = policy
         self._runner_for = runner_for
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="study-run")
         self._lock = threading.Lock()
@@ -117,7 +128,12 @@ class RunManager:
         """Run ``plan`` (its study already ``running`` and committed) in the background."""
         with self._lock:
             self._futures[plan.study_id] = self._pool.submit(
-                continue_run, self._factory, self._log, plan, self._runner_for(plan)
+                continue_run,
+                self._factory,
+                self._log,
+                plan,
+                self._runner_for(plan),
+                policy=self._policy,
             )
 
     def wait(self, study_id: str, timeout: float | None = None) -> StudyOutcome:
@@ -132,7 +148,10 @@ class RunManager:
 
 
 def build_run_manager(
-    settings: ServerSettings, factory: sessionmaker[Session], audit_log: AuditLog
+    settings: ServerSettings,
+    factory: sessionmaker[Session],
+    audit_log: AuditLog,
+    policy: PolicyContext | None = None,
 ) -> RunManager | None:
     """The run manager for the configured SuperLink (None when runs are disabled)."""
     from site_node.federation import APP_DIR
@@ -151,4 +170,4 @@ def build_run_manager(
             timeout_s=settings.federation.run_timeout_s,
         )
 
-    return RunManager(factory, audit_log, runner_for)
+    return RunManager(factory, audit_log, runner_for, policy=policy)

@@ -303,3 +303,64 @@ def test_a_malformed_final_aggregate_fails_the_study(
     assert final["state"] == "failed"
     assert "cannot be kept for release" in final["state_reason"]
     assert float(_budget(app, "bc-a").epsilon_reserved) == 0
+
+
+def test_the_policy_is_checked_before_every_round(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    """Round 1 spends the whole reservation: the policy denies round 2 and the run stops."""
+    study = _approved_study(client, consortium)  # epsilon 3.0 reserved per dataset
+    secret = _relay_keys(app, study)
+    outcome = run_with_lifecycle(
+        app.state.sessionmaker,
+        app.state.audit_log,
+        study["id"],
+        _runner([3.0, 3.0, 3.0], secret=secret),
+        policy=app.state.policy_context,
+    )
+    assert outcome.status == "failed"
+    final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    assert final["state"] == "failed"
+    assert "denies round 2" in final["state_reason"]
+    assert "no privacy budget left" in final["state_reason"]
+    actions = _actions(app, study["id"])
+    assert actions.count("round.completed") == 1  # round 2 never recorded
+    log = app.state.audit_log
+    with app.state.sessionmaker() as session:
+        decisions = [
+            e.entry
+            for i in range(log.size(session=session))
+            if (e := log.get_entry(i, session=session)).entry.action == "policy.decision"
+            and e.entry.details.get("action") == "RunRound"
+        ]
+    assert [(d.details["round"], d.policy.decision.value) for d in decisions] == [  # type: ignore[union-attr]
+        (1, "allow"),
+        (2, "deny"),
+    ]
+
+
+def test_a_first_round_the_policy_denies_never_starts(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    from consortium_server.federation.runs import RunManager
+
+    study = _approved_study(client, consortium)
+    secret = _relay_keys(app, study)
+    files = dict(client.get("/api/v1/policy", headers=consortium.admin).json()["files"])
+    files["freeze.cedar"] = (
+        '@id("freeze.rounds")\n@reason("Training is paused for a security review.")\n'
+        'forbid (principal, action == Concord::Action::"RunRound", resource);\n'
+    )
+    assert (
+        client.post("/api/v1/policy", json={"files": files}, headers=consortium.admin).status_code
+        == 201
+    )
+    app.state.run_manager = RunManager(
+        app.state.sessionmaker, app.state.audit_log, lambda plan: _runner([1.0], secret=secret)
+    )
+    response = client.post(f"/api/v1/studies/{study['id']}/run", headers=consortium.researcher)
+    assert response.status_code == 403
+    assert "paused for a security review" in response.json()["error"]["message"]
+    still = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    assert still["state"] == "approved"
+    assert "policy.decision" in _actions(app, study["id"])  # the denial is on record
