@@ -24,6 +24,7 @@ __all__ = [
     "PrivacyBudgetExhaustedError",
     "PrivacyConfigurationError",
     "SiteError",
+    "TrainingDivergedError",
     "UnknownLabelError",
     "UnknownModelError",
 ]
@@ -138,6 +139,12 @@ class DatasetMismatchError(SiteError):
     """The dataset given to a round is not the one the privacy accountant was built for."""
 
     code = "training.dataset_mismatch"
+
+
+class TrainingDivergedError(SiteError):
+    """Training produced non-finite losses or weights."""
+
+    code = "training.diverged"
 
 
 class PrivacyConfigurationError(SiteError):

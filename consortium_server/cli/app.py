@@ -223,6 +223,9 @@ def demo(
     keep_running: Annotated[
         bool, typer.Option(help="Leave the processes up at the end (Ctrl-C to stop).")
     ] = False,
+    imaging: Annotated[
+        bool, typer.Option(help="The synthetic imaging study (MONAI images, image-cnn).")
+    ] = False,
 ) -> None:
     """Run a whole study across three local hospitals on real processes (embedded defaults).
 
@@ -235,7 +238,11 @@ def demo(
     from consortium_server.demo.story import DemoOptions, run_demo
 
     options = DemoOptions(
-        state_dir=state_dir, rounds=rounds, epsilon=epsilon, keep_running=keep_running
+        state_dir=state_dir,
+        rounds=rounds,
+        epsilon=epsilon,
+        keep_running=keep_running,
+        imaging=imaging,
     )
     try:
         result = run_demo(options, console, Path(sys.executable).parent)

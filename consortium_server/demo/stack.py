@@ -55,6 +55,7 @@ class Hospital:
     supernode: ManagedProcess | None = None
     agent: ManagedProcess | None = None
     tokens: dict[str, str] = field(default_factory=dict)
+    dataset_prefix: str = "bc"
 
     @property
     def site_id(self) -> str:
@@ -66,7 +67,7 @@ class Hospital:
 
     @property
     def dataset_id(self) -> str:
-        return f"bc-{self.site_id}"
+        return f"{self.dataset_prefix}-{self.site_id}"
 
     @property
     def state_dir(self) -> Path:

@@ -47,6 +47,9 @@ class DemoOptions:
     epsilon: float = 6.0
     site_epsilon_caps: tuple[float, ...] = (8.0, 8.0, 8.0)
     keep_running: bool = False
+    imaging: bool = False
+    image_size: int = 32
+    images_per_site: int = 256
 
 
 @dataclass
@@ -92,12 +95,20 @@ def _wait(what: str, check: Callable[[], bool], *, timeout: float, interval: flo
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def _governance(hospital: Hospital) -> dict[str, Any]:
+def _governance(hospital: Hospital, options: DemoOptions) -> dict[str, Any]:
+    title, description = (
+        (f"Synthetic lesion images ({hospital.organisation})", "MONAI-generated 2D images.")
+        if options.imaging
+        else (
+            f"Breast-mass biopsies ({hospital.organisation})",
+            "Wisconsin diagnostic features from fine-needle aspirates.",
+        )
+    )
     return {
         "id": hospital.dataset_id,
         "site_id": hospital.site_id,
-        "title": f"Breast-mass biopsies ({hospital.organisation})",
-        "description": "Wisconsin diagnostic features from fine-needle aspirates.",
+        "title": title,
+        "description": description,
         "allowed_purposes": ["diagnostic_research", "method_development"],
         "epsilon_budget": 20.0,
         "delta_budget": 1e-4,
@@ -111,20 +122,22 @@ def _governance(hospital: Hospital) -> dict[str, Any]:
 
 
 def _contract(options: DemoOptions, hospitals: list[Hospital]) -> dict[str, Any]:
+    if options.imaging:
+        title = "Lesion count from images (synthetic)"
+        model = {"name": "image-cnn", "version": "1", "hyperparameters": {"depth": 2}}
+        training = {"local_epochs": 2, "batch_size": 32, "learning_rate": 0.5}
+    else:
+        title = "Malignancy from fine-needle aspirate features"
+        model = {"name": "tabular-mlp", "version": "1", "hyperparameters": {}}
+        training = {"local_epochs": 2, "batch_size": 32, "learning_rate": 0.1}
     return {
-        "title": "Malignancy from fine-needle aspirate features",
+        "title": title,
         "description": "Federated classifier across three hospitals, DP-SGD + CKKS.",
         "purpose": "diagnostic_research",
         "ethics_reference": "IRB-2026-0142",
         "datasets": [h.dataset_id for h in hospitals],
-        "model": {"name": "tabular-mlp", "version": "1", "hyperparameters": {}},
-        "training": {
-            "rounds": options.rounds,
-            "local_epochs": 2,
-            "batch_size": 32,
-            "learning_rate": 0.1,
-            "optimizer": "sgd",
-        },
+        "model": model,
+        "training": {"rounds": options.rounds, "optimizer": "sgd", **training},
         "privacy": {"epsilon": options.epsilon, "delta": 1e-5, "max_grad_norm": 1.0},
         "federation": {"min_sites": 3, "round_timeout_s": 300},
         "encryption": {"enabled": True},
@@ -145,6 +158,8 @@ def run_demo(options: DemoOptions, console: Console, python_bin: Path) -> DemoRe
     stack = DemoStack(options.state_dir.resolve(), python_bin=python_bin)
     stack.prepare()
     hospitals = stack.hospitals
+    for hospital in hospitals:
+        hospital.dataset_prefix = "img" if options.imaging else "bc"
     with stack.running():
         _start(stack, steps, console)
         admin = stack.client(
@@ -156,13 +171,16 @@ def run_demo(options: DemoOptions, console: Console, python_bin: Path) -> DemoRe
         )
         _enrol(stack, steps, console, admin, options)
         study = _submit(steps, console, researcher, _contract(options, hospitals))
+        study["feature_summary"] = researcher.request(
+            "GET", f"/api/v1/datasets/{hospitals[0].dataset_id}"
+        )["feature_summary"]
         result.study_id = study["id"]
         _approve(stack, steps, console, study)
         _exchange_keys(steps, console, hospitals, study["id"])
         _run_rounds(stack, steps, console, researcher, compliance, study, options, result)
         _witness(steps, console, researcher, result)
         model = _release(stack, steps, console, researcher, study, result)
-        _compare(steps, console, study, model, result)
+        _compare(steps, console, study, model, result, options)
         _verify_and_report(stack, steps, console, compliance, hospitals, result)
         if options.keep_running:
             console.print(f"[bold]Still running[/]: API at {stack.api_url}; Ctrl-C to stop.")
@@ -219,14 +237,18 @@ def _enrol(
             hospital.tokens["node"] = stack.token(
                 f"service-account-{hospital.site_id}", ["site_node"], hospital.organisation
             )
-            config = {
+            config: dict[str, Any] = {
                 "id": hospital.dataset_id,
-                "kind": "demo_breast_cancer",
+                "kind": "demo_synthetic_images" if options.imaging else "demo_breast_cancer",
                 "site_index": hospital.index,
                 "n_sites": len(stack.hospitals),
             }
+            if options.imaging:
+                config.update(image_size=options.image_size, n_samples=options.images_per_site)
             hospital.datasets_file.write_text(yaml.safe_dump([config]))
-            entry = catalogue_entry(DatasetConfig.model_validate(config), _governance(hospital))
+            entry = catalogue_entry(
+                DatasetConfig.model_validate(config), _governance(hospital, options)
+            )
             stack.client(hospital.tokens["steward"]).publish_dataset(entry)
             _site_policy(hospital, cap)
             stack.start_supernode(hospital)
@@ -399,7 +421,7 @@ def _update_bytes(study: dict[str, Any]) -> int:
     from site_node.crypto import CkksCodec, RoundInfo, generate_study_context
 
     contract = StudyContract.model_validate(study["contract"])
-    n = model_size(contract, {"features": 30, "num_classes": 2})
+    n = model_size(contract, study["feature_summary"])
     codec = CkksCodec(generate_study_context())
     update = codec.encode(
         np.zeros(n), weight=1.0, info=RoundInfo(study["id"], study["contract_hash"], 1, n)
@@ -476,23 +498,35 @@ def _compare(
     study: dict[str, Any],
     model_bytes: bytes,
     result: DemoResult,
+    options: DemoOptions,
 ) -> None:
     from consortium_server.studies.contract import StudyContract
-    from site_node.data.demo import breast_cancer_holdout, breast_cancer_site
+    from site_node.data.demo import (
+        breast_cancer_holdout,
+        breast_cancer_site,
+        synthetic_images_holdout,
+        synthetic_images_site,
+    )
     from site_node.training import build_model, evaluate, unflatten_into
     from site_node.training.baseline import centralised_baseline
 
     with steps.step("9. Results next to a centralised, non-private baseline"):
         contract = StudyContract.model_validate(study["contract"])
-        holdout = breast_cancer_holdout()
-        model = build_model(contract.model, input_shape=(30,), num_classes=2)
-        unflatten_into(model, np.frombuffer(model_bytes, dtype="<f8"))
+        if options.imaging:
+            size, n = options.image_size, options.images_per_site
+            holdout = synthetic_images_holdout(image_size=size)
+            pooled = [synthetic_images_site(i, n_samples=n, image_size=size)[0] for i in range(3)]
+        else:
+            holdout = breast_cancer_holdout()
+            pooled = [breast_cancer_site(i)[0] for i in range(3)]
+        model = build_model(contract.model, input_shape=holdout.input_shape, num_classes=2)
+        unflatten_into(model, np.frombuffer(model_bytes, dtype="<f8").copy())
         federated = evaluate(model, holdout)
-        pooled = [breast_cancer_site(i)[0] for i in range(3)]
         baseline = centralised_baseline(pooled, holdout, contract.model, contract.training)
     result.federated = {"accuracy": federated.accuracy, "auc": federated.auc}
     result.baseline = {"accuracy": baseline.metrics.accuracy, "auc": baseline.metrics.auc}
-    table = Table(title=f"Held-out test set ({federated.num_samples} patients)")
+    unit = "images" if options.imaging else "patients"
+    table = Table(title=f"Held-out test set ({federated.num_samples} {unit})")
     for column in ("model", "privacy", "accuracy", "AUC"):
         table.add_column(column)
     table.add_row(
@@ -503,7 +537,7 @@ def _compare(
     )
     table.add_row(
         "centralised (pooled data)",
-        "none: data leaves the hospitals",
+        f"none: data leaves the hospitals (lr {baseline.learning_rate:g})",
         f"{baseline.metrics.accuracy:.3f}",
         f"{baseline.metrics.auc:.3f}",
     )

@@ -7,6 +7,7 @@ It never runs at a real site: pooling is exactly what a federation avoids.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 
 from consortium_server.studies.contract import ModelSpec, TrainingSpec
 from site_node.data.dataset import LocalDataset
-from site_node.errors import DatasetError
+from site_node.errors import DatasetError, TrainingDivergedError
 from site_node.training.catalogue import build_model
 from site_node.training.loops import EvalResult, evaluate, train_round
 
@@ -28,6 +29,7 @@ class BaselineResult:
     num_train_samples: int
     epochs: int
     metrics: EvalResult
+    learning_rate: float = 0.0
 
 
 def pool(datasets: Sequence[LocalDataset]) -> LocalDataset:
@@ -60,16 +62,33 @@ def centralised_baseline(
     """Train ``spec`` without DP on the pooled ``train`` data, evaluate on ``test``.
 
     Training runs ``training.rounds`` x ``training.local_epochs`` epochs (the federation's
-    number of passes) with the study's optimizer, learning rate and batch size.
+    number of passes) with the study's optimizer, learning rate and batch size. A study's
+    learning rate is tuned for DP-SGD, whose clipped gradients keep it stable; without
+    clipping it can diverge. If it does (a non-finite loss or weights), training restarts
+    at a tenth of the rate, up to three times; ``learning_rate`` says which rate was used.
     """
     pooled = train if isinstance(train, LocalDataset) else pool(train)
-    model = build_model(
-        spec, input_shape=pooled.input_shape, num_classes=pooled.num_classes, seed=seed
-    )
-    for r in range(training.rounds):
-        train_round(model, pooled, training, dp=None, seed=seed + r)
-    return BaselineResult(
-        num_train_samples=len(pooled),
-        epochs=training.rounds * training.local_epochs,
-        metrics=evaluate(model, test),
+    rate = training.learning_rate
+    for _attempt in range(4):
+        model = build_model(
+            spec, input_shape=pooled.input_shape, num_classes=pooled.num_classes, seed=seed
+        )
+        spec_now = training.model_copy(update={"learning_rate": rate})
+        losses = [
+            train_round(model, pooled, spec_now, dp=None, seed=seed + r).mean_loss
+            for r in range(training.rounds)
+        ]
+        finite = all(math.isfinite(loss) for loss in losses) and all(
+            bool(torch.isfinite(p).all()) for p in model.parameters()
+        )
+        if finite:
+            return BaselineResult(
+                num_train_samples=len(pooled),
+                epochs=training.rounds * training.local_epochs,
+                metrics=evaluate(model, test),
+                learning_rate=rate,
+            )
+        rate /= 10
+    raise TrainingDivergedError(
+        f"the centralised baseline diverged even at learning rate {rate * 10:g}"
     )

@@ -148,3 +148,24 @@ def test_dp_training_on_a_site_beats_chance_on_the_holdout() -> None:
     assert metrics.accuracy > chance + 0.1
     assert metrics.auc > 0.85
     assert np.isfinite(result.mean_loss)
+
+
+def test_baseline_recovers_when_the_dp_learning_rate_diverges_without_clipping() -> None:
+    """A rate tuned for clipped DP gradients makes plain SGD diverge on the image CNN: the
+    baseline retries at a tenth of the rate and says which one it used."""
+    import math
+
+    from consortium_server.studies.contract import ModelSpec, TrainingSpec
+    from site_node.data.demo import synthetic_images_holdout, synthetic_images_site
+    from site_node.training.baseline import centralised_baseline
+
+    spec = ModelSpec(name="image-cnn", version="1", hyperparameters={"depth": 2})
+    train = [synthetic_images_site(i, n_samples=64, image_size=16)[0] for i in range(3)]
+    result = centralised_baseline(
+        train,
+        synthetic_images_holdout(n_samples=64, image_size=16),
+        spec,
+        TrainingSpec(rounds=1, local_epochs=1, batch_size=32, learning_rate=5.0),
+    )
+    assert result.learning_rate < 5.0
+    assert math.isfinite(result.metrics.loss)
