@@ -457,23 +457,22 @@ def _release(
     study: dict[str, Any],
     result: DemoResult,
 ) -> bytes:
-    from site_node.federation.approvals import ApprovalStore
-    from site_node.release import sign_off
-
     with steps.step("8. Release gate: every site signs off the model it decrypted"):
-        for i, hospital in enumerate(stack.hospitals):
-            assert hospital.keys is not None
-            signed = sign_off(
-                stack.client(hospital.tokens["node"]),
-                study["id"],
-                site_id=hospital.site_id,
-                keys=hospital.keys,
-                store=ApprovalStore(hospital.state_dir),
-                upload=i == 0,
-            )
+        url = f"/api/v1/studies/{study['id']}/release"
+
+        def signed_off() -> bool:
+            status = researcher.request("GET", url)
+            return not status["pending_sites"] and status["model_sha256"] is not None
+
+        _wait("every site agent to sign off the final model", signed_off, timeout=120)
+        status = researcher.request("GET", url)
+        for signoff in status["signoffs"]:
             console.print(
-                f"[green]✓[/] {hospital.site_id} signed model {signed.model_sha256[:16]}…"
+                f"[green]✓[/] {signoff['site_id']}'s agent decrypted the final aggregate and "
+                f"signed model {signoff['model_sha256'][:16]}…"
             )
+        if not status["hashes_agree"]:
+            raise RuntimeError("the sites' model hashes disagree: the model is not released")
         card = researcher.request("POST", f"/api/v1/studies/{study['id']}/release")
         model = researcher.download(f"/api/v1/studies/{study['id']}/release/model")
     out = stack.state / "release"

@@ -1,6 +1,6 @@
 """The site agent loop behind ``site-node run``.
 
-Every ``poll_interval_s`` seconds one pass runs three steps, in order:
+Every ``poll_interval_s`` seconds one pass runs four steps, in order:
 
 ``sync``
     mirror this site's approved study contracts into the ApprovalStore, after re-hashing
@@ -9,6 +9,9 @@ Every ``poll_interval_s`` seconds one pass runs three steps, in order:
 ``keys``
     generate or receive each approved, encrypted study's CKKS key
     (:mod:`site_node.agent.keys`); skipped when ``sync`` failed;
+``release``
+    sign off the final model of each completed study (and, for one site, upload it)
+    (:mod:`site_node.agent.release`); skipped when ``sync`` failed;
 ``witness``
     cosign the audit log's latest tree head if it extends the last one
     (:mod:`site_node.agent.witness`).
@@ -42,6 +45,7 @@ import httpx
 from consortium_server.client import ApiError, ConsortiumClient, TokenProvider
 from consortium_server.logs import JsonFormatter
 from site_node.agent.keys import KeyResult, exchange_keys
+from site_node.agent.release import ReleaseResult, sign_off_completed
 from site_node.agent.sync import AgentError, SyncResult, is_transient, sync_approvals
 from site_node.agent.witness import WitnessResult, cosign_latest, verify_latest
 from site_node.crypto.sealing import SiteKeyPair
@@ -87,6 +91,7 @@ class PassReport:
     steps: list[StepOutcome] = field(default_factory=list)
     sync: SyncResult | None = None
     keys: KeyResult | None = None
+    release: ReleaseResult | None = None
     witness: WitnessResult | None = None
 
     @property
@@ -154,7 +159,7 @@ class SiteAgent:
     # --- one pass -----------------------------------------------------------------
 
     def run_pass(self) -> PassReport:
-        """Run sync, keys and witness once; never raises for API or domain errors."""
+        """Run sync, keys, release and witness once; never raises for API or domain errors."""
         report = PassReport()
         outcome, report.sync = self._step(
             "sync", lambda: sync_approvals(self.api, site_id=self.site_id, store=self.store)
@@ -176,6 +181,18 @@ class SiteAgent:
             report.steps.append(outcome)
             if report.keys is not None:
                 self._log_keys(report.keys)
+            outcome, report.release = self._step(
+                "release",
+                lambda: sign_off_completed(
+                    self.api, site_id=self.site_id, site_keys=self.site_keys, store=self.store
+                ),
+            )
+            report.steps.append(outcome)
+            if report.release is not None and report.release.signed:
+                log.info(
+                    "release signed off",
+                    extra={"event": "agent.release", "step": "release", **report.release.summary()},
+                )
         if not self.stopping:
             outcome, report.witness = self._step(
                 "witness",

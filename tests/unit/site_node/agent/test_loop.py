@@ -78,6 +78,7 @@ def test_transient_api_errors_are_retried(world: World) -> None:
     assert [(s.name, s.attempts) for s in report.steps] == [
         ("sync", 3),
         ("keys", 1),
+        ("release", 1),
         ("witness", 1),
     ]
     assert site.store.get(contract_hash) is not None

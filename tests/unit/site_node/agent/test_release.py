@@ -1,0 +1,51 @@
+"""The agent's release step: after a run completes, every site decrypts the final model and
+signs off its hash, and exactly one site uploads it; then the owner can release it."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from consortium_server.federation.coordinator import run_with_lifecycle
+from tests.unit.consortium_server.federation.test_coordinator import _runner
+from tests.unit.site_node.agent.conftest import World
+
+
+def _completed_study(world: World, app: FastAPI) -> str:
+    study_id, _ = world.submit_study()
+    for hospital in world.sites.values():  # sync + key exchange (a generates, b/c receive)
+        hospital.agent.run_pass()
+    for hospital in world.sites.values():
+        hospital.agent.run_pass()
+    key = world.sites["a"].store.study_key(study_id)
+    assert key is not None
+    run_with_lifecycle(
+        app.state.sessionmaker,
+        app.state.audit_log,
+        study_id,
+        _runner([1.0], secret=key.secret_context),
+    )
+    assert world.study(study_id)["state"] == "completed"
+    return study_id
+
+
+def test_agents_sign_off_and_one_uploads(world: World, app: FastAPI) -> None:
+    study_id = _completed_study(world, app)
+    reports = [h.agent.run_pass() for h in world.sites.values()]
+    assert all(r.ok for r in reports), [r.steps for r in reports]
+    signed = [r.release.signed if r.release else [] for r in reports]
+    uploaded = [r.release.uploaded if r.release else [] for r in reports]
+    assert signed == [[study_id], [study_id], [study_id]]
+    assert uploaded == [[study_id], [], []]  # hospital-a, the smallest site id
+
+    status = world.client.get(
+        f"/api/v1/studies/{study_id}/release", headers=world.people.researcher
+    ).json()
+    assert status["pending_sites"] == []
+    assert status["hashes_agree"] is True
+    released = world.client.post(
+        f"/api/v1/studies/{study_id}/release", headers=world.people.researcher
+    )
+    assert released.status_code == 200, released.text
+
+    again = [h.agent.run_pass() for h in world.sites.values()]  # nothing left to sign
+    assert all(r.release is not None and r.release.signed == [] for r in again)
