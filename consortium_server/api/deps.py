@@ -46,7 +46,12 @@ def get_settings(request: Request) -> ServerSettings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """A session per request: committed on success, rolled back on error."""
+    """A session per request: committed on success, rolled back on error.
+
+    Used with ``scope="function"``: the commit runs when the route returns, *before* the
+    response is sent, so a commit that fails becomes an error response (503 when the
+    database is down) and no client is ever told "created" about a write that was lost.
+    """
     factory: sessionmaker[Session] = request.app.state.sessionmaker
     session = factory()
     try:
@@ -104,7 +109,7 @@ def _record_refused_sign_in(request: Request, error: AuthenticationError) -> Non
         session.commit()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 

@@ -310,6 +310,8 @@ class BlindAggregationStrategy:
 
     def __init__(self, plan: RunPlan) -> None:
         self.plan = plan
+        #: Which site each SuperNode spoke for in earlier valid replies (to name errors).
+        self.node_sites: dict[int, str] = {}
         if plan.public_context is not None:
             info = context_info(load_context(plan.public_context, require_secret=False))
             self.chunk_size = info.slot_count
@@ -355,9 +357,13 @@ class BlindAggregationStrategy:
         rejected: list[dict[str, Any]],
     ) -> tuple[SiteReply, list[bytes]] | None:
         node = msg.metadata.src_node_id
-        label = f"node-{node}"
+        label = self.node_sites.get(node, f"node-{node}")
         if msg.has_error():
             err = msg.error
+            if "unavailable" in (err.reason or "").lower():
+                # The SuperLink answers for a node that went away: the site is missing
+                # (listed in missing_sites), not a site that sent a bad reply.
+                return None
             rejected.append(
                 _reject(label, ERROR_REPLY, f"code {err.code}: {(err.reason or '')[:300]}")
             )
@@ -377,6 +383,7 @@ class BlindAggregationStrategy:
             rejected.append(_reject(site_id, DUPLICATE_SITE, f"second reply from node {node}"))
             return None
         seen_sites.add(site_id)
+        self.node_sites[node] = site_id
         try:
             metrics = content.metric_records[REC_METRICS]
             blobs = arrays_to_blobs(content.array_records[REC_UPDATE])

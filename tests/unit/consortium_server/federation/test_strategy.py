@@ -320,3 +320,42 @@ def test_contract_minimum_below_policy_is_raised_to_three() -> None:
     plan = RunPlan("s", contract, contract.contract_hash(), 10, ("a",), public_context=b"x")
     assert plan.min_sites == 3
     assert RunPlan.from_run_config(plan.to_run_config()) == plan
+
+
+def _error_reply(node: int, code: int, reason: str) -> Message:
+    from flwr.app import Error
+
+    request = Message(RecordDict(), dst_node_id=node, message_type="train", group_id="1")
+    return Message(Error(code=code, reason=reason), reply_to=request)
+
+
+def test_error_replies_are_named_by_site_and_a_vanished_node_is_only_missing(
+    ckks_setup: tuple[RunPlan, CkksCodec],
+) -> None:
+    plan, codec = ckks_setup
+    strategy = BlindAggregationStrategy(plan)
+    sites = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
+
+    def good(site: int, round_number: int) -> Message:
+        vector = np.random.default_rng(site).normal(0, 0.1, N_PARAMS)
+        blobs = codec.encode(
+            vector, weight=100.0, info=strategy.round_info(round_number)
+        ).to_bytes_list()
+        return _reply(sites[site], 10 + site, blobs)
+
+    first = new_record(plan, 1)
+    strategy.aggregate_train(1, [good(i, 1) for i in range(4)], first)
+    assert first.rejected == []
+
+    second = new_record(plan, 2)
+    vanished = _error_reply(13, 5, "Node Unavailable")
+    strategy.aggregate_train(2, [*[good(i, 2) for i in range(3)], vanished], second)
+    assert second.rejected == []  # hospital-d's SuperNode went away: missing, not rejected
+    assert second.participants == sites[:3]
+
+    third = new_record(plan, 3)
+    crashed = _error_reply(13, 0, "ClientApp raised: boom")
+    strategy.aggregate_train(3, [*[good(i, 3) for i in range(3)], crashed], third)
+    (rejected,) = third.rejected
+    assert rejected["site_id"] == "hospital-d"  # named by its site, not "node-13"
+    assert rejected["reason"] == "error_reply"
