@@ -29,8 +29,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from consortium_server.demo.stack import free_port
-from consortium_server.federation.processes import flower_env, spawn
+from consortium_server.demo.stack import free_port, spawn_server
+from consortium_server.federation.processes import ManagedProcess, flower_env
 from consortium_server.identity.factory import build_local_issuer
 from consortium_server.settings import ServerSettings
 
@@ -44,7 +44,7 @@ from tests.support.world import (
 console = Console()
 
 
-def _start_server(data_dir: Path, port: int, database_url: str | None) -> Any:
+def _start_server(data_dir: Path, port: int, database_url: str | None) -> ManagedProcess:
     env = {
         **flower_env(data_dir / "home"),
         "CONCORD_DATA_DIR": str(data_dir),
@@ -54,22 +54,12 @@ def _start_server(data_dir: Path, port: int, database_url: str | None) -> Any:
     }
     if database_url:
         env["CONCORD_DATABASE__URL"] = database_url
-    proc = spawn(
-        "server",
-        [str(Path(sys.executable).parent / "consortium"), "server"],
-        env=env,
+    return spawn_server(
+        Path(sys.executable).parent,
+        env,
+        url=f"http://127.0.0.1:{port}",
         log_path=data_dir / "server.log",
     )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.stop()
-    raise SystemExit(f"server did not start; see {data_dir / 'server.log'}")
 
 
 def _headers(issuer: Any, subject: str, roles: list[str], org: str) -> dict[str, str]:

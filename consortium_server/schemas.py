@@ -6,15 +6,19 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-__all__ = ["ErrorBody", "ErrorResponse", "Slug", "StrictModel"]
+__all__ = ["ErrorBody", "ErrorResponse", "Sha256Hex", "Slug", "StrictModel"]
 
 Slug = Annotated[
     str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", strip_whitespace=True)
 ]
 
 
+#: A SHA-256 digest as lowercase hex (contract hashes, tree roots, key ids, model hashes).
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
 class StrictModel(BaseModel):
-    """Request bodies: unknown fields are refused, not ignored."""
+    """Bodies whose unknown fields are refused, not ignored."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -30,6 +30,7 @@ from pydantic import (
 from consortium_server.canonical import canonical_json
 from consortium_server.db.base import utcnow
 from consortium_server.identity.principal import Principal
+from consortium_server.schemas import Sha256Hex
 
 __all__ = [
     "ENTRY_FORMAT_VERSION",
@@ -48,7 +49,6 @@ ENTRY_FORMAT_VERSION = 1
 MAX_ENTRY_BYTES = 64 * 1024
 
 Text = Annotated[str, StringConstraints(min_length=1, max_length=255)]
-Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 def format_utc(value: datetime) -> str:

@@ -17,7 +17,7 @@ import hashlib
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Self
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -29,7 +29,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StringConstraints,
     field_serializer,
     field_validator,
 )
@@ -42,6 +41,7 @@ from consortium_server.audit.models import AuditLeaf, AuditTreeHead
 from consortium_server.canonical import canonical_json
 from consortium_server.db.base import utcnow
 from consortium_server.errors import DomainError
+from consortium_server.schemas import Sha256Hex
 
 __all__ = [
     "TREE_HEAD_TYPE",
@@ -55,7 +55,6 @@ __all__ = [
 ]
 
 TREE_HEAD_TYPE = "concord.audit.tree_head.v1"
-HexHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 def encode_public_key(key: Ed25519PublicKey) -> str:
@@ -85,9 +84,9 @@ class SignedTreeHead(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tree_size: int = Field(ge=0)
-    root_hash: HexHash
+    root_hash: Sha256Hex
     timestamp: datetime
-    key_id: HexHash
+    key_id: Sha256Hex
     signature: str = Field(description="Base64 Ed25519 signature of the canonical message.")
 
     @field_validator("timestamp")

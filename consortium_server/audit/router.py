@@ -32,7 +32,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, status
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import Field, field_serializer
 from sqlalchemy.orm import Session
 
 from consortium_server.api.deps import CurrentPrincipal, SessionDep, require_roles
@@ -52,6 +52,7 @@ from consortium_server.errors import (
     NotFoundError,
 )
 from consortium_server.identity.principal import Role
+from consortium_server.schemas import Sha256Hex, StrictModel
 from consortium_server.sites.models import Site, SiteStatus
 
 __all__ = [
@@ -65,14 +66,8 @@ __all__ = [
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
-HexHash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
-
-class _Public(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CosignaturePublic(_Public):
+class CosignaturePublic(StrictModel):
     """A site witness's cosignature of a tree head."""
 
     site_id: str
@@ -86,7 +81,7 @@ class CosignaturePublic(_Public):
         return format_utc(value)
 
 
-class TreeHeadPublic(_Public):
+class TreeHeadPublic(StrictModel):
     """A signed tree head, with its cosignatures and whether a quorum witnessed it."""
 
     tree_size: int
@@ -114,7 +109,7 @@ class TreeHeadPublic(_Public):
         )
 
 
-class EntryPublic(_Public):
+class EntryPublic(StrictModel):
     """An entry, its exact bytes and an inclusion proof against a tree of ``tree_size``."""
 
     index: int
@@ -129,7 +124,7 @@ class EntryPublic(_Public):
     )
 
 
-class ConsistencyProofPublic(_Public):
+class ConsistencyProofPublic(StrictModel):
     """RFC 9162 consistency proof between two tree sizes."""
 
     first: int
@@ -139,11 +134,11 @@ class ConsistencyProofPublic(_Public):
     proof: list[str]
 
 
-class CosignatureCreate(_Public):
+class CosignatureCreate(StrictModel):
     """A site's cosignature of the head ``(size, root_hash)``."""
 
     site_id: str = Field(min_length=1, max_length=64)
-    root_hash: HexHash
+    root_hash: Sha256Hex
     timestamp: datetime
     signature: str = Field(min_length=1, max_length=128)
 

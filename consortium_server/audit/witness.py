@@ -64,6 +64,7 @@ from consortium_server.errors import (
     InvalidRequestError,
     NotFoundError,
 )
+from consortium_server.schemas import Sha256Hex
 
 __all__ = [
     "COSIGNATURE_TYPE",
@@ -79,7 +80,6 @@ __all__ = [
 
 COSIGNATURE_TYPE = "concord.audit.cosignature.v1"
 STATE_FORMAT = "concord.audit.witness_state.v1"
-HexHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 class WitnessRefusedError(ConflictError):
@@ -96,7 +96,7 @@ class Cosignature(BaseModel):
 
     site_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     tree_size: int = Field(ge=0)
-    root_hash: HexHash
+    root_hash: Sha256Hex
     timestamp: datetime
     signature: str = Field(max_length=128, description="Base64 Ed25519 signature.")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from consortium_server.client import ConsortiumClient
 from consortium_server.federation.processes import (
@@ -27,14 +28,16 @@ from consortium_server.federation.processes import (
 )
 from consortium_server.federation.tls import make_dev_tls
 from consortium_server.identity.local_issuer import LocalIssuer
+from consortium_server.policy.engine import Decision
 from consortium_server.settings import ServerSettings
 from site_node.crypto.sealing import SiteKeyPair
 from site_node.federation.processes import SuperNodeSpec, start_supernode
 from site_node.keys import SUPERNODE_KEY_FILE, init_site_keys
 
-__all__ = ["DemoStack", "Hospital", "free_port"]
+__all__ = ["DemoStack", "Hospital", "free_port", "spawn_server"]
 
 RESEARCHER_ORG = "University of Leiden"
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
 def free_port() -> int:
@@ -154,24 +157,8 @@ class DemoStack:
             "CONCORD_FEDERATION__ROOT_CERTIFICATES": str(self.tls.ca_cert),
             "CONCORD_FEDERATION__RUNS_DIR": str(self.state / "runs"),
         }
-        self.server = spawn(
-            "consortium-server",
-            [str(self.bin / "consortium"), "server"],
-            env=env,
-            log_path=self.state / "server.log",
-        )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if not self.server.alive():
-                raise FlowerProcessError("the consortium server exited", self.server.log_tail())
-            try:
-                if httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise FlowerProcessError(
-            "the consortium server did not become ready", self.server.log_tail()
+        self.server = spawn_server(
+            self.bin, env, url=self.api_url, log_path=self.state / "server.log"
         )
 
     def init_keys(self, hospital: Hospital) -> SiteKeyPair:
@@ -221,6 +208,87 @@ class DemoStack:
             log_path=hospital.state_dir / "agent.log",
         )
 
+    # -- what a hospital's IT and data steward do ----------------------------------------
+
+    def head_key(self) -> str:
+        """The server's tree-head public key (read from its key file: the same machine)."""
+        from consortium_server.audit.heads import TreeHeadSigner
+
+        return TreeHeadSigner.load_or_create(self.settings.audit_head_key_file()).public_key_b64
+
+    def bring_up(
+        self,
+        hospital: Hospital,
+        admin: ConsortiumClient,
+        *,
+        dataset: dict[str, Any],
+        governance: dict[str, Any],
+        head_key: str,
+        epsilon_cap: float | None = None,
+    ) -> dict[str, Any]:
+        """Bring a hospital into the consortium: its keys, enrolment by ``admin``, its
+        SuperNode key registered, ``dataset`` (a DatasetConfig) published with
+        ``governance``, its site policy (the base permit, plus a per-study epsilon cap when
+        given), its SuperNode and site agent started. Returns the published catalogue entry.
+        """
+        from site_node.data.publish import catalogue_entry
+        from site_node.data.registry import DatasetConfig
+
+        keys = self.init_keys(hospital)
+        admin.enrol_site(
+            {
+                "id": hospital.site_id,
+                "organisation": hospital.organisation,
+                "display_name": hospital.organisation,
+                "contact_email": f"it@{hospital.site_id}.example.org",
+                "signing_public_key": keys.signing_public_b64,
+                "exchange_public_key": keys.exchange_public_b64,
+                "supernode_public_key": (hospital.keys_dir / "supernode.pub").read_text(),
+            }
+        )
+        self.register_supernode(hospital)
+        hospital.tokens["steward"] = self.token(
+            f"steward-{hospital.letter}", ["data_steward"], hospital.organisation
+        )
+        hospital.tokens["node"] = self.token(
+            f"service-account-{hospital.site_id}", ["site_node"], hospital.organisation
+        )
+        hospital.datasets_file.write_text(yaml.safe_dump([dataset]))
+        entry = catalogue_entry(DatasetConfig.model_validate(dataset), governance)
+        self.client(hospital.tokens["steward"]).publish_dataset(entry)
+        hospital.policy_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(POLICIES / "sites" / "00-base.cedar", hospital.policy_dir / "00-base.cedar")
+        if epsilon_cap is not None:
+            template = (POLICIES / "sites" / "epsilon-cap.cedar").read_text()
+            (hospital.policy_dir / "epsilon-cap.cedar").write_text(
+                template.replace("2.0", f"{epsilon_cap:.1f}")
+            )
+        self.start_supernode(hospital)
+        self.start_agent(hospital, server_head_key=head_key)
+        return entry
+
+    def approve(self, hospital: Hospital, study: dict[str, Any], *, reason: str) -> Decision:
+        """The hospital's steward checks the consortium's and the site's own policy for the
+        study, then approves its exact contract hash. Raises if the site policy refuses."""
+        from site_node.site_policy import check_study, load_site_engine
+
+        steward = self.client(hospital.tokens["steward"])
+        engine = load_site_engine(hospital.policy_dir, site_id=hospital.site_id)
+        decision = check_study(steward, study["id"], site_id=hospital.site_id, site_engine=engine)
+        if not decision.allowed:
+            raise RuntimeError(
+                f"{hospital.site_id}'s site policy refuses the study: "
+                + " ".join(r.text for r in decision.reasons)
+            )
+        steward.decide(
+            study["id"],
+            site_id=hospital.site_id,
+            contract_hash=study["contract_hash"],
+            decision="approved",
+            reason=reason,
+        )
+        return decision
+
     def stop(self) -> None:
         """Stop every process (agents, SuperNodes, server, SuperLink)."""
         for hospital in self.hospitals:
@@ -239,6 +307,31 @@ class DemoStack:
             yield self
         finally:
             self.stop()
+
+
+def spawn_server(
+    python_bin: Path, env: dict[str, str], *, url: str, log_path: Path, timeout_s: float = 90
+) -> ManagedProcess:
+    """Start ``consortium server`` with ``env`` and wait until ``url``/readyz answers 200.
+
+    Stops it and raises :class:`FlowerProcessError` (with the log's tail) if it exits or is
+    not ready within ``timeout_s``.
+    """
+    proc = spawn(
+        "consortium-server", [str(python_bin / "consortium"), "server"], env=env, log_path=log_path
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise FlowerProcessError("the consortium server exited", proc.log_tail())
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.stop()
+    raise FlowerProcessError("the consortium server did not become ready", proc.log_tail())
 
 
 def _base_env(home: Path) -> dict[str, str]:

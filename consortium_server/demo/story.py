@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -33,9 +31,7 @@ from rich.table import Table
 from consortium_server.client import ConsortiumClient
 from consortium_server.demo.stack import RESEARCHER_ORG, DemoStack, Hospital
 
-__all__ = ["DemoOptions", "DemoResult", "run_demo"]
-
-POLICIES = Path(__file__).resolve().parents[2] / "policies"
+__all__ = ["DemoOptions", "DemoResult", "dataset_governance", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -95,10 +91,12 @@ def _wait(what: str, check: Callable[[], bool], *, timeout: float, interval: flo
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def _governance(hospital: Hospital, options: DemoOptions) -> dict[str, Any]:
+def dataset_governance(hospital: Hospital, *, imaging: bool = False) -> dict[str, Any]:
+    """The governance fields a demo hospital publishes for its dataset (purposes, budgets,
+    GDPR Art. 30 record)."""
     title, description = (
         (f"Synthetic lesion images ({hospital.organisation})", "MONAI-generated 2D images.")
-        if options.imaging
+        if imaging
         else (
             f"Breast-mass biopsies ({hospital.organisation})",
             "Wisconsin diagnostic features from fine-needle aspirates.",
@@ -142,13 +140,6 @@ def _contract(options: DemoOptions, hospitals: list[Hospital]) -> dict[str, Any]
         "federation": {"min_sites": 3, "round_timeout_s": 300},
         "encryption": {"enabled": True},
     }
-
-
-def _site_policy(hospital: Hospital, cap: float) -> None:
-    hospital.policy_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(POLICIES / "sites" / "00-base.cedar", hospital.policy_dir / "00-base.cedar")
-    template = (POLICIES / "sites" / "epsilon-cap.cedar").read_text()
-    (hospital.policy_dir / "epsilon-cap.cedar").write_text(template.replace("2.0", f"{cap:.1f}"))
 
 
 def run_demo(options: DemoOptions, console: Console, python_bin: Path) -> DemoResult:
@@ -208,51 +199,25 @@ def _enrol(
     admin: ConsortiumClient,
     options: DemoOptions,
 ) -> None:
-    from site_node.data.publish import catalogue_entry
-    from site_node.data.registry import DatasetConfig
-
     with steps.step("2. Enrol three hospitals; each publishes its dataset (metadata only)"):
-        from consortium_server.audit.heads import TreeHeadSigner
-
-        head_key = TreeHeadSigner.load_or_create(
-            stack.settings.audit_head_key_file()
-        ).public_key_b64
+        head_key = stack.head_key()
         for hospital, cap in zip(stack.hospitals, options.site_epsilon_caps, strict=True):
-            keys = stack.init_keys(hospital)
-            admin.enrol_site(
-                {
-                    "id": hospital.site_id,
-                    "organisation": hospital.organisation,
-                    "display_name": hospital.organisation,
-                    "contact_email": f"it@{hospital.site_id}.example.org",
-                    "signing_public_key": keys.signing_public_b64,
-                    "exchange_public_key": keys.exchange_public_b64,
-                    "supernode_public_key": (hospital.keys_dir / "supernode.pub").read_text(),
-                }
-            )
-            stack.register_supernode(hospital)
-            hospital.tokens["steward"] = stack.token(
-                f"steward-{hospital.letter}", ["data_steward"], hospital.organisation
-            )
-            hospital.tokens["node"] = stack.token(
-                f"service-account-{hospital.site_id}", ["site_node"], hospital.organisation
-            )
-            config: dict[str, Any] = {
+            dataset: dict[str, Any] = {
                 "id": hospital.dataset_id,
                 "kind": "demo_synthetic_images" if options.imaging else "demo_breast_cancer",
                 "site_index": hospital.index,
                 "n_sites": len(stack.hospitals),
             }
             if options.imaging:
-                config.update(image_size=options.image_size, n_samples=options.images_per_site)
-            hospital.datasets_file.write_text(yaml.safe_dump([config]))
-            entry = catalogue_entry(
-                DatasetConfig.model_validate(config), _governance(hospital, options)
+                dataset.update(image_size=options.image_size, n_samples=options.images_per_site)
+            entry = stack.bring_up(
+                hospital,
+                admin,
+                dataset=dataset,
+                governance=dataset_governance(hospital, imaging=options.imaging),
+                head_key=head_key,
+                epsilon_cap=cap,
             )
-            stack.client(hospital.tokens["steward"]).publish_dataset(entry)
-            _site_policy(hospital, cap)
-            stack.start_supernode(hospital)
-            stack.start_agent(hospital, server_head_key=head_key)
             labels = entry["feature_summary"]["label_counts_train"]
             console.print(
                 f"[green]✓[/] {hospital.organisation}: enrolled, SuperNode and agent up; "
@@ -277,26 +242,11 @@ def _submit(
 
 
 def _approve(stack: DemoStack, steps: _Steps, console: Console, study: dict[str, Any]) -> None:
-    from site_node.site_policy import check_study, load_site_engine
-
     with steps.step("4. Each data steward approves the exact contract hash"):
         for hospital in stack.hospitals:
-            steward = stack.client(hospital.tokens["steward"])
-            engine = load_site_engine(hospital.policy_dir, site_id=hospital.site_id)
-            decision = check_study(
-                steward, study["id"], site_id=hospital.site_id, site_engine=engine
-            )
-            if not decision.allowed:
-                console.print(
-                    f"[red]✗[/] {hospital.site_id}: site policy refuses: "
-                    + " ".join(r.text for r in decision.reasons)
-                )
-                raise RuntimeError(f"{hospital.site_id} did not approve")
-            steward.decide(
-                study["id"],
-                site_id=hospital.site_id,
-                contract_hash=study["contract_hash"],
-                decision="approved",
+            decision = stack.approve(
+                hospital,
+                study,
                 reason="Approved automatically: the site policy allows it (demo).",
             )
             site_hash = (decision.site_policy_set_hash or "")[:12]

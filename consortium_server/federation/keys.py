@@ -29,6 +29,7 @@ from consortium_server.errors import (
 )
 from consortium_server.federation.models import SealedStudyKey, StudyKeyRelay
 from consortium_server.identity.principal import Principal
+from consortium_server.schemas import Sha256Hex
 from consortium_server.sites.models import Site, SiteStatus
 from consortium_server.studies.models import ApprovalDecision, Study, StudyApproval, StudyState
 from site_node.crypto.ckks import load_context
@@ -58,7 +59,7 @@ class StudyKeysCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     public_context: str = Field(description="Base64 of the public CKKS context (no secret key).")
-    key_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    key_fingerprint: Sha256Hex
     sealed_keys: list[SealedKey] = Field(max_length=1000)
 
 

@@ -90,7 +90,8 @@ def superlink_runner(
 
         while True:
             for path in sorted(records.glob("round-*.json")):
-                report(RoundRecord(**json.loads(path.read_text())))
+                if int(path.stem.removeprefix("round-")) not in reported:
+                    report(RoundRecord(**json.loads(path.read_text())))
             outcome = read_outcome(records)
             if outcome is not None:
                 for record in outcome.rounds:

@@ -28,7 +28,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
+from pydantic import Field, ValidationError, field_serializer
 from sqlalchemy.orm import Session
 
 from consortium_server.api.deps import (
@@ -55,6 +55,7 @@ from consortium_server.release.models import (
     ReleaseSignoff,
     StudyRelease,
 )
+from consortium_server.schemas import Sha256Hex, StrictModel
 from consortium_server.sites.models import Site
 from consortium_server.studies.models import Study, StudyState
 from consortium_server.studies.service import get_visible_study, principal_owns
@@ -71,14 +72,8 @@ __all__ = [
 
 router = APIRouter(prefix="/api/v1/studies/{study_id}/release", tags=["release"])
 
-HexHash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class FinalAggregatePublic(_Strict):
+class FinalAggregatePublic(StrictModel):
     """The final encrypted aggregate, as a site needs it to decrypt the model."""
 
     study_id: str
@@ -91,11 +86,11 @@ class FinalAggregatePublic(_Strict):
     blobs: list[str] = Field(description="Base64 blobs in the update wire format, header first.")
 
 
-class SignoffCreate(_Strict):
+class SignoffCreate(StrictModel):
     """A site's sign-off: the SHA-256 of the canonical model bytes and its signature."""
 
     site_id: str = Field(min_length=1, max_length=64)
-    model_sha256: HexHash
+    model_sha256: Sha256Hex
     signature: str = Field(
         min_length=1,
         max_length=128,
@@ -104,7 +99,7 @@ class SignoffCreate(_Strict):
     )
 
 
-class SignoffPublic(_Strict):
+class SignoffPublic(StrictModel):
     """A recorded sign-off."""
 
     site_id: str
@@ -129,13 +124,13 @@ class SignoffPublic(_Strict):
         )
 
 
-class ModelUpload(_Strict):
+class ModelUpload(StrictModel):
     """The decrypted model as JSON: little-endian float64 bytes, base64."""
 
     model_b64: str = Field(min_length=1)
 
 
-class ModelUploadPublic(_Strict):
+class ModelUploadPublic(StrictModel):
     """What the server kept of an upload."""
 
     study_id: str
@@ -145,7 +140,7 @@ class ModelUploadPublic(_Strict):
     uploaded_by_site: str
 
 
-class ReleaseStatus(_Strict):
+class ReleaseStatus(StrictModel):
     """Where the release gate stands."""
 
     study_id: str

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from consortium_server.schemas import Slug, StrictModel
+from consortium_server.schemas import Sha256Hex, Slug, StrictModel
 from consortium_server.studies.models import ApprovalDecision, StudyState
 
 __all__ = [
@@ -19,8 +19,6 @@ __all__ = [
     "StudySitePublic",
     "StudySummary",
 ]
-
-Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 class ApprovalCreate(StrictModel):

@@ -548,15 +548,11 @@ def test_site_agent_env_names_are_site_settings(tmp_path: Path, site_keys: Path)
 
 
 def test_site_agent_command_exists() -> None:
-    """`site-node run` is the agent's command in the chart; it is being built separately."""
+    """`site-node run` is the agent's command in the chart."""
     from site_node.cli import app
 
     names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
-    if "run" not in names:
-        pytest.skip(
-            "`site-node run` is not implemented yet: the chart runs it as the agent; "
-            "its env names are checked by test_site_agent_env_names_are_site_settings"
-        )
+    assert "run" in names
     result = subprocess.run(
         [str(BIN / "site-node"), "run", "--help"], capture_output=True, text=True, check=False
     )

@@ -19,16 +19,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-import yaml
-
 from consortium_server.client import ConsortiumClient
-from consortium_server.demo.stack import RESEARCHER_ORG, DemoStack, Hospital, free_port
+from consortium_server.demo.stack import (
+    RESEARCHER_ORG,
+    DemoStack,
+    Hospital,
+    free_port,
+    spawn_server,
+)
+from consortium_server.demo.story import dataset_governance
 from consortium_server.federation.processes import (
-    FlowerProcessError,
     ManagedProcess,
     flower_env,
-    spawn,
 )
 
 __all__ = [
@@ -81,54 +83,18 @@ def start_server_process(
         "CONCORD_POLICY__MEMBER_ORGANISATIONS": '["University of Leiden"]',
         **env,
     }
-    proc = spawn(
-        "consortium-server",
-        [str(PYTHON_BIN / "consortium"), "server"],
-        env=full,
-        log_path=state / "server.log",
-    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise FlowerProcessError("the consortium server exited", proc.log_tail())
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.stop()
-    raise FlowerProcessError("the consortium server did not become ready", proc.log_tail())
-
-
-POLICIES = Path(__file__).resolve().parents[2] / "policies"
-
-
-def _governance(hospital: Hospital) -> dict[str, Any]:
-    return {
-        "id": hospital.dataset_id,
-        "site_id": hospital.site_id,
-        "title": f"Breast-mass biopsies ({hospital.organisation})",
-        "description": "Wisconsin diagnostic features from fine-needle aspirates.",
-        "allowed_purposes": ["diagnostic_research", "method_development"],
-        "epsilon_budget": 20.0,
-        "delta_budget": 1e-4,
-        "max_epsilon_per_study": 8.0,
-        "requires_encryption": True,
-        "controller": f"{hospital.organisation} University Medical Centre",
-        "data_categories": ["health data"],
-        "legal_basis": "GDPR Art. 9(2)(j)",
-        "retention": "10 years",
-    }
+    proc = spawn_server(
+        PYTHON_BIN, full, url=url, log_path=state / "server.log", timeout_s=ready_timeout_s
+    )
+    return proc, url
 
 
 class DrillStack:
     """A demo consortium of ``n_sites`` hospitals (the demo's processes), driven step by step.
 
-    The steps follow the demo's story (enrol, publish, submit, approve, key exchange, run)
-    through the same public APIs, kept here so that the drills do not depend on the demo's
-    private helpers.
+    Hospitals are brought up and approve as in the demo (``DemoStack.bring_up`` and
+    ``DemoStack.approve``); the drills then start the run and watch the audit log.
     """
 
     def __init__(self, state: Path, *, n_sites: int) -> None:
@@ -142,10 +108,6 @@ class DrillStack:
 
     def start(self) -> None:
         """SuperLink, server, and every hospital enrolled with its SuperNode and agent."""
-        from consortium_server.audit.heads import TreeHeadSigner
-        from site_node.data.publish import catalogue_entry
-        from site_node.data.registry import DatasetConfig
-
         stack = self.stack
         stack.prepare()
         stack.start_superlink()
@@ -159,42 +121,21 @@ class DrillStack:
         self.compliance = stack.client(
             stack.token("carla-compliance", ["compliance_officer"], "Consortium office")
         )
-        head_key = TreeHeadSigner.load_or_create(
-            stack.settings.audit_head_key_file()
-        ).public_key_b64
+        head_key = stack.head_key()
         for hospital in self.hospitals:
-            keys = stack.init_keys(hospital)
-            self.admin.enrol_site(
-                {
-                    "id": hospital.site_id,
-                    "organisation": hospital.organisation,
-                    "display_name": hospital.organisation,
-                    "contact_email": f"it@{hospital.site_id}.example.org",
-                    "signing_public_key": keys.signing_public_b64,
-                    "exchange_public_key": keys.exchange_public_b64,
-                    "supernode_public_key": (hospital.keys_dir / "supernode.pub").read_text(),
-                }
-            )
-            stack.register_supernode(hospital)
-            hospital.tokens["steward"] = stack.token(
-                f"steward-{hospital.letter}", ["data_steward"], hospital.organisation
-            )
-            hospital.tokens["node"] = stack.token(
-                f"service-account-{hospital.site_id}", ["site_node"], hospital.organisation
-            )
-            config = {
+            dataset = {
                 "id": hospital.dataset_id,
                 "kind": "demo_breast_cancer",
                 "site_index": hospital.index,
                 "n_sites": len(self.hospitals),
             }
-            hospital.datasets_file.write_text(yaml.safe_dump([config]))
-            entry = catalogue_entry(DatasetConfig.model_validate(config), _governance(hospital))
-            stack.client(hospital.tokens["steward"]).publish_dataset(entry)
-            hospital.policy_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy(POLICIES / "sites" / "00-base.cedar", hospital.policy_dir / "00-base.cedar")
-            stack.start_supernode(hospital)
-            stack.start_agent(hospital, server_head_key=head_key)
+            stack.bring_up(
+                hospital,
+                self.admin,
+                dataset=dataset,
+                governance=dataset_governance(hospital),
+                head_key=head_key,
+            )
 
     def contract(self, *, rounds: int, round_timeout_s: int) -> dict[str, Any]:
         """A small DP + CKKS study of the tabular MLP over every hospital's dataset."""
@@ -221,26 +162,12 @@ class DrillStack:
         """Submit, approve everywhere (site policy checked), wait for the key exchange,
         start the run."""
         from site_node.federation.approvals import ApprovalStore
-        from site_node.site_policy import check_study, load_site_engine
 
         study: dict[str, Any] = self.researcher.submit_study(contract)
         if study["state"] != "awaiting_approvals":
             raise RuntimeError(f"the study was {study['state']}: {study.get('state_reason')}")
         for hospital in self.hospitals:
-            steward = self.stack.client(hospital.tokens["steward"])
-            engine = load_site_engine(hospital.policy_dir, site_id=hospital.site_id)
-            decision = check_study(
-                steward, study["id"], site_id=hospital.site_id, site_engine=engine
-            )
-            if not decision.allowed:
-                raise RuntimeError(f"{hospital.site_id}'s site policy refuses the study")
-            steward.decide(
-                study["id"],
-                site_id=hospital.site_id,
-                contract_hash=study["contract_hash"],
-                decision="approved",
-                reason="Approved for the failure drill.",
-            )
+            self.stack.approve(hospital, study, reason="Approved for the failure drill.")
         wait_for(
             "every site to hold the study key",
             lambda: all(ApprovalStore(h.state_dir).study_key(study["id"]) for h in self.hospitals),
@@ -325,7 +252,6 @@ class ThrowawayPostgres:
 
     def __init__(self) -> None:
         import glob
-        import shutil
         import tempfile
 
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
@@ -365,7 +291,6 @@ class ThrowawayPostgres:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def destroy(self) -> None:
-        import shutil
 
         with contextlib.suppress(RuntimeError):
             self.stop("immediate")

@@ -11,8 +11,7 @@ the study completes and the audit log verifies.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from flwr.app import Context, Message, RecordDict
 
 from consortium_server.audit.verify import verify_live
 from consortium_server.federation.coordinator import run_with_lifecycle
-from consortium_server.federation.models import StudyKeyRelay
 from consortium_server.federation.serverapp import run_study_rounds
 from consortium_server.federation.strategy import (
     REC_UPDATE,
@@ -39,13 +37,11 @@ from consortium_server.settings import ServerSettings
 from consortium_server.studies.contract import StudyContract
 from site_node.crypto import (
     EncodedUpdate,
-    generate_study_context,
-    public_context,
-    study_key_fingerprint,
 )
 from site_node.federation.approvals import ApprovalStore
-from site_node.federation.clientapp import app as client_app
-from tests.support.world import People, build_consortium, study_contract
+from tests.support.inprocess_grid import InProcessGrid, flower_task_identity
+from tests.support.studies import relay_study_key, submit_and_approve
+from tests.support.world import People, build_consortium
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -64,47 +60,20 @@ def corrupt_update(blobs: list[bytes]) -> list[bytes]:
     return rebuilt.to_bytes_list()
 
 
-class DrillGrid:
-    """A Flower Grid stand-in: each node runs the real site ClientApp in this process;
-    replies from ``corrupt`` nodes to ``train`` get their ciphertext corrupted."""
+class DrillGrid(InProcessGrid):
+    """Replies from ``corrupt`` nodes to ``train`` get their ciphertext corrupted."""
 
     def __init__(self, contexts: dict[int, Context], *, corrupt: set[int]) -> None:
-        self.contexts = contexts
+        super().__init__(contexts)
         self.corrupt = corrupt
         self.corrupted = 0
 
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(
-            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id
-        )
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            reply = client_app(msg, self.contexts[node])
-            if (
-                node in self.corrupt
-                and msg.metadata.message_type == "train"
-                and not reply.has_error()
-            ):
-                blobs = arrays_to_blobs(reply.content.array_records[REC_UPDATE])
-                reply.content[REC_UPDATE] = blobs_to_arrays(corrupt_update(blobs))
-                self.corrupted += 1
-            replies.append(reply)
-        return replies
+    def reply(self, node: int, msg: Message, reply: Message) -> Message:
+        if node in self.corrupt and msg.metadata.message_type == "train" and not reply.has_error():
+            blobs = arrays_to_blobs(reply.content.array_records[REC_UPDATE])
+            reply.content[REC_UPDATE] = blobs_to_arrays(corrupt_update(blobs))
+            self.corrupted += 1
+        return reply
 
 
 @pytest.fixture
@@ -125,38 +94,8 @@ def client(app: FastAPI) -> Iterator[TestClient]:
 
 @pytest.fixture
 def task_identity() -> Iterator[None]:
-    """Flower stamps messages with the process's run id (set by its runtimes)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = {k: TaskIdentity.__dict__.get(k) for k in ("_run_id", "_node_id", "_task_id")}
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
-    yield
-    for key, value in saved.items():
-        setattr(TaskIdentity, key, value)
-
-
-def _approved_study(client: TestClient, people: People) -> dict[str, Any]:
-    contract = study_contract(
-        [f"bc-{x}" for x in LETTERS],
-        purpose="method_development",
-        training={"rounds": 2, "local_epochs": 1, "batch_size": 32, "learning_rate": 0.1},
-        privacy={"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0},
-        model={"name": "tabular-mlp", "version": "1", "hyperparameters": {}},
-    )
-    response = client.post("/api/v1/studies", json=contract, headers=people.researcher)
-    assert response.status_code == 201, response.text
-    study: dict[str, Any] = response.json()
-    for x in LETTERS:
-        body = {
-            "site_id": f"hospital-{x}",
-            "contract_hash": study["contract_hash"],
-            "decision": "approved",
-        }
-        response = client.post(
-            f"/api/v1/studies/{study['id']}/approvals", json=body, headers=people.steward(x)
-        )
-        assert response.status_code == 201, response.text
-    return study
+    with flower_task_identity():
+        yield
 
 
 def _site_contexts(root: Path, study: dict[str, Any], secret: bytes) -> list[dict[str, str]]:
@@ -187,22 +126,17 @@ def test_corrupt_ciphertext_is_rejected_logged_and_the_round_goes_on(
         mint=lambda **claims: str(app.state.local_issuer.mint(audience="concord-api", **claims))
     )
     build_consortium(client, people, sites=LETTERS)
-    study = _approved_study(client, people)
-    secret = generate_study_context()
-    public = public_context(secret)
-    with app.state.sessionmaker() as session:
-        session.add(
-            StudyKeyRelay(
-                study_id=study["id"],
-                sender_site_id="hospital-a",
-                contract_hash=study["contract_hash"],
-                public_context=public,
-                public_context_sha256=hashlib.sha256(public).hexdigest(),
-                key_fingerprint=study_key_fingerprint(secret),
-                uploaded_by="service-account-a",
-            )
-        )
-        session.commit()
+    study = submit_and_approve(
+        client,
+        people,
+        [f"bc-{x}" for x in LETTERS],
+        letters=LETTERS,
+        purpose="method_development",
+        training={"rounds": 2, "local_epochs": 1, "batch_size": 32, "learning_rate": 0.1},
+        privacy={"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0},
+        model={"name": "tabular-mlp", "version": "1", "hyperparameters": {}},
+    )
+    secret = relay_study_key(app, study)
     node_configs = _site_contexts(tmp_path / "sites", study, secret)
     grids: list[DrillGrid] = []
 

@@ -3,9 +3,7 @@ audited and its epsilon charged to the ledger, the unused reservation returned."
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -15,123 +13,19 @@ from consortium_server.audit.verify import verify_live
 from consortium_server.budgets import service as budgets
 from consortium_server.errors import ConflictError
 from consortium_server.federation.coordinator import begin_run, run_with_lifecycle
-from consortium_server.federation.models import StudyKeyRelay
 from consortium_server.federation.strategy import (
-    GlobalModel,
     RoundHook,
-    RoundRecord,
     RunPlan,
     StudyOutcome,
 )
-from site_node.crypto import generate_study_context, public_context, study_key_fingerprint
+from tests.support.studies import (
+    SITES,
+    audit_actions,
+    relay_study_key,
+    submit_and_approve,
+    synthetic_runner,
+)
 from tests.support.world import People, study_contract
-
-SITES = ("hospital-a", "hospital-b", "hospital-c")
-
-
-def _approved_study(client: TestClient, people: People, **contract: Any) -> dict[str, Any]:
-    study: dict[str, Any] = client.post(
-        "/api/v1/studies",
-        json=study_contract(["bc-a", "bc-b", "bc-c"], **contract),
-        headers=people.researcher,
-    ).json()
-    for site in "abc":
-        body = {
-            "site_id": f"hospital-{site}",
-            "contract_hash": study["contract_hash"],
-            "decision": "approved",
-        }
-        response = client.post(
-            f"/api/v1/studies/{study['id']}/approvals", json=body, headers=people.steward(site)
-        )
-        assert response.status_code == 201, response.text
-    return client.get(f"/api/v1/studies/{study['id']}", headers=people.researcher).json()
-
-
-def _relay_keys(app: FastAPI, study: dict[str, Any]) -> bytes:
-    secret = generate_study_context()
-    public = public_context(secret)
-    with app.state.sessionmaker() as session:
-        session.add(
-            StudyKeyRelay(
-                study_id=study["id"],
-                sender_site_id="hospital-a",
-                contract_hash=study["contract_hash"],
-                public_context=public,
-                public_context_sha256=hashlib.sha256(public).hexdigest(),
-                key_fingerprint=study_key_fingerprint(secret),
-                uploaded_by="service-account-a",
-            )
-        )
-        session.commit()
-    return secret
-
-
-def _record(plan: RunPlan, n: int, epsilon: float, status: str = "aggregated") -> RoundRecord:
-    return RoundRecord(
-        study_id=plan.study_id,
-        contract_hash=plan.contract_hash,
-        round_number=n,
-        status=status,
-        participants=list(SITES) if status == "aggregated" else ["hospital-a", "hospital-b"],
-        sample_counts={s: 100 + i for i, s in enumerate(SITES)},
-        epsilon={s: epsilon for s in SITES},
-        site_digests={s: "ab" * 32 for s in SITES},
-        aggregate_digest="cd" * 32 if status == "aggregated" else None,
-        missing_sites=[] if status == "aggregated" else ["hospital-c"],
-        failure=None if status == "aggregated" else "only 2 valid replies; the minimum is 3",
-    )
-
-
-def final_aggregate(plan: RunPlan, secret: bytes, round_number: int) -> GlobalModel:
-    """A real final aggregate: three sites' CKKS updates summed blindly, as the run does."""
-    import numpy as np
-
-    from consortium_server.federation.strategy import BlindAggregationStrategy
-    from site_node.crypto import CkksCodec
-
-    strategy = BlindAggregationStrategy(plan)
-    codec = CkksCodec(secret)
-    rng = np.random.default_rng(round_number)
-    updates = {
-        site: codec.encode(
-            rng.normal(size=plan.num_params), weight=100.0, info=strategy.round_info(round_number)
-        ).to_bytes_list()
-        for site in SITES
-    }
-    summed = strategy._sum(round_number, updates)
-    return GlobalModel(round_number, tuple(summed.to_bytes_list()), 300.0, summed.digest)
-
-
-def _runner(epsilons: list[float], fail_last: bool = False, secret: bytes | None = None) -> Any:
-    def run(plan: RunPlan, hook: RoundHook) -> StudyOutcome:
-        records = []
-        for n, eps in enumerate(epsilons, start=1):
-            failed = fail_last and n == len(epsilons)
-            record = _record(plan, n, eps, "failed" if failed else "aggregated")
-            hook(record)
-            records.append(record)
-        if fail_last:
-            return StudyOutcome(
-                plan.study_id, plan.contract_hash, "failed", records, failure=records[-1].failure
-            )
-        final = (
-            final_aggregate(plan, secret, len(records))
-            if secret is not None
-            else GlobalModel(len(records), (b"not an aggregate",), 300.0, "ef" * 32)
-        )
-        return StudyOutcome(plan.study_id, plan.contract_hash, "completed", records, final)
-
-    return run
-
-
-def _actions(app: FastAPI, study_id: str) -> list[str]:
-    log = app.state.audit_log
-    with app.state.sessionmaker() as session:
-        entries = [
-            log.get_entry(i, session=session).entry for i in range(log.size(session=session))
-        ]
-    return [e.action for e in entries if e.object.id == study_id]
 
 
 def _budget(app: FastAPI, dataset: str) -> budgets.BudgetView:
@@ -142,10 +36,13 @@ def _budget(app: FastAPI, dataset: str) -> budgets.BudgetView:
 def test_completed_run_charges_rounds_and_returns_the_rest(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
-    study = _approved_study(client, consortium)
-    secret = _relay_keys(app, study)
+    study = submit_and_approve(client, consortium)
+    secret = relay_study_key(app, study)
     outcome = run_with_lifecycle(
-        app.state.sessionmaker, app.state.audit_log, study["id"], _runner([1.0, 2.0], secret=secret)
+        app.state.sessionmaker,
+        app.state.audit_log,
+        study["id"],
+        synthetic_runner([1.0, 2.0], secret=secret),
     )
     assert outcome.status == "completed"
     final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
@@ -155,7 +52,7 @@ def test_completed_run_charges_rounds_and_returns_the_rest(
     assert float(budget.epsilon_spent) == pytest.approx(2.0)
     assert float(budget.epsilon_reserved) == 0
     assert float(budget.epsilon_remaining) == pytest.approx(8.0)
-    actions = _actions(app, study["id"])
+    actions = audit_actions(app, study["id"])
     assert actions[-5:] == [
         "study.running",
         "round.completed",
@@ -171,13 +68,13 @@ def test_completed_run_charges_rounds_and_returns_the_rest(
 def test_failed_round_fails_the_study_and_returns_the_reservation(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
-    study = _approved_study(client, consortium)
-    _relay_keys(app, study)
+    study = submit_and_approve(client, consortium)
+    relay_study_key(app, study)
     run_with_lifecycle(
         app.state.sessionmaker,
         app.state.audit_log,
         study["id"],
-        _runner([1.0, 1.5], fail_last=True),
+        synthetic_runner([1.0, 1.5], fail_last=True),
     )
     final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
     assert final["state"] == "failed"
@@ -186,16 +83,19 @@ def test_failed_round_fails_the_study_and_returns_the_reservation(
     budget = _budget(app, "bc-b")
     assert float(budget.epsilon_spent) == pytest.approx(1.0)
     assert float(budget.epsilon_reserved) == 0
-    assert "round.failed" in _actions(app, study["id"])
+    assert "round.failed" in audit_actions(app, study["id"])
 
 
 def test_a_site_reporting_more_than_reserved_is_not_charged(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
-    study = _approved_study(client, consortium)  # epsilon 3.0 reserved
-    secret = _relay_keys(app, study)
+    study = submit_and_approve(client, consortium)  # epsilon 3.0 reserved
+    secret = relay_study_key(app, study)
     run_with_lifecycle(
-        app.state.sessionmaker, app.state.audit_log, study["id"], _runner([4.0], secret=secret)
+        app.state.sessionmaker,
+        app.state.audit_log,
+        study["id"],
+        synthetic_runner([4.0], secret=secret),
     )
     assert float(_budget(app, "bc-a").epsilon_spent) == 0
     log = app.state.audit_log
@@ -212,7 +112,7 @@ def test_a_site_reporting_more_than_reserved_is_not_charged(
 def test_only_approved_studies_with_relayed_keys_start(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
-    study = _approved_study(client, consortium)
+    study = submit_and_approve(client, consortium)
     with app.state.sessionmaker() as session, pytest.raises(ConflictError, match="exchanged"):
         begin_run(session, study["id"], log=app.state.audit_log, actor=None)
     waiting = client.post(
@@ -234,9 +134,9 @@ def test_real_clientapp_run_in_process_drives_the_lifecycle(
     from consortium_server.federation.serverapp import run_study_rounds
     from consortium_server.studies.contract import StudyContract
     from tests.support.flower import make_site
-    from tests.unit.consortium_server.federation.test_strategy import InProcessGrid
+    from tests.support.inprocess_grid import InProcessGrid, flower_task_identity
 
-    study = _approved_study(
+    study = submit_and_approve(
         client,
         consortium,
         purpose="method_development",
@@ -244,7 +144,7 @@ def test_real_clientapp_run_in_process_drives_the_lifecycle(
         privacy={"epsilon": 5.0, "delta": 1e-5, "max_grad_norm": 1.0},
         model={"name": "tabular-mlp", "version": "1", "hyperparameters": {}},
     )
-    secret = _relay_keys(app, study)
+    secret = relay_study_key(app, study)
     contract = StudyContract.model_validate(study["contract"])
     sites = [make_site(tmp_path, i) for i in range(3)]
     from site_node.federation.approvals import ApprovalStore
@@ -272,17 +172,10 @@ def test_real_clientapp_run_in_process_drives_the_lifecycle(
         plan = RunPlan(**{**plan.__dict__, "node_wait_s": 0.0})
         return run_study_rounds(InProcessGrid(contexts), plan, hook=hook)  # type: ignore[arg-type]
 
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = {k: TaskIdentity.__dict__.get(k) for k in ("_run_id", "_node_id", "_task_id")}
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # as Flower's runtime
-    try:
+    with flower_task_identity():
         outcome = run_with_lifecycle(
             app.state.sessionmaker, app.state.audit_log, study["id"], runner
         )
-    finally:
-        for key, value in saved.items():
-            setattr(TaskIdentity, key, value)
     assert outcome.status == "completed", outcome.failure
     final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
     assert final["state"] == "completed"
@@ -290,15 +183,17 @@ def test_real_clientapp_run_in_process_drives_the_lifecycle(
     assert 0 < spent <= 5.0
     assert final["current_round"] == 2
     assert [r.participants for r in outcome.rounds] == [list(SITES), list(SITES)]
-    assert _actions(app, study["id"]).count("round.completed") == 2
+    assert audit_actions(app, study["id"]).count("round.completed") == 2
 
 
 def test_a_malformed_final_aggregate_fails_the_study(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
-    study = _approved_study(client, consortium)
-    _relay_keys(app, study)
-    run_with_lifecycle(app.state.sessionmaker, app.state.audit_log, study["id"], _runner([1.0]))
+    study = submit_and_approve(client, consortium)
+    relay_study_key(app, study)
+    run_with_lifecycle(
+        app.state.sessionmaker, app.state.audit_log, study["id"], synthetic_runner([1.0])
+    )
     final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
     assert final["state"] == "failed"
     assert "cannot be kept for release" in final["state_reason"]
@@ -309,13 +204,13 @@ def test_the_policy_is_checked_before_every_round(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
     """Round 1 spends the whole reservation: the policy denies round 2 and the run stops."""
-    study = _approved_study(client, consortium)  # epsilon 3.0 reserved per dataset
-    secret = _relay_keys(app, study)
+    study = submit_and_approve(client, consortium)  # epsilon 3.0 reserved per dataset
+    secret = relay_study_key(app, study)
     outcome = run_with_lifecycle(
         app.state.sessionmaker,
         app.state.audit_log,
         study["id"],
-        _runner([3.0, 3.0, 3.0], secret=secret),
+        synthetic_runner([3.0, 3.0, 3.0], secret=secret),
         policy=app.state.policy_context,
     )
     assert outcome.status == "failed"
@@ -323,7 +218,7 @@ def test_the_policy_is_checked_before_every_round(
     assert final["state"] == "failed"
     assert "denies round 2" in final["state_reason"]
     assert "no privacy budget left" in final["state_reason"]
-    actions = _actions(app, study["id"])
+    actions = audit_actions(app, study["id"])
     assert actions.count("round.completed") == 1  # round 2 never recorded
     log = app.state.audit_log
     with app.state.sessionmaker() as session:
@@ -344,8 +239,8 @@ def test_a_first_round_the_policy_denies_never_starts(
 ) -> None:
     from consortium_server.federation.runs import RunManager
 
-    study = _approved_study(client, consortium)
-    secret = _relay_keys(app, study)
+    study = submit_and_approve(client, consortium)
+    secret = relay_study_key(app, study)
     files = dict(client.get("/api/v1/policy", headers=consortium.admin).json()["files"])
     files["freeze.cedar"] = (
         '@id("freeze.rounds")\n@reason("Training is paused for a security review.")\n'
@@ -356,11 +251,13 @@ def test_a_first_round_the_policy_denies_never_starts(
         == 201
     )
     app.state.run_manager = RunManager(
-        app.state.sessionmaker, app.state.audit_log, lambda plan: _runner([1.0], secret=secret)
+        app.state.sessionmaker,
+        app.state.audit_log,
+        lambda plan: synthetic_runner([1.0], secret=secret),
     )
     response = client.post(f"/api/v1/studies/{study['id']}/run", headers=consortium.researcher)
     assert response.status_code == 403
     assert "paused for a security review" in response.json()["error"]["message"]
     still = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
     assert still["state"] == "approved"
-    assert "policy.decision" in _actions(app, study["id"])  # the denial is on record
+    assert "policy.decision" in audit_actions(app, study["id"])  # the denial is on record

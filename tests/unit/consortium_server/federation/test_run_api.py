@@ -7,13 +7,13 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from consortium_server.federation.runs import RunManager
-from tests.support.world import People
-from tests.unit.consortium_server.federation.test_coordinator import (
-    _actions,
-    _approved_study,
-    _relay_keys,
-    _runner,
+from tests.support.studies import (
+    audit_actions,
+    relay_study_key,
+    submit_and_approve,
+    synthetic_runner,
 )
+from tests.support.world import People
 
 
 def _install_manager(
@@ -22,7 +22,7 @@ def _install_manager(
     manager = RunManager(
         app.state.sessionmaker,
         app.state.audit_log,
-        lambda plan: _runner(epsilons, fail_last, secret=secret),
+        lambda plan: synthetic_runner(epsilons, fail_last, secret=secret),
     )
     app.state.run_manager = manager
     return manager
@@ -31,8 +31,8 @@ def _install_manager(
 def test_owner_starts_a_run_that_completes_in_the_background(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
-    study = _approved_study(client, consortium)
-    secret = _relay_keys(app, study)
+    study = submit_and_approve(client, consortium)
+    secret = relay_study_key(app, study)
     manager = _install_manager(app, [0.8, 1.6], secret=secret)
     response = client.post(f"/api/v1/studies/{study['id']}/run", headers=consortium.researcher)
     assert response.status_code == 202, response.text
@@ -41,7 +41,7 @@ def test_owner_starts_a_run_that_completes_in_the_background(
     assert outcome.status == "completed"
     final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
     assert final["state"] == "completed"
-    actions = _actions(app, study["id"])
+    actions = audit_actions(app, study["id"])
     assert actions.count("round.completed") == 2
     assert actions[-2:] == ["study.completed", "budget.released"]
 
@@ -49,8 +49,8 @@ def test_owner_starts_a_run_that_completes_in_the_background(
 def test_a_run_that_raises_fails_the_study_with_the_reason(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
-    study = _approved_study(client, consortium)
-    _relay_keys(app, study)
+    study = submit_and_approve(client, consortium)
+    relay_study_key(app, study)
 
     def broken(plan: object, hook: object) -> None:
         raise RuntimeError("the SuperLink went away")
@@ -73,8 +73,8 @@ def test_a_run_that_raises_fails_the_study_with_the_reason(
 def test_run_needs_a_configured_superlink(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
-    study = _approved_study(client, consortium)
-    _relay_keys(app, study)
+    study = submit_and_approve(client, consortium)
+    relay_study_key(app, study)
     assert app.state.run_manager is None  # the test settings configure no SuperLink
     response = client.post(f"/api/v1/studies/{study['id']}/run", headers=consortium.admin)
     assert response.status_code == 503
@@ -86,7 +86,7 @@ def test_run_needs_a_configured_superlink(
 def test_only_owner_or_admin_and_only_when_ready(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
-    study = _approved_study(client, consortium)
+    study = submit_and_approve(client, consortium)
     _install_manager(app, [1.0])
     url = f"/api/v1/studies/{study['id']}/run"
     assert client.post(url, headers=consortium.other_researcher).status_code == 404
@@ -103,7 +103,7 @@ def test_key_exchange_steps_are_audited(
 
     from site_node.crypto import generate_study_context, public_context, study_key_fingerprint
 
-    study = _approved_study(client, consortium)
+    study = submit_and_approve(client, consortium)
     secret = generate_study_context()
     body = {
         "public_context": base64.b64encode(public_context(secret)).decode(),
@@ -115,4 +115,4 @@ def test_key_exchange_steps_are_audited(
     )
     # Without sealed keys for the other sites the relay refuses: and records nothing.
     assert response.status_code in (409, 422), response.text
-    assert "keys.relayed" not in _actions(app, study["id"])
+    assert "keys.relayed" not in audit_actions(app, study["id"])

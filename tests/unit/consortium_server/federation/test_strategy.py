@@ -8,7 +8,7 @@ built with the real codec and then broken.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,61 +25,17 @@ from consortium_server.federation.strategy import (
     new_record,
 )
 from site_node.crypto import CkksCodec, EncodedUpdate, PlainCodec, RoundInfo
-from site_node.federation.clientapp import app as client_app
 from site_node.training import build_model, num_parameters
 from tests.support.flower import approve_everywhere, breast_cancer_contract, make_site
+from tests.support.inprocess_grid import InProcessGrid, flower_task_identity
 
 N_PARAMS = 5000
 
 
 @pytest.fixture(autouse=True)
 def task_identity() -> Iterator[None]:
-    """Flower stamps messages with the process's run id (set by its runtimes)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = {k: TaskIdentity.__dict__.get(k) for k in ("_run_id", "_node_id", "_task_id")}
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 1
-    TaskIdentity.task_id = 1
-    yield
-    for key, value in saved.items():
-        setattr(TaskIdentity, key, value)
-
-
-class InProcessGrid:
-    """A Grid whose nodes run the site ClientApp in this process (``drop`` nodes never answer)."""
-
-    def __init__(self, contexts: dict[int, Context], *, drop: Iterable[int] = ()) -> None:
-        self.contexts = contexts
-        self.drop = set(drop)
-        self.sent: list[str] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(
-            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id
-        )
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
-        replies = []
-        for msg in messages:
-            self.sent.append(msg.metadata.message_type)
-            node = msg.metadata.dst_node_id
-            if node in self.drop:
-                continue
-            replies.append(client_app(msg, self.contexts[node]))
-        return replies
+    with flower_task_identity():
+        yield
 
 
 def _contexts(tmp_path: Path, plan: RunPlan, n: int = 3) -> dict[int, Context]:

@@ -19,7 +19,6 @@ from consortium_server.audit.verify import verify_live
 from consortium_server.client import ConsortiumClient
 from consortium_server.federation.blind_sum import blind_sum
 from consortium_server.federation.coordinator import run_with_lifecycle
-from consortium_server.federation.models import StudyKeyRelay
 from consortium_server.federation.strategy import (
     GlobalModel,
     RoundHook,
@@ -35,13 +34,12 @@ from site_node.crypto import (
     RoundInfo,
     SiteKeyPair,
     expected_chunks,
-    generate_study_context,
     public_context,
-    study_key_fingerprint,
 )
 from site_node.federation.approvals import ApprovalStore
 from site_node.release import sign_off
-from tests.support.world import People, dataset_body, site_enrolment, study_contract
+from tests.support.studies import relay_study_key, submit_and_approve
+from tests.support.world import People, dataset_body, site_enrolment
 
 SITES = ("a", "b", "c")
 WEIGHTS = {"a": 100.0, "b": 200.0, "c": 300.0}
@@ -130,36 +128,8 @@ def world(client: TestClient, people: People, app: FastAPI, tmp_path: Path) -> W
     keys = {site: SiteKeyPair.generate() for site in SITES}
     for site in SITES:
         _enrol(client, people, site, keys[site])
-    study = client.post(
-        "/api/v1/studies",
-        json=study_contract([f"bc-{s}" for s in SITES]),
-        headers=people.researcher,
-    ).json()
-    for site in SITES:
-        body = {
-            "site_id": f"hospital-{site}",
-            "contract_hash": study["contract_hash"],
-            "decision": "approved",
-        }
-        response = client.post(
-            f"/api/v1/studies/{study['id']}/approvals", json=body, headers=people.steward(site)
-        )
-        assert response.status_code == 201, response.text
-    secret = generate_study_context()
-    public = public_context(secret)
-    with app.state.sessionmaker() as session:
-        session.add(
-            StudyKeyRelay(
-                study_id=study["id"],
-                sender_site_id="hospital-a",
-                contract_hash=study["contract_hash"],
-                public_context=public,
-                public_context_sha256=hashlib.sha256(public).hexdigest(),
-                key_fingerprint=study_key_fingerprint(secret),
-                uploaded_by="service-account-a",
-            )
-        )
-        session.commit()
+    study = submit_and_approve(client, people, [f"bc-{s}" for s in SITES], letters=SITES)
+    secret = relay_study_key(app, study)
     contract = StudyContract.model_validate(study["contract"])
     stores = {}
     for site in SITES:

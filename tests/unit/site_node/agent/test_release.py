@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from consortium_server.federation.coordinator import run_with_lifecycle
-from tests.unit.consortium_server.federation.test_coordinator import _runner
+from tests.support.studies import synthetic_runner
 from tests.unit.site_node.agent.conftest import World
 
 
@@ -22,7 +22,7 @@ def _completed_study(world: World, app: FastAPI) -> str:
         app.state.sessionmaker,
         app.state.audit_log,
         study_id,
-        _runner([1.0], secret=key.secret_context),
+        synthetic_runner([1.0], secret=key.secret_context),
     )
     assert world.study(study_id)["state"] == "completed"
     return study_id

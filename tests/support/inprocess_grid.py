@@ -1,0 +1,69 @@
+"""A stand-in for Flower's Grid: every node runs the real site ClientApp in this process,
+with its own context, as a SuperNode would; for tests of the round loop without processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from flwr.app import Context, Message, RecordDict
+
+from site_node.federation.clientapp import app as client_app
+
+__all__ = ["InProcessGrid", "flower_task_identity"]
+
+
+@contextmanager
+def flower_task_identity() -> Iterator[None]:
+    """Flower stamps messages with the process's run, node and task ids, which its runtimes
+    set; set them for an in-process run and put them back afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = {k: TaskIdentity.__dict__.get(k) for k in ("_run_id", "_node_id", "_task_id")}
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(TaskIdentity, key, value)
+
+
+class InProcessGrid:
+    """A Grid whose nodes run the site ClientApp in this process (``drop`` nodes never
+    answer). Subclasses may alter replies in :meth:`reply`."""
+
+    def __init__(self, contexts: dict[int, Context], *, drop: Iterable[int] = ()) -> None:
+        self.contexts = contexts
+        self.drop = set(drop)
+        self.sent: list[str] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(
+            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id
+        )
+
+    def reply(self, node: int, msg: Message, reply: Message) -> Message:
+        """The reply node ``node`` sends for ``msg`` (unchanged here)."""
+        return reply
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg.metadata.message_type)
+            node = msg.metadata.dst_node_id
+            if node in self.drop:
+                continue
+            replies.append(self.reply(node, msg, client_app(msg, self.contexts[node])))
+        return replies

@@ -1,0 +1,161 @@
+"""Studies driven to a given point through the API, and synthetic federated runs.
+
+Shared by the coordinator, run-API, release-gate, agent and drill tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from consortium_server.federation.models import StudyKeyRelay
+from consortium_server.federation.strategy import (
+    BlindAggregationStrategy,
+    GlobalModel,
+    RoundHook,
+    RoundRecord,
+    RunPlan,
+    StudyOutcome,
+)
+from site_node.crypto import (
+    CkksCodec,
+    generate_study_context,
+    public_context,
+    study_key_fingerprint,
+)
+from tests.support.world import People, study_contract
+
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+
+
+def submit_and_approve(
+    client: TestClient,
+    people: People,
+    datasets: Sequence[str] = ("bc-a", "bc-b", "bc-c"),
+    *,
+    letters: Sequence[str] = ("a", "b", "c"),
+    **contract: Any,
+) -> dict[str, Any]:
+    """Submit a study over ``datasets`` as the researcher; each steward of ``letters``
+    approves its exact contract hash. Returns the study as the researcher sees it then."""
+    response = client.post(
+        "/api/v1/studies",
+        json=study_contract(list(datasets), **contract),
+        headers=people.researcher,
+    )
+    assert response.status_code == 201, response.text
+    study: dict[str, Any] = response.json()
+    for letter in letters:
+        body = {
+            "site_id": f"hospital-{letter}",
+            "contract_hash": study["contract_hash"],
+            "decision": "approved",
+        }
+        response = client.post(
+            f"/api/v1/studies/{study['id']}/approvals", json=body, headers=people.steward(letter)
+        )
+        assert response.status_code == 201, response.text
+    fresh: dict[str, Any] = client.get(
+        f"/api/v1/studies/{study['id']}", headers=people.researcher
+    ).json()
+    return fresh
+
+
+def relay_study_key(
+    app: FastAPI, study: dict[str, Any], secret: bytes | None = None, *, sender: str = "hospital-a"
+) -> bytes:
+    """Store the study's relayed public context as the key exchange would (the secret is
+    returned for the test's sites; the server keeps only the public half)."""
+    secret = secret or generate_study_context()
+    public = public_context(secret)
+    with app.state.sessionmaker() as session:
+        session.add(
+            StudyKeyRelay(
+                study_id=study["id"],
+                sender_site_id=sender,
+                contract_hash=study["contract_hash"],
+                public_context=public,
+                public_context_sha256=hashlib.sha256(public).hexdigest(),
+                key_fingerprint=study_key_fingerprint(secret),
+                uploaded_by=f"service-account-{sender.removeprefix('hospital-')}",
+            )
+        )
+        session.commit()
+    return secret
+
+
+def audit_actions(app: FastAPI, study_id: str) -> list[str]:
+    """The actions of the audit entries about ``study_id``, in log order."""
+    log = app.state.audit_log
+    with app.state.sessionmaker() as session:
+        entries = [
+            log.get_entry(i, session=session).entry for i in range(log.size(session=session))
+        ]
+    return [e.action for e in entries if e.object.id == study_id]
+
+
+def round_record(plan: RunPlan, n: int, epsilon: float, status: str = "aggregated") -> RoundRecord:
+    """A round's record as the ServerApp would write it (three sites, or two when failed)."""
+    return RoundRecord(
+        study_id=plan.study_id,
+        contract_hash=plan.contract_hash,
+        round_number=n,
+        status=status,
+        participants=list(SITES) if status == "aggregated" else ["hospital-a", "hospital-b"],
+        sample_counts={s: 100 + i for i, s in enumerate(SITES)},
+        epsilon={s: epsilon for s in SITES},
+        site_digests={s: "ab" * 32 for s in SITES},
+        aggregate_digest="cd" * 32 if status == "aggregated" else None,
+        missing_sites=[] if status == "aggregated" else ["hospital-c"],
+        failure=None if status == "aggregated" else "only 2 valid replies; the minimum is 3",
+    )
+
+
+def final_aggregate(plan: RunPlan, secret: bytes, round_number: int) -> GlobalModel:
+    """A real final aggregate: three sites' CKKS updates summed blindly, as the run does."""
+    strategy = BlindAggregationStrategy(plan)
+    codec = CkksCodec(secret)
+    rng = np.random.default_rng(round_number)
+    updates = {
+        site: codec.encode(
+            rng.normal(size=plan.num_params), weight=100.0, info=strategy.round_info(round_number)
+        ).to_bytes_list()
+        for site in SITES
+    }
+    summed = strategy._sum(round_number, updates)
+    return GlobalModel(round_number, tuple(summed.to_bytes_list()), 300.0, summed.digest)
+
+
+def synthetic_runner(
+    epsilons: list[float], fail_last: bool = False, secret: bytes | None = None
+) -> Callable[[RunPlan, RoundHook], StudyOutcome]:
+    """A run that reports one round per epsilon (the sites' cumulative ε) without Flower.
+
+    ``fail_last``: the last round fails (too few sites). ``secret``: the study key, to end
+    with a real encrypted aggregate; without it the final aggregate is malformed.
+    """
+
+    def run(plan: RunPlan, hook: RoundHook) -> StudyOutcome:
+        records = []
+        for n, eps in enumerate(epsilons, start=1):
+            failed = fail_last and n == len(epsilons)
+            record = round_record(plan, n, eps, "failed" if failed else "aggregated")
+            hook(record)
+            records.append(record)
+        if fail_last:
+            return StudyOutcome(
+                plan.study_id, plan.contract_hash, "failed", records, failure=records[-1].failure
+            )
+        final = (
+            final_aggregate(plan, secret, len(records))
+            if secret is not None
+            else GlobalModel(len(records), (b"not an aggregate",), 300.0, "ef" * 32)
+        )
+        return StudyOutcome(plan.study_id, plan.contract_hash, "completed", records, final)
+
+    return run
