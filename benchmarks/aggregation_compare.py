@@ -470,6 +470,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, nargs="+", help="numbers of sites (default 3 5 10)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per cell (best is shown)")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    parser.add_argument(
+        "--params",
+        type=int,
+        nargs="+",
+        default=[100_000],
+        help="sizes of plain parameter vectors to compare besides the tabular MLP "
+        "(default 100000; e.g. 100000 1000000 7000000)",
+    )
     args = parser.parse_args(argv)
     site_counts: list[int] = args.sites or ([3] if args.quick else [3, 5, 10])
     repeat = 1 if args.quick else args.repeat
@@ -480,10 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     secret = generate_study_context(params)
     public = public_context(secret)
     mlp = tabular_mlp_shapes()
-    models: list[tuple[str, list[tuple[int, ...]]]] = [
-        ("tabular-mlp", mlp),
-        ("100k vector", [(100_000,)]),
-    ]
+    models: list[tuple[str, list[tuple[int, ...]]]] = [("tabular-mlp", mlp)]
+    models += [(f"{n / 1e6:g}M vector", [(n,)]) for n in args.params]
 
     console = Console(width=max(Console().width, 190))
     table = Table(
