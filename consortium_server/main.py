@@ -112,6 +112,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.state.run_manager = build_run_manager(
             settings, app.state.sessionmaker, app.state.audit_log, app.state.policy_context
         )
+        if app.state.run_manager is not None:
+            sweep = settings.runs_dir() if settings.federation.resume_on_start else None
+            if sweep is not None:
+                app.state.run_manager.resume_interrupted(sweep)
+            app.state.run_manager.start_keeper(sweep)
         log.info(
             "consortium server ready",
             extra={"identity": settings.identity.mode, "database": engine.dialect.name},

@@ -149,6 +149,25 @@ class FederationSettings(BaseModel):
         gt=0,
         description="Give up on a run after this long. Empty: from the contract.",
     )
+    resume_on_start: bool = Field(
+        default=True,
+        description="Go on with studies left running by a server that stopped (from the "
+        "round after the last recorded one), at start-up and whenever a run lease expires.",
+    )
+    lease_ttl_s: float = Field(
+        default=30.0,
+        ge=3,
+        le=3600,
+        description="How long a replica's lease on a running study lasts unless renewed "
+        "(renewed every third of it); another replica takes the study over after that.",
+    )
+    replica_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="This replica's name in run leases. Empty: host name and process id. "
+        "A stable name (the pod's) lets a restarted replica take its studies back at once.",
+    )
 
 
 class AuditSettings(BaseModel):

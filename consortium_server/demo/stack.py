@@ -138,11 +138,14 @@ class DemoStack:
             shutil.rmtree(self.state)
         self.state.mkdir(parents=True)
 
-    def start_superlink(self) -> SuperLinkHandle:
-        """The SuperLink with TLS (a development CA) and SuperNode authentication."""
-        tls = make_dev_tls(self.state / "tls")
-        self.tls = tls
-        self.link = start_superlink(self.state / "superlink", port=self.link_port, tls=tls)
+    def start_superlink(self, *, restart: bool = False) -> SuperLinkHandle:
+        """The SuperLink with TLS (a development CA) and SuperNode authentication.
+
+        ``restart``: start it again after it stopped, with the same TLS files, port and
+        state database (its registered SuperNodes and runs)."""
+        if not restart:
+            self.tls = make_dev_tls(self.state / "tls")
+        self.link = start_superlink(self.state / "superlink", port=self.link_port, tls=self.tls)
         return self.link
 
     def start_server(self) -> None:

@@ -14,6 +14,7 @@ steps, so a crash mid-study leaves every finished round recorded.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -51,7 +52,9 @@ __all__ = [
     "continue_run",
     "finish_run",
     "model_size",
+    "plan_for",
     "record_round",
+    "resume_run",
     "run_with_lifecycle",
 ]
 
@@ -138,6 +141,106 @@ def _recorder(session: Session, log: AuditLog, actor: Principal | None) -> Audit
     return AuditRecorder(log, session, principal=actor, source=SOURCE)
 
 
+def plan_for(session: Session, study: Study, *, records_dir: Path | None) -> RunPlan:
+    """The run plan of ``study`` (approved or running) from round 1.
+
+    Refuses an encrypted study whose key exchange has not happened yet (no public context
+    relayed).
+    """
+    contract = StudyContract.model_validate(study.contract)
+    relay = session.get(StudyKeyRelay, study.id)
+    if contract.encryption.enabled and relay is None:
+        raise ConflictError(
+            "study.invalid_transition",
+            "The sites have not exchanged the study key yet (no public context relayed).",
+        )
+    datasets, _ = get_datasets(session, contract.datasets)
+    return RunPlan(
+        study_id=study.id,
+        contract=contract,
+        contract_hash=study.contract_hash,
+        num_params=model_size(contract, datasets[0].feature_summary),
+        sites=tuple(
+            sorted(a.site_id for a in study.approvals if a.decision is ApprovalDecision.APPROVED)
+        ),
+        public_context=relay.public_context if relay is not None else None,
+        records_dir=records_dir,
+    )
+
+
+def _study_in(session: Session, study_id: str, state: StudyState, doing: str) -> Study:
+    """The study, locked for update, if it is in ``state``; else ``study.invalid_transition``."""
+    study = session.get(Study, study_id, with_for_update=True)
+    if study is None:
+        raise ConflictError("study.invalid_transition", f"No study {study_id!r}.")
+    if study.state is not state:
+        raise ConflictError(
+            "study.invalid_transition",
+            f"Only {doing}; this one is {study.state.value}.",
+        )
+    return study
+
+
+def _check_or_refuse(
+    session: Session,
+    study: Study,
+    round_number: int,
+    *,
+    sites: int,
+    policy: PolicyContext,
+    log: AuditLog,
+    refusal: str,
+) -> None:
+    """Check the policy for ``round_number``; a denial is recorded in ``session`` (the caller
+    commits it) and raised as ``policy.denied`` with ``refusal`` and the reasons."""
+    decision = check_round_policy(
+        session, study, round_number, participating_sites=sites, policy=policy, log=log
+    )
+    if not decision.allowed:
+        reasons = [r.text for r in decision.reasons] + list(decision.errors)
+        raise PolicyDeniedError(f"{refusal} " + " ".join(reasons), [{"reason": r} for r in reasons])
+
+
+def resume_run(
+    session: Session,
+    study_id: str,
+    *,
+    log: AuditLog,
+    records_dir: Path,
+    policy: PolicyContext | None = None,
+) -> RunPlan:
+    """The plan that goes on with a study left ``running`` by a consortium server that
+    stopped: from the round after the last recorded one (``study.current_round``).
+
+    Audited as ``study.run_resumed``. With ``policy``, the next round is checked again (the
+    server may have stopped between recording a round and checking the next); a denial is
+    recorded and raised as ``policy.denied``.
+    """
+    study = _study_in(session, study_id, StudyState.RUNNING, "a running study can be resumed")
+    plan = replace(
+        plan_for(session, study, records_dir=records_dir), start_round=study.current_round + 1
+    )
+    _recorder(session, log, None).record(
+        "study.run_resumed",
+        object_type="study",
+        object_id=study.id,
+        contract_hash=study.contract_hash,
+        details={"rounds_recorded": study.current_round, "next_round": plan.start_round},
+    )
+    if policy is not None and plan.start_round <= plan.rounds:
+        _check_or_refuse(
+            session,
+            study,
+            plan.start_round,
+            sites=len(plan.sites),
+            policy=policy,
+            log=log,
+            refusal=f"The policy does not allow round {plan.start_round}:",
+        )
+    session.flush()
+    return plan
+
+
 def begin_run(
     session: Session,
     study_id: str,
@@ -150,47 +253,21 @@ def begin_run(
     """Move an approved study to ``running`` and return the plan for its run.
 
     Refuses a study that is not approved, an encrypted study whose key exchange has not
-    happened yet (no public context relayed), and, with ``policy``, a first round the
-    policy denies (the reasons are recorded and raised as ``policy.denied``).
+    happened yet (:func:`plan_for`), and, with ``policy``, a first round the policy denies
+    (the reasons are recorded and raised as ``policy.denied``).
     """
-    study = session.get(Study, study_id, with_for_update=True)
-    if study is None:
-        raise ConflictError("study.invalid_transition", f"No study {study_id!r}.")
-    if study.state is not StudyState.APPROVED:
-        raise ConflictError(
-            "study.invalid_transition",
-            f"Only an approved study can start; this one is {study.state.value}.",
+    study = _study_in(session, study_id, StudyState.APPROVED, "an approved study can start")
+    plan = plan_for(session, study, records_dir=records_dir)
+    if policy is not None:  # a denial is recorded: the caller commits it before failing
+        _check_or_refuse(
+            session,
+            study,
+            1,
+            sites=len(plan.sites),
+            policy=policy,
+            log=log,
+            refusal="The policy does not allow the study's first round:",
         )
-    contract = StudyContract.model_validate(study.contract)
-    relay = session.get(StudyKeyRelay, study_id)
-    if contract.encryption.enabled and relay is None:
-        raise ConflictError(
-            "study.invalid_transition",
-            "The sites have not exchanged the study key yet (no public context relayed).",
-        )
-    datasets, _ = get_datasets(session, contract.datasets)
-    plan = RunPlan(
-        study_id=study.id,
-        contract=contract,
-        contract_hash=study.contract_hash,
-        num_params=model_size(contract, datasets[0].feature_summary),
-        sites=tuple(
-            sorted(a.site_id for a in study.approvals if a.decision is ApprovalDecision.APPROVED)
-        ),
-        public_context=relay.public_context if relay is not None else None,
-        records_dir=records_dir,
-    )
-    if policy is not None:
-        decision = check_round_policy(
-            session, study, 1, participating_sites=len(plan.sites), policy=policy, log=log
-        )
-        if not decision.allowed:
-            # The denial is recorded in ``session``: the caller commits it before failing.
-            reasons = [r.text for r in decision.reasons] + list(decision.errors)
-            raise PolicyDeniedError(
-                "The policy does not allow the study's first round: " + " ".join(reasons),
-                [{"reason": r} for r in reasons],
-            )
     before = len(study.events)
     transition(study, StudyState.RUNNING, actor=actor, reason="The federated run started.")
     session.flush()
@@ -206,9 +283,12 @@ def record_round(session: Session, record: RoundRecord, *, log: AuditLog) -> Non
     reservation is refused by the ledger and recorded as a failed charge (the round stays
     audited; the study is failed by :func:`finish_run`).
     """
-    study = session.get(Study, record.study_id)
+    study = session.get(Study, record.study_id, with_for_update=True)
     if study is None:
         raise ConflictError("study.invalid_transition", f"No study {record.study_id!r}.")
+    if record.round_number <= study.current_round:
+        # Delivered again after a restart: the round is on record already.
+        return
     contract = StudyContract.model_validate(study.contract)
     datasets, _ = get_datasets(session, contract.datasets)
     details = record.as_record()

@@ -44,6 +44,7 @@ __all__ = [
     "flower_env",
     "flwr_binary",
     "register_supernode",
+    "run_status",
     "run_study",
     "start_study_run",
     "start_superlink",
@@ -310,6 +311,21 @@ def start_study_run(link: SuperLinkHandle, app_dir: Path, plan: RunPlan, work_di
     if body.get("success") is False or run_id is None:
         raise FlowerProcessError("flwr run did not start a run", out)
     return int(str(run_id))
+
+
+def run_status(link: SuperLinkHandle, run_id: int) -> str | None:
+    """The run's status on the SuperLink (``pending``, ``starting``, ``running``,
+    ``finished:completed|failed|stopped``), or ``None`` if the SuperLink does not know it."""
+    try:
+        out = _flwr(link, ["ls", link.connection, "--run-id", str(run_id), "--format", "json"])
+    except FlowerProcessError as exc:
+        log.warning("could not read the status of run %s: %s", run_id, exc)
+        return None
+    runs = _json_tail(out).get("runs")
+    if not isinstance(runs, list) or not runs or not isinstance(runs[0], dict):
+        return None
+    status = runs[0].get("status")
+    return status if isinstance(status, str) else None
 
 
 def stop_run(link: SuperLinkHandle, run_id: int) -> None:

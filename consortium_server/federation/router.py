@@ -11,7 +11,12 @@ from consortium_server.api.deps import (
     SettingsDep,
     require_roles,
 )
-from consortium_server.errors import ForbiddenError, PolicyDeniedError, ServiceUnavailableError
+from consortium_server.errors import (
+    ConflictError,
+    ForbiddenError,
+    PolicyDeniedError,
+    ServiceUnavailableError,
+)
 from consortium_server.federation.coordinator import begin_run
 from consortium_server.federation.keys import (
     MySealedKey,
@@ -119,6 +124,8 @@ def start_run(
     except PolicyDeniedError:
         session.commit()  # keep the recorded denial of the first round
         raise
+    if not manager.claim(session, study_id):  # with the state change: no replica sees it unheld
+        raise ConflictError("study.invalid_transition", "Another server already runs this study.")
     session.commit()  # the background run must see the study running
     manager.submit(plan)
     return studies.to_public(study)

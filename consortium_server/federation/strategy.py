@@ -122,7 +122,9 @@ class RunPlan:
 
     ``public_context`` is ``None`` when the contract turns encryption off. ``sites`` are the
     study's approved sites; ``records_dir`` (optional) is where the ServerApp writes its
-    round records and the final aggregate for the consortium server to pick up.
+    round records, checkpoints and the final aggregate for the consortium server to pick up.
+    ``start_round`` is 1 for a new run; a run resumed after a restart starts after the last
+    aggregated round, from that round's checkpoint in ``records_dir``.
     """
 
     study_id: str
@@ -133,6 +135,7 @@ class RunPlan:
     public_context: bytes | None = None
     records_dir: Path | None = None
     node_wait_s: float = 60.0
+    start_round: int = 1
 
     def __post_init__(self) -> None:
         if self.contract.contract_hash() != self.contract_hash:
@@ -141,6 +144,11 @@ class RunPlan:
             raise ValueError("encryption is on but no public context was given")
         if self.num_params < 1:
             raise ValueError("num_params must be positive")
+        # rounds + 1: a resumed study whose rounds are all done (nothing is started for it).
+        if not 1 <= self.start_round <= self.rounds + 1:
+            raise ValueError(f"start_round must be within 1..{self.rounds + 1}")
+        if self.start_round > 1 and self.records_dir is None:
+            raise ValueError("a resumed run needs the records_dir that holds its checkpoint")
 
     @property
     def rounds(self) -> int:
@@ -168,6 +176,7 @@ class RunPlan:
             "public-context": base64.b64encode(self.public_context or b"").decode(),
             "records-dir": str(self.records_dir or ""),
             "node-wait-s": float(self.node_wait_s),
+            "start-round": self.start_round,
         }
 
     @classmethod
@@ -185,6 +194,7 @@ class RunPlan:
             public_context=public or None,
             records_dir=Path(records) if records else None,
             node_wait_s=float(config.get("node-wait-s", 60.0)),
+            start_round=int(config.get("start-round", 1)),
         )
 
 

@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,17 @@ class DrillStack:
     @property
     def hospitals(self) -> list[Hospital]:
         return self.stack.hospitals
+
+    @classmethod
+    @contextlib.contextmanager
+    def started(cls, state: Path, *, n_sites: int) -> Iterator[DrillStack]:
+        """A started stack (:meth:`start`), stopped on exit whatever happened."""
+        stack = cls(state, n_sites=n_sites)
+        try:
+            stack.start()
+            yield stack
+        finally:
+            stack.stop()
 
     def start(self) -> None:
         """SuperLink, server, and every hospital enrolled with its SuperNode and agent."""
@@ -237,6 +248,22 @@ class DrillStack:
             lambda: marker in hospital.supernode.log_tail(1_000_000),  # type: ignore[union-attr]
             timeout=180,
         )
+
+    def kill_consortium(self) -> None:
+        """Crash the consortium's machine: SIGKILL the server and the SuperLink (whose
+        process group holds the ServerApp of the running study)."""
+        stack = self.stack
+        assert stack.server is not None
+        assert stack.link is not None
+        assert stack.link.process is not None
+        for proc in (stack.server, stack.link.process):
+            kill_process_group(proc.proc.pid)
+            proc.stop()
+
+    def restart_consortium(self) -> None:
+        """Start the SuperLink and the server again on their state (database, keys, TLS)."""
+        self.stack.start_superlink(restart=True)
+        self.stack.start_server()
 
     def logs(self) -> str:
         """The server's log tail (for failure messages)."""

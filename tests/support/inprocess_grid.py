@@ -3,14 +3,15 @@ with its own context, as a SuperNode would; for tests of the round loop without 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from flwr.app import Context, Message, RecordDict
 
 from site_node.federation.clientapp import app as client_app
+from tests.support.flower import SiteFixture
 
-__all__ = ["InProcessGrid", "flower_task_identity"]
+__all__ = ["InProcessGrid", "flower_task_identity", "site_contexts"]
 
 
 @contextmanager
@@ -26,6 +27,26 @@ def flower_task_identity() -> Iterator[None]:
     finally:
         for key, value in saved.items():
             setattr(TaskIdentity, key, value)
+
+
+def site_contexts(
+    sites: Sequence[SiteFixture], run_config: Mapping[str, str | int | float | bool]
+) -> dict[int, Context]:
+    """Each site's Flower context (node ids 100, 101, ...) as its SuperNode would make it."""
+    return {
+        100 + i: Context(
+            run_id=1,
+            node_id=100 + i,
+            node_config={
+                "site-id": site.site_id,
+                "state-dir": str(site.state_dir),
+                "datasets-file": str(site.datasets_file),
+            },
+            state=RecordDict(),
+            run_config=dict(run_config),
+        )
+        for i, site in enumerate(sites)
+    }
 
 
 class InProcessGrid:

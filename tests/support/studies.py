@@ -159,3 +159,23 @@ def synthetic_runner(
         return StudyOutcome(plan.study_id, plan.contract_hash, "completed", records, final)
 
     return run
+
+
+def resuming_runner(
+    secret: bytes, started: list[int]
+) -> Callable[[RunPlan], Callable[[RunPlan, RoundHook], StudyOutcome]]:
+    """A ``runner_for`` whose runs go from ``plan.start_round`` to round 3 without Flower
+    (noting each start round in ``started``) and end with a real encrypted aggregate."""
+
+    def runner_for(_: RunPlan) -> Callable[[RunPlan, RoundHook], StudyOutcome]:
+        def run(plan: RunPlan, hook: RoundHook) -> StudyOutcome:
+            started.append(plan.start_round)
+            rounds = [round_record(plan, n, 0.5 * n) for n in range(plan.start_round, 4)]
+            for record in rounds:
+                hook(record)
+            final = final_aggregate(plan, secret, 3)
+            return StudyOutcome(plan.study_id, plan.contract_hash, "completed", rounds, final)
+
+        return run
+
+    return runner_for

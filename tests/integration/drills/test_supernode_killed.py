@@ -26,12 +26,8 @@ ROUND_TIMEOUT_S = 120
 
 @pytest.fixture
 def drill(tmp_path: Path) -> Iterator[DrillStack]:
-    stack = DrillStack(tmp_path / "drill", n_sites=4)
-    try:
-        stack.start()
+    with DrillStack.started(tmp_path / "drill", n_sites=4) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def test_supernode_killed_mid_round_then_too_few_sites(drill: DrillStack) -> None:

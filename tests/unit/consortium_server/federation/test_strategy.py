@@ -27,7 +27,7 @@ from consortium_server.federation.strategy import (
 from site_node.crypto import CkksCodec, EncodedUpdate, PlainCodec, RoundInfo
 from site_node.training import build_model, num_parameters
 from tests.support.flower import approve_everywhere, breast_cancer_contract, make_site
-from tests.support.inprocess_grid import InProcessGrid, flower_task_identity
+from tests.support.inprocess_grid import InProcessGrid, flower_task_identity, site_contexts
 
 N_PARAMS = 5000
 
@@ -39,21 +39,7 @@ def task_identity() -> Iterator[None]:
 
 
 def _contexts(tmp_path: Path, plan: RunPlan, n: int = 3) -> dict[int, Context]:
-    out = {}
-    for i in range(n):
-        site = make_site(tmp_path, i)
-        out[100 + i] = Context(
-            run_id=1,
-            node_id=100 + i,
-            node_config={
-                "site-id": site.site_id,
-                "state-dir": str(site.state_dir),
-                "datasets-file": str(site.datasets_file),
-            },
-            state=RecordDict(),
-            run_config=plan.to_run_config(),
-        )
-    return out
+    return site_contexts([make_site(tmp_path, i) for i in range(n)], plan.to_run_config())
 
 
 def _plan(contract_kwargs: dict[str, object], public: bytes | None, **kw: object) -> RunPlan:
