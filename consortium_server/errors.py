@@ -76,6 +76,9 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         409, "The study already holds a budget reservation on this dataset."
     ),
     "service.unavailable": CatalogueEntry(503, "A backing service is unavailable; try again."),
+    "federation.superlink_error": CatalogueEntry(
+        502, "The SuperLink did not accept the request; nothing was changed."
+    ),
     "audit.entry_not_found": CatalogueEntry(404, "No audit entry with this index."),
     "audit.head_not_found": CatalogueEntry(404, "No signed tree head with this size and root."),
     "audit.invalid_range": CatalogueEntry(422, "The index or tree sizes are outside the log."),

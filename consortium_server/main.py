@@ -24,7 +24,8 @@ from consortium_server.datasets.router import router as datasets_router
 from consortium_server.db.migrate import upgrade_to_head
 from consortium_server.db.session import make_engine, make_sessionmaker, session_scope
 from consortium_server.federation.router import router as federation_router
-from consortium_server.federation.runs import build_run_manager
+from consortium_server.federation.runs import build_run_manager, connect_superlink
+from consortium_server.federation.supernodes import FlwrSuperNodeRegistry
 from consortium_server.identity.factory import build_local_issuer, build_verifier
 from consortium_server.identity.router import router as identity_router
 from consortium_server.policy.checks import PolicyContext, model_catalogue_keys
@@ -109,6 +110,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
             directory=settings.policy_directory(),
         )
         _seed_policies(app, settings)
+        link = connect_superlink(settings)
+        app.state.supernode_registry = (
+            FlwrSuperNodeRegistry(link)
+            if link is not None and settings.federation.register_supernodes
+            else None
+        )
         app.state.run_manager = build_run_manager(
             settings, app.state.sessionmaker, app.state.audit_log, app.state.policy_context
         )

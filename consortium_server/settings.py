@@ -149,6 +149,12 @@ class FederationSettings(BaseModel):
         gt=0,
         description="Give up on a run after this long. Empty: from the contract.",
     )
+    register_supernodes: bool = Field(
+        default=True,
+        description="Register an enrolled site's SuperNode key with the SuperLink (and "
+        "unregister it when the site is revoked). Off: the operator runs `flwr supernode "
+        "register` by hand.",
+    )
     resume_on_start: bool = Field(
         default=True,
         description="Go on with studies left running by a server that stopped (from the "

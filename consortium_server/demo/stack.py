@@ -229,10 +229,11 @@ class DemoStack:
         head_key: str,
         epsilon_cap: float | None = None,
     ) -> dict[str, Any]:
-        """Bring a hospital into the consortium: its keys, enrolment by ``admin``, its
-        SuperNode key registered, ``dataset`` (a DatasetConfig) published with
-        ``governance``, its site policy (the base permit, plus a per-study epsilon cap when
-        given), its SuperNode and site agent started. Returns the published catalogue entry.
+        """Bring a hospital into the consortium: its keys, enrolment by ``admin`` (which
+        registers its SuperNode key with the SuperLink), ``dataset`` (a DatasetConfig)
+        published with ``governance``, its site policy (the base permit, plus a per-study
+        epsilon cap when given), its SuperNode and site agent started. Returns the published
+        catalogue entry.
         """
         from site_node.data.publish import catalogue_entry
         from site_node.data.registry import DatasetConfig
@@ -249,7 +250,6 @@ class DemoStack:
                 "supernode_public_key": (hospital.keys_dir / "supernode.pub").read_text(),
             }
         )
-        self.register_supernode(hospital)
         hospital.tokens["steward"] = self.token(
             f"steward-{hospital.letter}", ["data_steward"], hospital.organisation
         )

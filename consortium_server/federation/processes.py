@@ -3,8 +3,8 @@
 * :func:`start_superlink`: ``flower-superlink`` with TLS, SuperNode authentication and
   runtime dependency installation disabled (so Flower never runs ``uv sync``).
 * :func:`write_connection`: the ``$FLWR_HOME/config.toml`` that the ``flwr`` CLI reads.
-* :func:`register_supernode`: ``flwr supernode register KEY.pub CONNECTION``: only
-  registered SuperNode keys may connect.
+* :func:`register_supernode` / :func:`unregister_supernode`: ``flwr supernode register
+  KEY.pub CONNECTION`` (only registered SuperNode keys may connect) and its inverse.
 * :func:`start_study_run` / :func:`run_study`: ``flwr run`` of the Concord app bundle with
   the study's :class:`RunPlan` (contract, contract hash, public context, ...) as run config,
   then wait for the ServerApp's outcome (per-round records and the encrypted final model).
@@ -48,6 +48,7 @@ __all__ = [
     "run_study",
     "start_study_run",
     "start_superlink",
+    "unregister_supernode",
     "wait_for_outcome",
     "wait_for_port",
     "write_connection",
@@ -286,6 +287,15 @@ def register_supernode(link: SuperLinkHandle, public_key: Path, *, name: str) ->
     body = _json_tail(out)
     if body.get("success") is False:
         raise FlowerProcessError("SuperNode registration refused", out)
+    return body
+
+
+def unregister_supernode(link: SuperLinkHandle, node_id: str) -> dict[str, object]:
+    """Remove a registered SuperNode (``flwr supernode unregister``); flwr's JSON."""
+    out = _flwr(link, ["supernode", "unregister", node_id, link.connection, "--format", "json"])
+    body = _json_tail(out)
+    if body.get("success") is False:
+        raise FlowerProcessError("SuperNode unregistration refused", out)
     return body
 
 

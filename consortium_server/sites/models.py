@@ -32,6 +32,8 @@ class Site(Base):
     signing_public_key: Mapped[str] = mapped_column(String(64))
     exchange_public_key: Mapped[str] = mapped_column(String(64))
     supernode_public_key: Mapped[str] = mapped_column(Text)
+    # The SuperLink's node id for that key, once registered (a uint64, kept as text).
+    supernode_node_id: Mapped[str | None] = mapped_column(String(20), nullable=True)
     status: Mapped[SiteStatus] = mapped_column(str_enum(SiteStatus, 16), default=SiteStatus.ACTIVE)
     enrolled_by: Mapped[str] = mapped_column(String(255))
     enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

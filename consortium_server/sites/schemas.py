@@ -87,6 +87,10 @@ class SitePublic(BaseModel):
     signing_public_key: str
     exchange_public_key: str
     supernode_public_key: str
+    supernode_node_id: str | None = Field(
+        default=None,
+        description="The SuperLink's node id for the key: set while the key is registered.",
+    )
     status: SiteStatus
     enrolled_at: datetime
     enrolled_by: str

@@ -151,6 +151,10 @@ class Pod:
         for item in container.get("env", []):
             if "value" in item:
                 env[item["name"]] = item["value"]
+            elif "fieldRef" in item["valueFrom"]:  # the downward API: what the kubelet sets
+                field = item["valueFrom"]["fieldRef"]["fieldPath"]
+                assert field == "metadata.name", field
+                env[item["name"]] = "wiring-pod-0"
             else:
                 ref = item["valueFrom"]["secretKeyRef"]
                 env[item["name"]] = self._source("Secret", ref["name"])[ref["key"]]
