@@ -182,6 +182,14 @@ def site_enrol(
         print_json(site)
     else:
         console.print(f"[green]enrolled[/] {site['id']} ({site['organisation']})")
+        node = site.get("supernode_node_id")
+        if node:
+            console.print(f"SuperNode key registered with the SuperLink: node id {node}")
+        else:
+            console.print(
+                "[yellow]SuperNode key not registered[/] (the server has no SuperLink): "
+                "register it with `flwr supernode register`"
+            )
 
 
 @site_app.command("list")

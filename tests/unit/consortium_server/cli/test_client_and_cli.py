@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
 
-from consortium_server.cli import app as cli_app
 from consortium_server.client import ApiError, ConsortiumClient
+from tests.support.cli import run_cli as _cli
 from tests.support.world import People, study_contract
 
 
@@ -56,24 +55,6 @@ def test_client_renews_tokens_through_a_callable(client: TestClient, consortium:
     api.me()
     api.me()
     assert len(calls) == 2
-
-
-def _cli(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch, headers: dict[str, str], *args: str
-) -> tuple[int, str]:
-    import consortium_server.cli.common as common
-
-    transport = client._transport
-    original = ConsortiumClient.__init__
-
-    def patched(self: ConsortiumClient, base_url: str, token: object = None, **_: object) -> None:
-        original(self, "http://testserver", token, transport=transport)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(common.ConsortiumClient, "__init__", patched)
-    result = CliRunner().invoke(
-        cli_app, ["--token", headers["Authorization"][7:], *args], catch_exceptions=False
-    )
-    return result.exit_code, result.output
 
 
 def test_cli_submit_approve_flow(

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from consortium_server.federation.supernodes import SuperLinkRefusedError
+from tests.support.cli import run_cli
 from tests.support.studies import audit_actions
 from tests.support.world import People, site_enrolment
 
@@ -122,3 +123,20 @@ def _last_entry(app: FastAPI, action: str) -> Any:
             log.get_entry(i, session=session).entry for i in range(log.size(session=session))
         ]
     return [e for e in entries if e.action == action][-1]
+
+
+def test_the_cli_says_whether_the_key_was_registered(
+    client: TestClient, people: People, app: FastAPI, tmp_path: Any, monkeypatch: Any
+) -> None:
+    import yaml
+
+    enrolment = tmp_path / "enrolment.yaml"
+    enrolment.write_text(yaml.safe_dump(site_enrolment("hospital-x", "Hospital X")))
+    code, out = run_cli(client, monkeypatch, people.admin, "site", "enrol", str(enrolment))
+    assert code == 0, out
+    assert "not registered" in out  # this app has no SuperLink
+    app.state.supernode_registry = RecordingSuperLink()
+    enrolment.write_text(yaml.safe_dump(site_enrolment("hospital-y", "Hospital Y")))
+    code, out = run_cli(client, monkeypatch, people.admin, "site", "enrol", str(enrolment))
+    assert code == 0, out
+    assert "node id 1001" in out
