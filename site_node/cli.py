@@ -115,6 +115,68 @@ def run(
     raise typer.Exit(status)
 
 
+@app.command(
+    "supernode",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def supernode(
+    ctx: typer.Context,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="The site's state dir (default CONCORD_SITE_STATE_DIR)."),
+    ] = None,
+    socket: Annotated[
+        Path | None,
+        typer.Option(
+            help="Socket of the warm runner (default <state_dir>/supernode/runner/"
+            "clientapp.sock; use a local filesystem, e.g. a tmpfs)."
+        ),
+    ] = None,
+    warm: Annotated[
+        bool, typer.Option("--warm/--no-warm", help="Start the warm ClientApp runner.")
+    ] = True,
+) -> None:
+    """Run flower-supernode with the site's guarded ClientApp runner (for containers).
+
+    Every argument after the options goes to flower-supernode, e.g.
+    ``site-node supernode -- --superlink HOST:9092 --root-certificates ca.crt ...``.
+    Writes the site's flwr-clientapp (app-bundle check; see docs/architecture.md) into
+    <state_dir>/supernode/bin, puts it first on PATH, starts the warm runner that keeps
+    torch/MONAI/Opacus/TenSEAL/Flower imported, then becomes flower-supernode (same pid).
+    """
+    from site_node.federation.processes import exec_supernode
+
+    exec_supernode(
+        state_dir or SiteSettings().state_dir,
+        list(ctx.args),
+        socket_path=socket,
+        warm_runner=warm,
+    )
+
+
+@app.command("clientapp-runner")
+def clientapp_runner(
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="The site's state dir (default CONCORD_SITE_STATE_DIR)."),
+    ] = None,
+    socket: Annotated[
+        Path | None,
+        typer.Option(help="Socket path (default <state_dir>/supernode/runner/clientapp.sock)."),
+    ] = None,
+) -> None:
+    """Run the site's warm ClientApp runner in the foreground (until SIGTERM).
+
+    ``site-node supernode`` starts it by itself; use this to run it on its own, next to a
+    flower-supernode whose PATH starts with the site's flwr-clientapp. It exits when its
+    parent process does.
+    """
+    from site_node.federation.warm import main as warm_main
+
+    state = state_dir or SiteSettings().state_dir
+    warm_main(["--state-dir", str(state), *(["--socket", str(socket)] if socket else [])])
+
+
 @audit_app.command("verify")
 def audit_verify() -> None:
     """Check that the latest signed tree head extends the last head this site cosigned.

@@ -15,6 +15,16 @@ its :class:`~site_node.federation.approvals.ApprovalStore`; and it may hold noth
 ``pyproject.toml``), and the ClientApp is always :data:`site_node.federation.clientapp.app`
 from the installed package. A refused bundle gets an error reply (and runs no code).
 
+The shim does not import the runner's heavy modules itself: it hands the message to the
+site's *warm runner* (:mod:`site_node.federation.warm`), a process that imported torch,
+MONAI, Opacus, TenSEAL and Flower once and forks a worker per message that runs
+:func:`guarded_clientapp_main`. Flower still sees one ``flwr-clientapp`` process per
+message (exit status and signals pass through the shim); if the runner is not reachable
+the shim runs :func:`guarded_clientapp_main` in-process. :func:`start_supernode` starts the
+runner next to the SuperNode and returns a :class:`SuperNodeProcess` that stops both;
+:func:`exec_supernode` (``site-node supernode``, for containers) writes the shim, starts the
+runner and becomes ``flower-supernode``.
+
 Runtime dependency installation stays off (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION``;
 the SuperNode's default is off too).
 """
@@ -23,11 +33,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import os
 import sys
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import tomli
 
@@ -41,15 +54,21 @@ from consortium_server.federation.processes import (
 )
 from site_node.federation import APP_DIR
 from site_node.federation.approvals import ApprovalStore
+from site_node.federation.warm import runner_socket_path
+
+log = logging.getLogger("concord.site.federation")
 
 __all__ = [
     "CLIENTAPP_REF",
     "BundleRefusedError",
+    "SuperNodeProcess",
     "SuperNodeSpec",
     "bundle_hash",
     "check_bundle",
+    "exec_supernode",
     "guarded_clientapp_main",
     "start_supernode",
+    "start_warm_runner",
     "write_runner_shim",
 ]
 
@@ -131,16 +150,25 @@ def guarded_clientapp_main(state_dir: Path, argv: list[str] | None = None) -> No
     )
 
 
-def write_runner_shim(bin_dir: Path, state_dir: Path) -> Path:
-    """Write ``bin_dir/flwr-clientapp`` that runs :func:`guarded_clientapp_main`."""
+def write_runner_shim(bin_dir: Path, state_dir: Path, socket_path: Path | None = None) -> Path:
+    """Write ``bin_dir/flwr-clientapp``: the site's runner (see module).
+
+    It runs :func:`guarded_clientapp_main` in the warm runner listening on ``socket_path``
+    (default :func:`~site_node.federation.warm.runner_socket_path`), or in-process if that
+    runner is not reachable. It imports nothing heavy itself.
+    """
     bin_dir.mkdir(parents=True, exist_ok=True)
     shim = bin_dir / "flwr-clientapp"
+    sock = socket_path or runner_socket_path(state_dir)
     shim.write_text(
         f"#!{sys.executable}\n"
-        '"""Concord: the site\'s guarded ClientApp runner (generated)."""\n'
+        '"""Concord: the site\'s guarded ClientApp runner (generated).\n\n'
+        "Runs site_node.federation.processes.guarded_clientapp_main in the site's warm runner\n"
+        '(site_node.federation.warm), or in-process if the runner is not reachable."""\n'
+        "import sys\n"
         "from pathlib import Path\n"
-        "from site_node.federation.processes import guarded_clientapp_main\n"
-        f"guarded_clientapp_main(Path({str(state_dir)!r}))\n"
+        "from site_node.federation.warm import shim_main\n"
+        f"sys.exit(shim_main(Path({str(state_dir)!r}), Path({str(sock)!r})))\n"
     )
     shim.chmod(0o755)
     return shim
@@ -158,6 +186,8 @@ class SuperNodeSpec:
     auth_private_key: Path
     runtime_port: int
     max_wait_time: float = 60.0
+    #: Start the warm ClientApp runner (:mod:`site_node.federation.warm`) next to the node.
+    warm_runner: bool = True
 
 
 def _node_config(spec: SuperNodeSpec) -> str:
@@ -173,8 +203,63 @@ def _node_config(spec: SuperNodeSpec) -> str:
     )
 
 
-def start_supernode(spec: SuperNodeSpec, *, wait: bool = True) -> ManagedProcess:
-    """Start ``flower-supernode`` for the site (TLS, authenticated, guarded runner)."""
+@dataclass
+class SuperNodeProcess(ManagedProcess):
+    """A SuperNode and the site's warm ClientApp runner: :meth:`stop` stops both.
+
+    ``proc``, ``log_path`` and :meth:`alive` are the SuperNode's; ``runner`` is None when
+    the node runs without a warm runner.
+    """
+
+    runner: ManagedProcess | None = None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Stop the SuperNode (and its ClientApps), then the runner; the node's exit code."""
+        code = super().stop(timeout)
+        if self.runner is not None:
+            self.runner.stop(timeout)
+        return code
+
+
+def _runner_args(state_dir: Path, socket_path: Path | None) -> list[str]:
+    args = [sys.executable, "-m", "site_node.federation.warm", "--state-dir", str(state_dir)]
+    if socket_path is not None:
+        args += ["--socket", str(socket_path)]
+    return args
+
+
+def start_warm_runner(
+    state_dir: Path,
+    *,
+    env: dict[str, str],
+    log_path: Path,
+    socket_path: Path | None = None,
+    wait: float = 30.0,
+) -> ManagedProcess:
+    """Start the site's warm ClientApp runner; wait (up to ``wait`` s) for its socket.
+
+    The runner binds its socket before it imports; a shim that connects meanwhile waits.
+    It exits when this process does. Not listening in time is logged, not raised: the
+    shim then runs the ClientApp in-process.
+    """
+    sock = socket_path or runner_socket_path(state_dir)
+    proc = spawn(
+        f"warm-runner-{state_dir.name}",
+        _runner_args(state_dir, socket_path),
+        env=env,
+        log_path=log_path,
+    )
+    deadline = time.monotonic() + wait
+    while not sock.exists() and proc.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not sock.exists():
+        log.warning("warm runner not listening on %s: %s", sock, proc.log_tail(500))
+    return proc
+
+
+def start_supernode(spec: SuperNodeSpec, *, wait: bool = True) -> SuperNodeProcess:
+    """Start ``flower-supernode`` for the site (TLS, authenticated, guarded runner), with the
+    site's warm ClientApp runner unless ``spec.warm_runner`` is false."""
     run_dir = spec.state_dir / "supernode"
     bin_dir = run_dir / "bin"
     write_runner_shim(bin_dir, spec.state_dir)
@@ -196,7 +281,18 @@ def start_supernode(spec: SuperNodeSpec, *, wait: bool = True) -> ManagedProcess
         str(spec.max_wait_time),
     ]
     env = flower_env(run_dir / "flwr-home", path_prefix=bin_dir)
-    proc = spawn(f"supernode-{spec.site_id}", args, env=env, log_path=run_dir / "supernode.log")
+    runner = None
+    if spec.warm_runner:
+        runner = start_warm_runner(
+            spec.state_dir, env=env, log_path=run_dir / "runner.log", wait=30.0 if wait else 0.0
+        )
+    try:
+        node = spawn(f"supernode-{spec.site_id}", args, env=env, log_path=run_dir / "supernode.log")
+    except BaseException:
+        if runner is not None:
+            runner.stop()
+        raise
+    proc = SuperNodeProcess(node.name, node.proc, node.log_path, node._log, runner=runner)
     if wait:
         try:
             wait_for_port("127.0.0.1", spec.runtime_port, timeout=60.0, proc=proc.proc)
@@ -204,3 +300,44 @@ def start_supernode(spec: SuperNodeSpec, *, wait: bool = True) -> ManagedProcess
             proc.stop()
             raise FlowerProcessError(str(exc), proc.log_tail()) from None
     return proc
+
+
+def supernode_exec_plan(
+    state_dir: Path,
+    supernode_args: list[str],
+    *,
+    environ: dict[str, str],
+    socket_path: Path | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """``argv`` and environment of ``flower-supernode`` with the site's shim first on
+    ``PATH`` (the shim is written to ``<state_dir>/supernode/bin``)."""
+    bin_dir = state_dir / "supernode" / "bin"
+    write_runner_shim(bin_dir, state_dir, socket_path)
+    env = dict(environ)
+    env["PATH"] = os.pathsep.join([str(bin_dir), environ.get("PATH", os.defpath)])
+    return [flwr_binary("flower-supernode"), *supernode_args], env
+
+
+def exec_supernode(
+    state_dir: Path,
+    supernode_args: list[str],
+    *,
+    socket_path: Path | None = None,
+    warm_runner: bool = True,
+) -> NoReturn:
+    """Become ``flower-supernode supernode_args`` with the site's runner (containers).
+
+    Writes the shim, starts the warm runner (unless ``warm_runner`` is false; its output
+    goes to this process's stdout/stderr) and ``exec``s the SuperNode, which keeps this
+    pid: the runner, our child, exits when the SuperNode does.
+    """
+    argv, env = supernode_exec_plan(
+        state_dir, supernode_args, environ=dict(os.environ), socket_path=socket_path
+    )
+    if warm_runner:
+        import subprocess
+
+        subprocess.Popen(_runner_args(state_dir, socket_path), env=env)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)  # noqa: S606 (fixed binary, argument list)
