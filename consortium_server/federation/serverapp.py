@@ -63,6 +63,8 @@ __all__ = [
     "read_round_records",
     "run_recorded",
     "run_study_rounds",
+    "site_of",
+    "wait_for_nodes",
     "write_blobs",
     "write_checkpoint",
     "write_json",
@@ -78,7 +80,9 @@ HEARTBEAT_FILE = "heartbeat.json"
 HEARTBEAT_INTERVAL_S = 2.0
 
 
-def _wait_for_nodes(grid: Grid, minimum: int, wait_s: float) -> list[int]:
+def wait_for_nodes(grid: Grid, minimum: int, wait_s: float) -> list[int]:
+    """The connected node ids once there are ``minimum`` (or whatever is there after
+    ``wait_s``)."""
     deadline = time.monotonic() + wait_s
     while True:
         nodes = sorted(grid.get_node_ids())
@@ -109,7 +113,8 @@ def _send(
     return list(grid.send_and_receive(messages, timeout=timeout))
 
 
-def _site_of(msg: Message) -> str | None:
+def site_of(msg: Message) -> str | None:
+    """The site id a reply names (``None`` for an error reply or one without it)."""
     if msg.has_error() or "site" not in msg.content.config_records:
         return None
     value = msg.content.config_records["site"].get("site-id")
@@ -149,7 +154,7 @@ def run_study_rounds(
     for round_number in range(plan.start_round, plan.rounds + 1):
         started = time.perf_counter()
         record = new_record(plan, round_number)
-        nodes = _wait_for_nodes(grid, plan.min_sites, plan.node_wait_s)
+        nodes = wait_for_nodes(grid, plan.min_sites, plan.node_wait_s)
         record.nodes_contacted = len(nodes)
         try:
             if len(nodes) < plan.min_sites:
@@ -164,7 +169,7 @@ def run_study_rounds(
             record.train_wall_seconds = time.perf_counter() - t0
             model = strategy.aggregate_train(round_number, replies, record)
             accepted_nodes = [
-                m.metadata.src_node_id for m in replies if _site_of(m) in record.participants
+                m.metadata.src_node_id for m in replies if site_of(m) in record.participants
             ]
             t0 = time.perf_counter()
             eval_replies = _send(grid, strategy, "evaluate", round_number, model, accepted_nodes)

@@ -14,12 +14,18 @@ round 1), train with Opacus DP-SGD, multiply by the local sample count and encry
 study's CKKS key, reply ciphertexts plus plain metadata (sample count, epsilon spent,
 timings). evaluate: decrypt the new aggregate and score it on the local test split. The
 training loss is not sent (not privatised). Logs carry counts and codes only.
+
+Comparison runs only (``benchmarks/demo_compare.py``): when the run config's
+``aggregation`` key is ``secagg+`` (a key only the comparison bundle has), ``train`` goes to
+Flower's SecAgg+ in :mod:`site_node.federation.compare`, which refuses contracts that ask
+for encryption. Without that key nothing changes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,15 +58,18 @@ from site_node.data.dataset import LocalDataset, Split
 from site_node.data.registry import DatasetConfig, load_dataset
 from site_node.federation.approvals import ApprovalStore
 from site_node.federation.mods import ContractGuardMod
+from site_node.federation.replies import CachedReply, ReplyCache, global_digest
 from site_node.privacy.dp import DpTrainer
 from site_node.settings import SiteSettings
 from site_node.training.baseline import pool
 from site_node.training.catalogue import build_model
-from site_node.training.loops import evaluate, train_round
+from site_node.training.loops import TrainResult, evaluate, train_round
 from site_node.training.params import flatten, num_parameters, unflatten_into
 
 __all__ = [
+    "AGGREGATION_KEY",
     "MODEL_SEED",
+    "SECAGGPLUS",
     "SiteRuntime",
     "app",
     "decode_global",
@@ -72,6 +81,11 @@ log = logging.getLogger("concord.federation.site")
 
 #: Seed of the round-1 model: every site builds bit-identical initial weights.
 MODEL_SEED = 0
+
+#: Run-config key of the comparison bundle only (see :mod:`site_node.federation.compare`).
+AGGREGATION_KEY = "aggregation"
+#: Its value for Flower SecAgg+; any other value (or none) is Concord's own path.
+SECAGGPLUS = "secagg+"
 
 
 class FederationError(Exception):
@@ -168,6 +182,27 @@ class SiteRuntime:
             seed=MODEL_SEED,
         )
 
+    def train_locally(
+        self, start: Callable[[int], npt.NDArray[np.float64] | None]
+    ) -> tuple[nn.Module, TrainResult]:
+        """One local round: the contract's model from ``start(num_params)`` (``None``: the
+        seeded initial weights), trained with DP-SGD on the train split; the study's
+        accountant state at this site is loaded before and saved after."""
+        data = self.dataset("train")
+        model = self.model_for(data)
+        vector = start(num_parameters(model))
+        if vector is not None:
+            unflatten_into(model, vector)
+        dp_path = self.store.dp_state_path(self.study_id, self.contract_hash)
+        privacy, training = self.contract.privacy, self.contract.training
+        if dp_path.is_file():
+            dp = DpTrainer.load(dp_path, privacy=privacy, training=training, num_samples=len(data))
+        else:
+            dp = DpTrainer(privacy, training, num_samples=len(data))
+        result = train_round(model, data, training, dp=dp)
+        dp.save(dp_path)
+        return model, result
+
     def site_record(self) -> ConfigRecord:
         """The plain identity part of every reply."""
         return ConfigRecord(
@@ -197,21 +232,25 @@ def _train(msg: Message, context: Context) -> Message:
     runtime = SiteRuntime.from_context(context)
     config = msg.content.config_records[REC_CONFIG]
     round_number = int(config["round"])  # type: ignore[arg-type]
+    cache = ReplyCache(runtime.settings.state_dir, runtime.study_id, runtime.contract_hash)
+    asked = _request_digest(msg.content)
+    with cache.exclusive():
+        cached = cache.get(round_number, asked)
+        if cached is not None:  # a resumed round asked again: no second privacy spend
+            log.info("study %s round %d: answered again", runtime.study_id, round_number)
+            return _train_reply(msg, runtime, cached.blobs, cached.metrics)
+        blobs, metrics = _train_fresh(msg, runtime, round_number)
+        cache.put(CachedReply(round_number, asked, blobs, metrics))
+    return _train_reply(msg, runtime, blobs, metrics)
+
+
+def _train_fresh(
+    msg: Message, runtime: SiteRuntime, round_number: int
+) -> tuple[tuple[bytes, ...], dict[str, Any]]:
+    """Train the round with DP and encrypt the weighted update: its blobs and metrics."""
     t0 = time.perf_counter()
-    data = runtime.dataset("train")
-    model = runtime.model_for(data)
+    model, result = runtime.train_locally(lambda n: decode_global(runtime, msg.content, n))
     n_params = num_parameters(model)
-    start = decode_global(runtime, msg.content, n_params)
-    if start is not None:
-        unflatten_into(model, start)
-    dp_path = runtime.store.dp_state_path(runtime.study_id, runtime.contract_hash)
-    privacy, training = runtime.contract.privacy, runtime.contract.training
-    if dp_path.is_file():
-        dp = DpTrainer.load(dp_path, privacy=privacy, training=training, num_samples=len(data))
-    else:
-        dp = DpTrainer(privacy, training, num_samples=len(data))
-    result = train_round(model, data, training, dp=dp)
-    dp.save(dp_path)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     info = RoundInfo(runtime.study_id, runtime.contract_hash, round_number, n_params)
@@ -230,9 +269,27 @@ def _train(msg: Message, context: Context) -> Message:
         "train-seconds": train_s,
         "encrypt-seconds": encrypt_s,
     }
+    return tuple(update.to_bytes_list()), metrics
+
+
+def _request_digest(content: RecordDict) -> str:
+    """Which global model a train request carries (see :mod:`site_node.federation.replies`)."""
+    config = content.config_records[REC_CONFIG]
+    if not bool(config.get("has-global", False)):
+        return global_digest(None, round_number=0, total_weight=0.0)
+    return global_digest(
+        arrays_to_blobs(content.array_records[REC_GLOBAL]),
+        round_number=int(str(config["global-round"])),
+        total_weight=float(config["total-weight"]),  # type: ignore[arg-type]
+    )
+
+
+def _train_reply(
+    msg: Message, runtime: SiteRuntime, blobs: tuple[bytes, ...], metrics: dict[str, Any]
+) -> Message:
     content = RecordDict(
         {
-            REC_UPDATE: blobs_to_arrays(update.to_bytes_list()),
+            REC_UPDATE: blobs_to_arrays(blobs),
             REC_METRICS: MetricRecord(metrics),
             REC_SITE: runtime.site_record(),
         }
@@ -268,6 +325,10 @@ app = ClientApp(mods=[ContractGuardMod(_store)])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train locally with DP, reply the encrypted weighted update and plain metadata."""
+    if context.run_config.get(AGGREGATION_KEY) == SECAGGPLUS:
+        from site_node.federation.compare import secaggplus_train
+
+        return secaggplus_train(msg, context)
     return _train(msg, context)
 
 

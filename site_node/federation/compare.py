@@ -1,0 +1,132 @@
+"""Flower SecAgg+ at the site, for the aggregation comparison only (``benchmarks/demo_compare.py``).
+
+The site's ClientApp (:mod:`site_node.federation.clientapp`) serves Concord's encrypted
+path unless the run config's ``aggregation`` key says ``secagg+``. That key exists only in
+the comparison bundle (:func:`consortium_server.federation.compare_apps.write_compare_app`),
+which a site runs only if it allowed the bundle's hash in its
+:class:`~site_node.federation.approvals.ApprovalStore`; in Concord's own bundle the key is
+absent and Flower refuses a run config that names it.
+
+Here every ``train`` message goes through Flower 1.41's own ``secaggplus_mod`` (setup, share
+keys, collect masked vectors, unmask). At the "collect masked vectors" stage the mod calls
+:func:`fit`: local DP-SGD exactly as in the encrypted path (the contract's model from the
+fixed seed, or the global model the server sent; Opacus with the study's accountant on
+disk), replying the plaintext parameters and the sample count as a legacy ``FitRes``, which
+the mod then quantises and masks. The reply also carries Concord's plain metadata
+(``metrics``: sample count, epsilon, timings, values outside SecAgg+'s clipping range;
+``site``: the site id) so the server can record the round as it does for its own path.
+
+SecAgg+ hides each site's update but the server unmasks the *sum*: the new global model.
+So the site refuses it (``compare.encryption_required``) for any contract that asks for
+encrypted aggregation. ``evaluate`` needs nothing here: the comparison ServerApp sends the
+global model in Concord's plaintext wire format, which the default handler decodes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import Context, Message, MetricRecord, RecordDict
+
+from site_node.federation.clientapp import FederationError, SiteRuntime
+from site_node.training.params import flatten
+
+__all__ = ["fit", "secaggplus_train"]
+
+#: ``fitins.config`` keys the comparison ServerApp sends with the training instructions.
+FIT_ROUND, FIT_STUDY, FIT_HASH = "round", "study-id", "contract-hash"
+
+
+def _clipping_range(context: Context) -> float:
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    value = state.get("clipping_range", 0.0) if state is not None else 0.0
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _start_vector(arrays: list[npt.NDArray[Any]], n_params: int) -> npt.NDArray[np.float64] | None:
+    if not arrays:
+        return None
+    vector = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays])
+    if vector.shape[0] != n_params or not np.isfinite(vector).all():
+        raise FederationError("update.global_mismatch", "the global model does not fit")
+    return vector
+
+
+def fit(runtime: SiteRuntime, msg: Message, context: Context) -> Message:
+    """SecAgg+'s "collect masked vectors" step: train locally with DP, reply a ``FitRes``.
+
+    The reply's parameters are the trained model as one float64 vector; ``secaggplus_mod``
+    replaces them with the masked, quantised vector before the reply leaves the site.
+    """
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = fitins.config
+    if (
+        str(config.get(FIT_STUDY, "")) != runtime.study_id
+        or str(config.get(FIT_HASH, "")) != runtime.contract_hash
+    ):
+        raise FederationError("contract.content_mismatch", "round content names another study")
+    t0 = time.perf_counter()
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    model, result = runtime.train_locally(lambda n: _start_vector(arrays, n))
+    vector = flatten(model)
+    clip = _clipping_range(context)
+    clipped = int(np.count_nonzero(np.abs(vector) > clip)) if clip > 0 else 0
+    metrics = MetricRecord(
+        {
+            "num-examples": int(result.num_samples),
+            "epsilon": float(result.epsilon_spent if result.epsilon_spent is not None else -1.0),
+            "train-seconds": time.perf_counter() - t0,
+            "encrypt-seconds": 0.0,
+            "clipped-values": clipped,
+        }
+    )
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="OK"),
+        parameters=ndarrays_to_parameters([vector]),
+        num_examples=int(result.num_samples),
+        metrics={FIT_ROUND: int(str(config.get(FIT_ROUND, 0)))},
+    )
+    content: RecordDict = compat.fitres_to_recorddict(fitres, keep_input=True)
+    content["metrics"] = metrics
+    content["site"] = runtime.site_record()
+    return Message(content, reply_to=msg)
+
+
+def secaggplus_train(msg: Message, context: Context) -> Message:
+    """A SecAgg+ ``train`` message (any of its four stages), through ``secaggplus_mod``.
+
+    Raises :class:`FederationError` (``compare.encryption_required``) when the run's
+    contract asks for encrypted aggregation. The collect stage's ``encrypt-seconds`` metric
+    is the mod's own time (quantising and masking), training excluded.
+    """
+    from flwr.client.mod import secaggplus_mod
+
+    runtime = SiteRuntime.from_context(context)
+    if runtime.contract.encryption.enabled:
+        raise FederationError(
+            "compare.encryption_required",
+            "the contract requires encrypted aggregation; SecAgg+ reveals the sum to the server",
+        )
+    fitted: list[tuple[float, MetricRecord]] = []
+
+    def handler(inner: Message, ctxt: Context) -> Message:
+        t0 = time.perf_counter()
+        reply = fit(runtime, inner, ctxt)
+        fitted.append((time.perf_counter() - t0, reply.content.metric_records["metrics"]))
+        return reply
+
+    t0 = time.perf_counter()
+    reply = secaggplus_mod(msg, context, handler)
+    total = time.perf_counter() - t0
+    if fitted and not reply.has_error():
+        fit_s, metrics = fitted[0]
+        metrics["encrypt-seconds"] = max(0.0, total - fit_s)
+    return reply
