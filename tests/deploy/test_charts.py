@@ -126,7 +126,7 @@ def test_flower_processes_get_the_flower_environment(rendered: tuple[str, str, R
         c
         for _, spec in pod_specs(result)
         for c in spec["containers"]
-        if c["command"][0].startswith("flower-")
+        if c["command"][0].startswith("flower-") or c["command"][:2] == ["site-node", "supernode"]
     ]
     assert len(flower) == 1
     env = {e["name"]: e.get("value") for e in flower[0]["env"]}
@@ -334,7 +334,14 @@ def test_site_runs_the_agent_and_the_supernode(site_prod: Rendered) -> None:
     containers = {c["name"]: c for c in spec["containers"]}
     assert containers["agent"]["command"] == ["site-node", "run"]
     supernode = containers["supernode"]
-    assert supernode["command"] == ["flower-supernode"]
+    # The site's guarded ClientApp runner, then flower-supernode with the args.
+    assert supernode["command"] == [
+        "site-node",
+        "supernode",
+        "--socket",
+        "/tmp/concord-runner/clientapp.sock",
+        "--",
+    ]
     args = supernode["args"]
     assert args[args.index("--superlink") + 1] == "fl.example.org:9092"
     assert "--insecure" not in args
