@@ -1,19 +1,30 @@
 # Concord consortium server image: `consortium server`, `consortium db upgrade` and the
 # Flower SuperLink (`flower-superlink`). Build from the repository root:
 #   docker build -f deploy/docker/server.Dockerfile -t concord-server:0.1.0 .
-FROM python:3.11.11-slim-bookworm AS build
+# BASE_IMAGE: scripts/build-images.sh builds on a local Debian bookworm base where Docker Hub
+# is unreachable; the default is the public image.
+ARG BASE_IMAGE=python:3.11.11-slim-bookworm
+FROM ${BASE_IMAGE} AS build
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/concord
 ENV PATH=/opt/concord/bin:$PATH
 # torch first and pinned, from the CPU index: any other spec pulls a multi-GB CUDA build.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# TORCH_PIP_ARGS says where from (scripts/build-images.sh: a local wheel directory).
+# PIP_CERT (a TLS-inspecting proxy's CA) and PIP_INDEX_URL (a mirror) are unset unless given.
+ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+ARG PIP_CERT
+ARG PIP_INDEX_URL
+RUN pip install torch==2.13.0 ${TORCH_PIP_ARGS}
+# The dependencies (pyproject.toml's list) get their own layer, kept while only the code changes.
 COPY pyproject.toml README.md /src/
+RUN python -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" >/tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
 COPY consortium_server /src/consortium_server
 COPY site_node /src/site_node
 RUN pip install /src
 
-FROM python:3.11.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 # WeasyPrint (PDF reports) needs pango; nothing else from apt.
 RUN apt-get update \
