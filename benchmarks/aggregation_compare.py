@@ -50,6 +50,7 @@ from rich.console import Console
 from rich.table import Table
 
 from consortium_server.federation.blind_sum import blind_sum
+from consortium_server.federation.grids import wire_bytes
 from consortium_server.federation.strategy import REC_CONFIG, REC_GLOBAL, blobs_to_arrays
 from consortium_server.studies.contract import ModelSpec
 from site_node.crypto import (
@@ -83,13 +84,6 @@ def _set_task_identity() -> None:
     TaskIdentity.run_id = 1
     TaskIdentity.node_id = 1
     TaskIdentity.task_id = 1
-
-
-def wire_bytes(msg: Message) -> int:
-    """Bytes of ``msg`` as Flower 1.41 pushes it: its deflated objects, each once."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
 
 
 @dataclass

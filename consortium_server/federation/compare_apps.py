@@ -43,6 +43,7 @@ import tomli_w
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from consortium_server.federation.grids import ForwardingGrid, wire_bytes
 from consortium_server.federation.serverapp import (
     FINAL_MODEL_FILE,
     OUTCOME_FILE,
@@ -80,7 +81,6 @@ __all__ = [
     "read_traffic",
     "run_compare",
     "run_secaggplus_rounds",
-    "wire_bytes",
     "write_compare_app",
 ]
 
@@ -95,13 +95,6 @@ TRAFFIC_FILE = "traffic.json"
 SERVERAPP_REF = "consortium_server.federation.compare_apps:app"
 #: Flower's reason for a node that went away (the node is missing, not misbehaving).
 _UNAVAILABLE = "unavailable"
-
-
-def wire_bytes(msg: Message) -> int:
-    """Bytes of ``msg`` as Flower 1.41 pushes it: its deflated objects, each once."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
 
 
 # --- metering ------------------------------------------------------------------------------
@@ -168,7 +161,7 @@ class RoundTraffic:
         )
 
 
-class MeteredGrid(Grid):
+class MeteredGrid(ForwardingGrid):
     """A Flower ``Grid`` that forwards to ``grid`` and meters every ``send_and_receive``.
 
     Each message's bytes are counted for its destination node (``received``), each reply's
@@ -180,51 +173,13 @@ class MeteredGrid(Grid):
     """
 
     def __init__(self, grid: Grid) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.node_sites: dict[int, str] = {}
         self.observer: Callable[[Message], None] | None = None
         self._per_node: dict[int, dict[str, Traffic]] = {}
         self._waves = 0
         self._wait_s = 0.0
         self._metering_s = 0.0
-
-    # -- Grid, forwarded ------------------------------------------------------------------
-
-    def set_run(self, run: Any) -> None:
-        """Forwarded."""
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        """Forwarded."""
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Forwarded."""
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Forwarded."""
-        return self._grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[Any]:
-        """Forwarded."""
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Forwarded, not metered."""
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Forwarded, not metered."""
-        return self._grid.pull_messages(message_ids)
 
     # -- metered ----------------------------------------------------------------------------
 
@@ -234,7 +189,7 @@ class MeteredGrid(Grid):
         """Forward the exchange, then count every message and reply."""
         outgoing = list(messages)
         t0 = time.perf_counter()
-        replies = list(self._grid.send_and_receive(outgoing, timeout=timeout))
+        replies = list(self.inner.send_and_receive(outgoing, timeout=timeout))
         t1 = time.perf_counter()
         by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in outgoing}
         by_id.pop("", None)

@@ -48,6 +48,7 @@ from consortium_server.federation.strategy import (
 )
 from consortium_server.studies.contract import StudyContract
 from site_node.crypto.wire import (
+    DEFAULT_MAX_SITES,
     CkksCodec,
     EncodedUpdate,
     PlainCodec,
@@ -148,7 +149,11 @@ class SiteRuntime:
             key = store.study_key(approved.study_id)
             if key is None:
                 raise FederationError("study.no_key", "this site has no key for the study yet")
-            codec = CkksCodec(key.secret_context)
+            # The overflow guard must hold for the sum of every site in the study.
+            study_sites = [s for s in str(context.run_config.get("sites", "")).split(",") if s]
+            codec = CkksCodec(
+                key.secret_context, max_sites=max(DEFAULT_MAX_SITES, len(study_sites))
+            )
             fingerprint = key.key_fingerprint
         else:
             codec = PlainCodec()

@@ -151,3 +151,19 @@ def test_secaggplus_switch_goes_through_flowers_mod(tmp_path: Path) -> None:
     keys = reply.content.config_records[RECORD_KEY_CONFIGS]
     assert set(keys.keys()) == {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2}
     assert RECORD_KEY_STATE in context.state.config_records
+
+
+def test_the_overflow_guard_is_sized_for_every_site_of_the_study(tmp_path: Path) -> None:
+    """Each site's values are bounded so that the sum of all the study's sites cannot leave
+    CKKS' range: at least the default 32, more for a larger study."""
+    from site_node.crypto import CkksCodec
+
+    _, context = _context(tmp_path)
+    small = clientapp.SiteRuntime.from_context(context)
+    assert isinstance(small.codec, CkksCodec)
+    limit_32 = small.codec.per_site_limit
+    many = ",".join(f"site-{i:03d}" for i in range(100))
+    context.run_config["sites"] = many
+    large = clientapp.SiteRuntime.from_context(context)
+    assert isinstance(large.codec, CkksCodec)
+    assert large.codec.per_site_limit * 100 == pytest.approx(limit_32 * 32)
