@@ -43,7 +43,7 @@ from site_node.federation.approvals import ApprovalStore
 from site_node.federation.processes import BundleRefusedError, bundle_hash, check_bundle
 from site_node.training import build_model, num_parameters
 from tests.support.flower import approve_everywhere, breast_cancer_contract, make_site
-from tests.support.inprocess_grid import InProcessGrid, flower_task_identity
+from tests.support.inprocess_grid import InProcessGrid, flower_task_identity, site_contexts
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 
@@ -86,20 +86,7 @@ def _plan(tmp_path: Path, *, rounds: int, encryption: bool) -> tuple[RunPlan, di
         node_wait_s=0.0,
     )
     method = "ckks" if encryption else SECAGGPLUS
-    contexts = {
-        100 + i: Context(
-            run_id=1,
-            node_id=100 + i,
-            node_config={
-                "site-id": site.site_id,
-                "state-dir": str(site.state_dir),
-                "datasets-file": str(site.datasets_file),
-            },
-            state=RecordDict(),
-            run_config=compare_run_config(plan, method),
-        )
-        for i, site in enumerate(sites)
-    }
+    contexts = site_contexts(sites, compare_run_config(plan, method))
     return plan, contexts
 
 

@@ -129,12 +129,11 @@ def test_real_clientapp_run_in_process_drives_the_lifecycle(
     client: TestClient, consortium: People, app: FastAPI, tmp_path: Path
 ) -> None:
     """The real ClientApp (guard, Opacus, CKKS) at three sites behind an in-process grid."""
-    from flwr.app import Context, RecordDict
 
     from consortium_server.federation.serverapp import run_study_rounds
     from consortium_server.studies.contract import StudyContract
     from tests.support.flower import make_site
-    from tests.support.inprocess_grid import InProcessGrid, flower_task_identity
+    from tests.support.inprocess_grid import InProcessGrid, flower_task_identity, site_contexts
 
     study = submit_and_approve(
         client,
@@ -155,20 +154,7 @@ def test_real_clientapp_run_in_process_drives_the_lifecycle(
         store.save_study_key(study["id"], secret, sender_id="hospital-a")
 
     def runner(plan: RunPlan, hook: RoundHook) -> StudyOutcome:
-        contexts = {
-            100 + i: Context(
-                run_id=1,
-                node_id=100 + i,
-                node_config={
-                    "site-id": s.site_id,
-                    "state-dir": str(s.state_dir),
-                    "datasets-file": str(s.datasets_file),
-                },
-                state=RecordDict(),
-                run_config=plan.to_run_config(),
-            )
-            for i, s in enumerate(sites)
-        }
+        contexts = site_contexts(sites, plan.to_run_config())
         plan = RunPlan(**{**plan.__dict__, "node_wait_s": 0.0})
         return run_study_rounds(InProcessGrid(contexts), plan, hook=hook)  # type: ignore[arg-type]
 
