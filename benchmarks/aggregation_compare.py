@@ -50,7 +50,7 @@ from rich.console import Console
 from rich.table import Table
 
 from consortium_server.federation.blind_sum import blind_sum
-from consortium_server.federation.grids import wire_bytes
+from consortium_server.federation.grids import LocalGrid, wire_bytes
 from consortium_server.federation.strategy import REC_CONFIG, REC_GLOBAL, blobs_to_arrays
 from consortium_server.studies.contract import ModelSpec
 from site_node.crypto import (
@@ -144,7 +144,7 @@ class Result:
         return self.site_s + self.server_s + self.finish_s
 
 
-class _Grid:
+class _Grid(LocalGrid):
     """The part of Flower's ``Grid`` the strategies and workflows use, nodes in-process.
 
     Each message is handed to ``handler(node_id, message)``; time spent in the handler is
@@ -153,7 +153,7 @@ class _Grid:
     """
 
     def __init__(self, node_ids: Sequence[int], handler: Callable[[int, Message], Message]):
-        self.node_ids = list(node_ids)
+        super().__init__(node_ids)
         self.handler = handler
         self.received = dict.fromkeys(self.node_ids, 0)
         self.sent = dict.fromkeys(self.node_ids, 0)
@@ -164,21 +164,6 @@ class _Grid:
             run_id = 1
 
         self.run = _Run()
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(
-            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id
-        )
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -50,7 +50,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from consortium_server.demo.stack import free_port
+from consortium_server.demo.stack import free_port, start_registered_supernode
 from consortium_server.federation.compare_apps import (
     CKKS,
     FEDAVG,
@@ -67,7 +67,6 @@ from consortium_server.federation.processes import (
     SuperLinkHandle,
     flower_env,
     flwr_binary,
-    register_supernode,
     start_superlink,
     wait_for_outcome,
 )
@@ -78,8 +77,7 @@ from site_node.crypto import CkksCodec, EncodedUpdate, PlainCodec, generate_stud
 from site_node.crypto import public_context as make_public_context
 from site_node.data.demo import breast_cancer_holdout
 from site_node.federation.approvals import ApprovalStore
-from site_node.federation.processes import SuperNodeSpec, bundle_hash, start_supernode
-from site_node.keys import write_supernode_key
+from site_node.federation.processes import bundle_hash
 from site_node.training import build_model, evaluate, num_parameters, unflatten_into
 
 LABELS = {FEDAVG: "plaintext FedAvg", CKKS: "Concord CKKS", SECAGGPLUS: "Flower SecAgg+"}
@@ -256,18 +254,12 @@ def run_benchmark(
                 store.approve(run.plan.study_id, run.plan.contract, run.plan.contract_hash)
                 if run.method == CKKS:
                     store.save_study_key(run.plan.study_id, secret, sender_id=sites[0].site_id)
-            private, public = write_supernode_key(site.state_dir / "keys")
-            register_supernode(link, public, name=site.site_id)
-            site.process = start_supernode(
-                SuperNodeSpec(
-                    site.site_id,
-                    site.state_dir,
-                    site.datasets_file,
-                    link.address,
-                    tls.ca_cert,
-                    private,
-                    free_port(),
-                )
+            site.process = start_registered_supernode(
+                link,
+                tls.ca_cert,
+                site_id=site.site_id,
+                state_dir=site.state_dir,
+                datasets_file=site.datasets_file,
             )
         setup["federation start-up s"] = time.perf_counter() - t0
         for run in runs:

@@ -25,22 +25,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from consortium_server.demo.stack import start_registered_supernode
 from consortium_server.federation.processes import (
     ManagedProcess,
-    register_supernode,
     run_study,
     start_superlink,
 )
 from consortium_server.federation.strategy import RunPlan
 from site_node.federation import APP_DIR
-from site_node.federation.processes import SuperNodeSpec, start_supernode
 from site_node.training import build_model, num_parameters
 from tests.support.flower import (
     approve_everywhere,
     breast_cancer_contract,
     free_port,
     make_site,
-    make_supernode_key,
     make_tls,
 )
 
@@ -62,19 +60,13 @@ def main() -> None:
             sites = [make_site(root / "sites", i) for i in range(3)]
             public = approve_everywhere(sites, "bench", contract)
             for site in sites:
-                private, pub = make_supernode_key(site.state_dir / "keys")
-                register_supernode(link, pub, name=site.site_id)
                 nodes.append(
-                    start_supernode(
-                        SuperNodeSpec(
-                            site.site_id,
-                            site.state_dir,
-                            site.datasets_file,
-                            link.address,
-                            tls.ca_cert,
-                            private,
-                            free_port(),
-                        )
+                    start_registered_supernode(
+                        link,
+                        tls.ca_cert,
+                        site_id=site.site_id,
+                        state_dir=site.state_dir,
+                        datasets_file=site.datasets_file,
                     )
                 )
             startup = time.perf_counter() - t0

@@ -116,8 +116,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
             if link is not None and settings.federation.register_supernodes
             else None
         )
-        app.state.run_manager = build_run_manager(
-            settings, app.state.sessionmaker, app.state.audit_log, app.state.policy_context
+        app.state.run_manager = (
+            build_run_manager(
+                settings,
+                link,
+                app.state.sessionmaker,
+                app.state.audit_log,
+                app.state.policy_context,
+            )
+            if link is not None
+            else None
         )
         if app.state.run_manager is not None:
             sweep = settings.runs_dir() if settings.federation.resume_on_start else None

@@ -32,9 +32,9 @@ from consortium_server.policy.engine import Decision
 from consortium_server.settings import ServerSettings
 from site_node.crypto.sealing import SiteKeyPair
 from site_node.federation.processes import SuperNodeSpec, start_supernode
-from site_node.keys import SUPERNODE_KEY_FILE, init_site_keys
+from site_node.keys import SUPERNODE_KEY_FILE, init_site_keys, write_supernode_key
 
-__all__ = ["DemoStack", "Hospital", "free_port", "spawn_server"]
+__all__ = ["DemoStack", "Hospital", "free_port", "spawn_server", "start_registered_supernode"]
 
 RESEARCHER_ORG = "University of Leiden"
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -310,6 +310,26 @@ class DemoStack:
             yield self
         finally:
             self.stop()
+
+
+def start_registered_supernode(
+    link: SuperLinkHandle, ca_cert: Path, *, site_id: str, state_dir: Path, datasets_file: Path
+) -> ManagedProcess:
+    """A site's SuperNode on loopback: a fresh key in ``state_dir/keys``, registered with
+    ``link`` (what enrolment does for an enrolled site), and the SuperNode started."""
+    private, public = write_supernode_key(state_dir / "keys")
+    register_supernode(link, public, name=site_id)
+    return start_supernode(
+        SuperNodeSpec(
+            site_id=site_id,
+            state_dir=state_dir,
+            datasets_file=datasets_file,
+            superlink_address=link.address,
+            root_certificates=ca_cert,
+            auth_private_key=private,
+            runtime_port=free_port(),
+        )
+    )
 
 
 def spawn_server(

@@ -1,9 +1,14 @@
-"""A Flower ``Grid`` that forwards to another one: the base of the benchmarks' meters.
+"""Grids for measuring and for running rounds in process: the benchmarks' and tests' bases.
 
 :class:`ForwardingGrid` passes every ``Grid`` call to the grid Flower gave the ServerApp;
 a subclass overrides what it measures (``send_and_receive``, ``create_message``). Used by
 the comparison ServerApp (:mod:`consortium_server.federation.compare_apps`) and the scale
 benchmark (``benchmarks/scale.py``). :func:`wire_bytes` is how both count a message.
+
+:class:`LocalGrid` is the part of a ``Grid`` the round loops use, with no SuperLink: it
+builds messages for a fixed set of node ids, and a subclass's ``send_and_receive`` hands
+them to nodes in this process (``tests/support/inprocess_grid.py``,
+``benchmarks/aggregation_compare.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-__all__ = ["ForwardingGrid", "wire_bytes"]
+__all__ = ["ForwardingGrid", "LocalGrid", "wire_bytes"]
 
 
 def wire_bytes(msg: Message) -> int:
@@ -71,3 +76,27 @@ class ForwardingGrid(Grid):
     ) -> Iterable[Message]:
         """Forwarded."""
         return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class LocalGrid:
+    """Messages for the nodes ``node_ids``, delivered by a subclass's ``send_and_receive``."""
+
+    def __init__(self, node_ids: Iterable[int]) -> None:
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        """The nodes, as given."""
+        return list(self.node_ids)
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """A message as Flower's grid builds it (no run or TTL bookkeeping)."""
+        return Message(
+            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id
+        )

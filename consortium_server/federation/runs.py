@@ -344,16 +344,14 @@ class RunManager:
 
 def build_run_manager(
     settings: ServerSettings,
+    link: SuperLinkHandle,
     factory: sessionmaker[Session],
     audit_log: AuditLog,
     policy: PolicyContext | None = None,
-) -> RunManager | None:
-    """The run manager for the configured SuperLink (None when runs are disabled)."""
+) -> RunManager:
+    """The run manager for the SuperLink ``link`` (:func:`connect_superlink`)."""
     from site_node.federation import APP_DIR
 
-    link = connect_superlink(settings)
-    if link is None:
-        return None
     app_dir = settings.federation.app_dir or APP_DIR
     runs = settings.runs_dir()
 

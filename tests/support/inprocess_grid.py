@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from flwr.app import Context, Message, RecordDict
 
+from consortium_server.federation.grids import LocalGrid
 from site_node.federation.clientapp import app as client_app
 from tests.support.flower import SiteFixture
 
@@ -49,29 +50,15 @@ def site_contexts(
     }
 
 
-class InProcessGrid:
+class InProcessGrid(LocalGrid):
     """A Grid whose nodes run the site ClientApp in this process (``drop`` nodes never
     answer). Subclasses may alter replies in :meth:`reply`."""
 
     def __init__(self, contexts: dict[int, Context], *, drop: Iterable[int] = ()) -> None:
+        super().__init__(contexts)
         self.contexts = contexts
         self.drop = set(drop)
         self.sent: list[str] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(
-            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id
-        )
 
     def reply(self, node: int, msg: Message, reply: Message) -> Message:
         """The reply node ``node`` sends for ``msg`` (unchanged here)."""

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from consortium_server.demo.stack import start_registered_supernode
 from consortium_server.federation.processes import (
     ManagedProcess,
     SuperLinkHandle,
-    register_supernode,
     run_study,
     start_superlink,
 )
@@ -100,18 +100,15 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     keys = {s.site_id: SiteKeyPair.generate() for s in sites}
     try:
         for site in sites:
-            private, public = make_supernode_key(site.state_dir / "keys")
-            register_supernode(link, public, name=site.site_id)
-            spec = SuperNodeSpec(
-                site_id=site.site_id,
-                state_dir=site.state_dir,
-                datasets_file=site.datasets_file,
-                superlink_address=link.address,
-                root_certificates=tls.ca_cert,
-                auth_private_key=private,
-                runtime_port=free_port(),
+            nodes.append(
+                start_registered_supernode(
+                    link,
+                    tls.ca_cert,
+                    site_id=site.site_id,
+                    state_dir=site.state_dir,
+                    datasets_file=site.datasets_file,
+                )
             )
-            nodes.append(start_supernode(spec))
         yield Federation(root, link, sites, nodes, keys, tls.ca_cert)
     finally:
         for node in nodes:
