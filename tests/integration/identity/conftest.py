@@ -26,7 +26,8 @@ CLIENTS = (
         "short-secret",
         roles=["researcher"],
         organisation="hospital-b",
-        access_token_ttl=1,
+        # Whole seconds in the token: 3 s leaves at least 2 s to use it before it expires.
+        access_token_ttl=3,
     ),
 )
 
