@@ -29,8 +29,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from consortium_server.demo.stack import free_port, spawn_server
-from consortium_server.federation.processes import ManagedProcess, flower_env
+from concord_demo.stack import free_port, spawn_server
+from concord_protocol.processes import ManagedProcess, flower_env
 from consortium_server.identity.factory import build_local_issuer
 from consortium_server.settings import ServerSettings
 
@@ -103,7 +103,7 @@ def _measure(
 
 
 def _audit_appends(settings: ServerSettings, count: int) -> dict[str, float]:
-    from consortium_server.audit.entries import Actor, AuditEntry, AuditObject, Outcome
+    from concord_protocol.audit.entries import Actor, AuditEntry, AuditObject, Outcome
     from consortium_server.audit.log import AuditLog
     from consortium_server.db.session import make_engine, make_sessionmaker
 

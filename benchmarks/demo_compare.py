@@ -50,7 +50,10 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from consortium_server.demo.stack import free_port, start_registered_supernode
+from concord_demo.stack import free_port, start_registered_supernode
+from concord_protocol.bundle import bundle_hash
+from concord_protocol.contract import StudyContract
+from concord_protocol.processes import FlowerProcessError, ManagedProcess, flower_env, flwr_binary
 from consortium_server.federation.compare_apps import (
     CKKS,
     FEDAVG,
@@ -62,22 +65,16 @@ from consortium_server.federation.compare_apps import (
     write_compare_app,
 )
 from consortium_server.federation.processes import (
-    FlowerProcessError,
-    ManagedProcess,
     SuperLinkHandle,
-    flower_env,
-    flwr_binary,
     start_superlink,
     wait_for_outcome,
 )
 from consortium_server.federation.strategy import RunPlan, StudyOutcome
 from consortium_server.federation.tls import make_dev_tls
-from consortium_server.studies.contract import StudyContract
 from site_node.crypto import CkksCodec, EncodedUpdate, PlainCodec, generate_study_context
 from site_node.crypto import public_context as make_public_context
 from site_node.data.demo import breast_cancer_holdout
 from site_node.federation.approvals import ApprovalStore
-from site_node.federation.processes import bundle_hash
 from site_node.training import build_model, evaluate, num_parameters, unflatten_into
 
 LABELS = {FEDAVG: "plaintext FedAvg", CKKS: "Concord CKKS", SECAGGPLUS: "Flower SecAgg+"}
@@ -85,7 +82,7 @@ N_SITES = 3
 
 
 def demo_contract(method: str, rounds: int, repeat: int = 0) -> StudyContract:
-    """The demo's study contract (``consortium_server.demo.story``), encryption on for CKKS.
+    """The demo's study contract (``concord_demo.story``), encryption on for CKKS.
 
     The title names the method (and the repeat) so each run has its own contract hash (a
     site approves a hash for one study).

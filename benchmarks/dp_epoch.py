@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from consortium_server.studies.contract import ModelSpec, PrivacySpec, TrainingSpec
+from concord_protocol.contract import ModelSpec, PrivacySpec, TrainingSpec
 from site_node.data import LocalDataset
 from site_node.privacy import DpTrainer
 from site_node.training import build_model, list_models, num_parameters, train_round

@@ -25,14 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consortium_server.demo.stack import start_registered_supernode
-from consortium_server.federation.processes import (
-    ManagedProcess,
-    run_study,
-    start_superlink,
-)
+from concord_demo.stack import start_registered_supernode
+from concord_protocol.bundle import APP_DIR
+from concord_protocol.processes import ManagedProcess
+from consortium_server.federation.processes import run_study, start_superlink
 from consortium_server.federation.strategy import RunPlan
-from site_node.federation import APP_DIR
 from site_node.training import build_model, num_parameters
 from tests.support.flower import (
     approve_everywhere,

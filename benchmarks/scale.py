@@ -88,14 +88,7 @@ from rich.progress import (  # noqa: E402
 )
 from rich.table import Table  # noqa: E402
 
-from consortium_server.federation.grids import ForwardingGrid, wire_bytes  # noqa: E402
-from consortium_server.federation.serverapp import read_outcome, run_recorded  # noqa: E402
-from consortium_server.federation.strategy import (  # noqa: E402
-    RoundRecord,
-    RunPlan,
-    StudyOutcome,
-)
-from consortium_server.studies.contract import (  # noqa: E402
+from concord_protocol.contract import (  # noqa: E402
     EncryptionSpec,
     FederationSpec,
     ModelSpec,
@@ -104,8 +97,13 @@ from consortium_server.studies.contract import (  # noqa: E402
     StudyContract,
     TrainingSpec,
 )
+from concord_protocol.rounds import RoundRecord  # noqa: E402
+from concord_protocol.wire.format import EncodedUpdate  # noqa: E402
+from consortium_server.federation.grids import ForwardingGrid, wire_bytes  # noqa: E402
+from consortium_server.federation.serverapp import read_outcome, run_recorded  # noqa: E402
+from consortium_server.federation.strategy import RunPlan, StudyOutcome  # noqa: E402
 from site_node.crypto import generate_study_context, public_context  # noqa: E402
-from site_node.crypto.wire import CkksCodec, EncodedUpdate  # noqa: E402
+from site_node.crypto.codecs import CkksCodec  # noqa: E402
 from site_node.federation.approvals import ApprovalStore  # noqa: E402
 
 console = Console()

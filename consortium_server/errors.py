@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from concord_protocol.errors import ConcordError
+
 __all__ = [
     "CATALOGUE",
     "AuthenticationError",
@@ -148,7 +150,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {
 
 
 @dataclass
-class DomainError(Exception):
+class DomainError(ConcordError):
     """An error the domain knows about. ``code`` must be in :data:`CATALOGUE`.
 
     ``message`` is shown to the client (keep patient data and secrets out of it);
@@ -162,7 +164,10 @@ class DomainError(Exception):
     def __post_init__(self) -> None:
         if self.code not in CATALOGUE:
             raise ValueError(f"unknown error code {self.code!r}: add it to CATALOGUE")
-        super().__init__(self.message or CATALOGUE[self.code].title)
+        Exception.__init__(self, self.message or CATALOGUE[self.code].title)
+
+    def __str__(self) -> str:
+        return self.message or CATALOGUE[self.code].title
 
     @property
     def status(self) -> int:

@@ -11,14 +11,15 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import OperationalError
 
+from concord_protocol.policy.engine import SCHEMA_FILENAME, PolicyEngine
 from consortium_server import __version__
 from consortium_server.api.errors import install_error_handlers
 from consortium_server.api.health import router as health_router
 from consortium_server.api.middleware import HttpMetrics, RequestContextMiddleware
-from consortium_server.audit.heads import TreeHeadSigner
 from consortium_server.audit.log import AuditLog
 from consortium_server.audit.recorder import AuditRecorder
 from consortium_server.audit.router import router as audit_router
+from consortium_server.audit.signer import TreeHeadSigner
 from consortium_server.budgets.router import router as budgets_router
 from consortium_server.datasets.router import router as datasets_router
 from consortium_server.db.migrate import upgrade_to_head
@@ -29,7 +30,6 @@ from consortium_server.federation.supernodes import FlwrSuperNodeRegistry
 from consortium_server.identity.factory import build_local_issuer, build_verifier
 from consortium_server.identity.router import router as identity_router
 from consortium_server.policy.checks import PolicyContext, model_catalogue_keys
-from consortium_server.policy.engine import SCHEMA_FILENAME, PolicyEngine
 from consortium_server.policy.router import router as policy_router
 from consortium_server.policy.service import active_version
 from consortium_server.release.router import router as release_router

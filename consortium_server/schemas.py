@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pydantic import BaseModel, ConfigDict
 
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from concord_protocol.fields import Sha256Hex, Slug
 
 __all__ = ["ErrorBody", "ErrorResponse", "Sha256Hex", "Slug", "StrictModel"]
-
-Slug = Annotated[
-    str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", strip_whitespace=True)
-]
-
-
-#: A SHA-256 digest as lowercase hex (contract hashes, tree roots, key ids, model hashes).
-Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 class StrictModel(BaseModel):

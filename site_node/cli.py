@@ -186,8 +186,7 @@ def audit_verify() -> None:
     """
     from pydantic import ValidationError
 
-    from consortium_server.client import ApiError
-    from consortium_server.errors import DomainError
+    from concord_protocol.errors import ConcordError
     from site_node.agent.loop import verify_audit
     from site_node.crypto.errors import CryptoError
 
@@ -204,7 +203,7 @@ def audit_verify() -> None:
         raise typer.Exit(
             2 if exc.code in {"agent.no_site_id", "agent.no_credentials"} else 1
         ) from None
-    except (DomainError, ApiError) as exc:
+    except ConcordError as exc:  # the server refused, or its head does not verify
         err.print(f"[red]refused:[/] {exc.code}: {exc.message}")
         raise typer.Exit(1) from None
     if last is None:

@@ -32,7 +32,7 @@ def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Every catalogue model with its hyperparameters (name, default, range)."""
-    from site_node.training.catalogue import list_models
+    from concord_protocol.catalogue import list_models
 
     entries = [entry.schema() for entry in list_models()]
     if as_json:

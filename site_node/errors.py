@@ -9,14 +9,14 @@ names, column names, counts and shapes.
 
 from __future__ import annotations
 
+from concord_protocol.errors import ConcordError
+
 __all__ = [
     "AccountantStateError",
     "DatasetConfigError",
     "DatasetError",
     "DatasetMismatchError",
     "EmptyDatasetError",
-    "IncompatibleInputError",
-    "InvalidHyperparameterError",
     "MissingColumnError",
     "MissingFileError",
     "NonNumericValueError",
@@ -26,30 +26,18 @@ __all__ = [
     "SiteError",
     "TrainingDivergedError",
     "UnknownLabelError",
-    "UnknownModelError",
 ]
 
 
-class SiteError(Exception):
+class SiteError(ConcordError):
     """Base class of the site node's domain errors.
 
     Attributes:
         code: stable machine-readable identifier, e.g. ``"data.missing_column"``.
-        hint: optional next step for the operator.
+        hint: optional next step for the operator (:meth:`diagnostics` adds it).
     """
 
-    code: str = "site.error"
-
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-    def diagnostics(self) -> str:
-        """The message plus, when known, what to do next."""
-        if self.hint:
-            return f"{self.message}\nHint: {self.hint}"
-        return self.message
+    code = "site.error"
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -98,32 +86,6 @@ class UnknownLabelError(DatasetError):
 
 
 # --- models ---------------------------------------------------------------------------------
-
-
-class UnknownModelError(SiteError):
-    """No catalogue entry has this name and version."""
-
-    code = "model.unknown"
-
-
-class InvalidHyperparameterError(SiteError):
-    """A hyperparameter is unknown, of the wrong type, or out of range.
-
-    Attributes:
-        name: the offending hyperparameter.
-    """
-
-    code = "model.invalid_hyperparameter"
-
-    def __init__(self, name: str, message: str, *, hint: str | None = None) -> None:
-        super().__init__(f"hyperparameter {name!r}: {message}", hint=hint)
-        self.name = name
-
-
-class IncompatibleInputError(SiteError):
-    """The dataset's input shape does not suit the chosen model."""
-
-    code = "model.incompatible_input"
 
 
 class ParameterShapeError(SiteError):

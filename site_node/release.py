@@ -28,11 +28,12 @@ import binascii
 from dataclasses import dataclass
 from typing import Any
 
-from consortium_server.client import ConsortiumClient
-from consortium_server.release import canonical_model_bytes, model_sha256, signoff_message
+from concord_protocol.client import ConsortiumClient
+from concord_protocol.release import canonical_model_bytes, model_sha256, signoff_message
+from concord_protocol.wire.format import EncodedUpdate
+from site_node.crypto.codecs import CkksCodec, PlainCodec, UpdateCodec
 from site_node.crypto.errors import CryptoError
 from site_node.crypto.sealing import SiteKeyPair
-from site_node.crypto.wire import CkksCodec, EncodedUpdate, PlainCodec, UpdateCodec
 from site_node.federation.approvals import ApprovalStore
 
 __all__ = ["ReleaseError", "SignOffResult", "decrypt_final_model", "sign_off"]
@@ -139,7 +140,7 @@ def sign_off(
     """Decrypt the study's final model, sign off its hash, and optionally upload it.
 
     Raises :class:`ReleaseError` when the site refuses, and
-    :class:`consortium_server.client.ApiError` when the server does.
+    :class:`concord_protocol.client.ApiError` when the server does.
     """
     base = f"/api/v1/studies/{study_id}/release"
     aggregate: dict[str, Any] = client.request("GET", f"{base}/aggregate")

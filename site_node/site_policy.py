@@ -9,15 +9,13 @@ Stewards (and ``consortium demo``) use :func:`check_study` before approving.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from consortium_server.client import ConsortiumClient
-from consortium_server.datasets.models import Dataset
-from consortium_server.policy.checks import model_catalogue_keys
-from consortium_server.policy.decisions import check_site_approval
-from consortium_server.policy.engine import SCHEMA_FILENAME, Decision, PolicyEngine
-from consortium_server.policy.facts import ConsortiumFacts, owner_principal
-from consortium_server.studies.contract import StudyContract
+from concord_protocol.catalogue import catalogue_keys
+from concord_protocol.client import ConsortiumClient
+from concord_protocol.contract import StudyContract
+from concord_protocol.policy.decisions import check_site_approval
+from concord_protocol.policy.engine import SCHEMA_FILENAME, Decision, PolicyEngine
+from concord_protocol.policy.facts import ConsortiumFacts, DatasetFacts, owner_principal
 
 __all__ = ["check_study", "load_site_engine"]
 
@@ -29,11 +27,6 @@ def load_site_engine(directory: Path, *, site_id: str, schema: Path | None = Non
     return PolicyEngine.load(
         directory, schema or SHIPPED_POLICIES / SCHEMA_FILENAME, label=f"site:{site_id}"
     )
-
-
-def _dataset(row: dict[str, Any]) -> Dataset:
-    fields = {c: row[c] for c in Dataset.__table__.columns.keys() if c in row}  # noqa: SIM118
-    return Dataset(**fields)
 
 
 def check_study(
@@ -56,7 +49,10 @@ def check_study(
     consortium = PolicyEngine.load(
         active["files"], (schema or SHIPPED_POLICIES / SCHEMA_FILENAME).read_text()
     )
-    datasets = [_dataset(client.request("GET", f"/api/v1/datasets/{d}")) for d in contract.datasets]
+    datasets = [
+        DatasetFacts.from_mapping(client.request("GET", f"/api/v1/datasets/{d}"))
+        for d in contract.datasets
+    ]
     sites = {s["id"]: s["organisation"] for s in client.list_sites()}
     remaining = {
         d: client.request("GET", f"/api/v1/budgets/{d}")["epsilon_remaining"]
@@ -65,7 +61,7 @@ def check_study(
     # Membership is the consortium's rule, checked by the server at submission: the site
     # counts the owner's organisation as a member rather than keeping its own list.
     facts = ConsortiumFacts(
-        model_catalogue=model_catalogue_keys(),
+        model_catalogue=catalogue_keys(),
         member_organisations=member_organisations
         | frozenset(sites.values())
         | {study.get("owner_organisation") or ""},

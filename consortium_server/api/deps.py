@@ -17,10 +17,10 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from consortium_server.audit.entries import Actor, Outcome
+from concord_protocol.audit.entries import Actor, Outcome
+from concord_protocol.principals import Principal, Role
 from consortium_server.audit.recorder import AuditRecorder
 from consortium_server.errors import AuthenticationError, ForbiddenError
-from consortium_server.identity.principal import Principal, Role
 from consortium_server.logs import request_id_var
 from consortium_server.settings import ServerSettings
 

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from concord_protocol.errors import ConcordError
 from consortium_server.errors import CATALOGUE, DomainError
 from consortium_server.logs import request_id_var
 
@@ -43,10 +44,17 @@ def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
 
 
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, DomainError)
-    if exc.status >= 500:
+    """A :class:`DomainError`, or an error of the shared protocol code whose code is in the
+    catalogue (a policy that does not load, a key that is not a key); any other coded error
+    is a bug here and answers 500 like the rest."""
+    assert isinstance(exc, ConcordError)
+    if not isinstance(exc, DomainError) and exc.code not in CATALOGUE:
+        return await _unexpected(_, exc)
+    entry = CATALOGUE[exc.code]
+    if entry.status >= 500:
         log.warning("domain error", extra={"code": exc.code, "detail": str(exc)})
-    return error_response(exc.status, exc.code, exc.public_message(), exc.details)
+    message = exc.public_message() if isinstance(exc, DomainError) else exc.message
+    return error_response(entry.status, exc.code, message or entry.title, exc.details)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -67,7 +75,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    if isinstance(exc.__cause__, DomainError):
+    if isinstance(exc.__cause__, ConcordError):
         # FastAPI wraps errors raised while reading the body (e.g. the size limit).
         return await _domain_error(_, exc.__cause__)
     code = {404: "resource.not_found", 413: "request.too_large"}.get(exc.status_code)
@@ -94,7 +102,7 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Map domain errors, validation errors and anything unexpected to JSON responses."""
-    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(ConcordError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(IntegrityError, _database_error)

@@ -1,40 +1,8 @@
-"""Tamper-evident audit log: RFC 9162 Merkle tree, signed tree heads, site witnesses.
+"""The server's tamper-evident audit log: storage, signing, cosignatures, HTTP.
 
-Public names for the rest of the code base; see the modules for details:
-``entries`` (what is logged), ``log`` (append, proofs), ``heads`` (signing),
-``witness`` (site cosigning), ``verify`` / ``export`` (end-to-end checks), ``router``.
+The format and its verification are shared with sites and third parties
+(:mod:`concord_protocol.audit`). Here: ``log`` (append, proofs, stored in the database),
+``signer`` (the tree-head key), ``cosignatures`` (stored site cosignatures, quorum),
+``recorder`` (audit entries for domain events), ``export`` / ``verify`` (the stored log as
+an export, and its live check), ``router``.
 """
-
-from __future__ import annotations
-
-from consortium_server.audit.entries import (
-    Actor,
-    AuditEntry,
-    AuditObject,
-    Outcome,
-    PolicyDecision,
-    PolicyRef,
-)
-from consortium_server.audit.heads import SignedTreeHead, TreeHeadSigner
-from consortium_server.audit.log import AppendedEntry, AuditLog
-from consortium_server.audit.verify import VerificationReport, verify_export, verify_live
-from consortium_server.audit.witness import Cosignature, Witness, WitnessRefusedError
-
-__all__ = [
-    "Actor",
-    "AppendedEntry",
-    "AuditEntry",
-    "AuditLog",
-    "AuditObject",
-    "Cosignature",
-    "Outcome",
-    "PolicyDecision",
-    "PolicyRef",
-    "SignedTreeHead",
-    "TreeHeadSigner",
-    "VerificationReport",
-    "Witness",
-    "WitnessRefusedError",
-    "verify_export",
-    "verify_live",
-]

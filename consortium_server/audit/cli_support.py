@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from consortium_server.audit.export import load_export
-from consortium_server.audit.verify import VerificationReport, verify_export
+from concord_protocol.audit.export import load_export
+from concord_protocol.audit.verify import VerificationReport, verify_export
 from consortium_server.errors import InvalidRequestError
 
 __all__ = ["render_report", "verify_export_file"]

@@ -1,86 +1,19 @@
-"""The audit-log export: everything a verifier needs, in one versioned JSON document.
-
-``format`` is ``concord.audit.export`` and ``version`` is 1. Entries carry their exact
-stored bytes (base64) and stored leaf hash; heads and cosignatures are exported as stored,
-with the server's public key and the sites' registered signing keys. The export copies
-what the database holds without judging it: a damaged log exports as damaged, and
-:func:`consortium_server.audit.verify.verify_export` reports what is wrong.
-
-A verifier should not trust the keys inside an export: pass the server key (and site
-keys) obtained out of band to ``verify_export``.
-"""
+"""Export the stored audit log (the format is :mod:`concord_protocol.audit.export`)."""
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
-from datetime import datetime
-from pathlib import Path
-from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from consortium_server.audit.entries import format_utc
-from consortium_server.audit.heads import SignedTreeHead
+from concord_protocol.audit.cosignatures import Cosignature
+from concord_protocol.audit.export import AuditExport, ExportedEntry, ExportedSite
 from consortium_server.audit.models import AuditCosignature, AuditLeaf, AuditTreeHead
-from consortium_server.audit.witness import Cosignature
-from consortium_server.db.base import utcnow
 from consortium_server.sites.models import Site
 
-__all__ = [
-    "EXPORT_FORMAT",
-    "EXPORT_VERSION",
-    "AuditExport",
-    "ExportedEntry",
-    "ExportedSite",
-    "build_export",
-    "load_export",
-    "write_export",
-]
-
-EXPORT_FORMAT: Final = "concord.audit.export"
-EXPORT_VERSION: Final = 1
-
-
-class ExportedEntry(BaseModel):
-    """One stored leaf: index, exact entry bytes (base64), stored leaf hash (hex)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    index: int
-    entry_b64: str
-    leaf_hash: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]*$")]
-
-
-class ExportedSite(BaseModel):
-    """A site's registered signing key (base64 raw Ed25519), to check cosignatures."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    site_id: str
-    signing_public_key: str
-
-
-class AuditExport(BaseModel):
-    """A complete, self-describing copy of the audit log."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format: Literal["concord.audit.export"] = EXPORT_FORMAT
-    version: Literal[1] = EXPORT_VERSION
-    exported_at: datetime = Field(default_factory=utcnow)
-    server_public_key: str = Field(description="Base64 raw Ed25519 key that signs heads.")
-    witness_quorum: int | None = Field(default=None, ge=1)
-    entries: list[ExportedEntry]
-    heads: list[SignedTreeHead]
-    cosignatures: list[Cosignature]
-    sites: list[ExportedSite] = Field(default_factory=list)
-
-    @field_serializer("exported_at")
-    def _serialise_exported_at(self, value: datetime) -> str:
-        return format_utc(value)
+__all__ = ["build_export"]
 
 
 def build_export(
@@ -108,7 +41,7 @@ def build_export(
         )
     ]
     heads = [
-        SignedTreeHead.from_row(row)
+        row.signed_head()
         for row in session.scalars(
             select(AuditTreeHead)
             .order_by(AuditTreeHead.tree_size, AuditTreeHead.id)
@@ -137,13 +70,3 @@ def build_export(
         cosignatures=cosignatures,
         sites=[ExportedSite(site_id=s, signing_public_key=k) for s, k in sorted(site_keys.items())],
     )
-
-
-def write_export(export: AuditExport, path: Path) -> None:
-    """Write ``export`` as JSON to ``path``."""
-    path.write_text(export.model_dump_json(indent=1), encoding="utf-8")
-
-
-def load_export(path: Path) -> AuditExport:
-    """Read and validate an export file (pydantic ``ValidationError`` if malformed)."""
-    return AuditExport.model_validate_json(path.read_bytes())

@@ -23,9 +23,9 @@ from typing import NamedTuple
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from consortium_server.audit.entries import AuditEntry
-from consortium_server.audit.heads import SignedTreeHead
-from consortium_server.audit.merkle import (
+from concord_protocol.audit.entries import AuditEntry
+from concord_protocol.audit.heads import SignedTreeHead
+from concord_protocol.audit.merkle import (
     consistency_proof,
     inclusion_proof,
     leaf_hash,
@@ -231,7 +231,7 @@ class AuditLog:
             .order_by(AuditTreeHead.tree_size.desc(), AuditTreeHead.id.desc())
             .limit(1)
         ).first()
-        return None if row is None else SignedTreeHead.from_row(row)
+        return None if row is None else row.signed_head()
 
     def head_for_size(self, tree_size: int, *, session: Session) -> SignedTreeHead | None:
         """The most recent signed head of exactly ``tree_size`` leaves, if any."""
@@ -241,4 +241,4 @@ class AuditLog:
             .order_by(AuditTreeHead.id.desc())
             .limit(1)
         ).first()
-        return None if row is None else SignedTreeHead.from_row(row)
+        return None if row is None else row.signed_head()

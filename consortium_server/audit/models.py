@@ -20,6 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from concord_protocol.audit.heads import SignedTreeHead
 from consortium_server.db.base import Base, UTCDateTime, utcnow
 
 __all__ = ["AuditCosignature", "AuditLeaf", "AuditTreeHead"]
@@ -64,6 +65,16 @@ class AuditTreeHead(Base):
     key_id: Mapped[str] = mapped_column(String(64))
     signature: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def signed_head(self) -> SignedTreeHead:
+        """The head stored in this row."""
+        return SignedTreeHead(
+            tree_size=self.tree_size,
+            root_hash=self.root_hash,
+            timestamp=self.timestamp,
+            key_id=self.key_id,
+            signature=self.signature,
+        )
 
 
 class AuditCosignature(Base):

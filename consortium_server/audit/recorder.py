@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from consortium_server.audit.entries import (
+from concord_protocol.audit.entries import (
     Actor,
     AuditEntry,
     AuditObject,
@@ -19,8 +19,8 @@ from consortium_server.audit.entries import (
     PolicyDecision,
     PolicyRef,
 )
+from concord_protocol.principals import Principal
 from consortium_server.audit.log import AppendedEntry, AuditLog
-from consortium_server.identity.principal import Principal
 from consortium_server.studies.lifecycle import SERVER_SUBJECT
 from consortium_server.studies.models import Study, StudyEvent
 

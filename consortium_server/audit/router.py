@@ -35,23 +35,21 @@ from fastapi import APIRouter, Query, Request, status
 from pydantic import Field, field_serializer
 from sqlalchemy.orm import Session
 
+from concord_protocol.audit.cosignatures import Cosignature
+from concord_protocol.audit.export import AuditExport
+from concord_protocol.audit.heads import SignedTreeHead
+from concord_protocol.fields import format_utc
+from concord_protocol.principals import Role
 from consortium_server.api.deps import CurrentPrincipal, SessionDep, require_roles
-from consortium_server.audit.entries import format_utc
-from consortium_server.audit.export import AuditExport, build_export
-from consortium_server.audit.heads import SignedTreeHead, TreeHeadSigner
+from consortium_server.audit.cosignatures import cosignatures_for, is_witnessed, record_cosignature
+from consortium_server.audit.export import build_export
 from consortium_server.audit.log import AuditLog
-from consortium_server.audit.witness import (
-    Cosignature,
-    cosignatures_for,
-    is_witnessed,
-    record_cosignature,
-)
+from consortium_server.audit.signer import TreeHeadSigner
 from consortium_server.errors import (
     ForbiddenError,
     InvalidRequestError,
     NotFoundError,
 )
-from consortium_server.identity.principal import Role
 from consortium_server.schemas import Sha256Hex, StrictModel
 from consortium_server.sites.models import Site, SiteStatus
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
 
@@ -130,8 +131,8 @@ def token(
     ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 3600,
 ) -> None:
     """Mint a development token with the local issuer (identity.mode=local only)."""
+    from concord_protocol.principals import Role
     from consortium_server.identity.factory import build_local_issuer
-    from consortium_server.identity.principal import Role
 
     settings = _server_settings()
     if settings.identity.mode != "local" or settings.environment != "development":
@@ -221,43 +222,22 @@ def site_revoke(
     console.print(f"[yellow]revoked[/] {site['id']}")
 
 
-@app.command()
-def demo(
-    rounds: Annotated[int, typer.Option(help="Federated rounds.", min=1, max=20)] = 3,
-    epsilon: Annotated[float, typer.Option(help="Study epsilon (per site, whole study).")] = 6.0,
-    state_dir: Annotated[
-        Path, typer.Option(help="Where everything is written (wiped at start).")
-    ] = Path(".concord/demo"),
-    keep_running: Annotated[
-        bool, typer.Option(help="Leave the processes up at the end (Ctrl-C to stop).")
-    ] = False,
-    imaging: Annotated[
-        bool, typer.Option(help="The synthetic imaging study (MONAI images, image-cnn).")
-    ] = False,
-) -> None:
-    """Run a whole study across three local hospitals on real processes (embedded defaults).
+#: Entry-point group of commands other packages add to ``consortium`` (``consortium demo``
+#: comes from :mod:`concord_demo`, the one package that plays both roles: the server's CLI
+#: finds it by name, without importing it).
+PLUGIN_GROUP = "concord.consortium_commands"
 
-    Starts the server (SQLite, built-in issuer), a SuperLink (TLS, SuperNode auth), and per
-    hospital a SuperNode and a site agent; then enrolment, the policy dry run, approvals,
-    key exchange, DP + HE rounds, witnessing, the release gate, and the compliance report.
-    """
-    import sys
 
-    from consortium_server.demo.story import DemoOptions, run_demo
+def _add_plugin_commands() -> None:
+    for entry in entry_points(group=PLUGIN_GROUP):
+        try:
+            command = entry.load()
+        except ImportError:  # a plugin whose package is not installed here
+            continue
+        app.command(name=entry.name)(command)
 
-    options = DemoOptions(
-        state_dir=state_dir,
-        rounds=rounds,
-        epsilon=epsilon,
-        keep_running=keep_running,
-        imaging=imaging,
-    )
-    try:
-        result = run_demo(options, console, Path(sys.executable).parent)
-    except Exception as exc:
-        fail(f"the demo stopped: {exc}", hint=f"process logs are under {state_dir}")
-    if not (result.audit_ok and result.released):
-        raise typer.Exit(1)
+
+_add_plugin_commands()
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
 
-from consortium_server.client import ApiError, ConsortiumClient
+from concord_protocol.client import ApiError, ConsortiumClient
 
 __all__ = ["ClientSettings", "api", "console", "fail", "print_json", "read_document"]
 

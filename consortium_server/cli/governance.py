@@ -185,9 +185,9 @@ def audit_verify(
     cosignatures. Reports every problem; exits 1 if there is any."""
     from pydantic import ValidationError
 
+    from concord_protocol.audit.export import AuditExport
+    from concord_protocol.audit.verify import verify_export
     from consortium_server.audit.cli_support import render_report, verify_export_file
-    from consortium_server.audit.export import AuditExport
-    from consortium_server.audit.verify import verify_export
     from consortium_server.errors import DomainError
 
     try:

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
+from concord_protocol.policy.facts import DatasetFacts
 from consortium_server.db.base import Base, JSONType, UTCDateTime, utcnow
 
 __all__ = ["Dataset"]
@@ -39,3 +40,13 @@ class Dataset(Base):
     published_by: Mapped[str] = mapped_column(String(255))
     published_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    def facts(self) -> DatasetFacts:
+        """What the data-use policy sees of this dataset (the same facts a site builds)."""
+        return DatasetFacts(
+            id=self.id,
+            site_id=self.site_id,
+            allowed_purposes=tuple(str(p) for p in self.allowed_purposes),
+            max_epsilon_per_study=float(self.max_epsilon_per_study),
+            requires_encryption=bool(self.requires_encryption),
+        )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
+from concord_protocol.contract import Purpose
+from concord_protocol.principals import Role
 from consortium_server.api.deps import (
     ANY_MEMBER,
     AuditDep,
@@ -13,8 +15,6 @@ from consortium_server.api.deps import (
 )
 from consortium_server.datasets import service
 from consortium_server.datasets.schemas import DatasetPublic, DatasetPublish
-from consortium_server.identity.principal import Role
-from consortium_server.studies.contract import Purpose
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["catalogue"])
 

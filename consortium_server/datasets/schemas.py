@@ -15,8 +15,8 @@ from pydantic import (
     model_validator,
 )
 
+from concord_protocol.contract import Purpose
 from consortium_server.schemas import Slug, StrictModel
-from consortium_server.studies.contract import Purpose
 
 __all__ = ["DatasetPublic", "DatasetPublish", "Modality", "Task"]
 

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from concord_protocol.principals import Principal
 from consortium_server.datasets.models import Dataset
 from consortium_server.datasets.schemas import DatasetPublish
 from consortium_server.errors import ConflictError, NotFoundError
-from consortium_server.identity.principal import Principal
 from consortium_server.sites.service import require_own_active_site
 
 __all__ = ["get_dataset", "get_datasets", "list_datasets", "publish_dataset"]

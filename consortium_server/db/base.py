@@ -12,6 +12,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
+from concord_protocol.fields import utcnow
+
 __all__ = ["Base", "JSONType", "UTCDateTime", "str_enum", "utcnow"]
 
 NAMING_CONVENTION = {
@@ -24,11 +26,6 @@ NAMING_CONVENTION = {
 
 #: JSON on SQLite, JSONB on PostgreSQL.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
-
-
-def utcnow() -> datetime:
-    """Current time, timezone-aware UTC."""
-    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -8,8 +8,6 @@ from consortium_server.datasets import models as datasets_models
 from consortium_server.db.base import Base
 from consortium_server.federation import leases as federation_leases  # noqa: F401
 from consortium_server.federation import models as federation_models  # noqa: F401
-from consortium_server.policy import models as policy_models  # noqa: F401
-from consortium_server.release import models as release_models  # noqa: F401
 from consortium_server.sites import models as sites_models
 from consortium_server.studies import models as studies_models
 

@@ -31,9 +31,9 @@ import numpy as np
 import numpy.typing as npt
 import tenseal as ts
 
-from site_node.crypto.ckks import ContextInfo, context_info, load_context
-from site_node.crypto.errors import CryptoError, WireFormatError
-from site_node.crypto.wire import (
+from concord_protocol.errors import CryptoError, WireFormatError
+from concord_protocol.wire.ckks import ContextInfo, context_info, load_context
+from concord_protocol.wire.format import (
     PLAIN_CHUNK_SIZE,
     EncodedUpdate,
     EncryptedUpdate,

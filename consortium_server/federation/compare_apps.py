@@ -43,6 +43,8 @@ import tomli_w
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from concord_protocol.rounds import RoundRecord
+from concord_protocol.wire.messages import REC_METRICS
 from consortium_server.federation.grids import ForwardingGrid, wire_bytes
 from consortium_server.federation.serverapp import (
     FINAL_MODEL_FILE,
@@ -54,11 +56,9 @@ from consortium_server.federation.serverapp import (
     write_json,
 )
 from consortium_server.federation.strategy import (
-    REC_METRICS,
     BlindAggregationStrategy,
     GlobalModel,
     RoundFailedError,
-    RoundRecord,
     RunPlan,
     StudyOutcome,
     finish_record,
@@ -413,7 +413,7 @@ def run_secaggplus_rounds(
     """
     from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 
-    from site_node.crypto.wire import PlainCodec
+    from site_node.crypto.codecs import PlainCodec
 
     if plan.contract.encryption.enabled:
         raise ValueError("SecAgg+ reveals the sum to the server: the contract asks for encryption")
@@ -612,13 +612,13 @@ def main(grid: Grid, context: Context) -> None:
 def write_compare_app(dest: Path, *, source: Path | None = None) -> Path:
     """Write the comparison bundle's ``pyproject.toml`` into ``dest``; return ``dest``.
 
-    It is Concord's bundle (``source``, default ``site_node/federation/app``) with this
+    It is Concord's bundle (``source``, default ``concord_protocol/app``) with this
     module's ServerApp, the same ClientApp, and one more run-config key, ``aggregation``
     (default ``ckks``). Configuration only, like Concord's: the site's guarded runner
     accepts it if the site allowed its hash (``bundle_hash(dest)``) and it names the
     site's ClientApp.
     """
-    from site_node.federation import APP_DIR
+    from concord_protocol.bundle import APP_DIR
 
     body = tomli.loads(((source or APP_DIR) / "pyproject.toml").read_text())
     body["project"]["name"] = "concord-compare"

@@ -19,7 +19,15 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from consortium_server.audit.entries import Outcome
+from concord_protocol.audit.entries import Outcome
+from concord_protocol.catalogue import parameter_count
+from concord_protocol.contract import StudyContract
+from concord_protocol.errors import CatalogueError
+from concord_protocol.policy.decisions import check_round
+from concord_protocol.policy.engine import Decision
+from concord_protocol.policy.facts import owner_principal
+from concord_protocol.principals import Principal
+from concord_protocol.rounds import RoundRecord
 from consortium_server.audit.log import AuditLog
 from consortium_server.audit.recorder import AuditRecorder
 from consortium_server.budgets import service as budgets
@@ -33,14 +41,9 @@ from consortium_server.errors import (
     PolicyDeniedError,
 )
 from consortium_server.federation.models import StudyKeyRelay
-from consortium_server.federation.strategy import RoundHook, RoundRecord, RunPlan, StudyOutcome
-from consortium_server.identity.principal import Principal
+from consortium_server.federation.strategy import RoundHook, RunPlan, StudyOutcome
 from consortium_server.policy.checks import PolicyContext
-from consortium_server.policy.decisions import check_round
-from consortium_server.policy.engine import Decision
-from consortium_server.policy.facts import owner_principal
 from consortium_server.release.service import store_final_aggregate
-from consortium_server.studies.contract import StudyContract
 from consortium_server.studies.lifecycle import transition
 from consortium_server.studies.models import ApprovalDecision, Study, StudyState
 
@@ -85,7 +88,7 @@ def check_round_policy(
     decision = check_round(
         policy.engine(session),
         contract,
-        datasets,
+        [d.facts() for d in datasets],
         owner_principal(study.owner_subject, study.owner_organisation),
         policy.facts(session),
         study_id=study.id,
@@ -115,10 +118,10 @@ def model_size(contract: StudyContract, feature_summary: dict[str, object]) -> i
     """Number of parameters of the contract's model for a dataset's input.
 
     The input shape comes from the catalogue entry's feature summary (``input_shape``, or
-    ``features`` for tabular data); the class count from ``num_classes`` (default 2).
+    ``features`` for tabular data); the class count from ``num_classes`` (default 2). The
+    count is the catalogue's (:func:`concord_protocol.catalogue.parameter_count`): the
+    server builds no model.
     """
-    from site_node.training import build_model, num_parameters
-
     shape = feature_summary.get("input_shape")
     if not isinstance(shape, list):
         features = feature_summary.get("features")
@@ -129,12 +132,14 @@ def model_size(contract: StudyContract, feature_summary: dict[str, object]) -> i
             )
         shape = [features]
     classes = feature_summary.get("num_classes", 2)
-    model = build_model(
-        contract.model,
-        input_shape=tuple(int(d) for d in shape),
-        num_classes=int(classes) if isinstance(classes, int) else 2,
-    )
-    return int(num_parameters(model))
+    try:
+        return parameter_count(
+            contract.model,
+            input_shape=tuple(int(d) for d in shape),
+            num_classes=int(classes) if isinstance(classes, int) else 2,
+        )
+    except CatalogueError as exc:
+        raise InvalidRequestError("study.invalid", f"The study's model: {exc.message}") from exc
 
 
 def _recorder(session: Session, log: AuditLog, actor: Principal | None) -> AuditRecorder:

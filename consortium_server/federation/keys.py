@@ -21,6 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from concord_protocol.errors import ContextError
+from concord_protocol.principals import Principal
+from concord_protocol.sealed_key import SealedKey, ed25519_public_from_b64
+from concord_protocol.wire.ckks import load_context
 from consortium_server.errors import (
     ConflictError,
     ForbiddenError,
@@ -28,13 +32,9 @@ from consortium_server.errors import (
     NotFoundError,
 )
 from consortium_server.federation.models import SealedStudyKey, StudyKeyRelay
-from consortium_server.identity.principal import Principal
 from consortium_server.schemas import Sha256Hex
 from consortium_server.sites.models import Site, SiteStatus
 from consortium_server.studies.models import ApprovalDecision, Study, StudyApproval, StudyState
-from site_node.crypto.ckks import load_context
-from site_node.crypto.errors import ContextError
-from site_node.crypto.sealing import SealedKey, ed25519_public_from_b64
 
 __all__ = [
     "KEY_RELAY_STATES",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, status
 
+from concord_protocol.principals import Role
 from consortium_server.api.deps import (
     AuditDep,
     CurrentPrincipal,
@@ -26,7 +27,6 @@ from consortium_server.federation.keys import (
     upload_study_keys,
 )
 from consortium_server.federation.runs import RunManager
-from consortium_server.identity.principal import Role
 from consortium_server.studies import service as studies
 from consortium_server.studies.schemas import StudyPublic
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from concord_protocol.processes import FlowerProcessError
+from concord_protocol.rounds import RoundRecord
 from consortium_server.audit.log import AuditLog
 from consortium_server.db.session import session_scope
 from consortium_server.errors import DomainError
@@ -35,7 +37,6 @@ from consortium_server.federation.coordinator import (
     resume_run,
 )
 from consortium_server.federation.processes import (
-    FlowerProcessError,
     SuperLinkHandle,
     run_status,
     start_study_run,
@@ -51,7 +52,7 @@ from consortium_server.federation.serverapp import (
     read_round_records,
     write_json,
 )
-from consortium_server.federation.strategy import RoundHook, RoundRecord, RunPlan, StudyOutcome
+from consortium_server.federation.strategy import RoundHook, RunPlan, StudyOutcome
 from consortium_server.policy.checks import PolicyContext
 from consortium_server.settings import ServerSettings
 from consortium_server.studies.models import Study, StudyState
@@ -350,7 +351,7 @@ def build_run_manager(
     policy: PolicyContext | None = None,
 ) -> RunManager:
     """The run manager for the SuperLink ``link`` (:func:`connect_superlink`)."""
-    from site_node.federation import APP_DIR
+    from concord_protocol.bundle import APP_DIR
 
     app_dir = settings.federation.app_dir or APP_DIR
     runs = settings.runs_dir()

@@ -38,12 +38,12 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from concord_protocol.rounds import RoundRecord
 from consortium_server.federation.strategy import (
     BlindAggregationStrategy,
     GlobalModel,
     RoundFailedError,
     RoundHook,
-    RoundRecord,
     RunPlan,
     StudyOutcome,
     finish_record,

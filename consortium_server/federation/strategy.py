@@ -32,57 +32,46 @@ import base64
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
+from concord_protocol.contract import StudyContract
+from concord_protocol.rounds import RoundRecord
+from concord_protocol.wire.ckks import context_info, load_context
+from concord_protocol.wire.format import PLAIN_CHUNK_SIZE, RoundInfo, expected_chunks
+from concord_protocol.wire.messages import (
+    REC_CONFIG,
+    REC_GLOBAL,
+    REC_METRICS,
+    REC_SITE,
+    REC_UPDATE,
+    arrays_to_blobs,
+    blobs_to_arrays,
+)
 from consortium_server.federation.blind_sum import (
     BlindSumResult,
     NotEnoughSitesError,
     blind_sum,
     plain_sum,
 )
-from consortium_server.studies.contract import StudyContract
-from site_node.crypto.ckks import context_info, load_context
-from site_node.crypto.wire import PLAIN_CHUNK_SIZE, RoundInfo, expected_chunks
 
 __all__ = [
-    "BLOB_STYPE",
     "POLICY_MIN_SITES",
-    "REC_CONFIG",
-    "REC_GLOBAL",
-    "REC_METRICS",
-    "REC_SITE",
-    "REC_UPDATE",
     "BlindAggregationStrategy",
     "GlobalModel",
     "RoundFailedError",
     "RoundHook",
-    "RoundRecord",
     "RunPlan",
     "SiteReply",
     "StudyOutcome",
-    "arrays_to_blobs",
-    "blobs_to_arrays",
 ]
 
 #: The consortium policy's floor: no aggregation of fewer sites, whatever a contract says.
 POLICY_MIN_SITES = 3
-#: ``stype`` of an ``Array`` that carries opaque bytes (a wire-format blob).
-BLOB_STYPE = "concord.blob.v1"
-
-# Record and key names of the message layout (see the module docstring).
-REC_CONFIG, REC_GLOBAL, REC_UPDATE, REC_METRICS, REC_SITE = (
-    "config",
-    "global",
-    "update",
-    "metrics",
-    "site",
-)
-
 # Extra reply reasons on top of blind_sum's (a reply that never reached blind_sum).
 ERROR_REPLY = "error_reply"
 MALFORMED_REPLY = "malformed_reply"
@@ -90,30 +79,6 @@ UNKNOWN_SITE = "unknown_site"
 DUPLICATE_SITE = "duplicate_site"
 BAD_WEIGHT = "bad_weight"
 KEY_MISMATCH = "key_mismatch"
-
-
-def blobs_to_arrays(blobs: Sequence[bytes]) -> ArrayRecord:
-    """Wrap wire-format blobs as a Flower ``ArrayRecord`` (keys ``0000``, ``0001``, ...)."""
-    record = ArrayRecord()
-    for index, blob in enumerate(blobs):
-        record[f"{index:04d}"] = Array(
-            dtype="uint8", shape=(len(blob),), stype=BLOB_STYPE, data=bytes(blob)
-        )
-    return record
-
-
-def arrays_to_blobs(record: ArrayRecord) -> list[bytes]:
-    """Inverse of :func:`blobs_to_arrays`; raises ``ValueError`` on any other layout."""
-    keys = list(record.keys())
-    if keys != [f"{i:04d}" for i in range(len(keys))]:
-        raise ValueError("blob record keys are not 0000..n in order")
-    blobs: list[bytes] = []
-    for key in keys:
-        array = record[key]
-        if array.stype != BLOB_STYPE or array.dtype != "uint8":
-            raise ValueError("blob record holds a non-blob array")
-        blobs.append(bytes(array.data))
-    return blobs
 
 
 @dataclass(frozen=True)
@@ -219,51 +184,6 @@ class SiteReply:
     train_seconds: float
     encrypt_seconds: float
     key_fingerprint: str
-
-
-@dataclass
-class RoundRecord:
-    """What happened in one round, JSON-ready for the audit log (no values, no tensors)."""
-
-    study_id: str
-    contract_hash: str
-    round_number: int
-    status: str = "running"  # "aggregated" | "failed"
-    started_at: str = ""
-    finished_at: str = ""
-    wall_seconds: float = 0.0
-    train_wall_seconds: float = 0.0
-    evaluate_wall_seconds: float = 0.0
-    aggregate_seconds: float = 0.0
-    site_train_seconds: dict[str, float] = field(default_factory=dict)
-    site_encrypt_seconds: dict[str, float] = field(default_factory=dict)
-    nodes_contacted: int = 0
-    participants: list[str] = field(default_factory=list)
-    sample_counts: dict[str, int] = field(default_factory=dict)
-    epsilon: dict[str, float | None] = field(default_factory=dict)
-    site_digests: dict[str, str] = field(default_factory=dict)
-    aggregate_digest: str | None = None
-    total_weight: float = 0.0
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    missing_sites: list[str] = field(default_factory=list)
-    evaluation: dict[str, float] = field(default_factory=dict)
-    failure: str | None = None
-
-    def as_record(self) -> dict[str, Any]:
-        """Plain dict for JSON / the audit log."""
-        return asdict(self)
-
-    @property
-    def orchestration_seconds(self) -> float:
-        """Train-phase wall time not spent training/encrypting at the slowest site."""
-        busiest = max(
-            (
-                self.site_train_seconds.get(s, 0.0) + self.site_encrypt_seconds.get(s, 0.0)
-                for s in self.participants
-            ),
-            default=0.0,
-        )
-        return max(0.0, self.train_wall_seconds - busiest)
 
 
 #: Called once per round with its record (the audit log / ledger hook).

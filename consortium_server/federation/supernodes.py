@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from concord_protocol.processes import FlowerProcessError
 from consortium_server.errors import DomainError
 from consortium_server.federation.processes import (
-    FlowerProcessError,
     SuperLinkHandle,
     register_supernode,
     unregister_supernode,

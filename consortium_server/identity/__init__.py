@@ -13,14 +13,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from concord_protocol.principals import Principal, Role
 from consortium_server.identity.jwks import CachingJwksSource, JwksSource, StaticJwksSource
 from consortium_server.identity.local_issuer import LocalIssuer, jwk_thumbprint
-from consortium_server.identity.principal import Principal, Role
 from consortium_server.identity.verifier import SUPPORTED_ALGORITHMS, TokenVerifier
 
 if TYPE_CHECKING:
     from consortium_server.identity.keycloak import (
-        ClientCredentialsTokenSource,
         keycloak_issuer,
         keycloak_jwks_source,
         realm_issuer_url,
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
 __all__ = [
     "SUPPORTED_ALGORITHMS",
     "CachingJwksSource",
-    "ClientCredentialsTokenSource",
     "JwksSource",
     "LocalIssuer",
     "Principal",
@@ -42,9 +40,7 @@ __all__ = [
     "realm_issuer_url",
 ]
 
-_KEYCLOAK_NAMES = frozenset(
-    {"ClientCredentialsTokenSource", "keycloak_issuer", "keycloak_jwks_source", "realm_issuer_url"}
-)
+_KEYCLOAK_NAMES = frozenset({"keycloak_issuer", "keycloak_jwks_source", "realm_issuer_url"})
 
 
 def __getattr__(name: str) -> Any:

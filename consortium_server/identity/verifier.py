@@ -3,7 +3,7 @@
 :class:`TokenVerifier` checks a JWT access token's signature against the issuer's published
 keys (a :class:`~consortium_server.identity.jwks.JwksSource`), then its claims (``exp``,
 ``nbf``, ``iat``, ``iss``, ``aud``), and turns it into a
-:class:`~consortium_server.identity.principal.Principal`. Failures are domain errors:
+:class:`~concord_protocol.principals.Principal`. Failures are domain errors:
 
 * ``AuthenticationError("auth.expired_token")`` for an expired token;
 * ``AuthenticationError("auth.invalid_token")`` for every other bad token, with a reason a
@@ -21,9 +21,9 @@ from typing import Any
 
 import jwt
 
+from concord_protocol.principals import Principal, Role
 from consortium_server.errors import AuthenticationError
 from consortium_server.identity.jwks import JwksSource
-from consortium_server.identity.principal import Principal, Role
 
 __all__ = ["SUPPORTED_ALGORITHMS", "TokenVerifier"]
 

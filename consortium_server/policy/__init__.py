@@ -1,44 +1,7 @@
-"""Data-use policies as code: Cedar policies validated against the Concord schema.
+"""The consortium's data-use policy on the server: published versions, the gates the
+studies service calls, and the HTTP routes.
 
-``engine`` loads and evaluates a policy set, ``facts`` turns domain objects into Cedar
-entities, ``decisions`` holds the decision points of a study's life (submission, site
-approval, rounds, release), ``service`` publishes and versions the consortium's set.
+The engine, the facts and the decision points are shared with the sites
+(:mod:`concord_protocol.policy`); ``service`` publishes and versions the consortium's set,
+``checks`` builds facts from the database and holds the gates, ``router`` the routes.
 """
-
-from __future__ import annotations
-
-from consortium_server.policy.decisions import (
-    check_read_report,
-    check_release,
-    check_round,
-    check_site_approval,
-    check_submission,
-    combine,
-)
-from consortium_server.policy.engine import (
-    Decision,
-    PolicyEngine,
-    PolicyLoadError,
-    Reason,
-    Request,
-    policy_set_hash,
-)
-from consortium_server.policy.facts import ConsortiumFacts, build_study_facts, owner_principal
-
-__all__ = [
-    "ConsortiumFacts",
-    "Decision",
-    "PolicyEngine",
-    "PolicyLoadError",
-    "Reason",
-    "Request",
-    "build_study_facts",
-    "check_read_report",
-    "check_release",
-    "check_round",
-    "check_site_approval",
-    "check_submission",
-    "combine",
-    "owner_principal",
-    "policy_set_hash",
-]

@@ -7,21 +7,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from concord_protocol.contract import StudyContract
+from concord_protocol.policy.decisions import check_site_approval, check_submission
+from concord_protocol.policy.engine import Decision, PolicyEngine
+from concord_protocol.policy.facts import ConsortiumFacts, owner_principal
+from concord_protocol.principals import Principal
 from consortium_server.budgets import service as budgets
 from consortium_server.datasets.models import Dataset
 from consortium_server.datasets.service import get_datasets
-from consortium_server.identity.principal import Principal
-from consortium_server.policy.decisions import check_site_approval, check_submission
-from consortium_server.policy.engine import Decision, PolicyEngine
-from consortium_server.policy.facts import (
-    ConsortiumFacts,
-    load_site_organisations,
-    owner_principal,
-)
 from consortium_server.policy.service import startup_engine
-from consortium_server.studies.contract import StudyContract
+from consortium_server.sites.models import Site
 from consortium_server.studies.models import Study
 from consortium_server.studies.service import ApprovalGate, GateDecision, SubmissionGate
 
@@ -30,6 +28,7 @@ __all__ = [
     "PolicyContext",
     "approval_gate",
     "dry_run",
+    "load_site_organisations",
     "model_catalogue_keys",
     "submission_gate",
     "to_gate_decision",
@@ -39,9 +38,15 @@ __all__ = [
 @lru_cache(maxsize=1)
 def model_catalogue_keys() -> frozenset[tuple[str, str]]:
     """(name, version) of every model the site-side catalogue can build."""
-    from site_node.training.catalogue import list_models  # imports torch: once, lazily
+    from concord_protocol.catalogue import list_models
 
     return frozenset((entry.name, entry.version) for entry in list_models())
+
+
+def load_site_organisations(session: Session) -> dict[str, str]:
+    """Site id -> organisation for every enrolled site (for :class:`ConsortiumFacts`)."""
+    rows = session.execute(select(Site.id, Site.organisation)).all()
+    return {site_id: organisation for site_id, organisation in rows}
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ def _submission(
     return check_submission(
         context.engine(session),
         contract,
-        datasets,
+        [d.facts() for d in datasets],
         principal,
         context.facts(session),
         remaining_epsilon=budgets.remaining_epsilon(session, contract.datasets),
@@ -122,7 +127,7 @@ def approval_gate(session: Session, context: PolicyContext) -> ApprovalGate:
             context.engine(session),
             None,
             contract,
-            datasets,
+            [d.facts() for d in datasets],
             owner_principal(study.owner_subject, study.owner_organisation),
             context.facts(session),
             site_id=site_id,

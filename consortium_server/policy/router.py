@@ -9,6 +9,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request, status
 from pydantic import BaseModel, Field, StringConstraints
 
+from concord_protocol.contract import StudyContract
+from concord_protocol.principals import Role
 from consortium_server.api.deps import (
     ANY_MEMBER,
     AuditDep,
@@ -17,12 +19,10 @@ from consortium_server.api.deps import (
     require_roles,
 )
 from consortium_server.errors import NotFoundError
-from consortium_server.identity.principal import Role
 from consortium_server.policy import service
 from consortium_server.policy.checks import PolicyContext, dry_run
 from consortium_server.policy.models import PolicyVersion
 from consortium_server.schemas import StrictModel
-from consortium_server.studies.contract import StudyContract
 
 router = APIRouter(prefix="/api/v1/policy", tags=["policy"])
 ADMIN = require_roles(Role.CONSORTIUM_ADMIN)

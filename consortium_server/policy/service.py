@@ -2,7 +2,7 @@
 
 A policy change is an operator action through the API or CLI. :func:`publish_policy_set`
 validates the new set against the schema first (an invalid set raises
-:class:`~consortium_server.policy.engine.PolicyLoadError` and nothing is stored), then
+:class:`~concord_protocol.policy.engine.PolicyLoadError` and nothing is stored), then
 stores it as the next version and makes it active. It returns a :class:`PolicyChange`
 saying what changed, for the caller to write to the audit log.
 
@@ -24,9 +24,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from concord_protocol.policy.engine import SCHEMA_FILENAME, PolicyEngine
 from consortium_server.db.base import utcnow
 from consortium_server.errors import DomainError, NotFoundError
-from consortium_server.policy.engine import SCHEMA_FILENAME, PolicyEngine
 from consortium_server.policy.models import PolicyVersion
 
 __all__ = [

@@ -17,15 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from consortium_server.audit.entries import format_utc
-from consortium_server.audit.heads import SignedTreeHead
+from concord_protocol.audit.heads import SignedTreeHead
+from concord_protocol.contract import StudyContract
+from concord_protocol.fields import format_utc
+from concord_protocol.principals import Principal
+from concord_protocol.release import MODEL_ENCODING
 from consortium_server.audit.models import AuditLeaf
 from consortium_server.budgets import service as budgets
 from consortium_server.datasets.service import get_datasets
-from consortium_server.identity.principal import Principal
-from consortium_server.release import MODEL_ENCODING
 from consortium_server.release.models import FinalAggregate, ReleasedModel, ReleaseSignoff
-from consortium_server.studies.contract import StudyContract
 from consortium_server.studies.models import Study
 
 __all__ = [

@@ -31,6 +31,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import Field, ValidationError, field_serializer
 from sqlalchemy.orm import Session
 
+from concord_protocol.audit.entries import Outcome
+from concord_protocol.audit.heads import SignedTreeHead
+from concord_protocol.fields import format_utc
+from concord_protocol.principals import Principal, Role
 from consortium_server.api.deps import (
     ANY_MEMBER,
     AuditDep,
@@ -39,13 +43,11 @@ from consortium_server.api.deps import (
     require_roles,
 )
 from consortium_server.api.errors import error_response
-from consortium_server.audit.entries import Outcome, format_utc
-from consortium_server.audit.heads import SignedTreeHead, TreeHeadSigner
+from consortium_server.audit.cosignatures import is_witnessed
 from consortium_server.audit.log import AuditLog
-from consortium_server.audit.witness import is_witnessed
+from consortium_server.audit.signer import TreeHeadSigner
 from consortium_server.db.base import utcnow
 from consortium_server.errors import CATALOGUE, ForbiddenError, InvalidRequestError, NotFoundError
-from consortium_server.identity.principal import Principal, Role
 from consortium_server.policy.checks import PolicyContext
 from consortium_server.release import service
 from consortium_server.release.card import ModelCard, audit_head, build_card, render_markdown

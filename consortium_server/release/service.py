@@ -31,7 +31,15 @@ from cryptography.exceptions import InvalidSignature
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from consortium_server.audit.heads import decode_public_key
+from concord_protocol.audit.heads import decode_public_key
+from concord_protocol.contract import StudyContract
+from concord_protocol.errors import WireFormatError
+from concord_protocol.policy.decisions import check_release
+from concord_protocol.policy.engine import Decision
+from concord_protocol.policy.facts import owner_principal
+from concord_protocol.principals import Principal
+from concord_protocol.release import model_sha256, signoff_message
+from concord_protocol.wire.format import EncodedUpdate
 from consortium_server.datasets.service import get_datasets
 from consortium_server.db.base import utcnow
 from consortium_server.errors import (
@@ -43,12 +51,7 @@ from consortium_server.errors import (
     NotFoundError,
 )
 from consortium_server.federation.strategy import GlobalModel
-from consortium_server.identity.principal import Principal
 from consortium_server.policy.checks import PolicyContext
-from consortium_server.policy.decisions import check_release
-from consortium_server.policy.engine import Decision
-from consortium_server.policy.facts import owner_principal
-from consortium_server.release import model_sha256, signoff_message
 from consortium_server.release.card import ModelCard
 from consortium_server.release.models import (
     FinalAggregate,
@@ -59,11 +62,8 @@ from consortium_server.release.models import (
 )
 from consortium_server.sites.models import Site
 from consortium_server.sites.service import require_own_active_site, site_of_principal
-from consortium_server.studies.contract import StudyContract
 from consortium_server.studies.lifecycle import transition
 from consortium_server.studies.models import Study, StudyEvent, StudyState
-from site_node.crypto.errors import WireFormatError
-from site_node.crypto.wire import EncodedUpdate
 
 __all__ = [
     "ReleaseCheck",
@@ -393,7 +393,7 @@ def _policy_decision(
     return check_release(
         context.engine(session),
         contract,
-        datasets,
+        [d.facts() for d in datasets],
         owner_principal(study.owner_subject, study.owner_organisation),
         requester,
         context.facts(session),

@@ -36,11 +36,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
+from concord_protocol.principals import Role
 from consortium_server.api.deps import AuditDep, CurrentPrincipal, SessionDep, require_roles
-from consortium_server.audit.heads import TreeHeadSigner
 from consortium_server.audit.log import AuditLog
+from consortium_server.audit.signer import TreeHeadSigner
 from consortium_server.errors import InvalidRequestError
-from consortium_server.identity.principal import Role
 from consortium_server.reports.render import (
     CsvSection,
     render_csv,

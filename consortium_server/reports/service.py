@@ -70,21 +70,18 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from consortium_server.audit.entries import AuditEntry
-from consortium_server.audit.heads import (
-    SignedTreeHead,
-    TreeHeadSigner,
-    decode_public_key,
-    verify_tree_head,
-)
+from concord_protocol.audit.cosignatures import verify_cosignature
+from concord_protocol.audit.entries import AuditEntry
+from concord_protocol.audit.heads import SignedTreeHead, decode_public_key, verify_tree_head
+from concord_protocol.audit.merkle import leaf_hash
+from concord_protocol.errors import AuditVerificationError
+from consortium_server.audit.cosignatures import cosignatures_for, is_witnessed
 from consortium_server.audit.log import AuditLog
-from consortium_server.audit.merkle import leaf_hash
 from consortium_server.audit.models import AuditCosignature, AuditLeaf
-from consortium_server.audit.witness import cosignatures_for, is_witnessed, verify_cosignature
+from consortium_server.audit.signer import TreeHeadSigner
 from consortium_server.budgets import service as budgets
 from consortium_server.datasets.models import Dataset
 from consortium_server.db.base import utcnow
-from consortium_server.errors import DomainError
 from consortium_server.sites.models import Site
 from consortium_server.studies.models import Study
 
@@ -939,7 +936,7 @@ def head_info(
     try:
         verify_tree_head(head, signer.public_key)
         signature_valid = True
-    except DomainError:
+    except AuditVerificationError:
         signature_valid = False
     site_keys: Mapping[str, str] = {
         site.id: site.signing_public_key for site in session.scalars(select(Site))
@@ -948,11 +945,10 @@ def head_info(
     for cosignature in cosignatures_for(head, session=session):
         key = site_keys.get(cosignature.site_id)
         try:
-            if key is None:
-                raise DomainError("audit.key_invalid", "unknown site")
-            verify_cosignature(cosignature, decode_public_key(key))
-            valid = True
-        except DomainError:
+            valid = key is not None
+            if key is not None:
+                verify_cosignature(cosignature, decode_public_key(key))
+        except AuditVerificationError:
             valid = False
         cosigners.append(
             Cosigner(site_id=cosignature.site_id, timestamp=cosignature.timestamp, valid=valid)

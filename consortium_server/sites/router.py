@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, status
 
+from concord_protocol.principals import Role
 from consortium_server.api.deps import (
     ANY_MEMBER,
     AuditDep,
@@ -12,7 +13,6 @@ from consortium_server.api.deps import (
     require_roles,
 )
 from consortium_server.federation.supernodes import SuperLinkRefusedError, SuperNodeRegistry
-from consortium_server.identity.principal import Role
 from consortium_server.sites import service
 from consortium_server.sites.schemas import SiteEnrol, SitePublic, SiteRevoke
 

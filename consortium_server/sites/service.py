@@ -5,9 +5,9 @@ from __future__ import annotations
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from concord_protocol.principals import Principal
 from consortium_server.db.base import utcnow
 from consortium_server.errors import ConflictError, ForbiddenError, NotFoundError
-from consortium_server.identity.principal import Principal
 from consortium_server.sites.models import Site, SiteStatus
 from consortium_server.sites.schemas import SiteEnrol
 

@@ -11,9 +11,9 @@
 
 from __future__ import annotations
 
+from concord_protocol.principals import Principal
 from consortium_server.db.base import utcnow
 from consortium_server.errors import ConflictError
-from consortium_server.identity.principal import Principal
 from consortium_server.studies.models import Study, StudyEvent, StudyState
 
 __all__ = ["SERVER_SUBJECT", "TERMINAL_STATES", "TRANSITIONS", "transition"]

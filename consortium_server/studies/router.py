@@ -10,6 +10,9 @@ from datetime import timedelta
 
 from fastapi import APIRouter, Request, status
 
+from concord_protocol.audit.entries import Outcome
+from concord_protocol.contract import StudyContract
+from concord_protocol.principals import Role
 from consortium_server.api.deps import (
     ANY_MEMBER,
     AuditDep,
@@ -18,11 +21,8 @@ from consortium_server.api.deps import (
     SettingsDep,
     require_roles,
 )
-from consortium_server.audit.entries import Outcome
-from consortium_server.identity.principal import Role
 from consortium_server.policy.checks import PolicyContext, approval_gate, submission_gate
 from consortium_server.studies import service
-from consortium_server.studies.contract import StudyContract
 from consortium_server.studies.models import Study, StudyState
 from consortium_server.studies.schemas import (
     ApprovalCreate,

@@ -12,6 +12,8 @@ from datetime import timedelta
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from concord_protocol.contract import StudyContract
+from concord_protocol.principals import Principal, Role
 from consortium_server.budgets import service as budgets
 from consortium_server.budgets.service import BudgetExceededError
 from consortium_server.datasets.models import Dataset
@@ -24,10 +26,8 @@ from consortium_server.errors import (
     NotFoundError,
     PolicyDeniedError,
 )
-from consortium_server.identity.principal import Principal, Role
 from consortium_server.sites.models import Site, SiteStatus
 from consortium_server.sites.service import require_own_active_site, site_of_principal
-from consortium_server.studies.contract import StudyContract
 from consortium_server.studies.lifecycle import transition
 from consortium_server.studies.models import (
     ApprovalDecision,

@@ -21,6 +21,7 @@ RUN pip install torch==2.13.0 ${TORCH_PIP_ARGS}
 COPY pyproject.toml README.md /src/
 RUN python -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" >/tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
+COPY concord_protocol /src/concord_protocol
 COPY consortium_server /src/consortium_server
 COPY site_node /src/site_node
 RUN pip install /src

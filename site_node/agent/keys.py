@@ -44,18 +44,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from consortium_server.client import ApiError, ConsortiumClient
+from concord_protocol.client import ApiError, ConsortiumClient
+from concord_protocol.sealed_key import SealedKey, ed25519_public_from_b64, x25519_public_from_b64
 from site_node.agent.sync import ActiveStudy, AgentError, is_transient
 from site_node.crypto.ckks import generate_study_context, public_context
 from site_node.crypto.errors import CryptoError
 from site_node.crypto.sealing import (
-    SealedKey,
     SiteKeyPair,
-    ed25519_public_from_b64,
     open_study_key,
     seal_study_key,
     study_key_fingerprint,
-    x25519_public_from_b64,
 )
 from site_node.federation.approvals import ApprovalError, ApprovalStore
 

@@ -42,8 +42,8 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from consortium_server.client import ApiError, ConsortiumClient, TokenProvider
-from consortium_server.logs import JsonFormatter
+from concord_protocol.client import ApiError, ConsortiumClient, TokenProvider
+from concord_protocol.logs import JsonFormatter
 from site_node.agent.keys import KeyResult, exchange_keys
 from site_node.agent.release import ReleaseResult, sign_off_completed
 from site_node.agent.sync import AgentError, SyncResult, is_transient, sync_approvals
@@ -332,7 +332,7 @@ def token_provider(
     are all set; otherwise the static development token ``CONCORD_SITE_TOKEN``.
     """
     if settings.token_url and settings.client_id and settings.client_secret is not None:
-        from consortium_server.identity.keycloak import ClientCredentialsTokenSource
+        from concord_protocol.tokens import ClientCredentialsTokenSource
 
         source = ClientCredentialsTokenSource(
             settings.token_url,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from consortium_server.client import ConsortiumClient
+from concord_protocol.client import ConsortiumClient
 from site_node.crypto.sealing import SiteKeyPair
 from site_node.federation.approvals import ApprovalStore
 from site_node.release import sign_off

@@ -29,9 +29,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from consortium_server.client import ApiError, ConsortiumClient
-from consortium_server.errors import ServiceUnavailableError
-from consortium_server.studies.contract import StudyContract
+from concord_protocol.client import ApiError, ConsortiumClient
+from concord_protocol.contract import StudyContract
+from concord_protocol.errors import IdentityProviderError
 from site_node.errors import SiteError
 from site_node.federation.approvals import ApprovalError, ApprovalStore
 
@@ -68,8 +68,8 @@ TRANSIENT_STATUSES = frozenset({0, 401, 408, 425, 429, 500, 502, 503, 504})
 def is_transient(exc: BaseException) -> bool:
     """True for errors another try may not hit: network, overload, an expired token, or
     the identity provider being unreachable while fetching a token."""
-    if isinstance(exc, ServiceUnavailableError):
-        return True
+    if isinstance(exc, IdentityProviderError):
+        return exc.code == "auth.issuer_unavailable"
     return isinstance(exc, ApiError) and exc.status in TRANSIENT_STATUSES
 
 

@@ -34,9 +34,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from consortium_server.audit.heads import SignedTreeHead, decode_public_key
-from consortium_server.audit.witness import Witness
-from consortium_server.client import ConsortiumClient
+from concord_protocol.audit.heads import SignedTreeHead, decode_public_key
+from concord_protocol.client import ConsortiumClient
+from site_node.agent.cosigner import Witness
 from site_node.agent.sync import AgentError
 
 __all__ = ["PINNED_KEY_FILE", "STATE_FILE", "WitnessResult", "cosign_latest", "verify_latest"]

@@ -7,48 +7,40 @@
 * :mod:`site_node.crypto.errors`: :class:`CryptoError` and its subclasses, with stable codes.
 """
 
-from site_node.crypto.ckks import (
-    SECURITY_BOUND_BITS,
-    CkksParams,
-    ContextInfo,
-    context_info,
-    generate_study_context,
-    load_context,
-    public_context,
+from concord_protocol.errors import ContextError, WireFormatError
+from concord_protocol.sealed_key import SealedKey, ed25519_public_from_b64, x25519_public_from_b64
+from concord_protocol.wire.ckks import SECURITY_BOUND_BITS, ContextInfo, context_info, load_context
+from concord_protocol.wire.format import (
+    WIRE_FORMAT_VERSION,
+    EncodedUpdate,
+    EncryptedUpdate,
+    PlainUpdate,
+    RoundInfo,
+    UpdateHeader,
+    expected_chunks,
+)
+from site_node.crypto.ckks import CkksParams, generate_study_context, public_context
+from site_node.crypto.codecs import (
+    DEFAULT_MAX_SITES,
+    CkksCodec,
+    PlainCodec,
+    UpdateCodec,
+    decrypt_aggregate,
+    encode_update,
 )
 from site_node.crypto.errors import (
-    ContextError,
     CryptoError,
     KeyFileError,
     NonFiniteUpdateError,
     SealedKeyError,
     UpdateRangeError,
     UpdateShapeError,
-    WireFormatError,
 )
 from site_node.crypto.sealing import (
-    SealedKey,
     SiteKeyPair,
-    ed25519_public_from_b64,
     open_study_key,
     seal_study_key,
     study_key_fingerprint,
-    x25519_public_from_b64,
-)
-from site_node.crypto.wire import (
-    DEFAULT_MAX_SITES,
-    WIRE_FORMAT_VERSION,
-    CkksCodec,
-    EncodedUpdate,
-    EncryptedUpdate,
-    PlainCodec,
-    PlainUpdate,
-    RoundInfo,
-    UpdateCodec,
-    UpdateHeader,
-    decrypt_aggregate,
-    encode_update,
-    expected_chunks,
 )
 
 __all__ = [

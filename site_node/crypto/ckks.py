@@ -1,4 +1,6 @@
-"""CKKS parameters and study contexts (TenSEAL).
+"""CKKS parameters and study contexts (TenSEAL), made at a site.
+
+Reading a context (what the server does too) is :mod:`concord_protocol.wire.ckks`.
 
 One CKKS secret context is generated per study by one approved site and shared with the
 other approved sites (sealed, see :mod:`site_node.crypto.sealing`). The consortium server
@@ -27,31 +29,20 @@ Default parameters (measured with TenSEAL 0.3.18, numbers in ``docs/crypto.md``)
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Literal
 
 import tenseal as ts
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from site_node.crypto.errors import ContextError
+from concord_protocol.errors import ContextError
+from concord_protocol.wire.ckks import (
+    HEADROOM_MARGIN_BITS,
+    SECURITY_BOUND_BITS,
+    load_context,
+    max_abs_sum,
+)
 
-__all__ = [
-    "SECURITY_BOUND_BITS",
-    "CkksParams",
-    "ContextInfo",
-    "context_info",
-    "generate_study_context",
-    "load_context",
-    "public_context",
-]
-
-#: Largest total coefficient-modulus size (bits) per ring degree for 128-bit security
-#: (HomomorphicEncryption.org standard, as enforced by SEAL).
-SECURITY_BOUND_BITS: dict[int, int] = {4096: 109, 8192: 218, 16384: 438}
-
-#: Bits of safety kept between the guarded magnitude and the modulus (factor 2).
-_HEADROOM_MARGIN_BITS = 1
+__all__ = ["CkksParams", "generate_study_context", "public_context"]
 
 
 class CkksParams(BaseModel):
@@ -82,7 +73,7 @@ class CkksParams(BaseModel):
                 f"coefficient modulus of {sum(bits)} bits exceeds the 128-bit-security bound "
                 f"of {bound} bits for N={self.poly_modulus_degree}"
             )
-        if self.data_modulus_bits - 1 - _HEADROOM_MARGIN_BITS <= self.global_scale_bits:
+        if self.data_modulus_bits - 1 - HEADROOM_MARGIN_BITS <= self.global_scale_bits:
             raise ValueError("global_scale_bits leaves no headroom below the data modulus")
         return self
 
@@ -99,46 +90,7 @@ class CkksParams(BaseModel):
     @property
     def max_abs_sum(self) -> float:
         """Largest magnitude the decrypted *sum* of weighted updates may reach safely."""
-        return _max_abs_sum(self.data_modulus_bits, self.global_scale_bits)
-
-
-def _max_abs_sum(data_modulus_bits: int, scale_bits: float) -> float:
-    # Worst case a plaintext coefficient equals max|value| * scale; it must stay below q/2.
-    return float(2.0 ** (data_modulus_bits - 1 - _HEADROOM_MARGIN_BITS - scale_bits))
-
-
-@dataclass(frozen=True)
-class ContextInfo:
-    """What a loaded context says about the ciphertexts it accepts."""
-
-    poly_modulus_degree: int
-    data_modulus_bits: int
-    global_scale: float
-    first_parms_id: tuple[int, ...]
-    is_private: bool
-
-    @property
-    def slot_count(self) -> int:
-        """Values per ciphertext."""
-        return self.poly_modulus_degree // 2
-
-    @property
-    def max_abs_sum(self) -> float:
-        """Largest magnitude the decrypted sum of weighted updates may reach safely."""
-        return _max_abs_sum(self.data_modulus_bits, math.log2(self.global_scale))
-
-
-def context_info(ctx: ts.Context) -> ContextInfo:
-    """Parameters of a loaded context (ring degree, data modulus, scale, parms id)."""
-    seal = ctx.seal_context().data
-    first = seal.first_context_data()
-    return ContextInfo(
-        poly_modulus_degree=int(first.parms().poly_modulus_degree()),
-        data_modulus_bits=int(first.total_coeff_modulus_bit_count()),
-        global_scale=float(ctx.global_scale),
-        first_parms_id=tuple(int(x) for x in seal.first_parms_id()),
-        is_private=bool(ctx.is_private()),
-    )
+        return max_abs_sum(self.data_modulus_bits, self.global_scale_bits)
 
 
 def generate_study_context(params: CkksParams | None = None) -> bytes:
@@ -169,42 +121,6 @@ def generate_study_context(params: CkksParams | None = None) -> bytes:
             save_relin_keys=False,
         )
     )
-
-
-def load_context(data: bytes, *, require_secret: bool) -> ts.Context:
-    """Load a serialised CKKS context.
-
-    ``require_secret=True`` (a site): the context must hold the secret key.
-    ``require_secret=False`` (the server): the context must *not* hold it; a server handed
-    a secret context refuses it rather than silently being able to decrypt.
-    Raises :class:`ContextError` with codes ``crypto.context_invalid``,
-    ``crypto.context_not_private`` or ``crypto.context_has_secret``.
-    """
-    if not isinstance(data, bytes | bytearray) or not data:
-        raise ContextError("the CKKS context is empty or not bytes", code="crypto.context_invalid")
-    try:
-        ctx = ts.context_from(bytes(data))
-        scheme = ctx.seal_context().data.first_context_data().parms().scheme()
-    except (ValueError, RuntimeError, TypeError, IndexError) as exc:
-        raise ContextError(
-            f"the CKKS context cannot be parsed ({type(exc).__name__})",
-            code="crypto.context_invalid",
-        ) from None
-    if getattr(scheme, "name", None) != "CKKS":
-        raise ContextError("the context is not a CKKS context", code="crypto.context_invalid")
-    if require_secret and not ctx.is_private():
-        raise ContextError(
-            "the context holds no secret key: a site needs the study's secret context "
-            "(open the sealed study key first)",
-            code="crypto.context_not_private",
-        )
-    if not require_secret and ctx.is_private():
-        raise ContextError(
-            "the context holds the secret key: the server must only be given the public "
-            "context (site_node.crypto.public_context)",
-            code="crypto.context_has_secret",
-        )
-    return ctx
 
 
 def public_context(secret_context: bytes) -> bytes:

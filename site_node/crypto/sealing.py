@@ -1,4 +1,5 @@
-"""Sealed exchange of a study's CKKS secret context between approved sites.
+"""Sealed exchange of a study's CKKS secret context between approved sites (its format:
+:mod:`concord_protocol.sealed_key`).
 
 One approved site generates the study context and seals it to every other approved site;
 the consortium server relays the sealed bytes and can neither open nor forge them.
@@ -28,14 +29,12 @@ mode 0600.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
-import json
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -46,89 +45,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator
 
+from concord_protocol.errors import ContextError
+from concord_protocol.sealed_key import (
+    SealedKey,
+)
 from site_node.crypto.ckks import public_context
-from site_node.crypto.errors import ContextError, KeyFileError, SealedKeyError
+from site_node.crypto.errors import KeyFileError, SealedKeyError
 
-__all__ = [
-    "SEALED_KEY_VERSION",
-    "SealedKey",
-    "SiteKeyPair",
-    "b64decode_key",
-    "ed25519_public_from_b64",
-    "open_study_key",
-    "seal_study_key",
-    "study_key_fingerprint",
-    "x25519_public_from_b64",
-]
+__all__ = ["SiteKeyPair", "open_study_key", "seal_study_key", "study_key_fingerprint"]
 
-SEALED_KEY_VERSION: Literal[1] = 1
 _HKDF_LABEL = b"concord/sealed-study-key/v1/hkdf"
-_SIGNATURE_LABEL = b"concord/sealed-study-key/v1/signature\x00"
 _FINGERPRINT_LABEL = b"concord/study-key-fingerprint/v1\x00"
 SIGNING_KEY_FILE = "signing_key.pem"
 EXCHANGE_KEY_FILE = "exchange_key.pem"
-
-
-def _b64_to_bytes(value: Any) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if not isinstance(value, str):
-        raise ValueError("expected a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not valid base64") from None
-
-
-B64Bytes = Annotated[
-    bytes,
-    PlainValidator(_b64_to_bytes),
-    PlainSerializer(lambda b: base64.b64encode(b).decode("ascii"), return_type=str),
-]
-
-
-class SealedKey(BaseModel):
-    """A study's secret context sealed from one site to another (JSON with base64 fields)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    version: Literal[1] = SEALED_KEY_VERSION
-    sender_id: str = Field(min_length=1, max_length=128)
-    recipient_id: str = Field(min_length=1, max_length=128)
-    study_id: str = Field(min_length=1, max_length=128)
-    contract_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
-    public_context_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    key_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
-    ephemeral_public: B64Bytes
-    nonce: B64Bytes
-    ciphertext: B64Bytes
-    signature: B64Bytes
-
-    def associated_data(self) -> bytes:
-        """Bytes the AEAD binds: addressing, study, contract and public-context hash."""
-        return _canonical(
-            {
-                "version": self.version,
-                "study_id": self.study_id,
-                "contract_hash": self.contract_hash,
-                "sender_id": self.sender_id,
-                "recipient_id": self.recipient_id,
-                "public_context_sha256": self.public_context_sha256,
-                "key_fingerprint": self.key_fingerprint,
-                "ephemeral_public": _b64(self.ephemeral_public),
-            }
-        )
-
-    def signed_bytes(self) -> bytes:
-        """Bytes the sender's Ed25519 signature covers: every field but the signature."""
-        body = self.model_dump(mode="json", exclude={"signature"})
-        return _SIGNATURE_LABEL + _canonical(body)
-
-
-def _canonical(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def _b64(data: bytes) -> str:
@@ -143,27 +73,6 @@ def study_key_fingerprint(secret_context: bytes) -> str:
     they all received the same secret context.
     """
     return hashlib.sha256(_FINGERPRINT_LABEL + bytes(secret_context)).hexdigest()
-
-
-def b64decode_key(value: str, *, what: str = "public key") -> bytes:
-    """Decode a base64 raw 32-byte key; raises ``ValueError`` with a clear message."""
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"{what} is not valid base64") from None
-    if len(raw) != 32:
-        raise ValueError(f"{what} must be 32 raw bytes, got {len(raw)}")
-    return raw
-
-
-def ed25519_public_from_b64(value: str) -> Ed25519PublicKey:
-    """An Ed25519 public key from the API form (base64 of 32 raw bytes)."""
-    return Ed25519PublicKey.from_public_bytes(b64decode_key(value, what="Ed25519 public key"))
-
-
-def x25519_public_from_b64(value: str) -> X25519PublicKey:
-    """An X25519 public key from the API form (base64 of 32 raw bytes)."""
-    return X25519PublicKey.from_public_bytes(b64decode_key(value, what="X25519 public key"))
 
 
 def _raw_public(key: Ed25519PublicKey | X25519PublicKey) -> bytes:

@@ -25,9 +25,10 @@ import torch
 from monai.data import NibabelReader, PydicomReader
 from monai.transforms import LoadImage, Resize, ScaleIntensity
 
+from concord_protocol.errors import IncompatibleInputError
 from site_node.data._labels import plain_tensor, read_labels_file
 from site_node.data.dataset import LocalDataset, Split, encode_labels, split_indices
-from site_node.errors import DatasetError, IncompatibleInputError
+from site_node.errors import DatasetError
 
 __all__ = ["VolumeMode", "load_volumes"]
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from consortium_server.studies.contract import StudyContract
+from concord_protocol.contract import StudyContract
+from concord_protocol.wire.format import sha256_hex
 from site_node.crypto.sealing import study_key_fingerprint
-from site_node.crypto.wire import sha256_hex
 
 __all__ = ["ApprovalError", "ApprovalStore", "ApprovedStudy", "StudyKey"]
 

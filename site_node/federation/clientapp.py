@@ -37,7 +37,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from consortium_server.federation.strategy import (
+from concord_protocol.contract import StudyContract
+from concord_protocol.wire.format import EncodedUpdate, RoundInfo
+from concord_protocol.wire.messages import (
     REC_CONFIG,
     REC_GLOBAL,
     REC_METRICS,
@@ -46,15 +48,7 @@ from consortium_server.federation.strategy import (
     arrays_to_blobs,
     blobs_to_arrays,
 )
-from consortium_server.studies.contract import StudyContract
-from site_node.crypto.wire import (
-    DEFAULT_MAX_SITES,
-    CkksCodec,
-    EncodedUpdate,
-    PlainCodec,
-    RoundInfo,
-    UpdateCodec,
-)
+from site_node.crypto.codecs import DEFAULT_MAX_SITES, CkksCodec, PlainCodec, UpdateCodec
 from site_node.data.dataset import LocalDataset, Split
 from site_node.data.registry import DatasetConfig, load_dataset
 from site_node.federation.approvals import ApprovalStore

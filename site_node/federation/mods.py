@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from consortium_server.studies.contract import StudyContract
+from concord_protocol.contract import StudyContract
 from site_node.federation.approvals import ApprovalStore
 
 __all__ = ["GUARD_ERROR_CODE", "ContractGuardMod", "GuardRefusalError", "check_contract"]

@@ -10,7 +10,7 @@ the Flower platform (``valid_license``), which a self-hosted SuperLink does not 
 So the site puts its own ``flwr-clientapp`` first on the SuperNode's ``PATH``
 (:func:`write_runner_shim`). It runs Flower's ``run_clientapp`` with two changes
 (:func:`guarded_clientapp_main`): the FAB is *checked, never installed* (its SHA-256 must be
-the hash of the site's own bundle, ``site_node/federation/app``, or one the site allowed in
+the hash of the site's own bundle, ``concord_protocol/app``, or one the site allowed in
 its :class:`~site_node.federation.approvals.ApprovalStore`; and it may hold nothing but
 ``pyproject.toml``), and the ClientApp is always :data:`site_node.federation.clientapp.app`
 from the installed package. A refused bundle gets an error reply (and runs no code).
@@ -44,7 +44,8 @@ from typing import Any, NoReturn
 
 import tomli
 
-from consortium_server.federation.processes import (
+from concord_protocol.bundle import CLIENTAPP_REF, bundle_hash
+from concord_protocol.processes import (
     FlowerProcessError,
     ManagedProcess,
     flower_env,
@@ -52,18 +53,15 @@ from consortium_server.federation.processes import (
     spawn,
     wait_for_port,
 )
-from site_node.federation import APP_DIR
 from site_node.federation.approvals import ApprovalStore
 from site_node.federation.warm import runner_socket_path
 
 log = logging.getLogger("concord.site.federation")
 
 __all__ = [
-    "CLIENTAPP_REF",
     "BundleRefusedError",
     "SuperNodeProcess",
     "SuperNodeSpec",
-    "bundle_hash",
     "check_bundle",
     "exec_supernode",
     "guarded_clientapp_main",
@@ -72,19 +70,11 @@ __all__ = [
     "write_runner_shim",
 ]
 
-CLIENTAPP_REF = "site_node.federation.clientapp:app"
 _ALLOWED_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
 
 
 class BundleRefusedError(Exception):
     """The run's app bundle is not one this site allows."""
-
-
-def bundle_hash(app_dir: Path = APP_DIR) -> str:
-    """SHA-256 of the FAB that ``flwr run`` builds from ``app_dir`` (builds are deterministic)."""
-    from flwr.cli.build import build_fab_from_disk
-
-    return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
 
 
 def check_bundle(fab_content: bytes, store: ApprovalStore) -> str:

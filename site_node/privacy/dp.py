@@ -48,7 +48,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from consortium_server.studies.contract import PrivacySpec, TrainingSpec
+from concord_protocol.contract import PrivacySpec, TrainingSpec
 from site_node.errors import (
     AccountantStateError,
     DatasetMismatchError,

@@ -1,14 +1,14 @@
 """Training core: model catalogue, parameter vectors, train/evaluate loops, baseline."""
 
-from site_node.training.baseline import BaselineResult, centralised_baseline, pool
-from site_node.training.catalogue import (
+from concord_protocol.catalogue import (
     CatalogueEntry,
     HyperParameter,
-    build_model,
     get_entry,
     list_models,
     resolve_hyperparameters,
 )
+from site_node.training.baseline import BaselineResult, centralised_baseline, pool
+from site_node.training.catalogue import build_model
 from site_node.training.loops import EvalResult, TrainResult, evaluate, make_optimizer, train_round
 from site_node.training.params import (
     ManifestEntry,

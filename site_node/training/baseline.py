@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from consortium_server.studies.contract import ModelSpec, TrainingSpec
+from concord_protocol.contract import ModelSpec, TrainingSpec
 from site_node.data.dataset import LocalDataset
 from site_node.errors import DatasetError, TrainingDivergedError
 from site_node.training.catalogue import build_model

@@ -21,9 +21,10 @@ from torch import nn
 from torch.nn import functional
 from torch.utils.data import DataLoader
 
-from consortium_server.studies.contract import TrainingSpec
+from concord_protocol.contract import TrainingSpec
+from concord_protocol.errors import IncompatibleInputError
 from site_node.data.dataset import LocalDataset
-from site_node.errors import EmptyDatasetError, IncompatibleInputError
+from site_node.errors import EmptyDatasetError
 
 if TYPE_CHECKING:
     from site_node.privacy.dp import DpTrainer

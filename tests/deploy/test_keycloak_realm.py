@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from consortium_server.identity.principal import Role
+from concord_protocol.principals import Role
 from consortium_server.settings import IdentitySettings
 from tests.deploy.charts import REPO
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from consortium_server.demo.story import DemoOptions, run_demo
+from concord_demo.story import DemoOptions, run_demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -47,7 +47,7 @@ def test_a_second_run_starts_clean(tmp_path: Path) -> None:
     state = tmp_path / "demo"
     (state / "server").mkdir(parents=True)
     (state / "server" / "concord.db").write_text("left over from a crashed run")
-    from consortium_server.demo.stack import DemoStack
+    from concord_demo.stack import DemoStack
 
     stack = DemoStack(state, python_bin=Path(sys.executable).parent)
     stack.prepare()

@@ -6,8 +6,8 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from concord_protocol.client import ConsortiumClient
 from consortium_server.cli import app as cli_app
-from consortium_server.client import ConsortiumClient
 
 __all__ = ["run_cli"]
 

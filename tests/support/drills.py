@@ -1,7 +1,7 @@
 """Failure drills: helpers to bring up a real consortium (the demo's processes) and break it.
 
-:class:`DrillStack` wraps :class:`consortium_server.demo.stack.DemoStack` and follows the
-demo's story (:mod:`consortium_server.demo.story`): enrol N hospitals (keys, SuperNode, site
+:class:`DrillStack` wraps :class:`concord_demo.stack.DemoStack` and follows the
+demo's story (:mod:`concord_demo.story`): enrol N hospitals (keys, SuperNode, site
 agent), publish, submit a small study, approve, exchange keys, start the run. The drills then
 kill processes and read the audit log. :func:`start_server_process` runs ``consortium
 server`` alone on given settings; :class:`ThrowawayPostgres` is a cluster a drill may stop.
@@ -19,19 +19,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from consortium_server.client import ConsortiumClient
-from consortium_server.demo.stack import (
+from concord_demo.stack import (
     RESEARCHER_ORG,
     DemoStack,
     Hospital,
     free_port,
     spawn_server,
 )
-from consortium_server.demo.story import dataset_governance
-from consortium_server.federation.processes import (
-    ManagedProcess,
-    flower_env,
-)
+from concord_demo.story import dataset_governance
+from concord_protocol.client import ConsortiumClient
+from concord_protocol.processes import ManagedProcess, flower_env
 
 __all__ = [
     "DrillStack",

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from consortium_server.federation.processes import TlsFiles
-from consortium_server.federation.tls import make_dev_tls
-from consortium_server.studies.contract import (
+from concord_protocol.contract import (
     EncryptionSpec,
     FederationSpec,
     ModelSpec,
@@ -20,6 +18,8 @@ from consortium_server.studies.contract import (
     StudyContract,
     TrainingSpec,
 )
+from consortium_server.federation.processes import TlsFiles
+from consortium_server.federation.tls import make_dev_tls
 from site_node.crypto import generate_study_context, public_context
 from site_node.federation.approvals import ApprovalStore
 from site_node.keys import write_supernode_key

@@ -13,12 +13,12 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from concord_protocol.rounds import RoundRecord
 from consortium_server.federation.models import StudyKeyRelay
 from consortium_server.federation.strategy import (
     BlindAggregationStrategy,
     GlobalModel,
     RoundHook,
-    RoundRecord,
     RunPlan,
     StudyOutcome,
 )

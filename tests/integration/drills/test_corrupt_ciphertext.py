@@ -21,20 +21,14 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from flwr.app import Context, Message, RecordDict
 
+from concord_protocol.contract import StudyContract
+from concord_protocol.wire.messages import REC_UPDATE, arrays_to_blobs, blobs_to_arrays
 from consortium_server.audit.verify import verify_live
 from consortium_server.federation.coordinator import run_with_lifecycle
 from consortium_server.federation.serverapp import run_study_rounds
-from consortium_server.federation.strategy import (
-    REC_UPDATE,
-    RoundHook,
-    RunPlan,
-    StudyOutcome,
-    arrays_to_blobs,
-    blobs_to_arrays,
-)
+from consortium_server.federation.strategy import RoundHook, RunPlan, StudyOutcome
 from consortium_server.main import create_app
 from consortium_server.settings import ServerSettings
-from consortium_server.studies.contract import StudyContract
 from site_node.crypto import (
     EncodedUpdate,
 )

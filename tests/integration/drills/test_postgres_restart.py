@@ -28,10 +28,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from consortium_server.audit.export import AuditExport
-from consortium_server.audit.heads import TreeHeadSigner
-from consortium_server.audit.verify import verify_export
-from consortium_server.demo.stack import free_port
+from concord_demo.stack import free_port
+from concord_protocol.audit.export import AuditExport
+from concord_protocol.audit.verify import verify_export
+from consortium_server.audit.signer import TreeHeadSigner
 from consortium_server.identity.factory import build_local_issuer
 from consortium_server.settings import ServerSettings
 from tests.support.drills import ThrowawayPostgres, start_server_process, wait_for

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from consortium_server.audit.export import AuditExport
-from consortium_server.audit.verify import verify_export
+from concord_protocol.audit.export import AuditExport
+from concord_protocol.audit.verify import verify_export
 from site_node.agent.witness import STATE_FILE
 from site_node.federation.approvals import ApprovalStore
 from tests.support.drills import DrillStack, audit_entries, wait_for

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from consortium_server.federation.processes import ManagedProcess, flower_env, spawn
-from consortium_server.identity.keycloak import ClientCredentialsTokenSource
+from concord_protocol.processes import ManagedProcess, flower_env, spawn
+from concord_protocol.tokens import ClientCredentialsTokenSource
 from site_node.keys import init_site_keys
 from tests.support.drills import PYTHON_BIN, start_server_process, wait_for
 from tests.support.oidc_provider import OidcClient, OidcProvider, running_oidc_provider

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from consortium_server.federation.processes import FLOWER_ENV
+from concord_protocol.processes import FLOWER_ENV
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 

@@ -13,15 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from consortium_server.demo.stack import start_registered_supernode
-from consortium_server.federation.processes import (
-    ManagedProcess,
-    SuperLinkHandle,
-    run_study,
-    start_superlink,
-)
+from concord_demo.stack import start_registered_supernode
+from concord_protocol.bundle import APP_DIR
+from concord_protocol.contract import StudyContract
+from concord_protocol.processes import ManagedProcess
+from consortium_server.federation.processes import SuperLinkHandle, run_study, start_superlink
 from consortium_server.federation.strategy import RunPlan, StudyOutcome
-from consortium_server.studies.contract import StudyContract
 from site_node.crypto import (
     CkksCodec,
     EncodedUpdate,
@@ -32,7 +29,6 @@ from site_node.crypto import (
     seal_study_key,
 )
 from site_node.data import breast_cancer_holdout, breast_cancer_site
-from site_node.federation import APP_DIR
 from site_node.federation.approvals import ApprovalStore
 from site_node.federation.processes import SuperNodeSpec, start_supernode
 from site_node.training import build_model, centralised_baseline, evaluate, num_parameters

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consortium_server.federation.processes import FLOWER_ENV
+from concord_protocol.processes import FLOWER_ENV
+from concord_protocol.wire.format import EncodedUpdate
 from consortium_server.federation.serverapp import read_outcome
-from site_node.crypto.wire import CkksCodec, EncodedUpdate
+from site_node.crypto.codecs import CkksCodec
 from site_node.federation.approvals import ApprovalStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from consortium_server.identity.keycloak import ClientCredentialsTokenSource
+from concord_protocol.tokens import ClientCredentialsTokenSource
 from consortium_server.main import create_app
 from consortium_server.settings import ServerSettings
 from tests.support.oidc_provider import OidcClient, OidcProvider

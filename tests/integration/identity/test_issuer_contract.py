@@ -5,7 +5,7 @@
 
 * ``local``: the embedded :class:`LocalIssuer` (tokens minted in-process), and
 * ``keycloak``: a Keycloak-shaped realm served by the oidc-provider process, with tokens
-  obtained over HTTP by :class:`ClientCredentialsTokenSource` (python-keycloak) and keys
+  obtained over HTTP by :class:`ClientCredentialsTokenSource` (httpx) and keys
   fetched by :func:`keycloak_jwks_source`.
 
 Both must yield identical principals and identical error codes through the one
@@ -29,9 +29,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from keycloak import KeycloakOpenID
 
+from concord_protocol.errors import IdentityProviderError
+from concord_protocol.tokens import ClientCredentialsTokenSource
 from consortium_server.errors import AuthenticationError, ServiceUnavailableError
 from consortium_server.identity import (
-    ClientCredentialsTokenSource,
     JwksSource,
     LocalIssuer,
     Role,
@@ -300,7 +301,7 @@ class TestKeycloakClient:
         source = ClientCredentialsTokenSource(
             oidc_provider.server_url, "consortium", client.client_id, "wrong-secret"
         )
-        with pytest.raises(AuthenticationError) as caught:
+        with pytest.raises(IdentityProviderError) as caught:
             source.token()
         assert caught.value.code == "auth.invalid_token"
         assert "researcher-cli" in caught.value.message
@@ -311,16 +312,16 @@ class TestKeycloakClient:
         source = ClientCredentialsTokenSource(
             oidc_provider.server_url, "consortium", "nobody", "whatever"
         )
-        with pytest.raises(AuthenticationError):
+        with pytest.raises(IdentityProviderError) as caught:
             source.token()
+        assert caught.value.code == "auth.invalid_token"
 
     def test_unreachable_server(self) -> None:
         url = f"http://127.0.0.1:{closed_port()}"
         source = ClientCredentialsTokenSource(url, "consortium", "researcher-cli", "secret")
-        with pytest.raises(ServiceUnavailableError) as caught:
+        with pytest.raises(IdentityProviderError) as caught:
             source.token()
         assert caught.value.code == "auth.issuer_unavailable"
-        assert caught.value.status == 503
         assert "cannot reach" in caught.value.message
 
     def test_verifier_reports_unreachable_issuer(
@@ -342,8 +343,9 @@ class TestKeycloakClient:
 
     def test_unknown_realm(self, oidc_provider: OidcProvider) -> None:
         source = ClientCredentialsTokenSource(oidc_provider.server_url, "no-such-realm", "a", "b")
-        with pytest.raises(ServiceUnavailableError, match="does not exist"):
+        with pytest.raises(IdentityProviderError, match="does not exist") as caught:
             source.token()
+        assert caught.value.code == "auth.issuer_unavailable"
 
     def test_realm_public_key_matches_jwks(self, oidc_provider: OidcProvider) -> None:
         # python-keycloak's public_key() reads GET /realms/<realm>: the provider must agree

@@ -32,7 +32,7 @@ from fastapi import FastAPI
 from playwright.sync_api import Browser, Page, ViewportSize, sync_playwright
 from sqlalchemy import select
 
-from consortium_server.audit.entries import AuditEntry
+from concord_protocol.audit.entries import AuditEntry
 from consortium_server.audit.models import AuditLeaf
 from consortium_server.main import create_app
 from consortium_server.settings import ServerSettings

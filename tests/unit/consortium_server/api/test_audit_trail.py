@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from consortium_server.audit.entries import AuditEntry
+from concord_protocol.audit.entries import AuditEntry
 from tests.support.world import People, study_contract
 
 
@@ -116,8 +116,8 @@ def test_cli_verifies_the_live_log(
     client: TestClient, consortium: People, monkeypatch: Any
 ) -> None:
     import consortium_server.cli.common as common
+    from concord_protocol.client import ConsortiumClient
     from consortium_server.cli import app as cli_app
-    from consortium_server.client import ConsortiumClient
 
     client.post(
         "/api/v1/studies",

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from concord_protocol.errors import PolicyLoadError
 from consortium_server.main import create_app
-from consortium_server.policy.engine import PolicyLoadError
 from consortium_server.settings import ServerSettings
 from tests.support.world import People, dataset_body, study_contract
 

@@ -64,7 +64,7 @@ def test_submit_then_every_site_approves(client: TestClient, consortium: People)
 
 
 def test_contract_hash_is_the_canonical_hash(client: TestClient, consortium: People) -> None:
-    from consortium_server.studies.contract import StudyContract
+    from concord_protocol.contract import StudyContract
 
     study = submit(client, consortium)
     assert StudyContract.model_validate(study["contract"]).contract_hash() == study["contract_hash"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,38 +11,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from consortium_server.audit.entries import (
-    Actor,
-    AuditEntry,
-    AuditObject,
-    Outcome,
-    PolicyDecision,
-    PolicyRef,
-)
-from consortium_server.audit.heads import TreeHeadSigner, encode_public_key
+from concord_protocol.audit.heads import encode_public_key
 from consortium_server.audit.log import AuditLog
-from consortium_server.audit.witness import Witness
+from consortium_server.audit.signer import TreeHeadSigner
 from consortium_server.db.session import make_sessionmaker
+from site_node.agent.cosigner import Witness
+from tests.support.audit import BASE_TIME, make_entry
+
+__all__ = ["BASE_TIME", "make_entry"]
 
 AUDIT_TABLES = ("audit_leaves", "audit_tree_heads", "audit_cosignatures")
-BASE_TIME = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-
-
-def make_entry(n: int, *, action: str = "study.approved", subject: str = "alice") -> AuditEntry:
-    """A realistic entry, distinct for each ``n``."""
-    return AuditEntry(
-        actor=Actor(subject=subject, organisation="hospital-a", roles=("data_steward",)),
-        action=action,
-        object=AuditObject(type="study", id=f"study-{n}"),
-        outcome=Outcome.SUCCESS,
-        purpose="diagnostic_research",
-        policy=PolicyRef(set_hash="a" * 64, decision=PolicyDecision.ALLOW),
-        contract_hash="b" * 64,
-        at=BASE_TIME + timedelta(seconds=n),
-        request_id=f"req-{n}",
-        source="consortium-server/api",
-        details={"n": n},
-    )
 
 
 @pytest.fixture

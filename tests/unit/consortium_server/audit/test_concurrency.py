@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from concord_protocol.audit.merkle import inclusion_proof, root_hash, verify_inclusion
 from consortium_server.audit.log import AuditLog, load_leaf_hashes
-from consortium_server.audit.merkle import inclusion_proof, root_hash, verify_inclusion
 from consortium_server.db.session import make_engine, make_sessionmaker
 
 from .conftest import make_entry

@@ -12,14 +12,16 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from consortium_server.audit.heads import TreeHeadSigner, verify_tree_head
-from consortium_server.audit.log import AuditLog
-from consortium_server.audit.merkle import (
+from concord_protocol.audit.heads import verify_tree_head
+from concord_protocol.audit.merkle import (
     EMPTY_ROOT,
     leaf_hash,
     verify_consistency,
     verify_inclusion,
 )
+from concord_protocol.errors import AuditVerificationError
+from consortium_server.audit.log import AuditLog
+from consortium_server.audit.signer import TreeHeadSigner
 from consortium_server.errors import DomainError
 
 from .conftest import make_entry
@@ -91,10 +93,10 @@ def test_signature_covers_size_root_and_time(signer: TreeHeadSigner) -> None:
         {"root_hash": "22" * 32},
         {"timestamp": head.timestamp.replace(year=2000)},
     ):
-        with pytest.raises(DomainError) as info:
+        with pytest.raises(AuditVerificationError) as info:
             verify_tree_head(head.model_copy(update=change), signer.public_key)
         assert info.value.code == "audit.head_signature_invalid"
-    with pytest.raises(DomainError):
+    with pytest.raises(AuditVerificationError):
         verify_tree_head(head, TreeHeadSigner.generate().public_key)
 
 

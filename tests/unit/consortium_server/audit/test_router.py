@@ -10,15 +10,16 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from concord_protocol.audit.export import AuditExport
+from concord_protocol.audit.heads import verify_tree_head
+from concord_protocol.audit.merkle import leaf_hash, verify_consistency, verify_inclusion
+from concord_protocol.audit.verify import verify_export
+from concord_protocol.principals import Principal, Role
 from consortium_server.api.errors import install_error_handlers
-from consortium_server.audit.export import AuditExport
-from consortium_server.audit.heads import TreeHeadSigner, verify_tree_head
 from consortium_server.audit.log import AuditLog
-from consortium_server.audit.merkle import leaf_hash, verify_consistency, verify_inclusion
 from consortium_server.audit.router import TreeHeadPublic, router
-from consortium_server.audit.verify import verify_export
+from consortium_server.audit.signer import TreeHeadSigner
 from consortium_server.errors import AuthenticationError
-from consortium_server.identity.principal import Principal, Role
 from consortium_server.sites.models import Site
 
 from .conftest import SiteWitness

@@ -14,18 +14,20 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from consortium_server.audit.heads import TreeHeadSigner
-from consortium_server.audit.log import AuditLog, load_leaf_hashes
-from consortium_server.audit.merkle import (
+from concord_protocol.audit.merkle import (
     InvalidProofError,
     consistency_proof,
     leaf_hash,
     root_hash,
     verify_inclusion,
 )
-from consortium_server.audit.verify import ProblemKind, VerificationReport, verify_live
-from consortium_server.audit.witness import WitnessRefusedError, record_cosignature
+from concord_protocol.audit.verify import ProblemKind, VerificationReport
+from consortium_server.audit.cosignatures import record_cosignature
+from consortium_server.audit.log import AuditLog, load_leaf_hashes
+from consortium_server.audit.signer import TreeHeadSigner
+from consortium_server.audit.verify import verify_live
 from consortium_server.errors import DomainError
+from site_node.agent.cosigner import WitnessRefusedError
 
 from .conftest import SiteWitness, append_only_triggers_disabled, make_entry
 

@@ -11,12 +11,13 @@ import pytest
 from rich.console import Console
 from sqlalchemy.orm import Session
 
+from concord_protocol.audit.export import load_export, write_export
+from concord_protocol.audit.verify import ProblemKind, verify_export
 from consortium_server.audit.cli_support import render_report, verify_export_file
-from consortium_server.audit.export import build_export, load_export, write_export
-from consortium_server.audit.heads import TreeHeadSigner
+from consortium_server.audit.cosignatures import record_cosignature
+from consortium_server.audit.export import build_export
 from consortium_server.audit.log import AuditLog
-from consortium_server.audit.verify import ProblemKind, verify_export
-from consortium_server.audit.witness import record_cosignature
+from consortium_server.audit.signer import TreeHeadSigner
 from consortium_server.errors import DomainError
 
 from .conftest import SiteWitness

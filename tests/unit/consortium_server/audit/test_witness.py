@@ -8,17 +8,14 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy.orm import Session
 
-from consortium_server.audit.heads import TreeHeadSigner
+from concord_protocol.audit.cosignatures import verify_cosignature
+from concord_protocol.audit.merkle import consistency_proof, leaf_hash
+from concord_protocol.errors import AuditVerificationError
+from consortium_server.audit.cosignatures import cosignatures_for, is_witnessed, record_cosignature
 from consortium_server.audit.log import AuditLog
-from consortium_server.audit.merkle import consistency_proof, leaf_hash
-from consortium_server.audit.witness import (
-    WitnessRefusedError,
-    cosignatures_for,
-    is_witnessed,
-    record_cosignature,
-    verify_cosignature,
-)
+from consortium_server.audit.signer import TreeHeadSigner
 from consortium_server.errors import DomainError
+from site_node.agent.cosigner import WitnessRefusedError
 
 from .conftest import SiteWitness
 
@@ -34,7 +31,7 @@ def _refusal(call: Callable[[], object]) -> str:
 def test_witness_cosigns_growing_consistent_trees_and_refuses_others_across_restarts(
     signer: TreeHeadSigner, make_site: Callable[[str], SiteWitness]
 ) -> None:
-    from consortium_server.audit.merkle import root_hash
+    from concord_protocol.audit.merkle import root_hash
 
     site = make_site("site-a")
     head8 = signer.sign(8, root_hash(LEAVES[:8]))
@@ -102,7 +99,7 @@ def test_server_records_cosignatures_and_counts_a_quorum(
     # Idempotent for the same head; a signature by another key is refused.
     record_cosignature(session, cosig_a, site_public_key=a.public_key_b64)
     cosig_b = b.witness().cosign(head, [])
-    with pytest.raises(DomainError) as info:
+    with pytest.raises(AuditVerificationError) as info:
         record_cosignature(session, cosig_b, site_public_key=a.public_key_b64)
     assert info.value.code == "audit.cosignature_invalid"
     record_cosignature(session, cosig_b, site_public_key=b.public_key_b64)

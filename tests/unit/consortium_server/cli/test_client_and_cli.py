@@ -9,7 +9,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from consortium_server.client import ApiError, ConsortiumClient
+from concord_protocol.client import ApiError, ConsortiumClient
 from tests.support.cli import run_cli as _cli
 from tests.support.world import People, study_contract
 

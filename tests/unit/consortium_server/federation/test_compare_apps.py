@@ -18,6 +18,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.serde import message_from_proto, message_to_proto
 
+from concord_protocol.bundle import APP_DIR, bundle_hash
+from concord_protocol.wire.messages import blobs_to_arrays
 from consortium_server.federation.compare_apps import (
     AGGREGATION_KEY,
     METHODS,
@@ -29,18 +31,12 @@ from consortium_server.federation.compare_apps import (
     wire_bytes,
     write_compare_app,
 )
-from consortium_server.federation.strategy import (
-    BlindAggregationStrategy,
-    RunPlan,
-    blobs_to_arrays,
-    new_record,
-)
+from consortium_server.federation.strategy import BlindAggregationStrategy, RunPlan, new_record
 from site_node.crypto import EncodedUpdate, PlainCodec, RoundInfo
-from site_node.federation import APP_DIR
 from site_node.federation import clientapp as site_clientapp
 from site_node.federation import compare as site_compare
 from site_node.federation.approvals import ApprovalStore
-from site_node.federation.processes import BundleRefusedError, bundle_hash, check_bundle
+from site_node.federation.processes import BundleRefusedError, check_bundle
 from site_node.training import build_model, num_parameters
 from tests.support.flower import approve_everywhere, breast_cancer_contract, make_site
 from tests.support.inprocess_grid import InProcessGrid, flower_task_identity, site_contexts

@@ -13,11 +13,7 @@ from consortium_server.audit.verify import verify_live
 from consortium_server.budgets import service as budgets
 from consortium_server.errors import ConflictError
 from consortium_server.federation.coordinator import begin_run, run_with_lifecycle
-from consortium_server.federation.strategy import (
-    RoundHook,
-    RunPlan,
-    StudyOutcome,
-)
+from consortium_server.federation.strategy import RoundHook, RunPlan, StudyOutcome
 from tests.support.studies import (
     SITES,
     audit_actions,
@@ -130,8 +126,8 @@ def test_real_clientapp_run_in_process_drives_the_lifecycle(
 ) -> None:
     """The real ClientApp (guard, Opacus, CKKS) at three sites behind an in-process grid."""
 
+    from concord_protocol.contract import StudyContract
     from consortium_server.federation.serverapp import run_study_rounds
-    from consortium_server.studies.contract import StudyContract
     from tests.support.flower import make_site
     from tests.support.inprocess_grid import InProcessGrid, flower_task_identity, site_contexts
 

@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from concord_protocol.contract import StudyContract
 from consortium_server.federation.models import SealedStudyKey, StudyKeyRelay
-from consortium_server.studies.contract import StudyContract
 from consortium_server.studies.models import (
     ApprovalDecision,
     Study,

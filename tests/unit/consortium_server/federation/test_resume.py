@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from flwr.app import Context, Message
 
+from concord_protocol.rounds import RoundRecord
 from consortium_server.db.session import session_scope
 from consortium_server.federation import runs
 from consortium_server.federation.coordinator import begin_run, record_round, resume_run
@@ -35,12 +36,7 @@ from consortium_server.federation.serverapp import (
     write_checkpoint,
     write_json,
 )
-from consortium_server.federation.strategy import (
-    GlobalModel,
-    RoundRecord,
-    RunPlan,
-    StudyOutcome,
-)
+from consortium_server.federation.strategy import GlobalModel, RunPlan, StudyOutcome
 from site_node.crypto import EncodedUpdate
 from site_node.federation.replies import CachedReply, ReplyCache, global_digest
 from site_node.training import build_model, num_parameters

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from concord_protocol.rounds import RoundRecord
+from concord_protocol.wire.messages import blobs_to_arrays
 from consortium_server.federation.serverapp import run_study_rounds
 from consortium_server.federation.strategy import (
     BlindAggregationStrategy,
     RoundFailedError,
-    RoundRecord,
     RunPlan,
-    blobs_to_arrays,
     new_record,
 )
 from site_node.crypto import CkksCodec, EncodedUpdate, PlainCodec, RoundInfo

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select
 
+from concord_protocol.errors import PolicyLoadError
 from consortium_server.db.session import make_sessionmaker, session_scope
-from consortium_server.policy.engine import PolicyLoadError
 from consortium_server.policy.models import PolicyVersion
 from consortium_server.policy.service import (
     activate_version,
@@ -19,8 +19,7 @@ from consortium_server.policy.service import (
     read_policy_directory,
     startup_engine,
 )
-
-from .conftest import POLICIES
+from tests.unit.concord_protocol.policy.conftest import POLICIES
 
 
 def test_publish_versions_and_rollback(db_engine: Engine) -> None:

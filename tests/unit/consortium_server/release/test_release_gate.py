@@ -15,20 +15,15 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from concord_protocol.client import ConsortiumClient
+from concord_protocol.contract import StudyContract
+from concord_protocol.release import model_sha256, signoff_message
+from concord_protocol.rounds import RoundRecord
 from consortium_server.audit.verify import verify_live
-from consortium_server.client import ConsortiumClient
 from consortium_server.federation.blind_sum import blind_sum
 from consortium_server.federation.coordinator import run_with_lifecycle
-from consortium_server.federation.strategy import (
-    GlobalModel,
-    RoundHook,
-    RoundRecord,
-    RunPlan,
-    StudyOutcome,
-)
-from consortium_server.release import model_sha256, signoff_message
+from consortium_server.federation.strategy import GlobalModel, RoundHook, RunPlan, StudyOutcome
 from consortium_server.release.service import store_final_aggregate
-from consortium_server.studies.contract import StudyContract
 from site_node.crypto import (
     CkksCodec,
     RoundInfo,

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from consortium_server.audit.entries import AuditEntry
+from concord_protocol.audit.entries import AuditEntry
 from consortium_server.audit.models import AuditLeaf
 from consortium_server.reports.render import CSV_COLUMNS, CsvSection
 from tests.support.world import People

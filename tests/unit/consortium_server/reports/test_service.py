@@ -8,7 +8,7 @@ from decimal import Decimal
 from fastapi import FastAPI
 from sqlalchemy.orm import Session
 
-from consortium_server.audit.entries import AuditEntry, AuditObject, Outcome
+from concord_protocol.audit.entries import AuditEntry, AuditObject, Outcome
 from consortium_server.audit.recorder import SERVER_ACTOR
 from consortium_server.reports.service import (
     ComplianceReport,

@@ -19,10 +19,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from sqlalchemy.orm import Session
 
-from consortium_server.audit.entries import AuditEntry, AuditObject, Outcome
-from consortium_server.audit.heads import encode_public_key
+from concord_protocol.audit.cosignatures import Cosignature, cosignature_message
+from concord_protocol.audit.entries import AuditEntry, AuditObject, Outcome
+from concord_protocol.audit.heads import encode_public_key
+from consortium_server.audit.cosignatures import record_cosignature
 from consortium_server.audit.recorder import SERVER_ACTOR
-from consortium_server.audit.witness import Cosignature, cosignature_message, record_cosignature
 from consortium_server.budgets import service as budgets
 from consortium_server.db.base import utcnow
 from tests.support.world import People, dataset_body, site_enrolment, study_contract

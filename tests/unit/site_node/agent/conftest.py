@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.testclient import TestClient
 
-from consortium_server.client import ConsortiumClient
+from concord_protocol.client import ConsortiumClient
 from site_node.agent.loop import LOGGER_NAME, SiteAgent
 from site_node.crypto.sealing import SiteKeyPair
 from site_node.federation.approvals import ApprovalStore

@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
+from concord_protocol.errors import ContextError
+from concord_protocol.wire.ckks import load_context
 from site_node.agent.keys import generating_site
 from site_node.agent.loop import SiteAgent
-from site_node.crypto.ckks import load_context
-from site_node.crypto.errors import ContextError
 from tests.unit.site_node.agent.conftest import World
 
 

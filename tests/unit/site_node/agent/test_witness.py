@@ -10,7 +10,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from consortium_server.audit.witness import WitnessRefusedError
+from site_node.agent.cosigner import WitnessRefusedError
 from site_node.agent.loop import verify_audit
 from site_node.agent.sync import AgentError
 from site_node.agent.witness import PINNED_KEY_FILE, STATE_FILE, cosign_latest

@@ -10,15 +10,10 @@ from pathlib import Path
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from site_node.federation import APP_DIR
+from concord_protocol.bundle import APP_DIR, bundle_hash
 from site_node.federation.approvals import ApprovalError, ApprovalStore
 from site_node.federation.mods import GuardRefusalError, check_contract
-from site_node.federation.processes import (
-    BundleRefusedError,
-    bundle_hash,
-    check_bundle,
-    write_runner_shim,
-)
+from site_node.federation.processes import BundleRefusedError, check_bundle, write_runner_shim
 from tests.support.flower import breast_cancer_contract
 
 

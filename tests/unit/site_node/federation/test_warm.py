@@ -18,13 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from consortium_server.federation.processes import ManagedProcess, spawn
+from concord_protocol.processes import ManagedProcess, spawn
 from site_node.federation import warm
-from site_node.federation.processes import (
-    SuperNodeProcess,
-    supernode_exec_plan,
-    write_runner_shim,
-)
+from site_node.federation.processes import SuperNodeProcess, supernode_exec_plan, write_runner_shim
 
 ROOT = Path(__file__).resolve().parents[4]
 

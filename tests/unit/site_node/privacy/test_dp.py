@@ -11,13 +11,9 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from consortium_server.studies.contract import ModelSpec, PrivacySpec, TrainingSpec
+from concord_protocol.contract import ModelSpec, PrivacySpec, TrainingSpec
 from site_node.data import LocalDataset
-from site_node.errors import (
-    AccountantStateError,
-    DatasetMismatchError,
-    PrivacyBudgetExhaustedError,
-)
+from site_node.errors import AccountantStateError, DatasetMismatchError, PrivacyBudgetExhaustedError
 from site_node.privacy import DpTrainer
 from site_node.training import build_model, flatten, train_round
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from consortium_server.studies.contract import ModelSpec, PrivacySpec, TrainingSpec
-from site_node.data import LocalDataset
-from site_node.errors import (
+from concord_protocol.contract import ModelSpec, PrivacySpec, TrainingSpec
+from concord_protocol.errors import (
     IncompatibleInputError,
     InvalidHyperparameterError,
-    ParameterShapeError,
     UnknownModelError,
 )
+from site_node.data import LocalDataset
+from site_node.errors import ParameterShapeError
 from site_node.privacy import DpTrainer
 from site_node.training import (
     build_model,

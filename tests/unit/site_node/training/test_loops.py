@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from consortium_server.studies.contract import ModelSpec, PrivacySpec, TrainingSpec
+from concord_protocol.contract import ModelSpec, PrivacySpec, TrainingSpec
 from site_node.data import LocalDataset, breast_cancer_holdout, breast_cancer_site
 from site_node.errors import EmptyDatasetError
 from site_node.privacy import DpTrainer
@@ -155,7 +155,7 @@ def test_baseline_recovers_when_the_dp_learning_rate_diverges_without_clipping()
     baseline retries at a tenth of the rate and says which one it used."""
     import math
 
-    from consortium_server.studies.contract import ModelSpec, TrainingSpec
+    from concord_protocol.contract import ModelSpec, TrainingSpec
     from site_node.data.demo import synthetic_images_holdout, synthetic_images_site
     from site_node.training.baseline import centralised_baseline
 

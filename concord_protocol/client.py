@@ -1,0 +1,165 @@
+"""A small typed Python client of the consortium API (httpx), used by the CLIs.
+
+    from concord_protocol.client import ConsortiumClient
+    with ConsortiumClient("http://127.0.0.1:8600", token) as api:
+        for dataset in api.list_datasets():
+            print(dataset["id"])
+
+Errors come back as :class:`ApiError` with the server's stable code and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from concord_protocol.errors import ApiError
+
+__all__ = ["ApiError", "ConsortiumClient", "TokenProvider"]
+
+TokenProvider = Callable[[], str]
+
+
+class ConsortiumClient:
+    """Calls ``/api/v1`` with a bearer token (a string, or a callable that renews it)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | TokenProvider | None = None,
+        *,
+        timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._token = token
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        if self._token is None:
+            return {}
+        token = self._token() if callable(self._token) else self._token
+        return {"Authorization": f"Bearer {token}"}
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send a request; a non-2xx answer (or none) raises :class:`ApiError`."""
+        try:
+            response = self._http.request(method, path, headers=self._headers(), **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiError(f"cannot reach {self._http.base_url}: {exc}", code="connection") from exc
+        if response.is_success:
+            return response
+        try:
+            error = response.json()["error"]
+            code, message = str(error.get("code", "http")), str(error.get("message", ""))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ApiError(response.text[:500], status=response.status_code) from None
+        raise ApiError(
+            message,
+            code=code,
+            status=response.status_code,
+            details=error.get("details") or (),
+            request_id=error.get("request_id"),
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send a request and return the decoded JSON body (raises :class:`ApiError`)."""
+        response = self._send(method, path, **kwargs)
+        return response.json() if response.content else None
+
+    def download(self, path: str, **kwargs: Any) -> bytes:
+        """GET a binary resource (a PDF, a model); raises :class:`ApiError` like ``request``."""
+        return self._send("GET", path, **kwargs).content
+
+    # -- identity -------------------------------------------------------------------------
+
+    def me(self) -> dict[str, Any]:
+        """Who the server thinks you are."""
+        result: dict[str, Any] = self.request("GET", "/api/v1/me")
+        return result
+
+    # -- sites and catalogue --------------------------------------------------------------
+
+    def enrol_site(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Enrol a site (consortium admin)."""
+        result: dict[str, Any] = self.request("POST", "/api/v1/sites", json=body)
+        return result
+
+    def list_sites(self) -> list[dict[str, Any]]:
+        """Every enrolled site."""
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/sites")
+        return result
+
+    def publish_dataset(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Publish a dataset's metadata for your site."""
+        result: dict[str, Any] = self.request("POST", "/api/v1/datasets", json=body)
+        return result
+
+    def list_datasets(
+        self, *, site_id: str | None = None, purpose: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The catalogue."""
+        params = {k: v for k, v in {"site_id": site_id, "purpose": purpose}.items() if v}
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/datasets", params=params)
+        return result
+
+    # -- studies --------------------------------------------------------------------------
+
+    def submit_study(self, contract: dict[str, Any]) -> dict[str, Any]:
+        """Submit a study contract."""
+        result: dict[str, Any] = self.request("POST", "/api/v1/studies", json=contract)
+        return result
+
+    def get_study(self, study_id: str) -> dict[str, Any]:
+        """A study with its approvals and history."""
+        result: dict[str, Any] = self.request("GET", f"/api/v1/studies/{study_id}")
+        return result
+
+    def list_studies(self, *, state: str | None = None) -> list[dict[str, Any]]:
+        """Studies visible to you."""
+        params = {"state": state} if state else {}
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/studies", params=params)
+        return result
+
+    def decide(
+        self, study_id: str, *, site_id: str, contract_hash: str, decision: str, reason: str = ""
+    ) -> dict[str, Any]:
+        """Approve or decline a study for your site."""
+        body = {
+            "site_id": site_id,
+            "contract_hash": contract_hash,
+            "decision": decision,
+            "reason": reason,
+        }
+        result: dict[str, Any] = self.request(
+            "POST", f"/api/v1/studies/{study_id}/approvals", json=body
+        )
+        return result
+
+    def abort_study(self, study_id: str, reason: str) -> dict[str, Any]:
+        """Stop a study."""
+        result: dict[str, Any] = self.request(
+            "POST", f"/api/v1/studies/{study_id}/abort", json={"reason": reason}
+        )
+        return result

@@ -1,0 +1,142 @@
+"""The study contract: what a researcher asks for, declaratively, and the hash sites approve.
+
+This module is the one place both sides agree on. The server stores the contract and its
+hash; every site recomputes the hash from the contract it receives and refuses to train on a
+contract whose hash its data steward did not approve. It imports nothing of either role.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from concord_protocol.canonical import canonical_json, sha256_hex
+from concord_protocol.fields import Slug
+
+__all__ = [
+    "CONTRACT_SCHEMA_VERSION",
+    "EncryptionSpec",
+    "FederationSpec",
+    "ModelSpec",
+    "PrivacySpec",
+    "Purpose",
+    "StudyContract",
+    "TrainingSpec",
+]
+
+CONTRACT_SCHEMA_VERSION = 1
+
+HyperValue = int | float | str | bool
+
+
+class Purpose(StrEnum):
+    """Purposes of use a dataset can allow and a study can declare."""
+
+    DIAGNOSTIC_RESEARCH = "diagnostic_research"
+    TREATMENT_RESEARCH = "treatment_research"
+    PUBLIC_HEALTH = "public_health"
+    QUALITY_IMPROVEMENT = "quality_improvement"
+    METHOD_DEVELOPMENT = "method_development"
+    COMMERCIAL_RESEARCH = "commercial_research"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """A model from the site-side catalogue, by name and version, with its hyperparameters."""
+
+    name: Slug = Field(description="Catalogue name, e.g. `tabular-mlp`.")
+    version: Annotated[str, StringConstraints(pattern=r"^\d+(\.\d+){0,2}$")] = Field(
+        description="Catalogue version, e.g. `1` or `1.0`."
+    )
+    hyperparameters: dict[Slug, HyperValue] = Field(
+        default_factory=dict, description="Architecture parameters the catalogue entry accepts."
+    )
+
+
+class TrainingSpec(_Strict):
+    """How each site trains locally, per round."""
+
+    rounds: int = Field(ge=1, le=500, description="Federated rounds.")
+    local_epochs: int = Field(default=1, ge=1, le=50, description="Local epochs per round.")
+    batch_size: int = Field(default=64, ge=1, le=8192, description="Expected batch size.")
+    learning_rate: float = Field(default=0.05, gt=0, le=10, description="Optimizer step size.")
+    optimizer: Literal["sgd", "adam"] = Field(default="sgd", description="Local optimizer.")
+
+
+class PrivacySpec(_Strict):
+    """Differential-privacy target over the whole study, per site (Opacus DP-SGD)."""
+
+    epsilon: float = Field(gt=0, le=100, description="Target epsilon for the whole study.")
+    delta: float = Field(gt=0, le=1e-2, description="Target delta for the whole study.")
+    max_grad_norm: float = Field(
+        default=1.0, gt=0, le=100, description="Per-sample gradient clipping norm."
+    )
+
+
+class FederationSpec(_Strict):
+    """How the federation runs."""
+
+    min_sites: int = Field(default=3, ge=1, le=1000, description="Sites needed per aggregation.")
+    round_timeout_s: int = Field(
+        default=600, ge=5, le=86_400, description="Seconds to wait for sites each round."
+    )
+
+
+class EncryptionSpec(_Strict):
+    """Homomorphic encryption of model updates."""
+
+    enabled: bool = Field(default=True, description="Encrypt updates with CKKS (TenSEAL).")
+    scheme: Literal["ckks"] = "ckks"
+
+
+class StudyContract(_Strict):
+    """A declarative study: everything a site needs to decide, and nothing executable."""
+
+    schema_version: Literal[1] = 1
+    title: Annotated[str, StringConstraints(min_length=3, max_length=200, strip_whitespace=True)]
+    description: Annotated[str, StringConstraints(max_length=5000)] = ""
+    purpose: Purpose
+    ethics_reference: Annotated[
+        str, StringConstraints(min_length=1, max_length=100, strip_whitespace=True)
+    ] = Field(description="IRB / ethics committee approval reference, e.g. `IRB-2026-0142`.")
+    datasets: list[Slug] = Field(min_length=1, max_length=100, description="Catalogue dataset ids.")
+    model: ModelSpec
+    training: TrainingSpec
+    privacy: PrivacySpec
+    federation: FederationSpec = FederationSpec()
+    encryption: EncryptionSpec = EncryptionSpec()
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_datasets(cls, value: list[str]) -> list[str]:
+        duplicates = sorted({d for d in value if value.count(d) > 1})
+        if duplicates:
+            raise ValueError(f"datasets listed more than once: {', '.join(duplicates)}")
+        return value
+
+    def canonical(self) -> bytes:
+        """RFC 8785 canonical JSON of the full contract (defaults included)."""
+        return canonical_json(self.model_dump(mode="json"))
+
+    def contract_hash(self) -> str:
+        """SHA-256 (hex) of :meth:`canonical`: the value each site approves."""
+        return sha256_hex(self.model_dump(mode="json"))
+
+
+ETHICS_REFERENCE_PATTERN = re.compile(r"^[A-Z][A-Z0-9]{1,15}-\d{4}-\d{1,6}$")
+
+
+def ethics_reference_well_formed(reference: str) -> bool:
+    """True for references like ``IRB-2026-0142`` or ``ETHK-2025-17``."""
+    return bool(ETHICS_REFERENCE_PATTERN.match(reference))
+
+
+def contract_from_mapping(data: dict[str, Any]) -> StudyContract:
+    """Validate a mapping (parsed from YAML/JSON) into a contract; raises pydantic errors."""
+    return StudyContract.model_validate(data)

@@ -1,0 +1,167 @@
+"""The server's tree-head key: sign heads of the stored log, after checking the log.
+
+The message format and its verification are shared with sites and third-party verifiers
+(:mod:`concord_protocol.audit.heads`); this module holds what only the server does: keep
+the Ed25519 key, check that the stored leaves still match every head signed before, and
+store the new head.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Self
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from concord_protocol.audit.heads import (
+    SignedTreeHead,
+    encode_public_key,
+    key_id,
+    tree_head_message,
+)
+from concord_protocol.audit.merkle import MerkleAccumulator, leaf_hash, root_hash
+from concord_protocol.fields import utcnow
+from consortium_server.audit.log import load_leaf_hashes
+from consortium_server.audit.models import AuditLeaf, AuditTreeHead
+from consortium_server.errors import DomainError
+
+__all__ = ["TreeHeadSigner"]
+
+
+class TreeHeadSigner:
+    """Holds the server's Ed25519 key and signs tree heads."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        self.public_key: Ed25519PublicKey = private_key.public_key()
+        self.key_id: str = key_id(self.public_key)
+
+    @classmethod
+    def generate(cls) -> Self:
+        """A signer with a fresh key (tests, demos)."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> Self:
+        """Load the PEM (PKCS#8) key at ``path``, creating it with mode 0600 if missing.
+
+        An existing key file readable by group or others is refused.
+        """
+        if path.exists():
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise DomainError(
+                    "audit.key_invalid",
+                    f"The tree-head key file {path} must not be readable by others "
+                    f"(mode {mode:o}); run `chmod 600` on it.",
+                )
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise DomainError("audit.key_invalid", f"{path} does not hold an Ed25519 key.")
+            return cls(key)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return cls(key)
+
+    @property
+    def public_key_b64(self) -> str:
+        """The public key as base64 raw bytes (published in exports and to sites)."""
+        return encode_public_key(self.public_key)
+
+    def sign(
+        self, tree_size: int, root: bytes, timestamp: datetime | None = None
+    ) -> SignedTreeHead:
+        """Sign a head for ``tree_size`` leaves with ``root`` (now, unless given)."""
+        when = timestamp or utcnow()
+        root_hex = root.hex()
+        message = tree_head_message(tree_size, root_hex, when, self.key_id)
+        signature = base64.b64encode(self._key.sign(message)).decode("ascii")
+        return SignedTreeHead(
+            tree_size=tree_size,
+            root_hash=root_hex,
+            timestamp=when,
+            key_id=self.key_id,
+            signature=signature,
+        )
+
+    def sign_latest(self, session: Session) -> SignedTreeHead:
+        """Sign and store a head for the current log, unless the latest head already covers it.
+
+        Before signing, the stored leaves are checked: indices must be dense, every
+        stored head must still match the root of its prefix, and every entry added since
+        the latest head must hash to its stored leaf hash. A log that fails either check
+        is never signed (``audit.log_corrupt``). Flushes; the caller commits.
+        """
+        leaves = load_leaf_hashes(session)
+        latest = session.scalars(
+            select(AuditTreeHead)
+            .order_by(AuditTreeHead.tree_size.desc(), AuditTreeHead.id.desc())
+            .limit(1)
+        ).first()
+        _check_heads_match(session, leaves)
+        if latest is not None and latest.tree_size == len(leaves):
+            return latest.signed_head()
+        _check_new_entries(session, latest.tree_size if latest is not None else 0)
+        head = self.sign(len(leaves), root_hash(leaves))
+        session.add(
+            AuditTreeHead(
+                tree_size=head.tree_size,
+                root_hash=head.root_hash,
+                timestamp=head.timestamp,
+                key_id=head.key_id,
+                signature=head.signature,
+            )
+        )
+        session.flush()
+        return head
+
+
+def _check_heads_match(session: Session, leaves: list[bytes]) -> None:
+    """Every stored head must be the root of its prefix of ``leaves``."""
+    rows = session.execute(
+        select(AuditTreeHead.tree_size, AuditTreeHead.root_hash).order_by(AuditTreeHead.tree_size)
+    ).all()
+    accumulator = MerkleAccumulator()
+    for size, root in rows:
+        if size > len(leaves):
+            raise DomainError(
+                "audit.log_corrupt",
+                f"A signed head covers {size} leaves; only {len(leaves)} exist.",
+            )
+        while accumulator.size < size:
+            accumulator.append(leaves[accumulator.size])
+        if accumulator.root().hex() != root:
+            raise DomainError(
+                "audit.log_corrupt", f"The leaves no longer match the signed head of size {size}."
+            )
+
+
+def _check_new_entries(session: Session, start: int) -> None:
+    """Entries from ``start`` on must hash to their stored leaf hashes."""
+    rows = session.execute(
+        select(AuditLeaf.index, AuditLeaf.entry, AuditLeaf.leaf_hash).where(
+            AuditLeaf.index >= start
+        )
+    )
+    for index, entry, digest in rows:
+        if leaf_hash(bytes(entry)) != bytes(digest):
+            raise DomainError("audit.log_corrupt", f"Entry {index} does not match its leaf hash.")

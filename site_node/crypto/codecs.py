@@ -1,0 +1,331 @@
+"""Encoding a site's weighted update and decoding an aggregate: the site's codecs.
+
+The bytes are the shared wire format (:mod:`concord_protocol.wire.format`). A site
+multiplies its update by its weight (its sample count) and encodes it in chunks;
+:meth:`UpdateCodec.decrypt_aggregate` divides the server's sum by the total weight.
+:class:`CkksCodec` encrypts with the study's secret context and rounds each decrypted sum to
+a grid coarser than the CKKS noise, after a keyed dither, before the values leave the codec:
+published CKKS decryptions next to their ciphertexts otherwise let anyone recover the secret
+key (Li and Micciancio, EUROCRYPT 2021). See ``docs/crypto.md``. :class:`PlainCodec` is
+float64 for studies with encryption off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+import tenseal as ts
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from concord_protocol.errors import WireFormatError
+from concord_protocol.wire.ckks import ContextInfo, context_info, load_context
+from concord_protocol.wire.format import (
+    PLAIN_CHUNK_SIZE,
+    EncodedUpdate,
+    EncryptedUpdate,
+    PlainUpdate,
+    RoundInfo,
+    Scheme,
+    chunk_length,
+    expected_chunks,
+)
+from site_node.crypto.errors import NonFiniteUpdateError, UpdateRangeError, UpdateShapeError
+
+__all__ = [
+    "DEFAULT_MAX_SITES",
+    "CkksCodec",
+    "PlainCodec",
+    "UpdateCodec",
+    "decrypt_aggregate",
+    "encode_update",
+]
+
+#: Sites a CKKS sum is sized for by default: each site keeps its weighted values below
+#: ``max_abs_sum / max_sites`` so that the sum of all cannot overflow.
+DEFAULT_MAX_SITES = 32
+#: Bits between the CKKS scale and the rounding grid of a decrypted sum: the grid is
+#: ``2**14`` times the scale's resolution, above the noise (about 2**10 of it) at the
+#: default parameters.
+_ROUNDING_GRID_BITS = 14
+_DITHER_INFO = b"concord/ckks-decrypt-dither/v1"
+
+
+@runtime_checkable
+class UpdateCodec(Protocol):
+    """Encodes a site's weighted update and decodes an aggregate: one path for both schemes."""
+
+    @property
+    def scheme(self) -> Scheme:
+        """``ckks`` or ``plain``."""
+        ...
+
+    @property
+    def chunk_size(self) -> int:
+        """Values per chunk."""
+        ...
+
+    def encode(
+        self, vector: npt.NDArray[np.floating], *, weight: float, info: RoundInfo
+    ) -> EncodedUpdate:
+        """Validate ``vector``, multiply it by ``weight`` and encode it in chunks."""
+        ...
+
+    def decrypt_aggregate(
+        self, chunks: Sequence[bytes], *, num_params: int, total_weight: float
+    ) -> npt.NDArray[np.float64]:
+        """Decode an aggregate (sum of weighted updates) and divide by ``total_weight``."""
+        ...
+
+
+def _check_weight(weight: float, name: str = "weight") -> float:
+    if isinstance(weight, bool) or not isinstance(weight, int | float | np.number):
+        raise UpdateRangeError(f"{name} must be a number", code="update.invalid_weight")
+    value = float(weight)
+    if not math.isfinite(value) or value <= 0:
+        raise UpdateRangeError(f"{name} must be finite and > 0", code="update.invalid_weight")
+    return value
+
+
+def _check_vector(vector: npt.NDArray[np.floating], num_params: int) -> None:
+    if not isinstance(vector, np.ndarray):
+        raise UpdateShapeError("the update must be a numpy array", code="update.bad_shape")
+    if vector.ndim != 1:
+        raise UpdateShapeError(
+            f"the update must be one flat vector, got {vector.ndim} dimensions",
+            code="update.bad_shape",
+        )
+    if not (np.issubdtype(vector.dtype, np.floating) or np.issubdtype(vector.dtype, np.integer)):
+        raise UpdateShapeError(
+            f"the update must hold real numbers, got dtype {vector.dtype}", code="update.bad_dtype"
+        )
+    if vector.shape[0] != num_params:
+        raise UpdateShapeError(
+            f"the update has {vector.shape[0]} parameters, the round expects {num_params}",
+            code="update.length_mismatch",
+        )
+
+
+def _scan_chunks(
+    vector: npt.NDArray[np.floating], chunk_size: int, weight: float, limit: float
+) -> None:
+    """Refuse non-finite values and weighted magnitudes above ``limit``, chunk by chunk."""
+    for start in range(0, vector.shape[0], chunk_size):
+        part = vector[start : start + chunk_size]
+        finite = np.isfinite(part)
+        if not finite.all():
+            bad = int(part.shape[0] - np.count_nonzero(finite))
+            first = start + int(np.argmin(finite))
+            raise NonFiniteUpdateError(
+                f"the update holds {bad}+ NaN/infinite values (first at index {first}); "
+                "refusing to send it"
+            )
+        if part.size and float(np.max(np.abs(part))) * weight > limit:
+            raise UpdateRangeError(
+                f"weighted update exceeds the safe magnitude {limit:.3g} near index {start}; "
+                "send deltas instead of full weights, clip, or use a smaller weight",
+                code="update.out_of_range",
+            )
+
+
+class CkksCodec:
+    """CKKS encoding with the study's secret context (sites only).
+
+    ``max_sites`` sizes the overflow guard: each site's weighted values must stay below
+    ``max_abs_sum / max_sites`` so that the server's sum of up to ``max_sites`` updates
+    decrypts correctly.
+    """
+
+    def __init__(self, secret_context: bytes, *, max_sites: int = DEFAULT_MAX_SITES) -> None:
+        if max_sites < 1:
+            raise ValueError("max_sites must be >= 1")
+        self._ctx = load_context(secret_context, require_secret=True)
+        self._info: ContextInfo = context_info(self._ctx)
+        self._max_sites = max_sites
+        self._dither_key = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=_DITHER_INFO
+        ).derive(bytes(secret_context))
+        scale_bits = math.log2(self._info.global_scale)
+        self._grid = float(2.0 ** -(scale_bits - _ROUNDING_GRID_BITS))
+
+    @property
+    def scheme(self) -> Scheme:
+        """Always ``ckks``."""
+        return "ckks"
+
+    @property
+    def chunk_size(self) -> int:
+        """The context's slot count (N/2)."""
+        return self._info.slot_count
+
+    @property
+    def per_site_limit(self) -> float:
+        """Largest ``|weight * value|`` a site may send."""
+        return self._info.max_abs_sum / self._max_sites
+
+    @property
+    def rounding_grid(self) -> float:
+        """Grid the decrypted weighted sum is rounded to (before dividing by the weight)."""
+        return self._grid
+
+    def iter_encrypted_chunks(
+        self, vector: npt.NDArray[np.floating], *, weight: float, num_params: int
+    ) -> Iterator[bytes]:
+        """Check the whole vector, then yield serialised ciphertexts one chunk at a time.
+
+        Only one chunk of weighted float64 values and one ciphertext exist at a time, so a
+        caller that writes each chunk out does not hold the update twice.
+        """
+        w = _check_weight(weight)
+        _check_vector(vector, num_params)
+        _scan_chunks(vector, self.chunk_size, w, self.per_site_limit)
+        return self._encrypt(vector, w)
+
+    def _encrypt(self, vector: npt.NDArray[np.floating], weight: float) -> Iterator[bytes]:
+        for start in range(0, vector.shape[0], self.chunk_size):
+            part = np.asarray(vector[start : start + self.chunk_size], dtype=np.float64) * weight
+            yield bytes(ts.ckks_vector(self._ctx, part).serialize())
+
+    def encode(
+        self, vector: npt.NDArray[np.floating], *, weight: float, info: RoundInfo
+    ) -> EncryptedUpdate:
+        """Encrypt ``weight * vector`` for the round described by ``info``."""
+        chunks = list(self.iter_encrypted_chunks(vector, weight=weight, num_params=info.num_params))
+        return EncryptedUpdate.build(info, chunk_size=self.chunk_size, chunks=chunks)
+
+    def decrypt_aggregate(
+        self, chunks: Sequence[bytes], *, num_params: int, total_weight: float
+    ) -> npt.NDArray[np.float64]:
+        """Decrypt the aggregate, round it (see module docs) and divide by ``total_weight``."""
+        total = _check_weight(total_weight, "total_weight")
+        n_chunks = expected_chunks(num_params, self.chunk_size)
+        if len(chunks) != n_chunks:
+            raise WireFormatError(
+                f"aggregate has {len(chunks)} chunks, expected {n_chunks}",
+                code="update.wrong_chunk_count",
+            )
+        out = np.empty(num_params, dtype=np.float64)
+        for index, chunk in enumerate(chunks):
+            length = chunk_length(num_params, self.chunk_size, index)
+            try:
+                vec = ts.ckks_vector_from(self._ctx, bytes(chunk))
+                size = int(vec.size())
+            except (ValueError, RuntimeError, TypeError, IndexError):
+                raise WireFormatError(
+                    f"aggregate chunk {index} cannot be decoded", code="update.undecodable_chunk"
+                ) from None
+            if size != length:
+                raise WireFormatError(
+                    f"aggregate chunk {index} holds {size} values, expected {length}",
+                    code="update.size_mismatch",
+                )
+            values = np.asarray(vec.decrypt(), dtype=np.float64)
+            start = index * self.chunk_size
+            out[start : start + length] = self._round(values, bytes(chunk)) / total
+        return out
+
+    def _round(self, values: npt.NDArray[np.float64], chunk: bytes) -> npt.NDArray[np.float64]:
+        # Keyed dither in [-grid/2, grid/2), the same at every site (it depends only on the
+        # shared secret and the ciphertext), then rounding to the grid: the output no longer
+        # carries the exact CKKS error that a key-recovery attack needs.
+        nonce = hashlib.sha256(chunk).digest()[:16]
+        stream = Cipher(algorithms.ChaCha20(self._dither_key, nonce), mode=None).encryptor()
+        raw = np.frombuffer(stream.update(bytes(8 * values.shape[0])), dtype="<u8")
+        dither = ((raw >> np.uint64(11)).astype(np.float64) * 2.0**-53 - 0.5) * self._grid
+        return np.round((values + dither) / self._grid) * self._grid
+
+
+class PlainCodec:
+    """Float64 chunks for studies with encryption off; same interface as :class:`CkksCodec`."""
+
+    def __init__(self, *, chunk_size: int = PLAIN_CHUNK_SIZE) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        self._chunk_size = chunk_size
+
+    @property
+    def scheme(self) -> Scheme:
+        """Always ``plain``."""
+        return "plain"
+
+    @property
+    def chunk_size(self) -> int:
+        """Values per chunk."""
+        return self._chunk_size
+
+    def encode(
+        self, vector: npt.NDArray[np.floating], *, weight: float, info: RoundInfo
+    ) -> PlainUpdate:
+        """``weight * vector`` as little-endian float64 chunks."""
+        w = _check_weight(weight)
+        _check_vector(vector, info.num_params)
+        _scan_chunks(vector, self._chunk_size, w, math.inf)
+        chunks = [
+            (np.asarray(vector[s : s + self._chunk_size], dtype=np.float64) * w)
+            .astype("<f8")
+            .tobytes()
+            for s in range(0, vector.shape[0], self._chunk_size)
+        ]
+        return PlainUpdate.build(info, chunk_size=self._chunk_size, chunks=chunks)
+
+    def decrypt_aggregate(
+        self, chunks: Sequence[bytes], *, num_params: int, total_weight: float
+    ) -> npt.NDArray[np.float64]:
+        """Decode the summed float64 chunks and divide by ``total_weight``."""
+        total = _check_weight(total_weight, "total_weight")
+        n_chunks = expected_chunks(num_params, self._chunk_size)
+        if len(chunks) != n_chunks:
+            raise WireFormatError(
+                f"aggregate has {len(chunks)} chunks, expected {n_chunks}",
+                code="update.wrong_chunk_count",
+            )
+        out = np.empty(num_params, dtype=np.float64)
+        for index, chunk in enumerate(chunks):
+            length = chunk_length(num_params, self._chunk_size, index)
+            if len(chunk) != 8 * length:
+                raise WireFormatError(
+                    f"aggregate chunk {index} has {len(chunk)} bytes, expected {8 * length}",
+                    code="update.size_mismatch",
+                )
+            start = index * self._chunk_size
+            out[start : start + length] = np.frombuffer(chunk, dtype="<f8") / total
+        if not np.isfinite(out).all():
+            raise NonFiniteUpdateError("the aggregate holds NaN/infinite values")
+        return out
+
+
+def encode_update(
+    vector: npt.NDArray[np.floating],
+    *,
+    weight: float,
+    secret_context: bytes,
+    study_id: str,
+    contract_hash: str,
+    round_number: int,
+    num_params: int,
+    max_sites: int = DEFAULT_MAX_SITES,
+) -> EncryptedUpdate:
+    """Encrypt ``weight * vector`` with the study's secret context (one-shot helper).
+
+    Raises :class:`NonFiniteUpdateError` (NaN/inf), :class:`UpdateShapeError` (length,
+    shape, dtype), :class:`UpdateRangeError` (weight, overflow guard). Build one
+    :class:`CkksCodec` instead when encoding several updates with the same context.
+    """
+    codec = CkksCodec(secret_context, max_sites=max_sites)
+    info = RoundInfo(study_id, contract_hash, round_number, num_params)
+    return codec.encode(vector, weight=weight, info=info)
+
+
+def decrypt_aggregate(
+    chunks: Sequence[bytes], *, secret_context: bytes, num_params: int, total_weight: float
+) -> npt.NDArray[np.float64]:
+    """Decrypt the server's aggregate chunks and divide by the total weight (one-shot helper)."""
+    return CkksCodec(secret_context).decrypt_aggregate(
+        chunks, num_params=num_params, total_weight=total_weight
+    )
