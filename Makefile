@@ -26,12 +26,13 @@ DEMO_ARGS ?=
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(VENV)/.stamp-python: pyproject.toml
+$(VENV)/.stamp-python: pyproject.toml benchmarks/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: any other spec may pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e ./benchmarks
 	touch $@
 
 tests/oidc_provider/node_modules/.stamp: tests/oidc_provider/package-lock.json
@@ -43,10 +44,11 @@ install: $(VENV)/.stamp-python tests/oidc_provider/node_modules/.stamp ## Create
 demo: $(VENV)/.stamp-python ## A whole study across three local hospitals (embedded defaults)
 	$(BIN)/consortium demo $(DEMO_ARGS)
 
-check: install ## Lint (ruff) and type-check (mypy)
+check: install ## Lint (ruff), type-check (mypy) and check the import contracts (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: check ## Lint, type-check, then every test on SQLite and PostgreSQL
 	bash scripts/ensure-postgres.sh

@@ -49,10 +49,10 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.apps.grids import LocalGrid, wire_bytes
 from concord_protocol.contract import ModelSpec
 from concord_protocol.wire.messages import REC_CONFIG, REC_GLOBAL, blobs_to_arrays
 from consortium_server.federation.blind_sum import blind_sum
-from consortium_server.federation.grids import LocalGrid, wire_bytes
 from site_node.crypto import (
     CkksCodec,
     CkksParams,

@@ -12,9 +12,11 @@ each with the site's guarded ClientApp runner. Same model, same rounds, same dat
   the sites (four message waves per train phase), the unmasked model then evaluated as in
   Concord's loop.
 
-The three runs use the comparison bundle (``compare_apps.write_compare_app``): Concord's
-bundle plus the run-config key ``aggregation``; every site allows its hash, as a data
-steward would for a benchmark. Bytes are measured on the wire by the comparison ServerApp
+The three runs use the comparison bundle
+(``benchmarks.apps.compare_server.write_compare_app``): Concord's bundle with the
+comparison ServerApp and ClientApp and the run-config keys ``aggregation`` and
+``records-dir``; every site allows its hash with the comparison ClientApp, as a site's
+operator would for a benchmark. Bytes are measured on the wire by the comparison ServerApp
 (``MeteredGrid``: each message's deflated Flower objects, as ``aggregation_compare.py``
 does; no gRPC/TLS framing), per site and round, train and evaluate messages together.
 Times come from the round records (the ServerApp's clock). Accuracy and AUC are those of
@@ -34,7 +36,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,31 +46,29 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tomli_w
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from concord_demo.stack import free_port, start_registered_supernode
-from concord_protocol.bundle import bundle_hash
-from concord_protocol.contract import StudyContract
-from concord_protocol.processes import FlowerProcessError, ManagedProcess, flower_env, flwr_binary
-from consortium_server.federation.compare_apps import (
+from benchmarks.apps.compare_server import (
     CKKS,
+    CLIENTAPP_REF,
     FEDAVG,
     METHODS,
     SECAGGPLUS,
-    RoundTraffic,
     compare_run_config,
     read_traffic,
     write_compare_app,
 )
-from consortium_server.federation.processes import (
-    SuperLinkHandle,
-    start_superlink,
-    wait_for_outcome,
-)
-from consortium_server.federation.strategy import RunPlan, StudyOutcome
+from benchmarks.apps.metering import RoundTraffic
+from benchmarks.apps.runs import start_compare_run, wait_for_outcome
+from concord_demo.stack import free_port, start_registered_supernode
+from concord_protocol.bundle import bundle_hash
+from concord_protocol.contract import StudyContract
+from concord_protocol.processes import FlowerProcessError, ManagedProcess
+from consortium_server.federation.plan import RunPlan
+from consortium_server.federation.processes import start_superlink
+from consortium_server.federation.records import StudyOutcome
 from consortium_server.federation.tls import make_dev_tls
 from site_node.crypto import CkksCodec, EncodedUpdate, PlainCodec, generate_study_context
 from site_node.crypto import public_context as make_public_context
@@ -123,10 +122,12 @@ class Site:
 
 @dataclass
 class MethodRun:
-    """One method's run: plan, outcome, traffic, held-out scores."""
+    """One method's run: plan, where its ServerApp writes, outcome, traffic, held-out
+    scores."""
 
     method: str
     plan: RunPlan
+    records_dir: Path
     repeat: int = 0
     outcome: StudyOutcome | None = None
     traffic: list[RoundTraffic] = field(default_factory=list)
@@ -151,27 +152,6 @@ def _make_sites(root: Path) -> list[Site]:
         datasets.write_text(yaml.safe_dump([entry]))
         sites.append(Site(site_id, i, state, datasets))
     return sites
-
-
-def _start_run(link: SuperLinkHandle, app_dir: Path, config: dict[str, Any], path: Path) -> int:
-    """``flwr run`` the comparison bundle with ``config``; the run id."""
-    path.write_text(tomli_w.dumps(config))
-    args = ["run", str(app_dir), link.connection, "--run-config", str(path), "--format", "json"]
-    result = subprocess.run(
-        [flwr_binary("flwr"), *args],
-        env=flower_env(link.flwr_home),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    out = result.stdout + result.stderr
-    start = result.stdout.find("{")
-    body = json.loads(result.stdout[start:]) if start >= 0 else {}
-    run_id = body.get("run-id", body.get("run_id"))
-    if result.returncode != 0 or body.get("success") is False or run_id is None:
-        raise FlowerProcessError("flwr run did not start a run", out)
-    return int(str(run_id))
 
 
 def _final_vector(run: MethodRun, secret: bytes) -> Any:
@@ -239,14 +219,15 @@ def run_benchmark(
                         num_params=n_params,
                         sites=tuple(s.site_id for s in sites),
                         public_context=make_public_context(secret) if method == CKKS else None,
-                        records_dir=work / "records" / study_id,
                     ),
+                    work / "records" / study_id,
                     repeat,
                 )
             )
         for site in sites:
             store = ApprovalStore(site.state_dir)
-            store.allow_fab(fab_hash)  # the steward allows the comparison bundle
+            # The site's operator allows the comparison bundle, with its ClientApp.
+            store.allow_fab(fab_hash, clientapp=CLIENTAPP_REF)
             for run in runs:
                 store.approve(run.plan.study_id, run.plan.contract, run.plan.contract_hash)
                 if run.method == CKKS:
@@ -263,21 +244,19 @@ def run_benchmark(
             console.print(
                 f"[bold]{LABELS[run.method]}[/] (run {run.repeat + 1}): {rounds} round(s)…"
             )
-            assert run.plan.records_dir is not None
             limit = rounds * (2 * run.plan.round_timeout_s + 60) + run.plan.node_wait_s
             t1 = time.perf_counter()
             try:
-                _start_run(
+                start_compare_run(
                     link,
                     app_dir,
-                    compare_run_config(run.plan, run.method),
-                    work / f"run-config-{run.plan.study_id}.toml",
+                    compare_run_config(run.plan, run.method, records_dir=run.records_dir),
                 )
-                run.outcome = wait_for_outcome(run.plan.records_dir, timeout=limit, link=link)
+                run.outcome = wait_for_outcome(run.records_dir, timeout=limit, link=link)
             except FlowerProcessError as exc:
                 run.error = str(exc)
             run.run_wall_s = time.perf_counter() - t1
-            run.traffic = read_traffic(run.plan.records_dir)
+            run.traffic = read_traffic(run.records_dir)
             run.holdout = _score_holdout(run, secret)
             status = run.outcome.status if run.outcome else f"error: {run.error}"
             console.print(f"  {status} in {run.run_wall_s:.1f} s")
@@ -333,7 +312,7 @@ def _round_rows(run: MethodRun) -> list[dict[str, Any]]:
                 "wall_minus_training_s": max(0.0, r.wall_seconds - slowest_train),
                 "epsilon_max": max((e for e in r.epsilon.values() if e is not None), default=None),
                 "local_test": dict(r.evaluation),
-                "rejected": list(r.rejected),
+                "rejected": [x.as_record() for x in r.rejected],
                 "waves": t.waves if t else 0,
                 "metering_s": t.metering_seconds if t else 0.0,
                 "per_site": per_site,

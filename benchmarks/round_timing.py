@@ -1,7 +1,11 @@
 """Per-round wall time of a study on real Flower processes, split into training and overhead.
 
 Starts a SuperLink (TLS, SuperNode auth) and three SuperNodes on loopback, runs a DP+HE
-breast-cancer study, and prints per-round figures from the ServerApp's round records:
+breast-cancer study, and prints per-round figures from the ServerApp's round records. With
+no consortium server to report to, the study runs as the comparison bundle's ``ckks``
+method (``fedavg`` with ``--plain``): Concord's own round loop and strategy, unchanged, with
+the records written to disk (:mod:`benchmarks.apps.compare_server`); every site allows that
+bundle with its ClientApp, which serves these methods with Concord's own handlers.
 
 * wall: the whole round (train phase + blind sum + evaluate phase);
 * train phase: from sending ``train`` to the last reply;
@@ -25,11 +29,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.apps.compare_server import (
+    CKKS,
+    CLIENTAPP_REF,
+    FEDAVG,
+    compare_run_config,
+    write_compare_app,
+)
+from benchmarks.apps.runs import start_compare_run, wait_for_outcome
 from concord_demo.stack import start_registered_supernode
-from concord_protocol.bundle import APP_DIR
+from concord_protocol.bundle import bundle_hash
 from concord_protocol.processes import ManagedProcess
-from consortium_server.federation.processes import run_study, start_superlink
-from consortium_server.federation.strategy import RunPlan
+from consortium_server.federation.plan import RunPlan
+from consortium_server.federation.processes import start_superlink
+from site_node.federation.approvals import ApprovalStore
 from site_node.training import build_model, num_parameters
 from tests.support.flower import (
     approve_everywhere,
@@ -56,7 +69,10 @@ def main() -> None:
         try:
             sites = [make_site(root / "sites", i) for i in range(3)]
             public = approve_everywhere(sites, "bench", contract)
+            app_dir = write_compare_app(root / "compare-app")
+            fab_hash = bundle_hash(app_dir)
             for site in sites:
+                ApprovalStore(site.state_dir).allow_fab(fab_hash, clientapp=CLIENTAPP_REF)
                 nodes.append(
                     start_registered_supernode(
                         link,
@@ -75,10 +91,13 @@ def main() -> None:
                 num_params=n,
                 sites=tuple(s.site_id for s in sites),
                 public_context=public,
-                records_dir=root / "records",
             )
+            records = root / "records"
+            config = compare_run_config(plan, FEDAVG if args.plain else CKKS, records_dir=records)
+            limit = plan.rounds * (2 * plan.round_timeout_s + 60) + plan.node_wait_s
             t0 = time.perf_counter()
-            outcome = run_study(link, plan, app_dir=APP_DIR, work_dir=root / "runs")
+            start_compare_run(link, app_dir, config)
+            outcome = wait_for_outcome(records, timeout=limit, link=link)
             total = time.perf_counter() - t0
         finally:
             for node in nodes:

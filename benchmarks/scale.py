@@ -1,18 +1,20 @@
 """Benchmark: one study with 10, 50 and 100 simulated sites on Flower's simulation engine.
 
 The whole of Concord's round runs, unchanged, on Flower 1.41's simulation engine
-(``flwr.simulation.run_simulation``, Ray backend): a ``ServerApp`` whose main calls
-``run_recorded`` (the real round loop ``run_study_rounds`` with the real
-``BlindAggregationStrategy``, records, checkpoint and final model on disk), and ``N``
-virtual SuperNodes that run the real site ``ClientApp``
-(``site_node.federation.clientapp:app``: contract guard, Opacus DP-SGD, CKKS encryption of
-the weighted update, decryption of the aggregate for evaluation).
+(``flwr.simulation.run_simulation``, Ray backend): a ``ServerApp`` whose main runs the real
+round loop ``run_study_rounds`` with the real ``BlindAggregationStrategy``, gated by the
+benchmarks' :class:`~benchmarks.apps.records.RecordingGate` (no consortium server here: it
+writes each round record to disk and lets the next round start), then writes the outcome
+and the final model next to the records; and ``N`` virtual SuperNodes that run the real
+site ``ClientApp`` (``site_node.federation.clientapp:app``: contract guard, Opacus DP-SGD,
+CKKS encryption of the weighted update, decryption of the aggregate for evaluation).
 
     .venv/bin/python benchmarks/scale.py                   # 10, 50 and 100 sites, 1 round
     .venv/bin/python benchmarks/scale.py --quick           # 10 sites, 1 round
     .venv/bin/python benchmarks/scale.py --sites 20 --rounds 2 --json scale.json
 
-Needs ``flwr[simulation]`` (Ray): ``pip install -e '.[scale]'``.
+Needs ``flwr[simulation]`` (Ray): ``pip install -e '.[scale]'``, and the benchmarks package
+(``pip install -e ./benchmarks``, which ``make install`` does).
 
 A simulated site is a virtual SuperNode with everything a real site keeps on disk: its own
 state dir (the steward's approval of the contract, its copy of the study key, its DP
@@ -88,6 +90,8 @@ from rich.progress import (  # noqa: E402
 )
 from rich.table import Table  # noqa: E402
 
+from benchmarks.apps.grids import ForwardingGrid, wire_bytes  # noqa: E402
+from benchmarks.apps.records import RecordingGate, read_outcome, write_outcome  # noqa: E402
 from concord_protocol.contract import (  # noqa: E402
     EncryptionSpec,
     FederationSpec,
@@ -99,9 +103,9 @@ from concord_protocol.contract import (  # noqa: E402
 )
 from concord_protocol.rounds import RoundRecord  # noqa: E402
 from concord_protocol.wire.format import EncodedUpdate  # noqa: E402
-from consortium_server.federation.grids import ForwardingGrid, wire_bytes  # noqa: E402
-from consortium_server.federation.serverapp import read_outcome, run_recorded  # noqa: E402
-from consortium_server.federation.strategy import RunPlan, StudyOutcome  # noqa: E402
+from consortium_server.federation.plan import RunPlan  # noqa: E402
+from consortium_server.federation.records import StudyOutcome  # noqa: E402
+from consortium_server.federation.serverapp import run_study_rounds  # noqa: E402
 from site_node.crypto import generate_study_context, public_context  # noqa: E402
 from site_node.crypto.codecs import CkksCodec  # noqa: E402
 from site_node.federation.approvals import ApprovalStore  # noqa: E402
@@ -524,7 +528,6 @@ def prepare(
         num_params=num_params,
         sites=tuple(site_id(i) for i in range(n_sites)),
         public_context=public,
-        records_dir=workdir / "records",
         node_wait_s=300.0,
     )
     (workdir / "plan.json").write_text(json.dumps(plan.to_run_config()))
@@ -553,7 +556,7 @@ def run_one(workdir: Path, *, actors: int) -> dict[str, Any]:
     _quiet()
     load_before = os.getloadavg()
     plan = RunPlan.from_run_config(json.loads((workdir / "plan.json").read_text()))
-    assert plan.records_dir is not None
+    records_dir = workdir / "records"
     n_sites = len(plan.sites)
     dirs = SiteDirs(str(workdir / "sites"))
     outcome_box: list[StudyOutcome] = []
@@ -565,7 +568,9 @@ def run_one(workdir: Path, *, actors: int) -> dict[str, Any]:
         def _main(grid: Grid, context: Context) -> None:
             meter = MeteredGrid(grid, progress)
             metered.append(meter)
-            outcome_box.append(run_recorded(meter, plan))
+            outcome = run_study_rounds(meter, plan, gate=RecordingGate(records_dir))
+            write_outcome(records_dir, outcome)
+            outcome_box.append(outcome)
 
         start_task: TaskID = progress.add_task(
             f"simulation: {n_sites} virtual SuperNodes on {actors} Ray actors", total=None
@@ -601,7 +606,7 @@ def run_one(workdir: Path, *, actors: int) -> dict[str, Any]:
         "driver_peak_rss_bytes": peak_rss_bytes(),
         "driver_ru_maxrss_bytes": ru_maxrss_bytes(),
         "ray": sampler.as_record(),
-        "final_model": decrypt_check(dirs, plan.records_dir, plan.num_params),
+        "final_model": decrypt_check(dirs, records_dir, plan.num_params),
         "load_before": list(load_before),
         "load_after": list(os.getloadavg()),
     }

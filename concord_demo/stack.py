@@ -17,6 +17,7 @@ import yaml
 
 from concord_protocol.client import ConsortiumClient
 from concord_protocol.policy.engine import Decision
+from concord_protocol.policy.shipped import shipped_policies
 from concord_protocol.processes import (
     FlowerProcessError,
     ManagedProcess,
@@ -24,9 +25,11 @@ from concord_protocol.processes import (
     flwr_binary,
     spawn,
 )
+from consortium_server.federation.federation_token import create_token
 from consortium_server.federation.processes import (
     SuperLinkHandle,
     register_supernode,
+    serverapp_env,
     start_superlink,
 )
 from consortium_server.federation.tls import make_dev_tls
@@ -34,12 +37,12 @@ from consortium_server.identity.local_issuer import LocalIssuer
 from consortium_server.settings import ServerSettings
 from site_node.crypto.sealing import SiteKeyPair
 from site_node.federation.processes import SuperNodeSpec, start_supernode
-from site_node.keys import SUPERNODE_KEY_FILE, init_site_keys, write_supernode_key
+from site_node.key_files import SUPERNODE_KEY_FILE, init_site_keys, write_supernode_key
 
 __all__ = ["DemoStack", "Hospital", "free_port", "spawn_server", "start_registered_supernode"]
 
 RESEARCHER_ORG = "University of Leiden"
-POLICIES = Path(__file__).resolve().parents[1] / "policies"
+POLICIES = shipped_policies()
 
 
 def free_port() -> int:
@@ -140,14 +143,26 @@ class DemoStack:
             shutil.rmtree(self.state)
         self.state.mkdir(parents=True)
 
-    def start_superlink(self, *, restart: bool = False) -> SuperLinkHandle:
-        """The SuperLink with TLS (a development CA) and SuperNode authentication.
+    @property
+    def token_file(self) -> Path:
+        """The federation token the server and the SuperLink's ServerApps share."""
+        return self.state / "serverapp-token"
 
-        ``restart``: start it again after it stopped, with the same TLS files, port and
-        state database (its registered SuperNodes and runs)."""
+    def start_superlink(self, *, restart: bool = False) -> SuperLinkHandle:
+        """The SuperLink with TLS (a development CA) and SuperNode authentication, whose
+        ServerApps report rounds to the server's internal API with the federation token.
+
+        ``restart``: start it again after it stopped, with the same TLS files, port, token
+        and state database (its registered SuperNodes and runs)."""
         if not restart:
             self.tls = make_dev_tls(self.state / "tls")
-        self.link = start_superlink(self.state / "superlink", port=self.link_port, tls=self.tls)
+            create_token(self.token_file)
+        self.link = start_superlink(
+            self.state / "superlink",
+            port=self.link_port,
+            tls=self.tls,
+            extra_env=serverapp_env(self.api_url, self.token_file),
+        )
         return self.link
 
     def start_server(self) -> None:
@@ -160,7 +175,7 @@ class DemoStack:
             "CONCORD_POLICY__MEMBER_ORGANISATIONS": json.dumps([RESEARCHER_ORG]),
             "CONCORD_FEDERATION__SUPERLINK_ADDRESS": self.link.address,
             "CONCORD_FEDERATION__ROOT_CERTIFICATES": str(self.tls.ca_cert),
-            "CONCORD_FEDERATION__RUNS_DIR": str(self.state / "runs"),
+            "CONCORD_FEDERATION__SERVERAPP_TOKEN_FILE": str(self.token_file),
         }
         self.server = spawn_server(
             self.bin, env, url=self.api_url, log_path=self.state / "server.log"

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from concord_demo.stack import RESEARCHER_ORG, DemoStack, Hospital
 from concord_protocol.client import ConsortiumClient
+from concord_protocol.rounds import RoundAuditDetails
 
 __all__ = ["DemoOptions", "DemoResult", "dataset_governance", "run_demo"]
 
@@ -316,18 +317,18 @@ def _run_rounds(
                 seen += 1
                 if entry["object"]["id"] != study["id"] or not entry["action"].startswith("round."):
                     continue
-                details = entry["details"]
-                row = {
-                    "round": details["round_number"],
-                    "status": details["status"],
-                    "participants": details["participants"],
-                    "samples": sum(details["sample_counts"].values()),
-                    "accuracy": details["evaluation"].get("accuracy", float("nan")),
-                    "auc": details["evaluation"].get("auc", float("nan")),
+                record = RoundAuditDetails.model_validate(entry["details"]).record
+                row: dict[str, Any] = {
+                    "round": record.round_number,
+                    "status": record.status,
+                    "participants": record.participants,
+                    "samples": sum(record.sample_counts.values()),
+                    "accuracy": record.evaluation.get("accuracy", float("nan")),
+                    "auc": record.evaluation.get("auc", float("nan")),
                     "epsilon": max(
-                        (e for e in details["epsilon"].values() if e is not None), default=0.0
+                        (e for e in record.epsilon.values() if e is not None), default=0.0
                     ),
-                    "bytes": 2 * len(details["participants"]) * update_bytes,
+                    "bytes": 2 * len(record.participants) * update_bytes,
                     "head": f"{head['tree_size']} {head['root_hash'][:10]}…",
                 }
                 result.rounds.append(row)

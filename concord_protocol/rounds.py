@@ -1,49 +1,85 @@
 """The one typed record of a federated round: what happened, with no values and no tensors.
 
-The federation writes it (the ServerApp fills one per round), the consortium server's
-ledger charges from it, the audit log stores it as the details of ``round.completed`` /
-``round.failed``, and the compliance reports read it back.
+The ServerApp fills one :class:`RoundRecord` per round and posts it to the consortium
+server; the server's ledger charges each site's reported epsilon from it, the audit log
+stores it as the details of the ``round.completed`` / ``round.failed`` entry
+(:class:`RoundAuditDetails`: the record plus what the ledger charged), and the compliance
+reports read it back from those entries. Nothing else reshapes a round.
+
+Epsilon is the site accountant's value for the whole study so far (cumulative, per site);
+``None`` means the site reported nothing usable. ``rejected`` lists replies that were
+dropped, each with its site (or ``node-<id>``), a stable reason and a detail.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
-__all__ = ["RoundRecord"]
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt
+
+__all__ = [
+    "ROUND_ACTIONS",
+    "RejectedReply",
+    "RoundAuditDetails",
+    "RoundRecord",
+    "RoundStatus",
+]
+
+RoundStatus = Literal["running", "aggregated", "failed"]
+#: The audit actions of a finished round.
+ROUND_ACTIONS = ("round.completed", "round.failed")
+
+SiteId = Annotated[str, Field(min_length=1, max_length=128)]
 
 
-@dataclass
-class RoundRecord:
-    """What happened in one round, JSON-ready for the audit log (no values, no tensors)."""
+class RejectedReply(BaseModel):
+    """A reply the round did not sum, and why (``reason`` is a stable code)."""
 
-    study_id: str
-    contract_hash: str
-    round_number: int
-    status: str = "running"  # "aggregated" | "failed"
-    started_at: str = ""
-    finished_at: str = ""
-    wall_seconds: float = 0.0
-    train_wall_seconds: float = 0.0
-    evaluate_wall_seconds: float = 0.0
-    aggregate_seconds: float = 0.0
-    site_train_seconds: dict[str, float] = field(default_factory=dict)
-    site_encrypt_seconds: dict[str, float] = field(default_factory=dict)
-    nodes_contacted: int = 0
-    participants: list[str] = field(default_factory=list)
-    sample_counts: dict[str, int] = field(default_factory=dict)
-    epsilon: dict[str, float | None] = field(default_factory=dict)
-    site_digests: dict[str, str] = field(default_factory=dict)
-    aggregate_digest: str | None = None
-    total_weight: float = 0.0
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    missing_sites: list[str] = field(default_factory=list)
-    evaluation: dict[str, float] = field(default_factory=dict)
-    failure: str | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    site_id: str = Field(max_length=128, description="The site, or `node-<id>` if unknown.")
+    reason: str = Field(max_length=64)
+    detail: str = Field(default="", max_length=2000)
+    digest: str | None = Field(default=None, description="Update digest, when it had one.")
+    chunk_index: int | None = Field(default=None, description="The offending chunk, if one.")
 
     def as_record(self) -> dict[str, Any]:
-        """Plain dict for JSON / the audit log."""
-        return asdict(self)
+        """Plain JSON-ready dict."""
+        return self.model_dump(mode="json")
+
+
+class RoundRecord(BaseModel):
+    """What happened in one round of a study (JSON-ready; no values, no tensors)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    study_id: str = Field(min_length=1, max_length=128)
+    contract_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    round_number: int = Field(ge=1, le=100_000)
+    status: RoundStatus = "running"
+    started_at: str = ""
+    finished_at: str = ""
+    wall_seconds: NonNegativeFloat = 0.0
+    train_wall_seconds: NonNegativeFloat = 0.0
+    evaluate_wall_seconds: NonNegativeFloat = 0.0
+    aggregate_seconds: NonNegativeFloat = 0.0
+    site_train_seconds: dict[SiteId, float] = Field(default_factory=dict)
+    site_encrypt_seconds: dict[SiteId, float] = Field(default_factory=dict)
+    nodes_contacted: NonNegativeInt = 0
+    participants: list[SiteId] = Field(default_factory=list)
+    sample_counts: dict[SiteId, NonNegativeInt] = Field(default_factory=dict)
+    epsilon: dict[SiteId, float | None] = Field(default_factory=dict)
+    site_digests: dict[SiteId, str] = Field(default_factory=dict)
+    aggregate_digest: str | None = None
+    total_weight: NonNegativeFloat = 0.0
+    rejected: list[RejectedReply] = Field(default_factory=list)
+    missing_sites: list[SiteId] = Field(default_factory=list)
+    evaluation: dict[str, float] = Field(default_factory=dict)
+    failure: str | None = Field(default=None, max_length=4000)
+
+    def as_record(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (for the audit log and files)."""
+        return self.model_dump(mode="json")
 
     @property
     def orchestration_seconds(self) -> float:
@@ -56,3 +92,19 @@ class RoundRecord:
             default=0.0,
         )
         return max(0.0, self.train_wall_seconds - busiest)
+
+
+class RoundAuditDetails(BaseModel):
+    """The details of a ``round.completed`` / ``round.failed`` audit entry.
+
+    ``record`` is the round as the federation reported it; ``charged_epsilon`` what the
+    ledger charged for it, per **dataset**: the study's cumulative epsilon on that dataset
+    after this round (as a decimal string), for aggregated rounds; ``overcharged`` the
+    charges the ledger refused.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    record: RoundRecord
+    charged_epsilon: dict[str, str] = Field(default_factory=dict)
+    overcharged: list[str] = Field(default_factory=list)

@@ -1,6 +1,7 @@
 """Domain errors with stable codes, one public catalogue, and one translator at the HTTP edge.
 
-Services raise :class:`DomainError` subclasses carrying a stable ``code``. The catalogue maps
+Services raise :class:`DomainError` subclasses carrying a stable ``code``, built like every
+Concord error: ``NotFoundError("No such study.", code="study.not_found")``. The catalogue maps
 each code to an HTTP status and a public title; :func:`install_error_handlers` is the only
 place that turns errors into responses. Clients see the code, a sanitised message and the
 request id, never a stack trace.
@@ -8,7 +9,8 @@ request id, never a stack trace.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from concord_protocol.errors import ConcordError
@@ -81,6 +83,34 @@ CATALOGUE: dict[str, CatalogueEntry] = {
     "federation.superlink_error": CatalogueEntry(
         502, "The SuperLink did not accept the request; nothing was changed."
     ),
+    "federation.round_out_of_order": CatalogueEntry(
+        409, "The round is not the study's next round."
+    ),
+    "federation.checkpoint_missing": CatalogueEntry(
+        409, "No aggregate is stored for this round; upload it before reporting the round."
+    ),
+    "federation.report_invalid": CatalogueEntry(
+        422, "The round report names another study or contract."
+    ),
+    "federation.attempt_stale": CatalogueEntry(409, "This run attempt was replaced; it must stop."),
+    # Codes of the shared protocol code (concord_protocol.errors), as the API answers them.
+    "update.malformed": CatalogueEntry(422, "The update is not valid in the wire format."),
+    "update.malformed_header": CatalogueEntry(422, "The update's header is not valid."),
+    "update.wrong_chunk_count": CatalogueEntry(
+        422, "The update does not have the chunks its header announces."
+    ),
+    "update.digest_mismatch": CatalogueEntry(422, "An update chunk does not match its digest."),
+    "update.undecodable_chunk": CatalogueEntry(422, "An update chunk cannot be decoded."),
+    "update.size_mismatch": CatalogueEntry(422, "An update chunk has the wrong size."),
+    "update.header_mismatch": CatalogueEntry(
+        422, "The update's header names another study, round or scheme."
+    ),
+    "model.unknown": CatalogueEntry(422, "No catalogue model has this name and version."),
+    "model.invalid_hyperparameter": CatalogueEntry(
+        422, "A hyperparameter is unknown, of the wrong type, or out of range."
+    ),
+    "model.incompatible_input": CatalogueEntry(422, "The datasets' input does not suit the model."),
+    "audit.invalid_proof": CatalogueEntry(422, "The Merkle proof does not verify."),
     "audit.entry_not_found": CatalogueEntry(404, "No audit entry with this index."),
     "audit.head_not_found": CatalogueEntry(404, "No signed tree head with this size and root."),
     "audit.invalid_range": CatalogueEntry(422, "The index or tree sizes are outside the log."),
@@ -149,25 +179,31 @@ CATALOGUE: dict[str, CatalogueEntry] = {
 }
 
 
-@dataclass
 class DomainError(ConcordError):
-    """An error the domain knows about. ``code`` must be in :data:`CATALOGUE`.
+    """An error the domain knows about. Its ``code`` must be in :data:`CATALOGUE`.
 
-    ``message`` is shown to the client (keep patient data and secrets out of it);
-    ``details`` is a list of structured items (for example one per invalid field).
+    Built like every Concord error, ``DomainError(message, *, code=..., details=...)``;
+    each subclass names its default code. ``message`` is shown to the client (keep patient
+    data and secrets out of it); ``details`` is a list of structured items (for example one
+    per invalid field).
     """
 
-    code: str
-    message: str = ""
-    details: list[dict[str, Any]] = field(default_factory=list)
+    code = "internal"
 
-    def __post_init__(self) -> None:
-        if self.code not in CATALOGUE:
-            raise ValueError(f"unknown error code {self.code!r}: add it to CATALOGUE")
-        Exception.__init__(self, self.message or CATALOGUE[self.code].title)
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        code: str | None = None,
+        details: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        chosen = code or type(self).code
+        if chosen not in CATALOGUE:
+            raise ValueError(f"unknown error code {chosen!r}: add it to CATALOGUE")
+        super().__init__(message, code=chosen, details=details)
 
     def __str__(self) -> str:
-        return self.message or CATALOGUE[self.code].title
+        return self.public_message()
 
     @property
     def status(self) -> int:
@@ -182,44 +218,43 @@ class DomainError(ConcordError):
 class AuthenticationError(DomainError):
     """The caller could not be authenticated (401)."""
 
-    def __init__(self, code: str = "auth.invalid_token", message: str = "") -> None:
-        super().__init__(code, message)
+    code = "auth.invalid_token"
 
 
 class ForbiddenError(DomainError):
     """The caller is authenticated but not allowed (403)."""
 
-    def __init__(self, message: str = "", code: str = "auth.forbidden") -> None:
-        super().__init__(code, message)
+    code = "auth.forbidden"
 
 
 class NotFoundError(DomainError):
     """The object does not exist or is not visible to the caller (404)."""
 
-    def __init__(self, code: str = "resource.not_found", message: str = "") -> None:
-        super().__init__(code, message)
+    code = "resource.not_found"
 
 
 class ConflictError(DomainError):
     """The request conflicts with the current state (409)."""
 
+    code = "resource.conflict"
+
 
 class InvalidRequestError(DomainError):
     """The request is well-formed JSON but not acceptable (422)."""
+
+    code = "request.invalid"
 
 
 class PolicyDeniedError(DomainError):
     """A data-use policy denied the action; ``details`` carries the reasons."""
 
-    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
-        super().__init__("policy.denied", message, details or [])
+    code = "policy.denied"
 
 
 class ServiceUnavailableError(DomainError):
     """A backing service (database, identity provider) is down (503)."""
 
-    def __init__(self, message: str = "", code: str = "service.unavailable") -> None:
-        super().__init__(code, message)
+    code = "service.unavailable"
 
 
 def public_entry(code: str) -> CatalogueEntry:

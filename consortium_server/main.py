@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import OperationalError
 
+from concord_protocol.catalogue import catalogue_keys
 from concord_protocol.policy.engine import SCHEMA_FILENAME, PolicyEngine
 from consortium_server import __version__
 from consortium_server.api.errors import install_error_handlers
@@ -24,12 +25,14 @@ from consortium_server.budgets.router import router as budgets_router
 from consortium_server.datasets.router import router as datasets_router
 from consortium_server.db.migrate import upgrade_to_head
 from consortium_server.db.session import make_engine, make_sessionmaker, session_scope
+from consortium_server.federation.federation_token import load_or_create_token, load_token
+from consortium_server.federation.internal_router import router as internal_router
 from consortium_server.federation.router import router as federation_router
 from consortium_server.federation.runs import build_run_manager, connect_superlink
 from consortium_server.federation.supernodes import FlwrSuperNodeRegistry
 from consortium_server.identity.factory import build_local_issuer, build_verifier
 from consortium_server.identity.router import router as identity_router
-from consortium_server.policy.checks import PolicyContext, model_catalogue_keys
+from consortium_server.policy.checks import PolicyContext
 from consortium_server.policy.router import router as policy_router
 from consortium_server.policy.service import active_version
 from consortium_server.release.router import router as release_router
@@ -44,6 +47,10 @@ __all__ = ["create_app"]
 KEY_RELAY_PATH = re.compile(r"/api/v1/studies/[^/]+/keys")
 #: A site uploads the released model (float64 parameters: 8 bytes each).
 MODEL_UPLOAD_PATH = re.compile(r"/api/v1/studies/[^/]+/release/model")
+#: The ServerApp uploads each round's encrypted aggregate.
+CHECKPOINT_PATH = re.compile(
+    r"/internal/v1/federation/studies/[^/]+/runs/[^/]+/rounds/\d+/checkpoint"
+)
 
 log = logging.getLogger("concord.server")
 
@@ -105,7 +112,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.state.audit_log = AuditLog(witness_quorum=settings.audit.witness_quorum)
         app.state.tree_head_signer = TreeHeadSigner.load_or_create(settings.audit_head_key_file())
         app.state.policy_context = PolicyContext(
-            model_catalogue=model_catalogue_keys(),
+            model_catalogue=catalogue_keys(),
             member_organisations=frozenset(settings.policy.member_organisations),
             directory=settings.policy_directory(),
         )
@@ -116,22 +123,23 @@ def create_app(settings: ServerSettings) -> FastAPI:
             if link is not None and settings.federation.register_supernodes
             else None
         )
-        app.state.run_manager = (
-            build_run_manager(
+        app.state.run_manager = None
+        app.state.serverapp_token = None
+        if link is not None:
+            app.state.serverapp_token = (
+                load_token(settings.federation.serverapp_token_file)
+                if settings.federation.serverapp_token_file is not None
+                else load_or_create_token(settings.serverapp_token_file())
+            )
+            app.state.run_manager = build_run_manager(
                 settings,
                 link,
                 app.state.sessionmaker,
                 app.state.audit_log,
                 app.state.policy_context,
             )
-            if link is not None
-            else None
-        )
-        if app.state.run_manager is not None:
-            sweep = settings.runs_dir() if settings.federation.resume_on_start else None
-            if sweep is not None:
-                app.state.run_manager.resume_interrupted(sweep)
-            app.state.run_manager.start_keeper(sweep)
+            if settings.federation.resume_on_start:
+                app.state.run_manager.start_keeper()
         log.info(
             "consortium server ready",
             extra={"identity": settings.identity.mode, "database": engine.dialect.name},
@@ -159,6 +167,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         larger_limits=[
             (KEY_RELAY_PATH, settings.api.max_key_body_bytes),
             (MODEL_UPLOAD_PATH, settings.api.max_key_body_bytes),
+            (CHECKPOINT_PATH, settings.api.max_key_body_bytes),
         ],
     )
     install_error_handlers(app)
@@ -174,6 +183,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         audit_router,
         reports_router,
         release_router,
+        internal_router,
     ):
         app.include_router(router)
     return app

@@ -15,6 +15,8 @@ from typing import Literal, Self
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from concord_protocol.policy.shipped import shipped_policies
+
 __all__ = [
     "ApiSettings",
     "AuditSettings",
@@ -136,18 +138,14 @@ class FederationSettings(BaseModel):
     insecure: bool = Field(
         default=False, description="Plain gRPC to the SuperLink (tests on loopback only)."
     )
-    runs_dir: Path | None = Field(
-        default=None,
-        description="Where the ServerApp writes round records; shared with the SuperLink. "
-        "Empty: <data_dir>/runs.",
-    )
     app_dir: Path | None = Field(
         default=None, description="The Flower app bundle directory. Empty: the installed one."
     )
-    run_timeout_s: float | None = Field(
+    serverapp_token_file: Path | None = Field(
         default=None,
-        gt=0,
-        description="Give up on a run after this long. Empty: from the contract.",
+        description="The federation token the ServerApp authenticates with on the internal "
+        "API (the SuperLink's pod mounts the same secret as CONCORD_SERVERAPP_TOKEN_FILE). "
+        "Empty in development: <data_dir>/serverapp-token, created on first start.",
     )
     register_supernodes: bool = Field(
         default=True,
@@ -157,22 +155,22 @@ class FederationSettings(BaseModel):
     )
     resume_on_start: bool = Field(
         default=True,
-        description="Go on with studies left running by a server that stopped (from the "
-        "round after the last recorded one), at start-up and whenever a run lease expires.",
+        description="Restart the run of a study whose ServerApp went silent (a crash of the "
+        "SuperLink or of its pod), from the round after the last recorded one.",
     )
-    lease_ttl_s: float = Field(
+    run_liveness_s: float = Field(
         default=30.0,
-        ge=3,
+        ge=5,
         le=3600,
-        description="How long a replica's lease on a running study lasts unless renewed "
-        "(renewed every third of it); another replica takes the study over after that.",
+        description="A running study's ServerApp that has not been heard from (heartbeat or "
+        "report) for this long is presumed gone, and its run is restarted.",
     )
-    replica_id: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=255,
-        description="This replica's name in run leases. Empty: host name and process id. "
-        "A stable name (the pod's) lets a restarted replica take its studies back at once.",
+    max_restarts: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Restarts of a study's run without a round recorded in between before "
+        "the study is failed.",
     )
 
 
@@ -228,6 +226,11 @@ class ServerSettings(BaseSettings):
             problems.append("database.url must name PostgreSQL in production")
         elif any(f":{p}@" in url for p in PLACEHOLDER_SECRETS if p):
             problems.append("database.url carries a placeholder password")
+        if self.federation.superlink_address and self.federation.serverapp_token_file is None:
+            problems.append(
+                "federation.serverapp_token_file is required with a SuperLink (the same "
+                "secret the SuperLink's pod mounts)"
+            )
         if problems:
             raise ValueError("unsafe production settings: " + "; ".join(problems))
         return self
@@ -250,11 +253,11 @@ class ServerSettings(BaseSettings):
 
     def policy_directory(self) -> Path:
         """The policy directory seeded at first start."""
-        return self.policy.directory or Path(__file__).resolve().parents[1] / "policies"
+        return self.policy.directory or shipped_policies()
 
-    def runs_dir(self) -> Path:
-        """Where study runs keep their records."""
-        return self.federation.runs_dir or self.data_dir / "runs"
+    def serverapp_token_file(self) -> Path:
+        """Path of the federation token (the ServerApp's credential on the internal API)."""
+        return self.federation.serverapp_token_file or self.data_dir / "serverapp-token"
 
     def audit_head_key_file(self) -> Path:
         """Path of the tree-head signing key."""

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from site_node.cli_data import data_app, models_app
 from site_node.errors import SiteError
-from site_node.keys import SUPERNODE_KEY_FILE
+from site_node.key_files import SUPERNODE_KEY_FILE
 from site_node.settings import SiteSettings
 
 app = typer.Typer(
@@ -46,7 +46,7 @@ def keys_init(
 ) -> None:
     """Create the site's Ed25519 signing key, X25519 exchange key and SuperNode EC key."""
     from site_node.crypto.errors import CryptoError
-    from site_node.keys import init_site_keys
+    from site_node.key_files import init_site_keys
 
     path = _keys_dir(directory)
     try:
@@ -171,7 +171,7 @@ def clientapp_runner(
     flower-supernode whose PATH starts with the site's flwr-clientapp. It exits when its
     parent process does.
     """
-    from site_node.federation.warm import main as warm_main
+    from site_node.federation.warm.__main__ import main as warm_main
 
     state = state_dir or SiteSettings().state_dir
     warm_main(["--state-dir", str(state), *(["--socket", str(socket)] if socket else [])])

@@ -1,22 +1,44 @@
-"""Site-side domain errors, each with a stable ``code``.
+"""The site node's error root, its catalogue of codes, and the domain errors of data and training.
 
-Every error the site node raises on purpose derives from :class:`SiteError`. The ``code`` is
-stable (callers, the ClientApp and the CLI may switch on it); the message says what went wrong
-in terms a hospital IT person or data steward can act on, and :meth:`SiteError.diagnostics`
-adds what to do next. Messages never contain patient data or tensor values: at most file
-names, column names, counts and shapes.
+Every error the site node raises on purpose derives from :class:`SiteError` and is built the
+same way, ``SomeError(message, *, code=..., hint=...)``: the class sets its default ``code``
+and a caller may name a more specific one. Every code is in :data:`CATALOGUE`, with what it
+means for the operator; :class:`SiteError` refuses any other (so a typo fails in tests, not
+in an audit entry), as the server's ``DomainError`` does with its catalogue. Callers (the
+ClientApp, the agent, the CLI, the ServerApp reading error replies) switch on ``code``, never
+on the message.
+
+The message says what went wrong in terms a hospital IT person or data steward can act on,
+and :meth:`SiteError.diagnostics` adds what to do next. Messages never contain patient data
+or tensor values: at most file names, column names, counts and shapes.
+
+Where each family lives: data, model, training and privacy errors below;
+:mod:`site_node.crypto.errors` (updates, sealed keys, key files);
+:mod:`site_node.federation.approvals` (``ApprovalError``), :mod:`~site_node.federation.mods`
+(``GuardRefusalError``), :mod:`~site_node.federation.clientapp` (``FederationError``),
+:mod:`~site_node.federation.processes` (``BundleRefusedError``),
+:mod:`~site_node.federation.warm.shim` (``RunnerUnavailableError``),
+:mod:`site_node.agent.sync` (``AgentError``), :mod:`~site_node.agent.cosigner`
+(``WitnessRefusedError``) and :mod:`site_node.release` (``ReleaseError``). Errors of the
+shared code (:mod:`concord_protocol.errors`: wire format, contexts, the model catalogue, the
+API client) are not site errors; site code catches them where it needs to.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from concord_protocol.errors import ConcordError
 
 __all__ = [
+    "CATALOGUE",
     "AccountantStateError",
     "DatasetConfigError",
     "DatasetError",
     "DatasetMismatchError",
     "EmptyDatasetError",
+    "MessageRefusedError",
     "MissingColumnError",
     "MissingFileError",
     "NonNumericValueError",
@@ -28,16 +50,158 @@ __all__ = [
     "UnknownLabelError",
 ]
 
+#: Every code a site error may carry, with what it means for the site's operator. Codes are
+#: stable: the ClientApp's error replies (``contract.*``, ``study.*``, ``update.*``, ``site.*``,
+#: ``bundle.*``) are recorded by the ServerApp and in the audit log.
+CATALOGUE: dict[str, str] = {
+    "site.error": "The site node failed; the message says where.",
+    # local datasets
+    "data.invalid": "A local dataset cannot be loaded as configured; fix the file or its entry.",
+    "data.invalid_config": "The dataset configuration is inconsistent; fix the datasets file.",
+    "data.missing_file": "A file named by the dataset configuration or labels file is missing.",
+    "data.empty": "The dataset (or the requested split) holds no records.",
+    "data.missing_column": "A required column (label, filename) is absent from the data.",
+    "data.non_numeric": "A feature column holds values that are not numbers.",
+    "data.unknown_label": "A label is not one of the configured classes.",
+    # models, training and privacy
+    "model.parameter_shape": "A parameter vector does not match the model; check the version.",
+    "training.dataset_mismatch": "The dataset changed since the study's privacy state was made.",
+    "training.diverged": "Training produced non-finite losses or weights; check the settings.",
+    "privacy.invalid_config": "The privacy target cannot be met with this training plan.",
+    "privacy.budget_exhausted": "One more round would exceed the site's privacy budget.",
+    "privacy.invalid_state": "The saved privacy accountant state is damaged or of another study.",
+    # updates and keys (site_node.crypto.errors)
+    "update.non_finite": "The update holds NaN or infinite values; it was not encrypted.",
+    "update.length_mismatch": "The update does not have the number of parameters expected.",
+    "update.bad_shape": "The update is not a flat vector of parameters.",
+    "update.bad_dtype": "The update does not hold real numbers.",
+    "update.out_of_range": "Weighted values would overflow the encryption's plaintext space.",
+    "update.invalid_weight": "The update's weight is not a finite positive number.",
+    "sealed_key.invalid": "A sealed study key was refused.",
+    "sealed_key.malformed": "The sealed study key is malformed.",
+    "sealed_key.wrong_recipient": "The sealed study key is addressed to another site.",
+    "sealed_key.wrong_study": "The sealed study key belongs to another study.",
+    "sealed_key.wrong_contract": "The sealed study key was made for another contract.",
+    "sealed_key.bad_signature": "The sealed study key is not signed by the sending site's key.",
+    "sealed_key.decrypt_failed": "The sealed study key cannot be opened with this site's key.",
+    "sealed_key.public_context_mismatch": "The study key does not match the study's context.",
+    "sealed_key.fingerprint_mismatch": "The study key does not match its fingerprint.",
+    "keys.invalid": "A site key file is not a key of the expected type.",
+    "keys.missing": "A site key file is missing; run `site-node keys init`.",
+    "keys.insecure_permissions": "A site key file is readable by others; chmod 600 it.",
+    "keys.exists": "A site key file exists; it is never overwritten.",
+    # local approvals (site_node.federation.approvals)
+    "approval.invalid": "A local approval or study key cannot be stored or read.",
+    "approval.bad_id": "The study id is not a safe file name.",
+    "approval.bad_hash": "Not a SHA-256 hash (64 lower-case hex digits).",
+    "approval.hash_mismatch": "The contract does not hash to the approved value.",
+    "approval.corrupt": "A stored approval or study key was altered; restore it from backup.",
+    "approval.key_permissions": "The stored study key is readable by others; chmod 600 it.",
+    "approval.bad_clientapp": "Not a ClientApp reference (module.path:attribute).",
+    # refusals in the ClientApp's error replies (site_node.federation)
+    "federation.refused": "The site cannot serve this message; the message says why.",
+    "contract.not_approved": "The site has not approved the run's contract.",
+    "contract.hash_mismatch": "The run's contract is malformed or does not hash to its id.",
+    "contract.wrong_study": "The contract hash was approved for another study.",
+    "contract.content_mismatch": "The round's content names another study or contract.",
+    "study.no_key": "The site has no key for the study yet; let the agent exchange it.",
+    "site.datasets_file": "The site's datasets file does not hold a list of datasets.",
+    "site.no_datasets": "The SuperNode has no datasets file configured.",
+    "site.no_study_dataset": "None of the study's datasets is registered at this site.",
+    "update.global_mismatch": "The global model sent is for another round, study or scheme.",
+    "update.no_global": "An evaluate message came without the global model.",
+    "compare.encryption_required": "The contract requires encryption; SecAgg+ would not do.",
+    "bundle.not_allowed": "The run's app bundle hash is not allowed at this site.",
+    "bundle.extra_files": "The run's app bundle holds files other than its configuration.",
+    "bundle.unreadable": "The run's app bundle is not a readable FAB.",
+    "bundle.wrong_clientapp": "The bundle names another ClientApp than the site allowed.",
+    "bundle.not_clientapp": "The allowed reference does not name a Flower ClientApp.",
+    "bundle.unchecked": "No checked app bundle: no ClientApp is loaded.",
+    "runner.unavailable": "The warm ClientApp runner did not take the message (in-process).",
+    # the site agent (site_node.agent)
+    "agent.refused": "The site agent refused what the server sent, or cannot act.",
+    "agent.no_credentials": "No credentials for the consortium API; set CONCORD_SITE_*.",
+    "agent.no_site_id": "The site id is not set; set CONCORD_SITE_SITE_ID.",
+    "agent.contract_invalid": "The server sent a contract that is not a valid study contract.",
+    "agent.contract_hash_mismatch": "The study's contract does not hash to its contract hash.",
+    "agent.approval_hash_mismatch": "This site approved another contract hash than the study's.",
+    "agent.no_approved_sites": "The study has no approved site.",
+    "agent.site_not_active": "A site of the study is not an active enrolled site.",
+    "agent.keys_not_enrolled": "This site's signing key is not the one enrolled; re-enrol it.",
+    "agent.study_key_lost": "This site relayed the study key but no longer holds it.",
+    "agent.fingerprint_mismatch": "The relayed study key's fingerprint does not match.",
+    "agent.key_sender_not_approved": "The study key was sent by a site not approved for it.",
+    "agent.sender_key_mismatch": "The relay names another signing key than the enrolment.",
+    "agent.relay_malformed": "The relayed study key is malformed.",
+    "agent.no_server_key": "No trusted tree-head key yet; set CONCORD_SITE_SERVER_HEAD_KEY.",
+    "agent.server_key_changed": "The server signs tree heads with another key than trusted.",
+    # the audit witness (site_node.agent.cosigner)
+    "audit.tree_inconsistent": "The log's new head does not extend the head this site cosigned.",
+    "audit.tree_shrunk": "The log is smaller than the head this site cosigned.",
+    "audit.head_stale": "The head is older than the head this site cosigned.",
+    "audit.witness_state_invalid": "The witness state file is damaged or of another log.",
+    "audit.key_invalid": "The server's tree-head key is not a valid Ed25519 key.",
+    "audit.head_signature_invalid": "The tree head is not signed by the server's trusted key.",
+    "audit.cosignature_invalid": "A cosignature does not verify with the site's key.",
+    # signing off the final model (site_node.release)
+    "release.refused": "The site refuses to sign off the final model.",
+    "release.malformed": "The final aggregate is malformed.",
+    "release.not_approved": "This site did not approve the study's contract.",
+    "release.mismatch": "The final aggregate does not match the study's contract.",
+    "release.no_key": "This site has no key for the study.",
+    "release.decrypt": "The final aggregate cannot be decrypted with the study key.",
+}
+
+
+def _check_code(code: str, where: str) -> None:
+    if code not in CATALOGUE:
+        raise ValueError(f"unknown site error code {code!r} ({where}): add it to CATALOGUE")
+
 
 class SiteError(ConcordError):
-    """Base class of the site node's domain errors.
+    """Base class of the site node's errors: ``SiteError(message, *, code=..., hint=...)``.
 
     Attributes:
-        code: stable machine-readable identifier, e.g. ``"data.missing_column"``.
+        code: stable machine-readable identifier in :data:`CATALOGUE`, e.g.
+            ``"data.missing_column"``; each class sets a default.
+        message: what went wrong, safe to show and log.
         hint: optional next step for the operator (:meth:`diagnostics` adds it).
+
+    Raises ValueError for a code that is not in :data:`CATALOGUE` (a class whose default
+    is not in it fails when it is defined).
     """
 
     code = "site.error"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_code(cls.code, f"default of {cls.__qualname__}")
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        code: str | None = None,
+        details: Sequence[Mapping[str, Any]] = (),
+        hint: str | None = None,
+    ) -> None:
+        if code is not None:
+            _check_code(code, type(self).__qualname__)
+        super().__init__(message, code=code, details=details, hint=hint)
+
+
+class MessageRefusedError(SiteError):
+    """The site refuses to serve a Flower message; ``str()`` leads with the code.
+
+    Flower makes a ClientApp's exception the error reply's reason (``str(exc)``), which the
+    ServerApp records (and the audit log keeps): so the reason is ``"<code>: <message>"``
+    and the code survives the trip, e.g. ``contract.not_approved: ...``.
+    """
+
+    code = "federation.refused"
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}" if self.message else self.code
 
 
 # --- data -----------------------------------------------------------------------------------

@@ -34,17 +34,16 @@ from concord_protocol.wire.format import EncodedUpdate
 from site_node.crypto.codecs import CkksCodec, PlainCodec, UpdateCodec
 from site_node.crypto.errors import CryptoError
 from site_node.crypto.sealing import SiteKeyPair
+from site_node.errors import SiteError
 from site_node.federation.approvals import ApprovalStore
 
 __all__ = ["ReleaseError", "SignOffResult", "decrypt_final_model", "sign_off"]
 
 
-class ReleaseError(Exception):
-    """The site refuses to sign off (``code`` says why)."""
+class ReleaseError(SiteError):
+    """The site refuses to sign off (``code`` says why: ``release.*``)."""
 
-    def __init__(self, message: str, *, code: str) -> None:
-        super().__init__(message)
-        self.code = code
+    code = "release.refused"
 
 
 @dataclass(frozen=True)

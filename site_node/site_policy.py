@@ -16,16 +16,15 @@ from concord_protocol.contract import StudyContract
 from concord_protocol.policy.decisions import check_site_approval
 from concord_protocol.policy.engine import SCHEMA_FILENAME, Decision, PolicyEngine
 from concord_protocol.policy.facts import ConsortiumFacts, DatasetFacts, owner_principal
+from concord_protocol.policy.shipped import shipped_policies
 
 __all__ = ["check_study", "load_site_engine"]
-
-SHIPPED_POLICIES = Path(__file__).resolve().parents[1] / "policies"
 
 
 def load_site_engine(directory: Path, *, site_id: str, schema: Path | None = None) -> PolicyEngine:
     """The site's policy set, validated against the consortium schema."""
     return PolicyEngine.load(
-        directory, schema or SHIPPED_POLICIES / SCHEMA_FILENAME, label=f"site:{site_id}"
+        directory, schema or shipped_policies() / SCHEMA_FILENAME, label=f"site:{site_id}"
     )
 
 
@@ -47,7 +46,7 @@ def check_study(
     contract = StudyContract.model_validate(study["contract"])
     active = client.request("GET", "/api/v1/policy")
     consortium = PolicyEngine.load(
-        active["files"], (schema or SHIPPED_POLICIES / SCHEMA_FILENAME).read_text()
+        active["files"], (schema or shipped_policies() / SCHEMA_FILENAME).read_text()
     )
     datasets = [
         DatasetFacts.from_mapping(client.request("GET", f"/api/v1/datasets/{d}"))

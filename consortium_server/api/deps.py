@@ -73,10 +73,14 @@ def current_principal(request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
-        raise AuthenticationError("auth.missing_token", "Send `Authorization: Bearer <token>`.")
+        raise AuthenticationError(
+            "Send `Authorization: Bearer <token>`.", code="auth.missing_token"
+        )
     try:
         if scheme.lower() != "bearer" or not token.strip():
-            raise AuthenticationError("auth.invalid_token", "Use the Bearer authorization scheme.")
+            raise AuthenticationError(
+                "Use the Bearer authorization scheme.", code="auth.invalid_token"
+            )
         verifier: _Verifier = request.app.state.verifier
         principal = verifier.verify(token.strip())
     except AuthenticationError as exc:

@@ -42,10 +42,7 @@ class HttpMetrics:
 class _BodyTooLargeError(DomainError):
     """Raised from ``receive`` when a streamed body passes the limit (handled as 413)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            "request.too_large", f"The request body exceeds the limit of {limit} bytes."
-        )
+    code = "request.too_large"
 
 
 def _error_body(code: str, request_id: str, message: str | None = None) -> bytes:
@@ -117,7 +114,9 @@ class RequestContextMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _BodyTooLargeError(limit)
+                    raise _BodyTooLargeError(
+                        f"The request body exceeds the limit of {limit} bytes."
+                    )
             return message
 
         try:

@@ -36,10 +36,10 @@ def verify_export_file(
     try:
         export = load_export(Path(path))
     except FileNotFoundError as exc:
-        raise InvalidRequestError("audit.export_invalid", f"No such file: {path}") from exc
+        raise InvalidRequestError(f"No such file: {path}", code="audit.export_invalid") from exc
     except (ValidationError, UnicodeDecodeError, OSError) as exc:
         raise InvalidRequestError(
-            "audit.export_invalid", f"{path} is not a Concord audit export: {exc}"
+            f"{path} is not a Concord audit export: {exc}", code="audit.export_invalid"
         ) from exc
     return verify_export(
         export,

@@ -48,8 +48,8 @@ def record_cosignature(
     )
     if not head_exists:
         raise NotFoundError(
-            "audit.head_not_found",
             f"No signed tree head of size {cosignature.tree_size} with that root.",
+            code="audit.head_not_found",
         )
     verify_cosignature(cosignature, decode_public_key(site_public_key))
     existing = session.scalars(
@@ -61,7 +61,7 @@ def record_cosignature(
     if existing is not None:
         if existing.root_hash != cosignature.root_hash:
             raise ConflictError(
-                "audit.cosignature_conflict", "This site already cosigned another root."
+                "This site already cosigned another root.", code="audit.cosignature_conflict"
             )
         return _to_model(existing)
     row = AuditCosignature(
@@ -76,7 +76,8 @@ def record_cosignature(
             session.add(row)
     except IntegrityError as exc:  # a concurrent request stored it first
         raise ConflictError(
-            "audit.cosignature_conflict", "This site's cosignature for this size was just stored."
+            "This site's cosignature for this size was just stored.",
+            code="audit.cosignature_conflict",
         ) from exc
     return cosignature
 

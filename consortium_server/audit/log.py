@@ -95,7 +95,7 @@ class ConsistencyProof:
 
 
 def _corrupt(message: str) -> DomainError:
-    return DomainError("audit.log_corrupt", message)
+    return DomainError(message, code="audit.log_corrupt")
 
 
 def load_leaf_hashes(session: Session, size: int | None = None) -> list[bytes]:
@@ -166,7 +166,7 @@ class AuditLog:
         """The entry at ``index`` (``audit.entry_not_found`` if there is none)."""
         row = session.get(AuditLeaf, index, populate_existing=True) if index >= 0 else None
         if row is None:
-            raise NotFoundError("audit.entry_not_found", f"No audit entry {index}.")
+            raise NotFoundError(f"No audit entry {index}.", code="audit.entry_not_found")
         data = bytes(row.entry)
         if leaf_hash(data) != bytes(row.leaf_hash):
             raise _corrupt(f"Entry {index} does not match its leaf hash.")
@@ -181,7 +181,7 @@ class AuditLog:
         current = self.size(session=session)
         size = current if size is None else size
         if not 0 <= size <= current:
-            raise InvalidRequestError("audit.invalid_range", f"No tree of size {size}.")
+            raise InvalidRequestError(f"No tree of size {size}.", code="audit.invalid_range")
         return root_hash(load_leaf_hashes(session, size))
 
     def prove_inclusion(
@@ -192,8 +192,8 @@ class AuditLog:
         size = current if tree_size is None else tree_size
         if not 0 <= index < size <= current:
             raise InvalidRequestError(
-                "audit.invalid_range",
                 f"Leaf {index} is not inside a tree of size {size} (log size {current}).",
+                code="audit.invalid_range",
             )
         leaves = load_leaf_hashes(session, size)
         return InclusionProof(
@@ -212,8 +212,8 @@ class AuditLog:
         second_size = current if second is None else second
         if not 0 <= first <= second_size <= current:
             raise InvalidRequestError(
-                "audit.invalid_range",
                 f"Need 0 <= first ({first}) <= second ({second_size}) <= log size ({current}).",
+                code="audit.invalid_range",
             )
         leaves = load_leaf_hashes(session, second_size)
         return ConsistencyProof(

@@ -220,10 +220,10 @@ def get_consistency(
     if second is None:
         head = log.latest_head(session=session)
         if head is None:
-            raise NotFoundError("audit.head_not_found", "No tree head has been signed yet.")
+            raise NotFoundError("No tree head has been signed yet.", code="audit.head_not_found")
         second = head.tree_size
     if first > second:
-        raise InvalidRequestError("audit.invalid_range", "`first` must not exceed `second`.")
+        raise InvalidRequestError("`first` must not exceed `second`.", code="audit.invalid_range")
     proof = log.prove_consistency(first, second, session=session)
     return ConsistencyProofPublic(
         first=proof.first_size,
@@ -262,7 +262,7 @@ def post_cosignature(
     """Store a site witness's cosignature of the head ``(size, root_hash)``."""
     site = session.get(Site, body.site_id)
     if site is None:
-        raise NotFoundError("site.not_found")
+        raise NotFoundError(code="site.not_found")
     if principal.organisation is None or principal.organisation != site.organisation:
         raise ForbiddenError("Sites may only cosign for themselves.")
     if site.status != SiteStatus.ACTIVE:
@@ -276,6 +276,6 @@ def post_cosignature(
             signature=body.signature,
         )
     except ValueError as exc:
-        raise InvalidRequestError("request.invalid", str(exc)) from exc
+        raise InvalidRequestError(str(exc), code="request.invalid") from exc
     stored = record_cosignature(session, cosignature, site_public_key=site.signing_public_key)
     return CosignaturePublic(**stored.model_dump())

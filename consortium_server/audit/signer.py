@@ -60,13 +60,13 @@ class TreeHeadSigner:
             mode = path.stat().st_mode & 0o777
             if mode & 0o077:
                 raise DomainError(
-                    "audit.key_invalid",
                     f"The tree-head key file {path} must not be readable by others "
                     f"(mode {mode:o}); run `chmod 600` on it.",
+                    code="audit.key_invalid",
                 )
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             if not isinstance(key, Ed25519PrivateKey):
-                raise DomainError("audit.key_invalid", f"{path} does not hold an Ed25519 key.")
+                raise DomainError(f"{path} does not hold an Ed25519 key.", code="audit.key_invalid")
             return cls(key)
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(
@@ -144,14 +144,15 @@ def _check_heads_match(session: Session, leaves: list[bytes]) -> None:
     for size, root in rows:
         if size > len(leaves):
             raise DomainError(
-                "audit.log_corrupt",
                 f"A signed head covers {size} leaves; only {len(leaves)} exist.",
+                code="audit.log_corrupt",
             )
         while accumulator.size < size:
             accumulator.append(leaves[accumulator.size])
         if accumulator.root().hex() != root:
             raise DomainError(
-                "audit.log_corrupt", f"The leaves no longer match the signed head of size {size}."
+                f"The leaves no longer match the signed head of size {size}.",
+                code="audit.log_corrupt",
             )
 
 
@@ -164,4 +165,6 @@ def _check_new_entries(session: Session, start: int) -> None:
     )
     for index, entry, digest in rows:
         if leaf_hash(bytes(entry)) != bytes(digest):
-            raise DomainError("audit.log_corrupt", f"Entry {index} does not match its leaf hash.")
+            raise DomainError(
+                f"Entry {index} does not match its leaf hash.", code="audit.log_corrupt"
+            )

@@ -87,15 +87,13 @@ class BudgetExceededError(ConflictError):
     reserved 2.5)``; ``details`` carries them as data.
     """
 
-    def __init__(self, message: str, details: list[dict[str, Any]]) -> None:
-        super().__init__("budget.exceeded", message, details)
+    code = "budget.exceeded"
 
 
 class BudgetOverchargeError(ConflictError):
     """A charge larger than what is left of the study's reservation (``budget.overcharge``)."""
 
-    def __init__(self, message: str, details: list[dict[str, Any]]) -> None:
-        super().__init__("budget.overcharge", message, details)
+    code = "budget.overcharge"
 
 
 # --------------------------------------------------------------------------- units
@@ -104,7 +102,7 @@ class BudgetOverchargeError(ConflictError):
 def _units(value: Amount, unit: Decimal, *, up: bool) -> int:
     amount = value if isinstance(value, Decimal) else Decimal(str(value))
     if not amount.is_finite():
-        raise InvalidRequestError("request.invalid", f"not a finite amount: {value!r}")
+        raise InvalidRequestError(f"not a finite amount: {value!r}", code="request.invalid")
     return int((amount / unit).to_integral_value(rounding=ROUND_CEILING if up else ROUND_FLOOR))
 
 
@@ -247,7 +245,7 @@ def _insert_missing_accounts(session: Session, dataset_ids: Sequence[str]) -> No
     found = {row.id for row in rows}
     unknown = [d for d in wanted if d not in found]
     if unknown:
-        raise NotFoundError("dataset.not_found", f"no such dataset: {', '.join(unknown)}")
+        raise NotFoundError(f"no such dataset: {', '.join(unknown)}", code="dataset.not_found")
     values = [
         {
             "dataset_id": row.id,
@@ -308,7 +306,7 @@ def open_account(
     existing = session.get(BudgetAccount, dataset_id)
     if existing is None:
         if session.get(Dataset, dataset_id) is None:
-            raise NotFoundError("dataset.not_found", f"no such dataset: {dataset_id}")
+            raise NotFoundError(f"no such dataset: {dataset_id}", code="dataset.not_found")
         existing = BudgetAccount(
             dataset_id=dataset_id,
             epsilon_cap=_units(epsilon_cap, EPSILON_UNIT, up=False),
@@ -337,21 +335,23 @@ def reserve(
     a reservation on one of them, ``dataset.not_found`` for an unknown dataset.
     """
     if not dataset_ids:
-        raise InvalidRequestError("request.invalid", "a reservation needs at least one dataset")
+        raise InvalidRequestError(
+            "a reservation needs at least one dataset", code="request.invalid"
+        )
     eps = _units(epsilon, EPSILON_UNIT, up=True)
     dlt = _units(delta, DELTA_UNIT, up=True)
     if eps <= 0 or dlt < 0:
         raise InvalidRequestError(
-            "request.invalid",
             f"epsilon must be positive and delta not negative ({epsilon}, {delta})",
+            code="request.invalid",
         )
     accounts = _lock_accounts(session, dataset_ids)
     held = _lines(session, study_id, accounts)
     if held:
         raise ConflictError(
-            "budget.already_reserved",
             f"study {study_id} already holds a reservation on "
             + ", ".join(line.dataset_id for line in held),
+            code="budget.already_reserved",
         )
     problems: list[str] = []
     details: list[dict[str, Any]] = []
@@ -388,7 +388,8 @@ def reserve(
             )
     if problems:
         raise BudgetExceededError(
-            f"study {study_id} would exceed the privacy budget: " + "; ".join(problems), details
+            f"study {study_id} would exceed the privacy budget: " + "; ".join(problems),
+            details=details,
         )
     now = utcnow()
     lines = []
@@ -422,7 +423,7 @@ def _open_line(
     if not lines or lines[0].released_at is not None:
         state = "was released" if lines else "has no reservation"
         raise ConflictError(
-            "budget.not_reserved", f"study {study_id} {state} on dataset {dataset_id}"
+            f"study {study_id} {state} on dataset {dataset_id}", code="budget.not_reserved"
         )
     return accounts[dataset_id], lines[0]
 
@@ -436,7 +437,9 @@ def charge(session: Session, study_id: str, dataset_id: str, epsilon: Amount) ->
     """
     eps = _units(epsilon, EPSILON_UNIT, up=True)
     if eps < 0:
-        raise InvalidRequestError("request.invalid", f"a charge cannot be negative ({epsilon})")
+        raise InvalidRequestError(
+            f"a charge cannot be negative ({epsilon})", code="request.invalid"
+        )
     account, line = _open_line(session, study_id, dataset_id)
     left = _outstanding(line)
     if eps > left:
@@ -444,7 +447,7 @@ def charge(session: Session, study_id: str, dataset_id: str, epsilon: Amount) ->
             f"study {study_id} on dataset {dataset_id}: charge ε={_show(_eps(eps))} exceeds "
             f"the reservation left ε={_show(_eps(left))} (reserved "
             f"{_show(_eps(line.epsilon_reserved))}, charged {_show(_eps(line.epsilon_charged))})",
-            [
+            details=[
                 {
                     "study_id": study_id,
                     "dataset_id": dataset_id,
@@ -525,7 +528,7 @@ def show(session: Session, dataset_id: str) -> BudgetView:
     if account is None:
         dataset = session.get(Dataset, dataset_id)
         if dataset is None:
-            raise NotFoundError("dataset.not_found", f"no such dataset: {dataset_id}")
+            raise NotFoundError(f"no such dataset: {dataset_id}", code="dataset.not_found")
         account = BudgetAccount(
             dataset_id=dataset_id,
             epsilon_cap=_units(dataset.epsilon_budget, EPSILON_UNIT, up=False),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
@@ -232,9 +233,26 @@ def _add_plugin_commands() -> None:
     for entry in entry_points(group=PLUGIN_GROUP):
         try:
             command = entry.load()
-        except ImportError:  # a plugin whose package is not installed here
+        except ImportError as exc:  # a plugin whose package is not installed here
+            app.command(
+                name=entry.name,
+                help=f"(not installed: {entry.module})",
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+            )(_missing_plugin(entry.name, entry.module, exc))
             continue
         app.command(name=entry.name)(command)
+
+
+def _missing_plugin(name: str, module: str, error: ImportError) -> Callable[[], None]:
+    def missing() -> None:
+        fail(
+            f"`consortium {name}` comes from {module}, which this installation lacks "
+            f"({error.name or error} is missing)",
+            hint="the demo plays both roles: install both, pip install '.[server,site]' "
+            "from a checkout (make demo does)",
+        )
+
+    return missing
 
 
 _add_plugin_commands()

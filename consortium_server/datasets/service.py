@@ -20,7 +20,9 @@ def publish_dataset(session: Session, data: DatasetPublish, *, actor: Principal)
     """Publish a dataset for the actor's own (active) site."""
     require_own_active_site(session, actor, data.site_id)
     if session.get(Dataset, data.id) is not None:
-        raise ConflictError("dataset.exists", f"Dataset {data.id!r} is already in the catalogue.")
+        raise ConflictError(
+            f"Dataset {data.id!r} is already in the catalogue.", code="dataset.exists"
+        )
     dataset = Dataset(**data.model_dump(mode="json"), published_by=actor.subject)
     session.add(dataset)
     session.flush()
@@ -31,7 +33,7 @@ def get_dataset(session: Session, dataset_id: str) -> Dataset:
     """The dataset or ``dataset.not_found``."""
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:
-        raise NotFoundError("dataset.not_found", f"No dataset with id {dataset_id!r}.")
+        raise NotFoundError(f"No dataset with id {dataset_id!r}.", code="dataset.not_found")
     return dataset
 
 

@@ -32,6 +32,7 @@ import numpy.typing as npt
 import tenseal as ts
 
 from concord_protocol.errors import CryptoError, WireFormatError
+from concord_protocol.rounds import RejectedReply
 from concord_protocol.wire.ckks import ContextInfo, context_info, load_context
 from concord_protocol.wire.format import (
     PLAIN_CHUNK_SIZE,
@@ -75,28 +76,6 @@ class RejectReason(StrEnum):
 
 
 @dataclass(frozen=True)
-class RejectedReply:
-    """One dropped reply. ``digest`` is the SHA-256 of the header blob as received
-    (the update digest when the header is valid; of empty bytes when there was none)."""
-
-    site_id: str
-    reason: RejectReason
-    detail: str
-    digest: str
-    chunk_index: int | None = None
-
-    def as_record(self) -> dict[str, Any]:
-        """JSON-ready form for the audit log."""
-        return {
-            "site_id": self.site_id,
-            "reason": self.reason.value,
-            "detail": self.detail,
-            "digest": self.digest,
-            "chunk_index": self.chunk_index,
-        }
-
-
-@dataclass(frozen=True)
 class BlindSumResult:
     """The aggregate (still encrypted for ``ckks``) and who took part."""
 
@@ -137,6 +116,16 @@ class NotEnoughSitesError(CryptoError):
         self.accepted = tuple(accepted)
         self.rejected = tuple(rejected)
         self.min_sites = min_sites
+
+
+def _rejected(site_id: str, rej: _RejectError, digest: str) -> RejectedReply:
+    return RejectedReply(
+        site_id=site_id,
+        reason=rej.reason.value,
+        detail=rej.detail[:2000],
+        digest=digest,
+        chunk_index=rej.chunk_index,
+    )
 
 
 class _RejectError(Exception):
@@ -246,11 +235,7 @@ def _screen_all(
                 )
             )
         except _RejectError as rej:
-            rejected.append(
-                RejectedReply(
-                    site_id, rej.reason, rej.detail, _header_digest(blobs), rej.chunk_index
-                )
-            )
+            rejected.append(_rejected(site_id, rej, _header_digest(blobs)))
     return candidates
 
 
@@ -325,11 +310,7 @@ def _sum_chunk_major(
                 value = decode(cand.chunks[index], index)
                 acc = value if acc is None else add(acc, value)
             except _RejectError as rej:
-                rejected.append(
-                    RejectedReply(
-                        cand.site_id, rej.reason, rej.detail, cand.header.digest, rej.chunk_index
-                    )
-                )
+                rejected.append(_rejected(cand.site_id, rej, cand.header.digest))
                 candidates.remove(cand)
                 for k in range(index):
                     aggregates[k] = dump(subtract(load(aggregates[k]), decode(cand.chunks[k], k)))
@@ -443,11 +424,7 @@ def plain_sum(
             for index, chunk in enumerate(cand.chunks):
                 decode(chunk, index)
         except _RejectError as rej:
-            rejected.append(
-                RejectedReply(
-                    cand.site_id, rej.reason, rej.detail, cand.header.digest, rej.chunk_index
-                )
-            )
+            rejected.append(_rejected(cand.site_id, rej, cand.header.digest))
             candidates.remove(cand)
     _require(candidates, rejected, min_sites)
     aggregates = _sum_chunk_major(

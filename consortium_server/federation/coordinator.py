@@ -1,23 +1,24 @@
 """The consortium side of a study run: the lifecycle around the federation.
 
-``approved -> running``: :func:`begin_run` checks the state and the key relay, and builds the
-:class:`RunPlan`. Each round's :class:`RoundRecord` goes through :func:`record_round`: an
-audit entry (``round.completed`` or ``round.failed``, with participants, sample counts,
-epsilon, ciphertext digests and rejected replies) and, for an aggregated round, the
-sites' cumulative epsilon charged to the ledger on each of their datasets. :func:`finish_run`
-moves the study to ``completed`` or ``failed`` and returns the unused reservation.
+``approved -> running``: :func:`begin_run` checks the state, the key relay and the first
+round's policy, opens the study's first run attempt and builds the :class:`RunPlan`. Each
+round the ServerApp reports passes the round gate
+(:mod:`consortium_server.federation.round_gate`), which calls :func:`record_round`: an
+audit entry (``round.completed`` or ``round.failed``, whose details are the round's
+:class:`~concord_protocol.rounds.RoundRecord` and what the ledger charged) and, for an
+aggregated round, the sites' cumulative epsilon charged to the ledger on each of their
+datasets. :func:`finish_run` moves the study to ``completed`` (keeping the final aggregate
+for the release gate) or ``failed``, and returns the unused reservation.
+:func:`resume_run` audits a restart after the last recorded round and checks that round's
+policy again.
 
-Each function takes a session and flushes; :func:`run_with_lifecycle` commits between the
-steps, so a crash mid-study leaves every finished round recorded.
+Each function takes a session and flushes; the caller commits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
-from pathlib import Path
-
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
 
 from concord_protocol.audit.entries import Outcome
 from concord_protocol.catalogue import parameter_count
@@ -27,49 +28,39 @@ from concord_protocol.policy.decisions import check_round
 from concord_protocol.policy.engine import Decision
 from concord_protocol.policy.facts import owner_principal
 from concord_protocol.principals import Principal
-from concord_protocol.rounds import RoundRecord
+from concord_protocol.rounds import RoundAuditDetails, RoundRecord
 from consortium_server.audit.log import AuditLog
 from consortium_server.audit.recorder import AuditRecorder
 from consortium_server.budgets import service as budgets
 from consortium_server.budgets.service import BudgetOverchargeError
 from consortium_server.datasets.service import get_datasets
-from consortium_server.db.session import session_scope
 from consortium_server.errors import (
     ConflictError,
     DomainError,
     InvalidRequestError,
     PolicyDeniedError,
 )
+from consortium_server.federation.checkpoints import GlobalModel, RoundCheckpoint
 from consortium_server.federation.models import StudyKeyRelay
-from consortium_server.federation.strategy import RoundHook, RunPlan, StudyOutcome
+from consortium_server.federation.plan import RunPlan
+from consortium_server.federation.study_runs import StudyRun, new_attempt
 from consortium_server.policy.checks import PolicyContext
 from consortium_server.release.service import store_final_aggregate
 from consortium_server.studies.lifecycle import transition
 from consortium_server.studies.models import ApprovalDecision, Study, StudyState
 
 __all__ = [
-    "RunStoppedError",
-    "Runner",
+    "SOURCE",
     "begin_run",
     "check_round_policy",
-    "continue_run",
     "finish_run",
     "model_size",
     "plan_for",
     "record_round",
     "resume_run",
-    "run_with_lifecycle",
 ]
 
 SOURCE = "consortium-server/federation"
-
-
-class RunStoppedError(Exception):
-    """Raised from a round hook to stop a run (the policy denies the next round)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def check_round_policy(
@@ -127,8 +118,8 @@ def model_size(contract: StudyContract, feature_summary: dict[str, object]) -> i
         features = feature_summary.get("features")
         if not isinstance(features, int):
             raise InvalidRequestError(
-                "study.invalid",
                 "The dataset's feature summary gives neither input_shape nor features.",
+                code="study.invalid",
             )
         shape = [features]
     classes = feature_summary.get("num_classes", 2)
@@ -139,15 +130,17 @@ def model_size(contract: StudyContract, feature_summary: dict[str, object]) -> i
             num_classes=int(classes) if isinstance(classes, int) else 2,
         )
     except CatalogueError as exc:
-        raise InvalidRequestError("study.invalid", f"The study's model: {exc.message}") from exc
+        raise InvalidRequestError(
+            f"The study's model: {exc.message}", code="study.invalid"
+        ) from exc
 
 
 def _recorder(session: Session, log: AuditLog, actor: Principal | None) -> AuditRecorder:
     return AuditRecorder(log, session, principal=actor, source=SOURCE)
 
 
-def plan_for(session: Session, study: Study, *, records_dir: Path | None) -> RunPlan:
-    """The run plan of ``study`` (approved or running) from round 1.
+def plan_for(session: Session, study: Study, run: StudyRun) -> RunPlan:
+    """The plan of ``study`` (approved or running) for the run attempt ``run``.
 
     Refuses an encrypted study whose key exchange has not happened yet (no public context
     relayed).
@@ -156,8 +149,8 @@ def plan_for(session: Session, study: Study, *, records_dir: Path | None) -> Run
     relay = session.get(StudyKeyRelay, study.id)
     if contract.encryption.enabled and relay is None:
         raise ConflictError(
-            "study.invalid_transition",
             "The sites have not exchanged the study key yet (no public context relayed).",
+            code="study.invalid_transition",
         )
     datasets, _ = get_datasets(session, contract.datasets)
     return RunPlan(
@@ -169,7 +162,8 @@ def plan_for(session: Session, study: Study, *, records_dir: Path | None) -> Run
             sorted(a.site_id for a in study.approvals if a.decision is ApprovalDecision.APPROVED)
         ),
         public_context=relay.public_context if relay is not None else None,
-        records_dir=records_dir,
+        start_round=run.start_round,
+        attempt=run.attempt,
     )
 
 
@@ -177,11 +171,10 @@ def _study_in(session: Session, study_id: str, state: StudyState, doing: str) ->
     """The study, locked for update, if it is in ``state``; else ``study.invalid_transition``."""
     study = session.get(Study, study_id, with_for_update=True)
     if study is None:
-        raise ConflictError("study.invalid_transition", f"No study {study_id!r}.")
+        raise ConflictError(f"No study {study_id!r}.", code="study.invalid_transition")
     if study.state is not state:
         raise ConflictError(
-            "study.invalid_transition",
-            f"Only {doing}; this one is {study.state.value}.",
+            f"Only {doing}; this one is {study.state.value}.", code="study.invalid_transition"
         )
     return study
 
@@ -203,47 +196,9 @@ def _check_or_refuse(
     )
     if not decision.allowed:
         reasons = [r.text for r in decision.reasons] + list(decision.errors)
-        raise PolicyDeniedError(f"{refusal} " + " ".join(reasons), [{"reason": r} for r in reasons])
-
-
-def resume_run(
-    session: Session,
-    study_id: str,
-    *,
-    log: AuditLog,
-    records_dir: Path,
-    policy: PolicyContext | None = None,
-) -> RunPlan:
-    """The plan that goes on with a study left ``running`` by a consortium server that
-    stopped: from the round after the last recorded one (``study.current_round``).
-
-    Audited as ``study.run_resumed``. With ``policy``, the next round is checked again (the
-    server may have stopped between recording a round and checking the next); a denial is
-    recorded and raised as ``policy.denied``.
-    """
-    study = _study_in(session, study_id, StudyState.RUNNING, "a running study can be resumed")
-    plan = replace(
-        plan_for(session, study, records_dir=records_dir), start_round=study.current_round + 1
-    )
-    _recorder(session, log, None).record(
-        "study.run_resumed",
-        object_type="study",
-        object_id=study.id,
-        contract_hash=study.contract_hash,
-        details={"rounds_recorded": study.current_round, "next_round": plan.start_round},
-    )
-    if policy is not None and plan.start_round <= plan.rounds:
-        _check_or_refuse(
-            session,
-            study,
-            plan.start_round,
-            sites=len(plan.sites),
-            policy=policy,
-            log=log,
-            refusal=f"The policy does not allow round {plan.start_round}:",
+        raise PolicyDeniedError(
+            f"{refusal} " + " ".join(reasons), details=[{"reason": r} for r in reasons]
         )
-    session.flush()
-    return plan
 
 
 def begin_run(
@@ -252,18 +207,18 @@ def begin_run(
     *,
     log: AuditLog,
     actor: Principal | None,
-    records_dir: Path | None = None,
     policy: PolicyContext | None = None,
 ) -> RunPlan:
-    """Move an approved study to ``running`` and return the plan for its run.
+    """Move an approved study to ``running``, open its first run attempt, return the plan.
 
     Refuses a study that is not approved, an encrypted study whose key exchange has not
     happened yet (:func:`plan_for`), and, with ``policy``, a first round the policy denies
-    (the reasons are recorded and raised as ``policy.denied``).
+    (the reasons are recorded and raised as ``policy.denied``: the caller commits the
+    recorded denial before failing).
     """
     study = _study_in(session, study_id, StudyState.APPROVED, "an approved study can start")
-    plan = plan_for(session, study, records_dir=records_dir)
-    if policy is not None:  # a denial is recorded: the caller commits it before failing
+    plan = plan_for(session, study, new_attempt(session, study.id, start_round=1))
+    if policy is not None:
         _check_or_refuse(
             session,
             study,
@@ -280,23 +235,64 @@ def begin_run(
     return plan
 
 
+def resume_run(
+    session: Session,
+    study_id: str,
+    run: StudyRun,
+    *,
+    log: AuditLog,
+    policy: PolicyContext | None = None,
+) -> RunPlan:
+    """The plan of ``run``, a new attempt that goes on with a running study whose previous
+    attempt went silent: from the round after the last recorded one.
+
+    Audited as ``study.run_resumed``. With ``policy``, the next round is checked again (the
+    policy may have changed while nothing ran); a denial is recorded and raised as
+    ``policy.denied``.
+    """
+    study = _study_in(session, study_id, StudyState.RUNNING, "a running study can be resumed")
+    plan = plan_for(session, study, run)
+    _recorder(session, log, None).record(
+        "study.run_resumed",
+        object_type="study",
+        object_id=study.id,
+        contract_hash=study.contract_hash,
+        details={
+            "rounds_recorded": study.current_round,
+            "next_round": plan.start_round,
+            "restarts": run.restarts,
+        },
+    )
+    if policy is not None and plan.start_round <= plan.rounds:
+        _check_or_refuse(
+            session,
+            study,
+            plan.start_round,
+            sites=len(plan.sites),
+            policy=policy,
+            log=log,
+            refusal=f"The policy does not allow round {plan.start_round}:",
+        )
+    session.flush()
+    return plan
+
+
 def record_round(session: Session, record: RoundRecord, *, log: AuditLog) -> None:
     """Audit one round and charge the sites' epsilon to the ledger.
 
     Each site reports its accountant's epsilon for the whole study so far; it is charged,
     as an increase, to every dataset of that site in the study. A charge beyond the
     reservation is refused by the ledger and recorded as a failed charge (the round stays
-    audited; the study is failed by :func:`finish_run`).
+    audited; the study is failed by :func:`finish_run`). A round already on record is not
+    recorded again.
     """
     study = session.get(Study, record.study_id, with_for_update=True)
     if study is None:
-        raise ConflictError("study.invalid_transition", f"No study {record.study_id!r}.")
+        raise ConflictError(f"No study {record.study_id!r}.", code="study.invalid_transition")
     if record.round_number <= study.current_round:
-        # Delivered again after a restart: the round is on record already.
         return
     contract = StudyContract.model_validate(study.contract)
     datasets, _ = get_datasets(session, contract.datasets)
-    details = record.as_record()
     charged: dict[str, str] = {}
     overcharged: list[str] = []
     if record.status == "aggregated":
@@ -311,9 +307,7 @@ def record_round(session: Session, record: RoundRecord, *, log: AuditLog) -> Non
                 except BudgetOverchargeError as exc:
                     overcharged.append(exc.message)
         study.current_round = record.round_number
-    details["charged_epsilon"] = charged
-    if overcharged:
-        details["overcharged"] = overcharged
+    details = RoundAuditDetails(record=record, charged_epsilon=charged, overcharged=overcharged)
     _recorder(session, log, None).record(
         "round.completed" if record.status == "aggregated" else "round.failed",
         object_type="study",
@@ -323,36 +317,45 @@ def record_round(session: Session, record: RoundRecord, *, log: AuditLog) -> Non
         else Outcome.FAILURE,
         purpose=contract.purpose.value,
         contract_hash=study.contract_hash,
-        details=details,
+        details=details.model_dump(mode="json"),
     )
     session.flush()
 
 
-def finish_run(session: Session, outcome: StudyOutcome, *, log: AuditLog) -> Study:
-    """``completed`` or ``failed``, with the reason; the unused reservation goes back."""
-    study = session.get(Study, outcome.study_id, with_for_update=True)
+def finish_run(
+    session: Session,
+    study_id: str,
+    *,
+    completed: bool,
+    reason: str,
+    log: AuditLog,
+    final_model: GlobalModel | None = None,
+) -> Study:
+    """``completed`` (with ``final_model`` kept for the release gate) or ``failed`` with
+    ``reason``; the unused reservation goes back and the study's checkpoints are dropped.
+
+    A completion whose final aggregate cannot be kept fails the study instead.
+    """
+    study = session.get(Study, study_id, with_for_update=True)
     if study is None:
-        raise ConflictError("study.invalid_transition", f"No study {outcome.study_id!r}.")
-    completed = outcome.status == "completed"
-    if completed and outcome.final_model is not None:
+        raise ConflictError(f"No study {study_id!r}.", code="study.invalid_transition")
+    if completed:
         try:
+            if final_model is None:
+                raise InvalidRequestError("No final aggregate.", code="release.no_aggregate")
             with session.begin_nested():
                 # Kept for the release gate: sites decrypt it and sign off the model's hash.
-                store_final_aggregate(session, study.id, outcome.final_model)
+                store_final_aggregate(session, study.id, final_model)
         except DomainError as exc:
             completed = False
-            outcome = StudyOutcome(
-                outcome.study_id,
-                outcome.contract_hash,
-                "failed",
-                outcome.rounds,
-                failure=f"the final aggregate cannot be kept for release: {exc.public_message()}",
-            )
+            reason = f"the final aggregate cannot be kept for release: {exc.public_message()}"
     if completed:
-        digest = outcome.final_model.digest if outcome.final_model else "none"
-        reason = f"{len(outcome.rounds)} round(s) aggregated; final aggregate {digest[:16]}."
+        assert final_model is not None
+        reason = (
+            f"{study.current_round} round(s) aggregated; final aggregate {final_model.digest[:16]}."
+        )
     else:
-        reason = f"The run failed: {outcome.failure or 'no reason given'}"
+        reason = f"The run failed: {reason or 'no reason given'}"
     before = len(study.events)
     transition(
         study,
@@ -361,6 +364,11 @@ def finish_run(session: Session, outcome: StudyOutcome, *, log: AuditLog) -> Stu
         reason=reason,
     )
     released = budgets.release(session, study.id)
+    session.execute(
+        delete(RoundCheckpoint)
+        .where(RoundCheckpoint.study_id == study.id)
+        .execution_options(synchronize_session=False)
+    )
     session.flush()
     recorder = _recorder(session, log, None)
     recorder.study_events(study, list(study.events[before:]))
@@ -374,81 +382,3 @@ def finish_run(session: Session, outcome: StudyOutcome, *, log: AuditLog) -> Stu
         },
     )
     return study
-
-
-Runner = Callable[[RunPlan, RoundHook], StudyOutcome]
-
-
-def run_with_lifecycle(
-    factory: sessionmaker[Session],
-    log: AuditLog,
-    study_id: str,
-    runner: Runner,
-    *,
-    actor: Principal | None = None,
-    records_dir: Path | None = None,
-    policy: PolicyContext | None = None,
-) -> StudyOutcome:
-    """Run a study: begin (commit), each round recorded as it ends (commit), finish (commit).
-
-    ``runner(plan, hook)`` executes the federation (real processes or an in-process grid)
-    and must call ``hook`` with each round's record.
-    """
-    with session_scope(factory) as session:
-        try:
-            plan = begin_run(
-                session, study_id, log=log, actor=actor, records_dir=records_dir, policy=policy
-            )
-        except PolicyDeniedError:
-            session.commit()  # keep the recorded denial
-            raise
-    return continue_run(factory, log, plan, runner, policy=policy)
-
-
-def continue_run(
-    factory: sessionmaker[Session],
-    log: AuditLog,
-    plan: RunPlan,
-    runner: Runner,
-    *,
-    policy: PolicyContext | None = None,
-) -> StudyOutcome:
-    """After :func:`begin_run` committed: run, record each round as it ends, finish.
-
-    With ``policy``, the next round is checked after each round is recorded; a denial
-    stops the run (:class:`RunStoppedError` from the hook) and fails the study with the
-    reasons. A runner that raises (the SuperLink went away, a timeout) fails the study with
-    the error as the reason; the rounds already recorded stay recorded.
-    """
-
-    def hook(record: RoundRecord) -> None:
-        with session_scope(factory) as session:
-            record_round(session, record, log=log)
-        if policy is None or record.status != "aggregated" or record.round_number >= plan.rounds:
-            return
-        with session_scope(factory) as session:
-            study = session.get(Study, plan.study_id)
-            assert study is not None
-            decision = check_round_policy(
-                session,
-                study,
-                record.round_number + 1,
-                participating_sites=len(record.participants),
-                policy=policy,
-                log=log,
-            )
-        if not decision.allowed:
-            reasons = " ".join([r.text for r in decision.reasons] + list(decision.errors))
-            raise RunStoppedError(f"the policy denies round {record.round_number + 1}: {reasons}")
-
-    try:
-        outcome = runner(plan, hook)
-    except RunStoppedError as exc:
-        outcome = StudyOutcome(plan.study_id, plan.contract_hash, "failed", failure=exc.reason)
-    except Exception as exc:  # the run's end must be recorded whatever broke
-        outcome = StudyOutcome(
-            plan.study_id, plan.contract_hash, "failed", failure=f"{type(exc).__name__}: {exc}"
-        )
-    with session_scope(factory) as session:
-        finish_run(session, outcome, log=log)
-    return outcome

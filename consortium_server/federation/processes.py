@@ -5,9 +5,11 @@
 * :func:`write_connection`: the ``$FLWR_HOME/config.toml`` that the ``flwr`` CLI reads.
 * :func:`register_supernode` / :func:`unregister_supernode`: ``flwr supernode register
   KEY.pub CONNECTION`` (only registered SuperNode keys may connect) and its inverse.
-* :func:`start_study_run` / :func:`run_study`: ``flwr run`` of the Concord app bundle with
-  the study's :class:`RunPlan` (contract, contract hash, public context, ...) as run config,
-  then wait for the ServerApp's outcome (per-round records and the encrypted final model).
+* :func:`start_study_run`, :func:`run_status`, :func:`stop_run`: ``flwr run`` of the
+  Concord app bundle with the study's :class:`RunPlan` (contract, contract hash, public
+  context, attempt, ...) as run config, ``flwr ls`` and ``flwr stop``. The ServerApp
+  reports every round to the consortium server's internal API (:func:`serverapp_env` is
+  what the SuperLink's environment must hold for that).
 
 Every Flower process gets :data:`concord_protocol.processes.FLOWER_ENV` (no telemetry, no
 update check, no runtime dependency installation).
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import time
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +34,7 @@ from concord_protocol.processes import (
     spawn,
     wait_for_port,
 )
-from consortium_server.federation.serverapp import read_outcome
-from consortium_server.federation.strategy import RunPlan, StudyOutcome
+from consortium_server.federation.plan import RunPlan
 
 log = logging.getLogger("concord.federation")
 
@@ -42,11 +43,11 @@ __all__ = [
     "TlsFiles",
     "register_supernode",
     "run_status",
-    "run_study",
+    "serverapp_env",
     "start_study_run",
     "start_superlink",
+    "stop_run",
     "unregister_supernode",
-    "wait_for_outcome",
     "write_connection",
 ]
 
@@ -102,8 +103,13 @@ def start_superlink(
     connection: str = "concord",
     supernode_auth: bool = True,
     startup_timeout: float = 60.0,
+    extra_env: dict[str, str] | None = None,
 ) -> SuperLinkHandle:
-    """Start ``flower-superlink`` (TLS, SuperNode auth, no runtime installs) on ``port``."""
+    """Start ``flower-superlink`` (TLS, SuperNode auth, no runtime installs) on ``port``.
+
+    ``extra_env`` goes to the SuperLink and so to the ServerApps it starts: the
+    ``CONCORD_SERVERAPP_*`` settings (:func:`serverapp_env`).
+    """
     flwr_home = work_dir / "flwr-home"
     args = [
         flwr_binary("flower-superlink"),
@@ -123,7 +129,8 @@ def start_superlink(
     ]
     if supernode_auth:
         args.append("--enable-supernode-auth")
-    proc = spawn("superlink", args, env=flower_env(flwr_home), log_path=work_dir / "superlink.log")
+    env = {**flower_env(flwr_home), **(extra_env or {})}
+    proc = spawn("superlink", args, env=env, log_path=work_dir / "superlink.log")
     try:
         wait_for_port(host, port, timeout=startup_timeout, proc=proc.proc)
     except FlowerProcessError as exc:
@@ -132,6 +139,15 @@ def start_superlink(
     address = f"{host}:{port}"
     write_connection(flwr_home, connection, address, root_certificates=tls.ca_cert)
     return SuperLinkHandle(proc, address, flwr_home, connection)
+
+
+def serverapp_env(api_url: str, token_file: Path, *, ca_file: Path | None = None) -> dict[str, str]:
+    """The SuperLink's environment for its ServerApps to reach the consortium server
+    (:class:`~consortium_server.federation.serverapp_settings.ServerAppSettings`)."""
+    env = {"CONCORD_SERVERAPP_API_URL": api_url, "CONCORD_SERVERAPP_TOKEN_FILE": str(token_file)}
+    if ca_file is not None:
+        env["CONCORD_SERVERAPP_CA_FILE"] = str(ca_file)
+    return env
 
 
 def _flwr(link: SuperLinkHandle, args: list[str], *, timeout: float = 120.0) -> str:
@@ -191,23 +207,23 @@ def unregister_supernode(link: SuperLinkHandle, node_id: str) -> dict[str, objec
     return body
 
 
-def start_study_run(link: SuperLinkHandle, app_dir: Path, plan: RunPlan, work_dir: Path) -> int:
+def start_study_run(link: SuperLinkHandle, app_dir: Path, plan: RunPlan) -> int:
     """``flwr run`` the app bundle in ``app_dir`` with ``plan`` as run config; the run id."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    config_file = work_dir / f"run-config-{plan.study_id}.toml"
-    config_file.write_text(tomli_w.dumps(plan.to_run_config()))
-    out = _flwr(
-        link,
-        [
-            "run",
-            str(app_dir),
-            link.connection,
-            "--run-config",
-            str(config_file),
-            "--format",
-            "json",
-        ],
-    )
+    with tempfile.TemporaryDirectory(prefix="concord-run-") as tmp:
+        config_file = Path(tmp) / "run-config.toml"
+        config_file.write_text(tomli_w.dumps(plan.to_run_config()))
+        out = _flwr(
+            link,
+            [
+                "run",
+                str(app_dir),
+                link.connection,
+                "--run-config",
+                str(config_file),
+                "--format",
+                "json",
+            ],
+        )
     body = _json_tail(out)
     run_id = body.get("run-id", body.get("run_id"))
     if body.get("success") is False or run_id is None:
@@ -236,41 +252,3 @@ def stop_run(link: SuperLinkHandle, run_id: int) -> None:
         _flwr(link, ["stop", str(run_id), link.connection, "--format", "json"], timeout=60.0)
     except FlowerProcessError as exc:
         log.warning("could not stop run %s: %s", run_id, exc)
-
-
-def wait_for_outcome(
-    records_dir: Path, *, timeout: float, link: SuperLinkHandle | None = None
-) -> StudyOutcome:
-    """Wait for the ServerApp's outcome file in ``records_dir``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        outcome = read_outcome(records_dir)
-        if outcome is not None:
-            return outcome
-        if link is not None and link.process is not None and not link.process.alive():
-            raise FlowerProcessError("the SuperLink exited", link.process.log_tail())
-        time.sleep(0.5)
-    raise FlowerProcessError(
-        f"no outcome in {records_dir} after {timeout:.0f}s",
-        link.process.log_tail() if link is not None and link.process is not None else "",
-    )
-
-
-def run_study(
-    link: SuperLinkHandle,
-    plan: RunPlan,
-    *,
-    app_dir: Path,
-    work_dir: Path,
-    timeout: float | None = None,
-) -> StudyOutcome:
-    """Run one study to its end on a running SuperLink and return its outcome.
-
-    ``plan.records_dir`` must be set (the ServerApp writes round records there). The
-    default timeout is rounds x (round timeout x 2 + 60 s) plus the node wait.
-    """
-    if plan.records_dir is None:
-        raise ValueError("plan.records_dir is required")
-    start_study_run(link, app_dir, plan, work_dir)
-    limit = timeout or plan.rounds * (2 * plan.round_timeout_s + 60) + plan.node_wait_s
-    return wait_for_outcome(plan.records_dir, timeout=limit, link=link)

@@ -9,17 +9,15 @@ from consortium_server.api.deps import (
     AuditDep,
     CurrentPrincipal,
     SessionDep,
-    SettingsDep,
     require_roles,
 )
 from consortium_server.errors import (
-    ConflictError,
     ForbiddenError,
     PolicyDeniedError,
     ServiceUnavailableError,
 )
 from consortium_server.federation.coordinator import begin_run
-from consortium_server.federation.keys import (
+from consortium_server.federation.key_relay import (
     MySealedKey,
     StudyKeysCreate,
     StudyKeysPublic,
@@ -96,13 +94,13 @@ def start_run(
     study_id: str,
     request: Request,
     session: SessionDep,
-    settings: SettingsDep,
     principal: CurrentPrincipal,
 ) -> StudyPublic:
     """Start the federated run of an approved study (its owner or a consortium admin).
 
     The study becomes ``running`` now; the rounds run in the background on the consortium's
-    SuperLink. Follow them with ``GET /api/v1/studies/{id}`` and the audit log.
+    SuperLink, each one reported to and checked by this server before the next one starts.
+    Follow them with ``GET /api/v1/studies/{id}`` and the audit log.
     """
     manager: RunManager | None = getattr(request.app.state, "run_manager", None)
     study = studies.get_visible_study(session, study_id, principal)
@@ -118,14 +116,11 @@ def start_run(
             study_id,
             log=request.app.state.audit_log,
             actor=principal,
-            records_dir=settings.runs_dir() / study_id,
             policy=request.app.state.policy_context,
         )
     except PolicyDeniedError:
         session.commit()  # keep the recorded denial of the first round
         raise
-    if not manager.claim(session, study_id):  # with the state change: no replica sees it unheld
-        raise ConflictError("study.invalid_transition", "Another server already runs this study.")
-    session.commit()  # the background run must see the study running
-    manager.submit(plan)
+    session.commit()  # the run's ServerApp must find the study running, with its attempt
+    manager.start(plan)
     return studies.to_public(study)

@@ -1,8 +1,4 @@
-"""Blind aggregation strategy: the run plan, the message layout, and per-round records.
-
-Both sides import the message layout from here (one place): the ServerApp
-(:mod:`consortium_server.federation.serverapp`) and the site's ClientApp
-(:mod:`site_node.federation.clientapp`).
+"""Blind aggregation: build a round's messages, screen the replies, sum them unread.
 
 Why not a subclass of Flower's ``FedAvg``: ``Strategy.start`` keeps going with the old
 arrays when ``aggregate_train`` returns nothing, has no notion of a minimum number of valid
@@ -11,36 +7,22 @@ never holds the model: the "global model" is the encrypted aggregate of the last
 the total weight, which the sites decrypt. So :class:`BlindAggregationStrategy` is a small
 class of pure functions (build contents, check and aggregate replies, weigh metrics) and
 :func:`consortium_server.federation.serverapp.run_study_rounds` is the round loop on
-``grid.send_and_receive`` with the study's round timeout.
-
-Messages (``RecordDict`` keys):
-
-* train, server -> site: ``config`` (ConfigRecord: ``round``, ``study-id``,
-  ``contract-hash``, ``total-weight``, ``has-global``) and, from round 2, ``global``
-  (ArrayRecord of the previous aggregate in the update wire format).
-* train, site -> server: ``update`` (ArrayRecord, blobs ``[header, *chunks]``), ``metrics``
-  (MetricRecord: ``num-examples``, ``epsilon``, ``train-seconds``, ``encrypt-seconds``),
-  ``site`` (ConfigRecord: ``site-id``, ``key-fingerprint``).
-* evaluate, server -> site: ``config`` and ``global`` as above (the new aggregate).
-* evaluate, site -> server: ``metrics`` (``num-examples``, ``loss``, ``accuracy``, ``auc``)
-  and ``site``.
+``grid.send_and_receive`` with the study's round timeout. The message layout is shared with
+the sites (:mod:`concord_protocol.wire.messages`); the plan is
+:mod:`~consortium_server.federation.plan`, the records :mod:`~consortium_server.federation.records`.
 """
 
 from __future__ import annotations
 
-import base64
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from concord_protocol.contract import StudyContract
-from concord_protocol.rounds import RoundRecord
+from concord_protocol.rounds import RejectedReply, RoundRecord
 from concord_protocol.wire.ckks import context_info, load_context
 from concord_protocol.wire.format import PLAIN_CHUNK_SIZE, RoundInfo, expected_chunks
 from concord_protocol.wire.messages import (
@@ -58,20 +40,12 @@ from consortium_server.federation.blind_sum import (
     blind_sum,
     plain_sum,
 )
+from consortium_server.federation.checkpoints import GlobalModel
+from consortium_server.federation.plan import RunPlan
+from consortium_server.federation.records import RoundFailedError
 
-__all__ = [
-    "POLICY_MIN_SITES",
-    "BlindAggregationStrategy",
-    "GlobalModel",
-    "RoundFailedError",
-    "RoundHook",
-    "RunPlan",
-    "SiteReply",
-    "StudyOutcome",
-]
+__all__ = ["BlindAggregationStrategy", "SiteReply"]
 
-#: The consortium policy's floor: no aggregation of fewer sites, whatever a contract says.
-POLICY_MIN_SITES = 3
 # Extra reply reasons on top of blind_sum's (a reply that never reached blind_sum).
 ERROR_REPLY = "error_reply"
 MALFORMED_REPLY = "malformed_reply"
@@ -79,98 +53,6 @@ UNKNOWN_SITE = "unknown_site"
 DUPLICATE_SITE = "duplicate_site"
 BAD_WEIGHT = "bad_weight"
 KEY_MISMATCH = "key_mismatch"
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """Everything the ServerApp needs for one study run (carried in the Flower run config).
-
-    ``public_context`` is ``None`` when the contract turns encryption off. ``sites`` are the
-    study's approved sites; ``records_dir`` (optional) is where the ServerApp writes its
-    round records, checkpoints and the final aggregate for the consortium server to pick up.
-    ``start_round`` is 1 for a new run; a run resumed after a restart starts after the last
-    aggregated round, from that round's checkpoint in ``records_dir``.
-    """
-
-    study_id: str
-    contract: StudyContract
-    contract_hash: str
-    num_params: int
-    sites: tuple[str, ...]
-    public_context: bytes | None = None
-    records_dir: Path | None = None
-    node_wait_s: float = 60.0
-    start_round: int = 1
-
-    def __post_init__(self) -> None:
-        if self.contract.contract_hash() != self.contract_hash:
-            raise ValueError("contract does not hash to contract_hash")
-        if self.contract.encryption.enabled and self.public_context is None:
-            raise ValueError("encryption is on but no public context was given")
-        if self.num_params < 1:
-            raise ValueError("num_params must be positive")
-        # rounds + 1: a resumed study whose rounds are all done (nothing is started for it).
-        if not 1 <= self.start_round <= self.rounds + 1:
-            raise ValueError(f"start_round must be within 1..{self.rounds + 1}")
-        if self.start_round > 1 and self.records_dir is None:
-            raise ValueError("a resumed run needs the records_dir that holds its checkpoint")
-
-    @property
-    def rounds(self) -> int:
-        """Rounds to run (from the contract)."""
-        return self.contract.training.rounds
-
-    @property
-    def min_sites(self) -> int:
-        """Valid replies needed per aggregation: the contract's, never below the policy 3."""
-        return max(POLICY_MIN_SITES, self.contract.federation.min_sites)
-
-    @property
-    def round_timeout_s(self) -> float:
-        """Seconds to wait for the sites' replies each round."""
-        return float(self.contract.federation.round_timeout_s)
-
-    def to_run_config(self) -> dict[str, str | int | float | bool]:
-        """Flat run-config values (keys exist in the app's ``[tool.flwr.app.config]``)."""
-        return {
-            "study-id": self.study_id,
-            "contract-hash": self.contract_hash,
-            "contract": self.contract.canonical().decode(),
-            "num-params": self.num_params,
-            "sites": ",".join(self.sites),
-            "public-context": base64.b64encode(self.public_context or b"").decode(),
-            "records-dir": str(self.records_dir or ""),
-            "node-wait-s": float(self.node_wait_s),
-            "start-round": self.start_round,
-        }
-
-    @classmethod
-    def from_run_config(cls, config: Mapping[str, Any]) -> RunPlan:
-        """Parse the run config written by :meth:`to_run_config`."""
-        contract = StudyContract.model_validate_json(str(config["contract"]))
-        public = base64.b64decode(str(config.get("public-context", "")), validate=True)
-        records = str(config.get("records-dir", ""))
-        return cls(
-            study_id=str(config["study-id"]),
-            contract=contract,
-            contract_hash=str(config["contract-hash"]),
-            num_params=int(config["num-params"]),
-            sites=tuple(s for s in str(config["sites"]).split(",") if s),
-            public_context=public or None,
-            records_dir=Path(records) if records else None,
-            node_wait_s=float(config.get("node-wait-s", 60.0)),
-            start_round=int(config.get("start-round", 1)),
-        )
-
-
-@dataclass(frozen=True)
-class GlobalModel:
-    """The current global model as the server holds it: an aggregate it cannot read."""
-
-    round_number: int
-    blobs: tuple[bytes, ...]
-    total_weight: float
-    digest: str
 
 
 @dataclass(frozen=True)
@@ -186,53 +68,8 @@ class SiteReply:
     key_fingerprint: str
 
 
-#: Called once per round with its record (the audit log / ledger hook).
-RoundHook = Callable[[RoundRecord], None]
-
-
-@dataclass
-class StudyOutcome:
-    """The result of a study run: per-round records and the final (encrypted) model."""
-
-    study_id: str
-    contract_hash: str
-    status: str  # "completed" | "failed"
-    rounds: list[RoundRecord] = field(default_factory=list)
-    final_model: GlobalModel | None = None
-    failure: str | None = None
-
-    def as_record(self) -> dict[str, Any]:
-        """JSON-ready summary (the final model's blobs are not included, only its digest)."""
-        return {
-            "study_id": self.study_id,
-            "contract_hash": self.contract_hash,
-            "status": self.status,
-            "failure": self.failure,
-            "rounds": [r.as_record() for r in self.rounds],
-            "final_model": None
-            if self.final_model is None
-            else {
-                "round_number": self.final_model.round_number,
-                "total_weight": self.final_model.total_weight,
-                "digest": self.final_model.digest,
-            },
-        }
-
-
-class RoundFailedError(Exception):
-    """The round cannot be aggregated (too few valid replies); carries its record."""
-
-    def __init__(self, message: str, record: RoundRecord) -> None:
-        super().__init__(message)
-        self.record = record
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
-
-
-def _reject(site_id: str, reason: str, detail: str) -> dict[str, Any]:
-    return {"site_id": site_id, "reason": reason, "detail": detail, "digest": None}
+def _reject(site_id: str, reason: str, detail: str) -> RejectedReply:
+    return RejectedReply(site_id=site_id, reason=reason, detail=detail[:2000])
 
 
 class BlindAggregationStrategy:
@@ -284,7 +121,7 @@ class BlindAggregationStrategy:
         self,
         msg: Message,
         seen_sites: set[str],
-        rejected: list[dict[str, Any]],
+        rejected: list[RejectedReply],
     ) -> tuple[SiteReply, list[bytes]] | None:
         node = msg.metadata.src_node_id
         label = self.node_sites.get(node, f"node-{node}")
@@ -353,7 +190,7 @@ class BlindAggregationStrategy:
         Bad replies are dropped with a record entry. Raises :class:`RoundFailedError` (with
         the record filled in) when fewer than ``plan.min_sites`` valid replies remain.
         """
-        rejected: list[dict[str, Any]] = []
+        rejected: list[RejectedReply] = []
         seen: set[str] = set()
         screened: dict[str, tuple[SiteReply, list[bytes]]] = {}
         for msg in replies:
@@ -375,13 +212,13 @@ class BlindAggregationStrategy:
             result = self._sum(round_number, updates)
         except NotEnoughSitesError as exc:
             record.aggregate_seconds = time.perf_counter() - t0
-            rejected.extend(r.as_record() for r in exc.rejected)
+            rejected.extend(exc.rejected)
             self._fill(record, screened, list(exc.accepted), rejected, None)
             record.status = "failed"
             record.failure = str(exc)
             raise RoundFailedError(str(exc), record) from None
         record.aggregate_seconds = time.perf_counter() - t0
-        rejected.extend(r.as_record() for r in result.rejected)
+        rejected.extend(result.rejected)
         total = float(sum(screened[s][0].num_examples for s in result.accepted))
         self._fill(record, screened, list(result.accepted), rejected, result)
         record.total_weight = total
@@ -409,7 +246,7 @@ class BlindAggregationStrategy:
         record: RoundRecord,
         screened: Mapping[str, tuple[SiteReply, list[bytes]]],
         accepted: list[str],
-        rejected: list[dict[str, Any]],
+        rejected: list[RejectedReply],
         result: BlindSumResult | None,
     ) -> None:
         record.participants = sorted(accepted)
@@ -418,7 +255,7 @@ class BlindAggregationStrategy:
         record.site_train_seconds = {s: r.train_seconds for s, (r, _) in screened.items()}
         record.site_encrypt_seconds = {s: r.encrypt_seconds for s, (r, _) in screened.items()}
         record.rejected = rejected
-        replied = set(screened) | {r["site_id"] for r in rejected}
+        replied = set(screened) | {r.site_id for r in rejected}
         record.missing_sites = sorted(set(self.plan.sites) - replied)
         if result is not None:
             record.site_digests = dict(result.site_digests)
@@ -452,19 +289,3 @@ class BlindAggregationStrategy:
         out["num-examples"] = float(weights.get("accuracy", 0.0))
         out["sites"] = float(sites)
         return out
-
-
-def new_record(plan: RunPlan, round_number: int) -> RoundRecord:
-    """An empty record for ``round_number`` with its start time."""
-    return RoundRecord(
-        study_id=plan.study_id,
-        contract_hash=plan.contract_hash,
-        round_number=round_number,
-        started_at=_now(),
-    )
-
-
-def finish_record(record: RoundRecord, started: float) -> None:
-    """Stamp the end time and wall time of ``record``."""
-    record.finished_at = _now()
-    record.wall_seconds = time.perf_counter() - started

@@ -30,8 +30,7 @@ __all__ = ["FlwrSuperNodeRegistry", "SuperLinkRefusedError", "SuperNodeRegistry"
 class SuperLinkRefusedError(DomainError):
     """The SuperLink did not register or unregister a key (502, nothing changed)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__("federation.superlink_error", message)
+    code = "federation.superlink_error"
 
 
 class SuperNodeRegistry(Protocol):

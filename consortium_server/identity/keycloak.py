@@ -99,7 +99,7 @@ def _call(action: str, server_url: str, realm: str, call: Callable[[], _T]) -> _
         detail = ": ".join(part for part in (code, description) if part) or f"HTTP {status}"
         if status == 401 or code in _CREDENTIAL_ERRORS:
             raise AuthenticationError(
-                "auth.invalid_token", f"{where} refused to {action} ({detail})"
+                f"{where} refused to {action} ({detail})", code="auth.invalid_token"
             ) from error
         if status == 404:
             raise ServiceUnavailableError(
@@ -111,7 +111,7 @@ def _call(action: str, server_url: str, realm: str, call: Callable[[], _T]) -> _
             # A request the provider understood but rejected (scope, grant type, ...):
             # a configuration problem on our side, reported as an authentication failure.
             raise AuthenticationError(
-                "auth.invalid_token", f"{where} rejected the request to {action} ({detail})"
+                f"{where} rejected the request to {action} ({detail})", code="auth.invalid_token"
             ) from error
         raise ServiceUnavailableError(
             f"{where} failed to {action} ({detail})", code="auth.issuer_unavailable"

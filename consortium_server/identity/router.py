@@ -41,7 +41,7 @@ def me(principal: CurrentPrincipal) -> MePublic:
 def _local_issuer(request: Request, realm: str) -> LocalIssuer:
     issuer: LocalIssuer | None = getattr(request.app.state, "local_issuer", None)
     if issuer is None or not issuer.issuer.endswith(f"/realms/{realm}"):
-        raise NotFoundError("resource.not_found", f"No local realm {realm!r} on this server.")
+        raise NotFoundError(f"No local realm {realm!r} on this server.", code="resource.not_found")
     return issuer
 
 

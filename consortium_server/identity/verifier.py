@@ -60,7 +60,7 @@ def _utc(timestamp: object) -> str:
 
 
 def _invalid(reason: str) -> AuthenticationError:
-    return AuthenticationError("auth.invalid_token", reason)
+    return AuthenticationError(reason, code="auth.invalid_token")
 
 
 class TokenVerifier:
@@ -206,7 +206,7 @@ class TokenVerifier:
         except jwt.ExpiredSignatureError as error:
             exp = _unverified_claim(token, "exp")
             raise AuthenticationError(
-                "auth.expired_token", f"the token expired at {_utc(exp)}"
+                f"the token expired at {_utc(exp)}", code="auth.expired_token"
             ) from error
         except jwt.InvalidSignatureError as error:
             raise _invalid(

@@ -4,7 +4,6 @@ service, and the dry run researchers use before submitting."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import select
@@ -29,18 +28,9 @@ __all__ = [
     "approval_gate",
     "dry_run",
     "load_site_organisations",
-    "model_catalogue_keys",
     "submission_gate",
     "to_gate_decision",
 ]
-
-
-@lru_cache(maxsize=1)
-def model_catalogue_keys() -> frozenset[tuple[str, str]]:
-    """(name, version) of every model the site-side catalogue can build."""
-    from concord_protocol.catalogue import list_models
-
-    return frozenset((entry.name, entry.version) for entry in list_models())
 
 
 def load_site_organisations(session: Session) -> dict[str, str]:

@@ -113,7 +113,7 @@ def active(session: SessionDep) -> PolicyVersionPublic:
     """The active policy set, with its files."""
     row = service.active_version(session)
     if row is None:
-        raise NotFoundError("policy.not_published", "No policy set is published yet.")
+        raise NotFoundError("No policy set is published yet.", code="policy.not_published")
     return _version(row, with_files=True)
 
 

@@ -111,7 +111,7 @@ def active_engine(session: Session) -> PolicyEngine:
     """The engine of the active version; ``policy.not_published`` if there is none."""
     version = active_version(session)
     if version is None:
-        raise DomainError("policy.not_published", "no policy set has been published yet")
+        raise DomainError("no policy set has been published yet", code="policy.not_published")
     return engine_for(version)
 
 
@@ -124,7 +124,7 @@ def get_version(session: Session, version: int) -> PolicyVersion:
     """One version by number; ``policy.version_not_found`` if there is none."""
     row = session.scalars(select(PolicyVersion).where(PolicyVersion.version == version)).first()
     if row is None:
-        raise NotFoundError("policy.version_not_found", f"no policy version {version}")
+        raise NotFoundError(f"no policy version {version}", code="policy.version_not_found")
     return row
 
 
@@ -162,7 +162,7 @@ def publish_policy_set(
     if schema is None:
         if previous is None:
             raise DomainError(
-                "policy.invalid", "the first policy set must be published with its schema"
+                "the first policy set must be published with its schema", code="policy.invalid"
             )
         schema = previous.schema_text
     engine = PolicyEngine.load(dict(texts), schema)

@@ -17,11 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from concord_protocol.audit.entries import AuditEntry
 from concord_protocol.audit.heads import SignedTreeHead
 from concord_protocol.contract import StudyContract
 from concord_protocol.fields import format_utc
 from concord_protocol.principals import Principal
 from concord_protocol.release import MODEL_ENCODING
+from concord_protocol.rounds import RoundAuditDetails
 from consortium_server.audit.models import AuditLeaf
 from consortium_server.budgets import service as budgets
 from consortium_server.datasets.service import get_datasets
@@ -132,14 +134,12 @@ def last_evaluation(session: Session, study_id: str) -> tuple[int, dict[str, flo
         .order_by(AuditLeaf.index.desc())
     )
     for raw in rows:
-        entry = json.loads(raw)
-        if entry.get("object", {}).get("id") != study_id:
+        entry = AuditEntry.from_canonical_bytes(bytes(raw))
+        if entry.object.id != study_id:
             continue
-        details = entry.get("details", {})
-        evaluation = details.get("evaluation") or {}
-        if evaluation:
-            metrics = {str(k): float(v) for k, v in evaluation.items()}
-            return int(details.get("round_number", 0)), metrics
+        record = RoundAuditDetails.model_validate(entry.details).record
+        if record.evaluation:
+            return record.round_number, dict(record.evaluation)
     return None
 
 

@@ -189,7 +189,7 @@ def _site_study(session: Session, study_id: str, principal: Principal) -> tuple[
     """The study and the caller's site, which must be one of its sites (403 otherwise)."""
     study = session.get(Study, study_id)
     if study is None:
-        raise NotFoundError("study.not_found", f"No study with id {study_id!r}.")
+        raise NotFoundError(f"No study with id {study_id!r}.", code="study.not_found")
     return study, service.require_study_site(session, study, principal)
 
 
@@ -293,7 +293,7 @@ async def _model_bytes(request: Request) -> bytes:
         return base64.b64decode(upload.model_b64, validate=True)
     except (ValidationError, binascii.Error, ValueError):
         raise InvalidRequestError(
-            "request.invalid", 'Send {"model_b64": "<base64>"} or application/octet-stream.'
+            'Send {"model_b64": "<base64>"} or application/octet-stream.', code="request.invalid"
         ) from None
 
 

@@ -50,7 +50,7 @@ from consortium_server.errors import (
     InvalidRequestError,
     NotFoundError,
 )
-from consortium_server.federation.strategy import GlobalModel
+from consortium_server.federation.checkpoints import GlobalModel
 from consortium_server.policy.checks import PolicyContext
 from consortium_server.release.card import ModelCard
 from consortium_server.release.models import (
@@ -94,9 +94,9 @@ def require_state(study: Study, *states: StudyState) -> None:
     """``release.not_completed`` unless ``study`` is in one of ``states``."""
     if study.state not in states:
         raise ConflictError(
-            "release.not_completed",
             f"Study {study.id} is {study.state.value}; this needs "
             f"{' or '.join(s.value for s in states)}.",
+            code="release.not_completed",
         )
 
 
@@ -115,12 +115,12 @@ def store_final_aggregate(
     """
     study = session.get(Study, study_id)
     if study is None:
-        raise NotFoundError("study.not_found", f"No study with id {study_id!r}.")
+        raise NotFoundError(f"No study with id {study_id!r}.", code="study.not_found")
     require_state(study, StudyState.RUNNING, StudyState.COMPLETED)
     try:
         update = EncodedUpdate.from_bytes_list(final_model.blobs)
     except WireFormatError as exc:
-        raise InvalidRequestError("release.aggregate_invalid", exc.message) from None
+        raise InvalidRequestError(exc.message, code="release.aggregate_invalid") from None
     header = update.header
     problems = []
     if header.study_id != study.id:
@@ -131,15 +131,16 @@ def store_final_aggregate(
         problems.append("its digest does not match the header")
     if problems:
         raise InvalidRequestError(
-            "release.aggregate_invalid", f"The final aggregate is refused: {'; '.join(problems)}."
+            f"The final aggregate is refused: {'; '.join(problems)}.",
+            code="release.aggregate_invalid",
         )
     existing = session.get(FinalAggregate, study.id)
     if existing is not None:
         if existing.digest == update.digest:
             return existing
         raise ConflictError(
-            "release.aggregate_exists",
             f"Study {study.id} already has final aggregate {existing.digest[:16]}.",
+            code="release.aggregate_exists",
         )
     aggregate = FinalAggregate(
         study_id=study.id,
@@ -179,7 +180,7 @@ def get_final_aggregate(session: Session, study: Study) -> FinalAggregate:
     aggregate = session.get(FinalAggregate, study.id)
     if aggregate is None:
         raise NotFoundError(
-            "release.no_aggregate", f"No final aggregate is stored for study {study.id}."
+            f"No final aggregate is stored for study {study.id}.", code="release.no_aggregate"
         )
     return aggregate
 
@@ -241,8 +242,8 @@ def record_signoff(
         site, study=study, model_sha256=model_sha256, signature_b64=signature
     ):
         raise InvalidRequestError(
-            "release.signature_invalid",
             f"The signature does not verify with site {site.id}'s registered signing key.",
+            code="release.signature_invalid",
         )
     existing = session.scalars(
         select(ReleaseSignoff).where(
@@ -253,8 +254,8 @@ def record_signoff(
         if existing.model_sha256 == model_sha256:
             return existing, False
         raise ConflictError(
-            "release.already_signed_off",
             f"Site {site.id} already signed off model {existing.model_sha256[:16]}.",
+            code="release.already_signed_off",
         )
     signoff = ReleaseSignoff(
         study_id=study.id,
@@ -291,30 +292,30 @@ def upload_model(
     ).first()
     if own is None:
         raise ConflictError(
-            "release.signoffs_missing", f"Site {site.id} must sign off before uploading."
+            f"Site {site.id} must sign off before uploading.", code="release.signoffs_missing"
         )
     digest = model_sha256(data)
     if digest != own.model_sha256:
         raise InvalidRequestError(
-            "release.model_invalid",
             f"The bytes hash to {digest[:16]}, site {site.id} signed off {own.model_sha256[:16]}.",
+            code="release.model_invalid",
         )
     if len(data) != 8 * aggregate.num_params:
         raise InvalidRequestError(
-            "release.model_invalid",
             f"Expected {aggregate.num_params} float64 values ({8 * aggregate.num_params} bytes), "
             f"got {len(data)} bytes.",
+            code="release.model_invalid",
         )
     if not np.isfinite(np.frombuffer(data, dtype="<f8")).all():
-        raise InvalidRequestError("release.model_invalid", "The model holds NaN or infinity.")
+        raise InvalidRequestError("The model holds NaN or infinity.", code="release.model_invalid")
     existing = session.get(ReleasedModel, study.id)
     if existing is not None:
         if existing.model_sha256 == digest:
             return existing, False
         raise ConflictError(
-            "release.model_exists",
             f"Model {existing.model_sha256[:16]} was already uploaded by "
             f"{existing.uploaded_by_site}.",
+            code="release.model_exists",
         )
     model = ReleasedModel(
         study_id=study.id,
@@ -518,7 +519,7 @@ def get_release(session: Session, study: Study) -> StudyRelease:
     release = session.get(StudyRelease, study.id)
     if study.state is not StudyState.RELEASED or release is None:
         raise ConflictError(
-            "release.not_released", f"Study {study.id} is {study.state.value}, not released."
+            f"Study {study.id} is {study.state.value}, not released.", code="release.not_released"
         )
     return release
 
@@ -528,5 +529,5 @@ def get_released_model(session: Session, study: Study) -> ReleasedModel:
     release = get_release(session, study)
     model = session.get(ReleasedModel, study.id)
     if model is None or model.model_sha256 != release.model_sha256:
-        raise ConflictError("release.not_released", "The released model is not available.")
+        raise ConflictError("The released model is not available.", code="release.not_released")
     return model

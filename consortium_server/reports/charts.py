@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, date2num
 from matplotlib.figure import Figure
 
-from consortium_server.reports.service import DatasetBudget
+from consortium_server.reports.rows import DatasetBudget
 
 __all__ = ["epsilon_chart_data_uri", "epsilon_chart_png"]
 

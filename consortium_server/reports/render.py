@@ -1,4 +1,4 @@
-"""Rendering a :class:`~consortium_server.reports.service.ComplianceReport`: HTML (Jinja2),
+"""Rendering a :class:`~consortium_server.reports.rows.ComplianceReport`: HTML (Jinja2),
 PDF (WeasyPrint), CSV (one section per file) and JSON.
 
 HTML and PDF come from the same template (``templates/compliance.html``) with the style
@@ -27,7 +27,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from consortium_server.reports.charts import epsilon_chart_data_uri
-from consortium_server.reports.service import ComplianceReport
+from consortium_server.reports.rows import ComplianceReport
 
 __all__ = [
     "CSV_COLUMNS",

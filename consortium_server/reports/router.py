@@ -48,7 +48,8 @@ from consortium_server.reports.render import (
     render_json,
     render_pdf,
 )
-from consortium_server.reports.service import ComplianceReport, ReportFilters, build_report
+from consortium_server.reports.rows import ComplianceReport, ReportFilters
+from consortium_server.reports.service import build_report
 
 __all__ = ["ReportFormat", "parse_time", "router"]
 
@@ -92,9 +93,9 @@ def parse_time(value: str | None, *, name: str, end_of_day: bool = False) -> dat
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:
         raise InvalidRequestError(
-            "request.invalid",
             f"`{name}` must be a date (YYYY-MM-DD) or an ISO 8601 time, not {text[:40]!r}.",
-            [{"field": f"query.{name}", "message": "not a date or time"}],
+            code="request.invalid",
+            details=[{"field": f"query.{name}", "message": "not a date or time"}],
         ) from exc
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
@@ -118,7 +119,7 @@ def _filters(
         until=parse_time(until, name="to", end_of_day=True),
     )
     if filters.since and filters.until and filters.since >= filters.until:
-        raise InvalidRequestError("request.invalid", "`from` must be before `to`.")
+        raise InvalidRequestError("`from` must be before `to`.", code="request.invalid")
     return filters
 
 

@@ -21,7 +21,7 @@ def enrol_site(session: Session, data: SiteEnrol, *, actor: Principal) -> Site:
     ).first()
     if clash is not None:
         field = "id" if clash.id == data.id else "organisation"
-        raise ConflictError("site.exists", f"A site with this {field} is already enrolled.")
+        raise ConflictError(f"A site with this {field} is already enrolled.", code="site.exists")
     site = Site(**data.model_dump(), enrolled_by=actor.subject, status=SiteStatus.ACTIVE)
     session.add(site)
     session.flush()
@@ -32,7 +32,7 @@ def get_site(session: Session, site_id: str) -> Site:
     """The site with ``site_id`` or ``site.not_found``."""
     site = session.get(Site, site_id)
     if site is None:
-        raise NotFoundError("site.not_found", f"No site with id {site_id!r}.")
+        raise NotFoundError(f"No site with id {site_id!r}.", code="site.not_found")
     return site
 
 
@@ -45,7 +45,7 @@ def revoke_site(session: Session, site_id: str, *, reason: str) -> Site:
     """Revoke a site: it can no longer publish, approve or take part in rounds."""
     site = get_site(session, site_id)
     if site.status is SiteStatus.REVOKED:
-        raise ConflictError("site.exists", f"Site {site_id!r} is already revoked.")
+        raise ConflictError(f"Site {site_id!r} is already revoked.", code="site.exists")
     site.status = SiteStatus.REVOKED
     site.revoked_at = utcnow()
     site.revoked_reason = reason

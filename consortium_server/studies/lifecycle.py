@@ -46,8 +46,8 @@ def transition(
     current = study.state
     if to not in TRANSITIONS[current]:
         raise ConflictError(
-            "study.invalid_transition",
             f"A study that is {current.value} cannot become {to.value}.",
+            code="study.invalid_transition",
         )
     study.state = to
     study.state_reason = reason or None

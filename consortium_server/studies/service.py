@@ -99,9 +99,9 @@ def submit_study(
     datasets, unknown = get_datasets(session, contract.datasets)
     if unknown:
         raise InvalidRequestError(
-            "study.invalid",
             f"Unknown dataset(s): {', '.join(unknown)}.",
-            [{"field": "datasets", "message": f"unknown dataset {i!r}"} for i in unknown],
+            code="study.invalid",
+            details=[{"field": "datasets", "message": f"unknown dataset {i!r}"} for i in unknown],
         )
     site_ids = sorted({d.site_id for d in datasets})
     revoked = [
@@ -111,7 +111,7 @@ def submit_study(
     ]
     if revoked:
         raise InvalidRequestError(
-            "study.invalid", f"Dataset(s) belong to revoked site(s): {', '.join(revoked)}."
+            f"Dataset(s) belong to revoked site(s): {', '.join(revoked)}.", code="study.invalid"
         )
     now = utcnow()
     study = Study(
@@ -191,7 +191,7 @@ def get_visible_study(session: Session, study_id: str, principal: Principal) -> 
     """
     study = session.get(Study, study_id)
     if study is None or not _can_see(session, principal, study):
-        raise NotFoundError("study.not_found", f"No study with id {study_id!r}.")
+        raise NotFoundError(f"No study with id {study_id!r}.", code="study.not_found")
     _expire_if_overdue(session, study)
     return study
 
@@ -241,28 +241,28 @@ def decide(
     site = require_own_active_site(session, actor, data.site_id)
     if site.id not in {s.site_id for s in study.sites}:
         raise ConflictError(
-            "approval.not_requested", f"Study {study.id} uses no dataset of site {site.id!r}."
+            f"Study {study.id} uses no dataset of site {site.id!r}.", code="approval.not_requested"
         )
     if any(a.site_id == site.id for a in study.approvals):
         raise ConflictError(
-            "approval.duplicate", f"Site {site.id!r} has already decided on this study."
+            f"Site {site.id!r} has already decided on this study.", code="approval.duplicate"
         )
     if study.state is not StudyState.AWAITING_APPROVALS:
         raise ConflictError(
-            "study.invalid_transition",
             f"The study is {study.state.value}; only studies awaiting approvals can be decided.",
+            code="study.invalid_transition",
         )
     if data.contract_hash != study.contract_hash:
         raise ConflictError(
-            "approval.hash_mismatch",
             "The contract hash you approved is not this study's contract hash: "
             "fetch the study again and review the current contract.",
+            code="approval.hash_mismatch",
         )
     if data.decision is ApprovalDecision.DECLINED and not data.reason:
         raise InvalidRequestError(
-            "request.invalid",
             "A decline needs a reason.",
-            [{"field": "body.reason", "message": "required when declining"}],
+            code="request.invalid",
+            details=[{"field": "body.reason", "message": "required when declining"}],
         )
     if data.decision is ApprovalDecision.APPROVED and gate is not None:
         verdict = gate(study, site.id)
@@ -270,7 +270,7 @@ def decide(
             raise PolicyDeniedError(
                 "The consortium policy does not allow this site to approve: "
                 + " ".join(verdict.reasons),
-                [{"reason": r} for r in verdict.reasons],
+                details=[{"reason": r} for r in verdict.reasons],
             )
     approval = StudyApproval(
         study_id=study.id,

@@ -1,5 +1,6 @@
 # Concord consortium server image: `consortium server`, `consortium db upgrade` and the
-# Flower SuperLink (`flower-superlink`). Build from the repository root:
+# Flower SuperLink (`flower-superlink`, whose ServerApps report to the API). Built from the
+# server extra (`concord[server]`): no torch, MONAI or Opacus. Build from the repository root:
 #   docker build -f deploy/docker/server.Dockerfile -t concord-server:0.1.0 .
 # BASE_IMAGE: scripts/build-images.sh builds on a local Debian bookworm base where Docker Hub
 # is unreachable; the default is the public image.
@@ -9,21 +10,19 @@ FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/concord
 ENV PATH=/opt/concord/bin:$PATH
-# torch first and pinned, from the CPU index: any other spec pulls a multi-GB CUDA build.
-# TORCH_PIP_ARGS says where from (scripts/build-images.sh: a local wheel directory).
 # PIP_CERT (a TLS-inspecting proxy's CA) and PIP_INDEX_URL (a mirror) are unset unless given.
-ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 ARG PIP_CERT
 ARG PIP_INDEX_URL
-RUN pip install torch==2.13.0 ${TORCH_PIP_ARGS}
-# The dependencies (pyproject.toml's list) get their own layer, kept while only the code changes.
+# The dependencies (pyproject.toml's shared list and the server extra) get their own layer,
+# kept while only the code changes.
 COPY pyproject.toml README.md /src/
-RUN python -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" >/tmp/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *p['optional-dependencies']['server'], sep='\n')" >/tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 COPY concord_protocol /src/concord_protocol
 COPY consortium_server /src/consortium_server
-COPY site_node /src/site_node
-RUN pip install /src
+COPY policies /src/policies
+# The policies install as data files to /opt/concord/share/policies.
+RUN pip install --no-deps /src
 
 FROM ${BASE_IMAGE}
 
@@ -34,7 +33,6 @@ RUN apt-get update \
     && groupadd --gid 10001 concord \
     && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin concord
 COPY --from=build /opt/concord /opt/concord
-COPY policies /opt/concord/share/policies
 ENV PATH=/opt/concord/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

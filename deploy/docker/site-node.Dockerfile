@@ -1,5 +1,7 @@
 # Concord site-node image: the site agent (`site-node run`) and the Flower SuperNode
-# (`flower-supernode`, which starts `flwr-clientapp` per message). Build from the root:
+# (`site-node supernode`, the guarded ClientApp runner in front of `flower-supernode`).
+# Built from the site extra (`concord[site]`): no consortium-server code. Build from the
+# repository root:
 #   docker build -f deploy/docker/site-node.Dockerfile -t concord-site-node:0.1.0 .
 # BASE_IMAGE: scripts/build-images.sh builds on a local Debian bookworm base where Docker Hub
 # is unreachable; the default is the public image.
@@ -17,21 +19,22 @@ ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 ARG PIP_CERT
 ARG PIP_INDEX_URL
 RUN pip install torch==2.13.0 ${TORCH_PIP_ARGS}
-# The dependencies (pyproject.toml's list) get their own layer, kept while only the code changes.
+# The dependencies (pyproject.toml's shared list and the site extra) get their own layer,
+# kept while only the code changes.
 COPY pyproject.toml README.md /src/
-RUN python -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" >/tmp/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *p['optional-dependencies']['site'], sep='\n')" >/tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 COPY concord_protocol /src/concord_protocol
-COPY consortium_server /src/consortium_server
 COPY site_node /src/site_node
-RUN pip install /src
+COPY policies /src/policies
+# The policies install as data files to /opt/concord/share/policies.
+RUN pip install --no-deps /src
 
 FROM ${BASE_IMAGE}
 
 RUN groupadd --gid 10001 concord \
     && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin concord
 COPY --from=build /opt/concord /opt/concord
-COPY policies/sites /opt/concord/share/policies/sites
 ENV PATH=/opt/concord/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

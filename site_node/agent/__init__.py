@@ -7,7 +7,7 @@ audit log's tree head as a witness. :class:`SiteAgent` runs the passes with retr
 :func:`run_agent` is the command's entry point.
 """
 
-from site_node.agent.keys import KeyResult, exchange_keys, generating_site
+from site_node.agent.key_exchange import KeyResult, exchange_keys, generating_site
 from site_node.agent.loop import PassReport, SiteAgent, StepOutcome, run_agent, token_provider
 from site_node.agent.sync import ActiveStudy, AgentError, SyncResult, sync_approvals
 from site_node.agent.witness import WitnessResult, cosign_latest

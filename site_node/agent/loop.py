@@ -8,7 +8,7 @@ Every ``poll_interval_s`` seconds one pass runs four steps, in order:
     (:mod:`site_node.agent.sync`);
 ``keys``
     generate or receive each approved, encrypted study's CKKS key
-    (:mod:`site_node.agent.keys`); skipped when ``sync`` failed;
+    (:mod:`site_node.agent.key_exchange`); skipped when ``sync`` failed;
 ``release``
     sign off the final model of each completed study (and, for one site, upload it)
     (:mod:`site_node.agent.release`); skipped when ``sync`` failed;
@@ -44,7 +44,7 @@ import httpx
 
 from concord_protocol.client import ApiError, ConsortiumClient, TokenProvider
 from concord_protocol.logs import JsonFormatter
-from site_node.agent.keys import KeyResult, exchange_keys
+from site_node.agent.key_exchange import KeyResult, exchange_keys
 from site_node.agent.release import ReleaseResult, sign_off_completed
 from site_node.agent.sync import AgentError, SyncResult, is_transient, sync_approvals
 from site_node.agent.witness import WitnessResult, cosign_latest, verify_latest
@@ -344,8 +344,8 @@ def token_provider(
     if settings.token is not None:
         return settings.token.get_secret_value(), None, "static_token"
     raise AgentError(
-        "agent.no_credentials",
         "no credentials for the consortium API",
+        code="agent.no_credentials",
         hint="Set CONCORD_SITE_TOKEN_URL, CONCORD_SITE_CLIENT_ID and CONCORD_SITE_CLIENT_SECRET "
         "(or CONCORD_SITE_TOKEN for development).",
     )
@@ -363,7 +363,7 @@ def configure_agent_logging(level: str = "INFO") -> None:
 def _site(settings: SiteSettings) -> tuple[str, SiteKeyPair]:
     if not settings.site_id:
         raise AgentError(
-            "agent.no_site_id", "the site id is not set", hint="Set CONCORD_SITE_SITE_ID."
+            "the site id is not set", code="agent.no_site_id", hint="Set CONCORD_SITE_SITE_ID."
         )
     return settings.site_id, SiteKeyPair.load(settings.keys_dir())
 

@@ -53,11 +53,10 @@ WITHDRAWN_STATES = frozenset({"rejected", "aborted", "failed"})
 
 
 class AgentError(SiteError):
-    """The site agent refused something the server sent, or cannot act; ``code`` says what."""
+    """The site agent refused something the server sent, or cannot act; ``code`` says what
+    (``agent.*``)."""
 
-    def __init__(self, code: str, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.code = code
+    code = "agent.refused"
 
 
 #: HTTP statuses worth retrying (0: no answer at all). 401 is retried once the caller has
@@ -136,21 +135,21 @@ def _checked_contract(detail: dict[str, Any], mine: dict[str, Any]) -> tuple[Stu
         contract = StudyContract.model_validate(detail["contract"])
     except (KeyError, ValidationError):
         raise AgentError(
-            "agent.contract_invalid",
             f"study {study_id}: the server sent a contract that is not a valid study contract",
+            code="agent.contract_invalid",
         ) from None
     computed = contract.contract_hash()
     if computed != detail.get("contract_hash"):
         raise AgentError(
-            "agent.contract_hash_mismatch",
             f"study {study_id}: the contract does not hash to the study's contract hash",
+            code="agent.contract_hash_mismatch",
             hint="Do not train; report this to the consortium operator (the contract changed).",
         )
     approval_hash = mine.get("contract_hash")
     if approval_hash is not None and approval_hash != computed:
         raise AgentError(
-            "agent.approval_hash_mismatch",
             f"study {study_id}: this site approved another contract hash than the study's",
+            code="agent.approval_hash_mismatch",
         )
     return contract, computed
 

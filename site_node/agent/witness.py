@@ -102,14 +102,14 @@ def _prepare(
         key_b64, first_use = _server_key(Path(state_dir), server_head_key, offered)
     else:
         raise AgentError(
-            "agent.no_server_key",
             "no trusted tree-head key yet",
+            code="agent.no_server_key",
             hint="Set CONCORD_SITE_SERVER_HEAD_KEY, or let `site-node run` pin it first.",
         )
     if offered != key_b64:
         raise AgentError(
-            "agent.server_key_changed",
             "the consortium signs tree heads with another key than the one this site trusts",
+            code="agent.server_key_changed",
             hint="Ask the consortium operator whether the head key was rotated; do not "
             "delete the witness state.",
         )

@@ -7,38 +7,50 @@ site agent (or ``site-node`` commands); the Flower ClientApp only *reads* it. La
         approvals/<contract_hash>.json    {"study_id", "contract_hash", "contract", "approved_at"}
         study-keys/<study_id>.ctx         the study's CKKS secret context (mode 0600)
         study-keys/<study_id>.json        {"key_fingerprint", "sender_id", "public_context_sha256"}
-        allowed-fabs.txt                  extra Flower app bundle hashes the site accepts
+        allowed-fabs.txt                  extra Flower app bundles the site accepts (below)
         dp/<study_id>-<hash[:16]>.json    the Opacus accountant state of the study
 
 The contract is stored as the site saw it when approving, and :meth:`ApprovalStore.approve`
 refuses a contract whose hash is not the one given: a run can only use a contract the
 steward actually approved. Nothing here logs contents.
+
+``allowed-fabs.txt`` is the site operator's list of app bundles (FABs) the site runs besides
+its own, one a line: ``<fab hash>`` (the bundle may name only Concord's ClientApp,
+:data:`~concord_protocol.bundle.CLIENTAPP_REF`; every line of earlier versions reads so) or
+``<fab hash> <module:attr>`` (a bundle of that hash may name only that ClientApp, which the
+site's guarded runner then imports, see :mod:`site_node.federation.processes`). Each hash
+allows exactly one ClientApp. A line that does not parse, and a hash listed with two
+different ClientApps (a hand-edited file), allow nothing: deny by default.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from concord_protocol.bundle import CLIENTAPP_REF
 from concord_protocol.contract import StudyContract
 from concord_protocol.wire.format import sha256_hex
 from site_node.crypto.sealing import study_key_fingerprint
+from site_node.errors import SiteError
 
-__all__ = ["ApprovalError", "ApprovalStore", "ApprovedStudy", "StudyKey"]
+__all__ = ["ApprovalError", "ApprovalStore", "ApprovedStudy", "StudyKey", "is_clientapp_ref"]
 
 _HEX64 = frozenset("0123456789abcdef")
+_ALLOWED_FABS = "allowed-fabs.txt"
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+_CLIENTAPP_REF = re.compile(rf"{_DOTTED}:{_DOTTED}")
 
 
-class ApprovalError(Exception):
-    """A contract or key cannot be stored or is missing. ``code`` is stable."""
+class ApprovalError(SiteError):
+    """A contract or key cannot be stored or is missing. ``code`` is stable (``approval.*``)."""
 
-    def __init__(self, message: str, *, code: str) -> None:
-        super().__init__(message)
-        self.code = code
+    code = "approval.invalid"
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,12 @@ class StudyKey:
 
 def _is_hash(value: str) -> bool:
     return len(value) == 64 and set(value) <= _HEX64
+
+
+def is_clientapp_ref(value: str) -> bool:
+    """Whether ``value`` is a ClientApp reference, ``module.path:attribute`` (dotted
+    identifiers only: nothing that could name a file or carry arguments)."""
+    return len(value) <= 200 and _CLIENTAPP_REF.fullmatch(value) is not None
 
 
 def _safe_id(value: str) -> str:
@@ -184,19 +202,58 @@ class ApprovalStore:
 
     # --- app bundles and accountant state ---------------------------------------------
 
-    def allowed_fab_hashes(self) -> set[str]:
-        """Extra Flower app bundle (FAB) hashes the site accepts besides its own bundle."""
-        path = self.root / "allowed-fabs.txt"
-        if not path.is_file():
-            return set()
-        return {line.strip() for line in path.read_text().splitlines() if _is_hash(line.strip())}
+    def allowed_fabs(self) -> dict[str, str]:
+        """The extra app bundle (FAB) hashes the site accepts besides its own bundle, each
+        with the one ClientApp reference (``module:attr``) a bundle of that hash may name.
 
-    def allow_fab(self, fab_hash: str) -> None:
-        """Accept one more app bundle hash (e.g. a newer release of the site's bundle)."""
+        Old-format lines (a hash alone) map to Concord's ClientApp. Malformed lines, and
+        hashes listed with two different ClientApps, are left out (see the module).
+        """
+        path = self.root / _ALLOWED_FABS
+        if not path.is_file():
+            return {}
+        allowed: dict[str, str] = {}
+        conflicting: set[str] = set()
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if not parts or len(parts) > 2 or not _is_hash(parts[0]):
+                continue
+            fab_hash, ref = parts[0], (parts[1] if len(parts) == 2 else CLIENTAPP_REF)
+            if not is_clientapp_ref(ref):
+                continue
+            if allowed.setdefault(fab_hash, ref) != ref:
+                conflicting.add(fab_hash)
+        return {h: ref for h, ref in allowed.items() if h not in conflicting}
+
+    def allowed_fab_hashes(self) -> set[str]:
+        """The extra app bundle hashes the site accepts (whatever ClientApp each allows)."""
+        return set(self.allowed_fabs())
+
+    def allowed_clientapp(self, fab_hash: str) -> str | None:
+        """The ClientApp a bundle of ``fab_hash`` may name, or ``None`` if not allowed."""
+        return self.allowed_fabs().get(fab_hash)
+
+    def allow_fab(self, fab_hash: str, *, clientapp: str = CLIENTAPP_REF) -> None:
+        """Accept one more app bundle hash, naming ``clientapp`` (``module:attr``).
+
+        The default, Concord's own ClientApp, is for e.g. a newer release of the site's
+        bundle. Another ClientApp (``benchmarks.apps.compare_client:app`` for the
+        aggregation comparison) is code the site's guarded runner will import for runs of
+        this exact bundle: allow only code installed at the site that the operator trusts.
+        Allowing a hash again replaces the ClientApp it allows.
+        """
         if not _is_hash(fab_hash):
             raise ApprovalError("not a FAB hash", code="approval.bad_hash")
-        hashes = sorted(self.allowed_fab_hashes() | {fab_hash})
-        _write_atomic(self.root / "allowed-fabs.txt", ("\n".join(hashes) + "\n").encode())
+        if not is_clientapp_ref(clientapp):
+            raise ApprovalError(
+                "not a ClientApp reference (module.path:attribute)", code="approval.bad_clientapp"
+            )
+        allowed = {**self.allowed_fabs(), fab_hash: clientapp}
+        lines = [
+            h if ref == CLIENTAPP_REF else f"{h} {ref}"  # bare hash: readable by old versions
+            for h, ref in sorted(allowed.items())
+        ]
+        _write_atomic(self.root / _ALLOWED_FABS, ("\n".join(lines) + "\n").encode())
 
     def dp_state_path(self, study_id: str, contract_hash: str) -> Path:
         """Where the study's accountant state lives at this site."""

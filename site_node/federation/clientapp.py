@@ -14,11 +14,6 @@ round 1), train with Opacus DP-SGD, multiply by the local sample count and encry
 study's CKKS key, reply ciphertexts plus plain metadata (sample count, epsilon spent,
 timings). evaluate: decrypt the new aggregate and score it on the local test split. The
 training loss is not sent (not privatised). Logs carry counts and codes only.
-
-Comparison runs only (``benchmarks/demo_compare.py``): when the run config's
-``aggregation`` key is ``secagg+`` (a key only the comparison bundle has), ``train`` goes to
-Flower's SecAgg+ in :mod:`site_node.federation.compare`, which refuses contracts that ask
-for encryption. Without that key nothing changes.
 """
 
 from __future__ import annotations
@@ -51,6 +46,7 @@ from concord_protocol.wire.messages import (
 from site_node.crypto.codecs import DEFAULT_MAX_SITES, CkksCodec, PlainCodec, UpdateCodec
 from site_node.data.dataset import LocalDataset, Split
 from site_node.data.registry import DatasetConfig, load_dataset
+from site_node.errors import MessageRefusedError
 from site_node.federation.approvals import ApprovalStore
 from site_node.federation.mods import ContractGuardMod
 from site_node.federation.replies import CachedReply, ReplyCache, global_digest
@@ -62,9 +58,8 @@ from site_node.training.loops import TrainResult, evaluate, train_round
 from site_node.training.params import flatten, num_parameters, unflatten_into
 
 __all__ = [
-    "AGGREGATION_KEY",
     "MODEL_SEED",
-    "SECAGGPLUS",
+    "FederationError",
     "SiteRuntime",
     "app",
     "decode_global",
@@ -77,18 +72,9 @@ log = logging.getLogger("concord.federation.site")
 #: Seed of the round-1 model: every site builds bit-identical initial weights.
 MODEL_SEED = 0
 
-#: Run-config key of the comparison bundle only (see :mod:`site_node.federation.compare`).
-AGGREGATION_KEY = "aggregation"
-#: Its value for Flower SecAgg+; any other value (or none) is Concord's own path.
-SECAGGPLUS = "secagg+"
 
-
-class FederationError(Exception):
-    """A message this site cannot serve; ``code`` is stable."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
+class FederationError(MessageRefusedError):
+    """A message this site cannot serve; ``code`` is stable and leads the error reply."""
 
 
 def site_settings(context: Context) -> SiteSettings:
@@ -111,7 +97,7 @@ def load_site_datasets(path: Path) -> dict[str, DatasetConfig]:
     raw = yaml.safe_load(path.read_text())
     items = raw.get("datasets", []) if isinstance(raw, dict) else raw
     if not isinstance(items, list):
-        raise FederationError("site.datasets_file", "datasets file must hold a list")
+        raise FederationError("datasets file must hold a list", code="site.datasets_file")
     configs = [DatasetConfig.model_validate(item) for item in items]
     return {c.id: c for c in configs}
 
@@ -136,13 +122,13 @@ class SiteRuntime:
         contract_hash = str(context.run_config["contract-hash"])
         approved = store.get(contract_hash)
         if approved is None:
-            raise FederationError("contract.not_approved", "no approval for this contract")
+            raise FederationError("no approval for this contract", code="contract.not_approved")
         codec: UpdateCodec
         fingerprint = ""
         if approved.contract.encryption.enabled:
             key = store.study_key(approved.study_id)
             if key is None:
-                raise FederationError("study.no_key", "this site has no key for the study yet")
+                raise FederationError("this site has no key for the study yet", code="study.no_key")
             # The overflow guard must hold for the sum of every site in the study.
             study_sites = [s for s in str(context.run_config.get("sites", "")).split(",") if s]
             codec = CkksCodec(
@@ -164,11 +150,13 @@ class SiteRuntime:
     def dataset(self, split: Split) -> LocalDataset:
         """The site's data for the study's datasets (pooled when it holds several)."""
         if self.settings.datasets_file is None:
-            raise FederationError("site.no_datasets", "no datasets file configured")
+            raise FederationError("no datasets file configured", code="site.no_datasets")
         configs = load_site_datasets(self.settings.datasets_file)
         mine = [configs[d] for d in self.contract.datasets if d in configs]
         if not mine:
-            raise FederationError("site.no_study_dataset", "none of the study's datasets is here")
+            raise FederationError(
+                "none of the study's datasets is here", code="site.no_study_dataset"
+            )
         parts = [load_dataset(c, split=split) for c in mine]
         return parts[0] if len(parts) == 1 else pool(parts)
 
@@ -222,7 +210,7 @@ def decode_global(
     global_round = int(str(config["global-round"]))
     expected = RoundInfo(runtime.study_id, runtime.contract_hash, global_round, num_params)
     if header.mismatches(expected) or header.scheme != runtime.codec.scheme:
-        raise FederationError("update.global_mismatch", "the aggregate is for another round")
+        raise FederationError("the aggregate is for another round", code="update.global_mismatch")
     total = float(config["total-weight"])  # type: ignore[arg-type]
     return runtime.codec.decrypt_aggregate(update.chunks, num_params=num_params, total_weight=total)
 
@@ -302,7 +290,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
     model = runtime.model_for(data)
     params = decode_global(runtime, msg.content, num_parameters(model))
     if params is None:
-        raise FederationError("update.no_global", "evaluate needs the aggregate")
+        raise FederationError("evaluate needs the aggregate", code="update.no_global")
     unflatten_into(model, params)
     result = evaluate(model, data)
     metrics = MetricRecord(
@@ -324,10 +312,6 @@ app = ClientApp(mods=[ContractGuardMod(_store)])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train locally with DP, reply the encrypted weighted update and plain metadata."""
-    if context.run_config.get(AGGREGATION_KEY) == SECAGGPLUS:
-        from site_node.federation.compare import secaggplus_train
-
-        return secaggplus_train(msg, context)
     return _train(msg, context)
 
 

@@ -21,6 +21,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from concord_protocol.contract import StudyContract
+from site_node.errors import MessageRefusedError
 from site_node.federation.approvals import ApprovalStore
 
 __all__ = ["GUARD_ERROR_CODE", "ContractGuardMod", "GuardRefusalError", "check_contract"]
@@ -31,12 +32,10 @@ log = logging.getLogger("concord.federation.site")
 GUARD_ERROR_CODE = 6
 
 
-class GuardRefusalError(Exception):
-    """Why a message was refused; ``code`` is stable (``contract.*``)."""
+class GuardRefusalError(MessageRefusedError):
+    """Why a message was refused; ``code`` is stable (``contract.*``) and leads the reply."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
+    code = "contract.not_approved"
 
 
 def check_contract(store: ApprovalStore, run_config: dict[str, object]) -> StudyContract:
@@ -44,22 +43,28 @@ def check_contract(store: ApprovalStore, run_config: dict[str, object]) -> Study
     claimed = str(run_config.get("contract-hash", ""))
     study_id = str(run_config.get("study-id", ""))
     if not claimed or claimed not in store.approved_hashes():
-        raise GuardRefusalError("contract.not_approved", "this site has not approved the contract")
+        raise GuardRefusalError(
+            "this site has not approved the contract", code="contract.not_approved"
+        )
     approved = store.get(claimed)
     if approved is None:  # pragma: no cover - raced with a revocation
-        raise GuardRefusalError("contract.not_approved", "this site has not approved the contract")
+        raise GuardRefusalError(
+            "this site has not approved the contract", code="contract.not_approved"
+        )
     try:
         sent = StudyContract.model_validate_json(str(run_config.get("contract", "")))
     except ValueError:
         raise GuardRefusalError(
-            "contract.hash_mismatch", "the run's contract is malformed"
+            "the run's contract is malformed", code="contract.hash_mismatch"
         ) from None
     if sent.contract_hash() != claimed:
         raise GuardRefusalError(
-            "contract.hash_mismatch", "the run's contract does not hash to its id"
+            "the run's contract does not hash to its id", code="contract.hash_mismatch"
         )
     if approved.study_id != study_id:
-        raise GuardRefusalError("contract.wrong_study", "the hash was approved for another study")
+        raise GuardRefusalError(
+            "the hash was approved for another study", code="contract.wrong_study"
+        )
     return approved.contract
 
 
@@ -95,7 +100,7 @@ class ContractGuardMod:
                 or config.get("study-id") != ctxt.run_config.get("study-id")
             ):
                 raise GuardRefusalError(
-                    "contract.content_mismatch", "round content names another study or hash"
+                    "round content names another study or hash", code="contract.content_mismatch"
                 )
         except GuardRefusalError as exc:
             log.warning("refused a %s message: %s", msg.metadata.message_type, exc.code)

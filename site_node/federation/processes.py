@@ -9,11 +9,24 @@ the Flower platform (``valid_license``), which a self-hosted SuperLink does not 
 
 So the site puts its own ``flwr-clientapp`` first on the SuperNode's ``PATH``
 (:func:`write_runner_shim`). It runs Flower's ``run_clientapp`` with two changes
-(:func:`guarded_clientapp_main`): the FAB is *checked, never installed* (its SHA-256 must be
-the hash of the site's own bundle, ``concord_protocol/app``, or one the site allowed in
-its :class:`~site_node.federation.approvals.ApprovalStore`; and it may hold nothing but
-``pyproject.toml``), and the ClientApp is always :data:`site_node.federation.clientapp.app`
-from the installed package. A refused bundle gets an error reply (and runs no code).
+(:func:`guarded_clientapp_main`): the FAB is *checked, never installed*, and the ClientApp
+is imported from the site's installed packages, never from the bundle. The rule
+(:func:`check_bundle`), which is the site's code-execution boundary:
+
+* the FAB's SHA-256 must be the hash of the site's own bundle (``concord_protocol/app``),
+  or one the site's operator allowed in its
+  :class:`~site_node.federation.approvals.ApprovalStore` (``allow_fab``);
+* it may hold nothing but ``pyproject.toml``;
+* the ClientApp it names must be the one allowed *for that hash*: Concord's own
+  (:data:`~concord_protocol.bundle.CLIENTAPP_REF`) for the site's bundle and for a hash
+  allowed without one (also every entry of earlier versions), else exactly the reference
+  the operator gave with the hash (``allow_fab(hash, clientapp="module:attr")``).
+
+Only after the bundle passed is that one ClientApp imported (``module:attr``, by
+:func:`load_clientapp`). Anything else is refused before anything is installed or
+imported, with an error reply. So whoever starts runs (a compromised consortium server)
+cannot make a site run code: the most it can do is pick, by sending its exact bundle, a
+ClientApp that this site's operator already allowed for that bundle.
 
 The shim does not import the runner's heavy modules itself: it hands the message to the
 site's *warm runner* (:mod:`site_node.federation.warm`), a process that imported torch,
@@ -32,6 +45,7 @@ the SuperNode's default is off too).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import logging
 import os
@@ -40,7 +54,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import tomli
 
@@ -53,18 +67,24 @@ from concord_protocol.processes import (
     spawn,
     wait_for_port,
 )
-from site_node.federation.approvals import ApprovalStore
-from site_node.federation.warm import runner_socket_path
+from site_node.errors import MessageRefusedError
+from site_node.federation.approvals import ApprovalStore, is_clientapp_ref
+from site_node.federation.warm.protocol import runner_socket_path
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 log = logging.getLogger("concord.site.federation")
 
 __all__ = [
+    "AcceptedBundle",
     "BundleRefusedError",
     "SuperNodeProcess",
     "SuperNodeSpec",
     "check_bundle",
     "exec_supernode",
     "guarded_clientapp_main",
+    "load_clientapp",
     "start_supernode",
     "start_warm_runner",
     "write_runner_shim",
@@ -73,36 +93,85 @@ __all__ = [
 _ALLOWED_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
 
 
-class BundleRefusedError(Exception):
-    """The run's app bundle is not one this site allows."""
+class BundleRefusedError(MessageRefusedError):
+    """The run's app bundle, or the ClientApp it names, is not one this site allows.
+
+    Flower turns it into the message's error reply, so the code (``bundle.*``) leads it.
+    """
+
+    code = "bundle.not_allowed"
 
 
-def check_bundle(fab_content: bytes, store: ApprovalStore) -> str:
-    """Accept or refuse a FAB; return its hash. Raises :class:`BundleRefusedError`."""
+@dataclass(frozen=True)
+class AcceptedBundle:
+    """A bundle that passed :func:`check_bundle`: its hash and the ClientApp to load."""
+
+    digest: str
+    clientapp: str
+
+
+def check_bundle(fab_content: bytes, store: ApprovalStore) -> AcceptedBundle:
+    """Accept or refuse a FAB (see the module for the rule); nothing is imported here.
+
+    Raises :class:`BundleRefusedError`. The result's ``clientapp`` is the reference the
+    bundle names, which is the one the site allows for its hash.
+    """
     digest = hashlib.sha256(fab_content).hexdigest()
-    allowed = {bundle_hash()} | store.allowed_fab_hashes()
-    if digest not in allowed:
-        raise BundleRefusedError(f"app bundle {digest[:16]} is not allowed at this site")
+    allowed = store.allowed_fabs()
+    allowed[bundle_hash()] = CLIENTAPP_REF  # the site's own bundle: Concord's ClientApp only
+    expected = allowed.get(digest)
+    if expected is None:
+        raise BundleRefusedError(
+            f"app bundle {digest[:16]} is not allowed at this site", code="bundle.not_allowed"
+        )
     try:
         with zipfile.ZipFile(io.BytesIO(fab_content)) as archive:
             names = set(archive.namelist())
             if not names <= _ALLOWED_FILES:
-                raise BundleRefusedError("app bundle holds files other than its configuration")
+                raise BundleRefusedError(
+                    "app bundle holds files other than its configuration", code="bundle.extra_files"
+                )
             config = tomli.loads(archive.read("pyproject.toml").decode())
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomli.TOMLDecodeError):
-        raise BundleRefusedError("app bundle is not a readable FAB") from None
+        raise BundleRefusedError(
+            "app bundle is not a readable FAB", code="bundle.unreadable"
+        ) from None
     components = config.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
-    if components.get("clientapp") != CLIENTAPP_REF:
-        raise BundleRefusedError("app bundle names another ClientApp")
-    return digest
+    if components.get("clientapp") != expected:
+        raise BundleRefusedError(
+            f"app bundle {digest[:16]} names another ClientApp than the site allowed for it",
+            code="bundle.wrong_clientapp",
+        )
+    return AcceptedBundle(digest, expected)
+
+
+def load_clientapp(ref: str) -> ClientApp:
+    """Import the ClientApp ``module:attr`` from the installed packages.
+
+    Call it only with the reference of an :class:`AcceptedBundle`. Raises
+    :class:`BundleRefusedError` if ``ref`` is not a plain reference or does not name a
+    Flower ``ClientApp``.
+    """
+    import flwr.clientapp
+
+    if not is_clientapp_ref(ref):
+        raise BundleRefusedError("not a ClientApp reference", code="bundle.not_clientapp")
+    module_name, _, attribute = ref.partition(":")
+    target: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    if not isinstance(target, flwr.clientapp.ClientApp):
+        raise BundleRefusedError(f"{ref} is not a ClientApp", code="bundle.not_clientapp")
+    return target
 
 
 def guarded_clientapp_main(state_dir: Path, argv: list[str] | None = None) -> None:
     """``flwr-clientapp`` replacement: Flower's runner with the bundle check (see module).
 
     Uses Flower 1.41's ``flwr.supernode.runtime.run_clientapp`` module: its FAB installer
-    is replaced by :func:`check_bundle` and its app loader by one returning the installed
-    ClientApp. ``tests/unit/site_node/federation`` pins these two names.
+    is replaced by :func:`check_bundle` and its app loader by one returning the ClientApp of
+    the bundle that passed the check (:func:`load_clientapp`); without a checked bundle
+    nothing is loaded. ``tests/unit/site_node/federation`` pins these two names.
     """
     from flwr.common.args import try_obtain_flwr_app_token
     from flwr.supercore.tls import validate_and_resolve_root_certificates
@@ -110,19 +179,22 @@ def guarded_clientapp_main(state_dir: Path, argv: list[str] | None = None) -> No
     from flwr.supernode.runtime import run_clientapp as runner
 
     store = ApprovalStore(state_dir)
+    accepted: list[AcceptedBundle] = []
 
     def install_checked(
         fab_file: Path | bytes, install_dir: Path | None = None, skip_prompt: bool = False
     ) -> Path:
         content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
-        check_bundle(content, store)
+        accepted.append(check_bundle(content, store))
         return state_dir  # nothing is installed; the value is unused by the runner
 
     def load_fn(*args: Any, **kwargs: Any) -> Any:
         def load(*_: Any) -> Any:
-            from site_node.federation.clientapp import app
-
-            return app
+            if len(accepted) != 1:
+                raise BundleRefusedError(
+                    "no checked app bundle to load a ClientApp for", code="bundle.unchecked"
+                )
+            return load_clientapp(accepted[0].clientapp)
 
         return load
 
@@ -144,8 +216,9 @@ def write_runner_shim(bin_dir: Path, state_dir: Path, socket_path: Path | None =
     """Write ``bin_dir/flwr-clientapp``: the site's runner (see module).
 
     It runs :func:`guarded_clientapp_main` in the warm runner listening on ``socket_path``
-    (default :func:`~site_node.federation.warm.runner_socket_path`), or in-process if that
-    runner is not reachable. It imports nothing heavy itself.
+    (default :func:`~site_node.federation.warm.protocol.runner_socket_path`), or in-process
+    if that runner is not reachable. It imports nothing heavy itself: only
+    :mod:`site_node.federation.warm.shim`.
     """
     bin_dir.mkdir(parents=True, exist_ok=True)
     shim = bin_dir / "flwr-clientapp"
@@ -157,7 +230,7 @@ def write_runner_shim(bin_dir: Path, state_dir: Path, socket_path: Path | None =
         '(site_node.federation.warm), or in-process if the runner is not reachable."""\n'
         "import sys\n"
         "from pathlib import Path\n"
-        "from site_node.federation.warm import shim_main\n"
+        "from site_node.federation.warm.shim import shim_main\n"
         f"sys.exit(shim_main(Path({str(state_dir)!r}), Path({str(sock)!r})))\n"
     )
     shim.chmod(0o755)

@@ -3,6 +3,7 @@ bad values with Helm's schema error. Real Helm (v4 as a library), no cluster."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -17,6 +18,7 @@ from tests.deploy.charts import (
     VALID_VALUES,
     Rendered,
     load_values,
+    merge,
     pod_specs,
     render,
 )
@@ -175,14 +177,36 @@ def test_invalid_values_fail_with_the_schema_error(chart: str, name: str) -> Non
             {"datasets": [{"id": "x", "kind": "excel"}]},
             "/datasets/0/kind",
         ),
+        (
+            "server",
+            "server-production.yaml",
+            {"ingress": {"paths": ["/api", "/internal/v1/federation"]}},
+            "/ingress/paths/1",
+        ),
+        ("server", "server-production.yaml", {"ingress": {"paths": ["/"]}}, "/ingress/paths/0"),
+        ("server", "server-minimal.yaml", {"federation": {"token": "short"}}, "/federation/token"),
+        (
+            "server",
+            "server-minimal.yaml",
+            {"federation": {"runLivenessSeconds": "30"}},
+            "/federation/runLivenessSeconds",
+        ),
     ],
-    ids=["latest-tag", "ingress-without-host", "two-data-sources", "no-egress-cidr", "bad-dataset"],
+    ids=[
+        "latest-tag",
+        "ingress-without-host",
+        "two-data-sources",
+        "no-egress-cidr",
+        "bad-dataset",
+        "ingress-publishes-internal",
+        "ingress-publishes-everything",
+        "short-federation-token",
+        "liveness-as-string",
+    ],
 )
 def test_schema_refuses_unsafe_combinations(
     chart: str, base: str, override: dict[str, Any], where: str
 ) -> None:
-    from tests.deploy.charts import merge
-
     with pytest.raises(helm_python.HelmValuesError) as caught:
         render(chart, merge(load_values(base), override))
     assert where in str(caught.value)
@@ -296,6 +320,7 @@ def test_server_production_uses_existing_secrets(server_prod: Rendered) -> None:
     assert server_prod.get("Ingress")["spec"]["tls"][0]["hosts"] == ["concord.example.org"]
     paths = [p["path"] for p in server_prod.get("Ingress")["spec"]["rules"][0]["http"]["paths"]]
     assert not {"/", "/healthz", "/readyz", "/metrics"} & set(paths)
+    assert not [p for p in paths if p.startswith("/internal")]  # the ServerApp's routes
     service = server_prod.get("Service", "superlink")["spec"]
     assert service["type"] == "LoadBalancer"
     assert service["loadBalancerSourceRanges"] == ["198.51.100.0/24", "203.0.113.7/32"]
@@ -309,6 +334,7 @@ def test_server_minimal_creates_its_secrets(server_min: Rendered) -> None:
     assert names == [
         "concord-consortium-server-audit-key",
         "concord-consortium-server-database",
+        "concord-consortium-server-federation-token",
         "concord-consortium-server-superlink-tls",
     ]
     audit = server_min.get("Secret", "audit-key")
@@ -324,6 +350,230 @@ def test_server_network_policies(server_prod: Rendered) -> None:
     link = server_prod.get("NetworkPolicy", "superlink")["spec"]
     cidrs = [f["ipBlock"]["cidr"] for f in link["ingress"][0]["from"] if "ipBlock" in f]
     assert cidrs == ["198.51.100.0/24", "203.0.113.7/32"]
+
+
+# --- the ServerApp reports rounds to the API with the federation token -------------------
+
+TOKEN_SECRET = "concord-consortium-server-federation-token"
+API_SERVICE_URL = "http://concord-consortium-server.concord.svc:80"
+SUPERLINK_ADDRESS = "concord-consortium-server-superlink.concord.svc:9092"
+REMOVED_SETTINGS = ("REPLICA_ID", "RUNS_DIR", "RUN_TIMEOUT_S", "LEASE_TTL_S")
+
+
+def _pod(rendered: Rendered, suffix: str) -> dict[str, Any]:
+    return rendered.get("Deployment", suffix)["spec"]["template"]
+
+
+def _container_env(rendered: Rendered, container: dict[str, Any]) -> dict[str, Any]:
+    """The container's environment: its ConfigMaps' data, then its env (values or refs)."""
+    env: dict[str, Any] = {}
+    for source in container.get("envFrom", []):
+        name = source["configMapRef"]["name"]
+        config = next(c for c in rendered.all("ConfigMap") if c["metadata"]["name"] == name)
+        env.update(config["data"])
+    for item in container.get("env", []):
+        env[item["name"]] = item.get("value", item.get("valueFrom"))
+    return env
+
+
+def _mounted_file(
+    template: dict[str, Any], container: dict[str, Any], path: str
+) -> tuple[str, str, int]:
+    """(Secret name, Secret key, defaultMode) behind the file ``path`` in ``container``."""
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    for mount in container["volumeMounts"]:
+        if path.startswith(mount["mountPath"] + "/"):
+            assert mount["readOnly"] is True, mount
+            secret = volumes[mount["name"]]["secret"]
+            name = path[len(mount["mountPath"]) + 1 :]
+            item = next(i for i in secret["items"] if i["path"] == name)
+            return secret["secretName"], item["key"], secret["defaultMode"]
+    raise AssertionError(f"{path} is not on a mounted volume")
+
+
+def _checksum(rendered: Rendered, template: str) -> str:
+    text = rendered.templates[f"consortium-server/templates/{template}"]
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_chart_generates_the_federation_token(server_min: Rendered) -> None:
+    secret = server_min.get("Secret", "federation-token")
+    token = secret["stringData"]["token"]
+    assert len(token) >= 32
+    assert token.isalnum()
+    assert "helm.sh/resource-policy" not in secret["metadata"].get("annotations", {})
+    # Nothing to look up without a cluster: every render draws a new token...
+    again = render("server", load_values("server-minimal.yaml"))
+    assert again.get("Secret", "federation-token")["stringData"]["token"] != token
+    # ...but within one render the Secret and both pods' checksums agree on it.
+    for suffix in ("consortium-server", "superlink"):
+        annotations = _pod(server_min, suffix)["metadata"]["annotations"]
+        assert annotations["checksum/federation-token"] == _checksum(
+            server_min, "secret-federation-token.yaml"
+        ), suffix
+        assert annotations["checksum/superlink-tls"] == _checksum(
+            server_min, "secret-superlink-tls.yaml"
+        ), suffix
+
+
+def test_federation_token_from_values_rolls_the_pods_when_changed() -> None:
+    base = load_values("server-minimal.yaml")
+    first, second = "a" * 16 + "-first-token-value-x", "b" * 16 + "-second-token-value-y"
+    one = render("server", merge(base, {"federation": {"token": first}}))
+    assert one.get("Secret", "federation-token")["stringData"] == {"token": first}
+    same = render("server", merge(base, {"federation": {"token": first}}))
+    other = render("server", merge(base, {"federation": {"token": second}}))
+    for suffix in ("consortium-server", "superlink"):
+        checksum = [
+            _pod(r, suffix)["metadata"]["annotations"]["checksum/federation-token"]
+            for r in (one, same, other)
+        ]
+        assert checksum[0] == checksum[1] != checksum[2], suffix
+
+
+def test_existing_federation_secret_is_mounted_and_none_rendered(server_prod: Rendered) -> None:
+    assert [s["metadata"]["name"] for s in server_prod.all("Secret")] == []
+    api = _pod(server_prod, "consortium-server")
+    api_container = api["spec"]["containers"][0]
+    api_env = _container_env(server_prod, api_container)
+    token_file = api_env["CONCORD_FEDERATION__SERVERAPP_TOKEN_FILE"]
+    assert _mounted_file(api, api_container, token_file) == (
+        "concord-federation",
+        "serverapp-token",
+        0o440,
+    )
+    link = _pod(server_prod, "superlink")
+    link_container = link["spec"]["containers"][0]
+    link_token = _container_env(server_prod, link_container)["CONCORD_SERVERAPP_TOKEN_FILE"]
+    assert _mounted_file(link, link_container, link_token) == (
+        "concord-federation",
+        "serverapp-token",
+        0o440,
+    )
+
+
+def test_api_pods_reach_the_superlink_and_read_the_token(server_min: Rendered) -> None:
+    api = _pod(server_min, "consortium-server")
+    container = api["spec"]["containers"][0]
+    env = _container_env(server_min, container)
+    assert env["CONCORD_FEDERATION__SUPERLINK_ADDRESS"] == SUPERLINK_ADDRESS
+    link_service = server_min.get("Service", "superlink")
+    host, port = SUPERLINK_ADDRESS.split(":")
+    assert host.split(".")[0] == link_service["metadata"]["name"]
+    assert int(port) in [p["port"] for p in link_service["spec"]["ports"]]
+    # The SuperLink's CA, and only the CA, from its TLS Secret.
+    ca = env["CONCORD_FEDERATION__ROOT_CERTIFICATES"]
+    assert _mounted_file(api, container, ca) == (
+        "concord-consortium-server-superlink-tls",
+        "ca.crt",
+        0o440,
+    )
+    volumes = {v["name"]: v for v in api["spec"]["volumes"]}
+    tls_volumes = [
+        v["secret"]
+        for v in volumes.values()
+        if v.get("secret", {}).get("secretName") == "concord-consortium-server-superlink-tls"
+    ]
+    assert [[i["key"] for i in v["items"]] for v in tls_volumes] == [["ca.crt"]]
+    token_file = env["CONCORD_FEDERATION__SERVERAPP_TOKEN_FILE"]
+    assert _mounted_file(api, container, token_file) == (TOKEN_SECRET, "token", 0o440)
+    # Non-secret settings in the ConfigMap, the defaults of the settings object.
+    settings = server_min.get("ConfigMap", "-settings")["data"]
+    assert settings["CONCORD_FEDERATION__SUPERLINK_ADDRESS"] == SUPERLINK_ADDRESS
+    assert settings["CONCORD_FEDERATION__SERVERAPP_TOKEN_FILE"] == token_file
+    assert settings["CONCORD_FEDERATION__RUN_LIVENESS_S"] == "30"
+    assert settings["CONCORD_FEDERATION__MAX_RESTARTS"] == "3"
+    assert settings["CONCORD_FEDERATION__REGISTER_SUPERNODES"] == "true"
+    assert settings["CONCORD_FEDERATION__RESUME_ON_START"] == "true"
+
+
+def test_superlink_pod_tells_the_serverapp_where_the_api_is(
+    server_min: Rendered, server_prod: Rendered
+) -> None:
+    for rendered, retry, heartbeat in ((server_min, "900", "2"), (server_prod, "1200", "3")):
+        link = _pod(rendered, "superlink")
+        container = link["spec"]["containers"][0]
+        env = _container_env(rendered, container)
+        assert env["CONCORD_SERVERAPP_API_URL"] == API_SERVICE_URL
+        api_service = rendered.get("Service", "consortium-server")
+        service_url = (
+            f"http://{api_service['metadata']['name']}.concord.svc:"
+            f"{api_service['spec']['ports'][0]['port']}"
+        )
+        assert service_url == API_SERVICE_URL
+        assert env["CONCORD_SERVERAPP_RETRY_S"] == retry
+        assert env["CONCORD_SERVERAPP_HEARTBEAT_S"] == heartbeat
+        assert "CONCORD_SERVERAPP_CA_FILE" not in env  # plain HTTP inside the cluster
+        secret, key, mode = _mounted_file(link, container, env["CONCORD_SERVERAPP_TOKEN_FILE"])
+        assert mode == 0o440
+        api = _pod(rendered, "consortium-server")
+        api_container = api["spec"]["containers"][0]
+        api_env = _container_env(rendered, api_container)
+        api_token = api_env["CONCORD_FEDERATION__SERVERAPP_TOKEN_FILE"]
+        assert _mounted_file(api, api_container, api_token) == (secret, key, mode)
+    settings = server_prod.get("ConfigMap", "-settings")["data"]
+    assert settings["CONCORD_FEDERATION__RUN_LIVENESS_S"] == "45"
+    assert settings["CONCORD_FEDERATION__MAX_RESTARTS"] == "5"
+
+
+def test_no_removed_federation_setting_is_rendered(rendered: tuple[str, str, Rendered]) -> None:
+    """ServerSettings forbids unknown fields: a removed setting would stop the server."""
+    _, _, result = rendered
+    text = "\n".join(result.templates.values())
+    for name in REMOVED_SETTINGS:
+        assert f"CONCORD_FEDERATION__{name}" not in text, name
+
+
+def test_heartbeat_must_be_shorter_than_liveness() -> None:
+    values = merge(
+        load_values("server-minimal.yaml"),
+        {"federation": {"runLivenessSeconds": 10, "serverappHeartbeatSeconds": 10}},
+    )
+    with pytest.raises(helm_python.HelmRenderError, match="serverappHeartbeatSeconds"):
+        render("server", values)
+
+
+def test_superlink_and_api_may_talk_for_round_reports(
+    server_min: Rendered, server_prod: Rendered
+) -> None:
+    api_pods = {
+        "app.kubernetes.io/name": "consortium-server",
+        "app.kubernetes.io/instance": "concord",
+        "app.kubernetes.io/component": "api",
+    }
+    link_pods = {**api_pods, "app.kubernetes.io/component": "superlink"}
+    for rendered in (server_min, server_prod):
+        api = rendered.get("NetworkPolicy", "consortium-server")["spec"]
+        # A rule of its own: apiIngressFrom (set in production) does not narrow it.
+        assert {
+            "from": [{"podSelector": {"matchLabels": link_pods}}],
+            "ports": [{"port": 8600, "protocol": "TCP"}],
+        } in api["ingress"]
+        link = rendered.get("NetworkPolicy", "superlink")["spec"]
+        assert {
+            "to": [{"podSelector": {"matchLabels": api_pods}}],
+            "ports": [{"port": 8600, "protocol": "TCP"}],
+        } in link["egress"]
+    # In production the first API rule stays limited to apiIngressFrom.
+    first = server_prod.get("NetworkPolicy", "consortium-server")["spec"]["ingress"][0]
+    assert first["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    ]
+
+
+def test_notes_explain_the_round_reports_and_token_rotation(
+    server_min: Rendered, server_prod: Rendered
+) -> None:
+    for rendered, secret in ((server_min, TOKEN_SECRET), (server_prod, "concord-federation")):
+        notes = rendered.notes
+        assert "/internal/v1/federation" in notes
+        assert "federation token" in notes
+        assert "no volume is shared" in notes
+        assert f"patch secret {secret}" in notes
+        assert (
+            "rollout restart deployment/concord-consortium-server "
+            "deployment/concord-consortium-server-superlink"
+        ) in notes
 
 
 # --- what the site chart renders ---------------------------------------------------------

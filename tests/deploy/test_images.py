@@ -1,11 +1,12 @@
 """The container images build from deploy/docker/*.Dockerfile (scripts/build-images.sh:
 buildah, no Docker engine) and run the project's CLIs as the user the charts expect, on a
-read-only root filesystem with no network.
+read-only root filesystem with no network. The server image is built from the server extra
+(no torch), the site image from the site extra (no server code).
 
 Needs root, and buildah, podman, runc and debootstrap (the script installs them with apt-get
 where they are missing); fails with that reason otherwise, as the PostgreSQL drill does. A
-cold build takes about 10 to 15 minutes (torch and the project's dependencies are installed
-in the images); after that, buildah's layer cache keeps the dependencies and only changed
+cold build takes about 10 minutes (torch and the site's dependencies are installed in the
+site image); after that, buildah's layer cache keeps the dependencies and only changed
 code is reinstalled.
 """
 
@@ -150,14 +151,39 @@ def test_image_runs_the_clis_read_only(built: dict[str, str], which: str) -> Non
     assert "Read-only file system" in root.stderr
 
 
-def test_images_bake_in_torch_cpu_and_the_policies(built: dict[str, str]) -> None:
-    probe = (
-        "import torch, importlib.metadata as m; "
-        "print(torch.__version__, torch.cuda.is_available(), m.version('concord'))"
+def test_the_server_image_has_no_torch_and_the_site_image_has_torch_cpu(
+    built: dict[str, str],
+) -> None:
+    """The server image is the server extra: no torch, MONAI, Opacus (or site code); the
+    site image is the site extra: torch's CPU build, and no consortium-server code."""
+    absent = (
+        "import importlib.util as u; "
+        "print(*[m for m in ('torch', 'monai', 'opacus', 'sklearn', 'site_node') "
+        "if u.find_spec(m) is not None])"
     )
-    for which, policies in (("server", "consortium"), ("site", "sites")):
-        result = run_in(IMAGES[which], "python", "-c", probe)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.split() == ["2.13.0+cpu", "False", TAG]
-        listing = run_in(IMAGES[which], "ls", "/opt/concord/share/policies")
-        assert policies in listing.stdout.split()
+    result = run_in(IMAGES["server"], "python", "-c", absent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == []
+    present = (
+        "import torch, importlib.util as u, importlib.metadata as m; "
+        "print(torch.__version__, torch.cuda.is_available(), m.version('concord'), "
+        "u.find_spec('consortium_server') is None, u.find_spec('weasyprint') is None)"
+    )
+    result = run_in(IMAGES["site"], "python", "-c", present)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2.13.0+cpu", "False", TAG, "True", "True"]
+
+
+@pytest.mark.parametrize(("which", "policies"), [("server", "consortium"), ("site", "sites")])
+def test_images_carry_the_shipped_policies(
+    built: dict[str, str], which: str, policies: str
+) -> None:
+    listing = run_in(IMAGES[which], "ls", "/opt/concord/share/policies")
+    assert policies in listing.stdout.split()
+    found = run_in(
+        IMAGES[which],
+        "python",
+        "-c",
+        "from concord_protocol.policy.shipped import shipped_policies; print(shipped_policies())",
+    )
+    assert found.stdout.strip() == "/opt/concord/share/policies", found.stderr

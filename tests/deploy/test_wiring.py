@@ -3,7 +3,10 @@ started as local processes, with a local directory standing in for each volume.
 
 - server: the audit-key init container, `consortium db current` (fails before, passes
   after), the migration Job (`consortium db upgrade`) and `consortium server` until the
-  readiness probe's path answers, on PostgreSQL (CONCORD_TEST_POSTGRES_URL).
+  readiness probe's path answers, on PostgreSQL (CONCORD_TEST_POSTGRES_URL). The API's
+  rendered env builds ServerSettings that name the mounted federation token and SuperLink
+  CA; the SuperLink pod's rendered env builds the ServerApp's settings (ServerAppSettings)
+  on the same token, which the started server accepts on its internal API.
 - SuperLink and SuperNode: started with the rendered args and certificates made here;
   the SuperNode authenticates with keys from `site-node keys init`.
 - site agent: every CONCORD_SITE_* name is a SiteSettings field and the settings built
@@ -22,6 +25,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +132,9 @@ class Pod:
                     target = local / item["path"]
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_text(content[item["key"]])
-                    # What the kubelet leaves with fsGroup: readable by the group.
-                    target.chmod(0o440)
+                    # What the kubelet leaves with fsGroup: the volume's mode, made
+                    # readable by the group (so 0400 and 0440 both end up 0440).
+                    target.chmod(volume[key].get("defaultMode", 0o644) | 0o440)
         if data_dir is not None:
             local.rmdir()
             local.symlink_to(data_dir)
@@ -204,6 +209,21 @@ def settings_fields(model: type[BaseModel], prefix: str, delimiter: str = "__") 
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             names |= settings_fields(annotation, f"{name}{delimiter}")
     return names
+
+
+@contextmanager
+def environ(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` holding ``env`` while the block runs (settings read nothing else)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def make_tls(directory: Path) -> dict[str, str]:
@@ -284,9 +304,12 @@ def postgres_url() -> Iterator[str]:
 def test_server_commands_start_and_become_ready(
     values_file: str, postgres_url: str, tmp_path: Path
 ) -> None:
-    from consortium_server.settings import ServerSettings
+    from consortium_server.federation.federation_token import load_token
+    from consortium_server.federation.serverapp_settings import ServerAppSettings
+    from consortium_server.settings import Environment, ServerSettings
 
     head_key = ed25519_pem()
+    tls = make_tls(tmp_path)
     values = load_values(values_file)
     external: dict[str, dict[str, str]] = {}
     if values["database"].get("existingSecret"):
@@ -295,8 +318,25 @@ def test_server_commands_start_and_become_ready(
             values["database"]["existingSecretKey"]: postgres_url
         }
         external[values["audit"]["existingSecret"]] = {"audit-head-key.pem": head_key}
+        external[values["superlink"]["tls"]["existingSecret"]] = tls
+        external[values["federation"]["existingSecret"]] = {
+            values["federation"]["existingSecretKey"]: "operator-made-" + uuid.uuid4().hex
+        }
     else:
-        values = merge(values, {"database": {"url": postgres_url}, "audit": {"headKey": head_key}})
+        values = merge(
+            values,
+            {
+                "database": {"url": postgres_url},
+                "audit": {"headKey": head_key},
+                "superlink": {
+                    "tls": {
+                        "certificate": tls["tls.crt"],
+                        "privateKey": tls["tls.key"],
+                        "caCertificate": tls["ca.crt"],
+                    }
+                },
+            },
+        )
     if values.get("policies", {}).get("consortium"):
         # The override is mounted and read at start-up: it must be a valid policy set, so
         # mount the shipped one through the override path (an invalid one stops the server).
@@ -322,6 +362,47 @@ def test_server_commands_start_and_become_ready(
     for name in ("install-audit-key", "wait-for-migrations", "api"):
         names = {n for n in pod.env(pod.container(name)) if n.startswith("CONCORD_")}
         assert names <= known, f"{name}: {sorted(names - known)} are not ServerSettings fields"
+
+    # The API's settings, as `consortium server` builds them from the rendered env: the
+    # federation token and the SuperLink's CA are the files the chart mounts.
+    api_env = {
+        k: v for k, v in pod.process_env(pod.container("api")).items() if k.startswith("CONCORD_")
+    }
+    with environ(api_env):
+        settings = ServerSettings()
+    assert settings.environment is Environment.PRODUCTION
+    token_file = settings.federation.serverapp_token_file
+    assert token_file is not None
+    assert settings.serverapp_token_file() == token_file
+    assert token_file.is_relative_to(tmp_path / "api" / "etc")  # on a mount, not the data dir
+    assert token_file.stat().st_mode & 0o777 == 0o440
+    api_token = load_token(token_file)  # the server's own check: not readable by others
+    link_service = rendered.get("Service", "superlink")
+    assert settings.federation.superlink_address == (
+        f"{link_service['metadata']['name']}.concord.svc:{link_service['spec']['ports'][0]['port']}"
+    )
+    assert settings.federation.root_certificates is not None
+    assert settings.federation.root_certificates.read_text() == tls["ca.crt"]
+
+    # The ServerApp's settings, as the SuperLink's pod passes its env on to it: the same
+    # token, and the API Service's in-cluster URL.
+    link = Pod(rendered, "Deployment", "superlink", tmp_path / "link", external)
+    link_env = {
+        k: v
+        for k, v in link.process_env(link.container("superlink")).items()
+        if k.startswith("CONCORD_SERVERAPP_")
+    }
+    assert set(link_env) <= settings_fields(ServerAppSettings, "CONCORD_SERVERAPP_")
+    with environ(link_env):
+        app_settings = ServerAppSettings()
+    assert app_settings.token_file.stat().st_mode & 0o777 == 0o440
+    assert app_settings.token().get_secret_value() == api_token.get_secret_value()
+    api_service = rendered.get("Service", "consortium-server")
+    assert app_settings.api_url == (
+        f"http://{api_service['metadata']['name']}.concord.svc:"
+        f"{api_service['spec']['ports'][0]['port']}"
+    )
+    assert app_settings.heartbeat_s < settings.federation.run_liveness_s
 
     # The key lands in the data dir with mode 0600 (the Secret volume's 0440 is refused).
     result = pod.run("install-audit-key")
@@ -358,11 +439,20 @@ def test_server_commands_start_and_become_ready(
         assert response.status_code == 200, response.text
         assert response.json()["database"] == "ok"
         assert httpx.get(f"http://127.0.0.1:{port}{liveness}", timeout=5).status_code == 200
+        # The internal API takes the token the SuperLink's pod mounts, and nothing else.
+        heartbeat = (
+            f"http://127.0.0.1:{port}/internal/v1/federation/studies/no-such-study/runs/"
+            f"{uuid.uuid4().hex}/heartbeat"
+        )
+        for token, status in ((app_settings.token().get_secret_value(), 404), ("x" * 48, 401)):
+            answer = httpx.post(heartbeat, headers={"Authorization": f"Bearer {token}"}, timeout=5)
+            assert answer.status_code == status, answer.text
     finally:
         stop(process)
-    # It loaded the operator's key: nothing else was created in the data dir.
+    # It loaded the operator's key and the mounted token: it made neither of its own (only
+    # the `flwr` connection to the SuperLink is written to the data dir).
     assert key_file.read_text() == head_key
-    assert sorted(p.name for p in data_dir.iterdir()) == ["audit-head-key.pem"]
+    assert sorted(p.name for p in data_dir.iterdir()) == ["audit-head-key.pem", "flwr-home"]
 
 
 # --- Flower: SuperLink and SuperNode -----------------------------------------------------
@@ -522,17 +612,8 @@ def test_site_agent_env_names_are_site_settings(tmp_path: Path, site_keys: Path)
 
     assert pod.run("install-site-keys").returncode == 0
     env = {k: pod.local(v) for k, v in pod.env(pod.container("agent")).items()}
-    settings_env = {k: v for k, v in env.items() if k.startswith("CONCORD_SITE_")}
-    old = {k: os.environ.get(k) for k in settings_env}
-    os.environ.update(settings_env)
-    try:
+    with environ({k: v for k, v in env.items() if k.startswith("CONCORD_SITE_")}):
         settings = SiteSettings()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     assert settings.site_id == "hospital-b"
     assert settings.organisation == "Hospital B"
     assert settings.client_id == "site-hospital-b"

@@ -22,7 +22,7 @@ from consortium_server.federation.processes import TlsFiles
 from consortium_server.federation.tls import make_dev_tls
 from site_node.crypto import generate_study_context, public_context
 from site_node.federation.approvals import ApprovalStore
-from site_node.keys import write_supernode_key
+from site_node.key_files import write_supernode_key
 
 __all__ = [
     "SiteFixture",

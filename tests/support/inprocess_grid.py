@@ -1,5 +1,8 @@
 """A stand-in for Flower's Grid: every node runs the real site ClientApp in this process,
-with its own context, as a SuperNode would; for tests of the round loop without processes."""
+with its own context, as a SuperNode would; for tests of the round loop without processes.
+
+The ClientApp is Concord's (``site_node.federation.clientapp:app``) unless a test gives
+another (the comparison ClientApp, ``benchmarks.apps.compare_client:app``)."""
 
 from __future__ import annotations
 
@@ -7,9 +10,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 
-from consortium_server.federation.grids import LocalGrid
-from site_node.federation.clientapp import app as client_app
+from benchmarks.apps.grids import LocalGrid
+from site_node.federation.clientapp import app as concord_client_app
 from tests.support.flower import SiteFixture
 
 __all__ = ["InProcessGrid", "flower_task_identity", "site_contexts"]
@@ -51,13 +55,20 @@ def site_contexts(
 
 
 class InProcessGrid(LocalGrid):
-    """A Grid whose nodes run the site ClientApp in this process (``drop`` nodes never
-    answer). Subclasses may alter replies in :meth:`reply`."""
+    """A Grid whose nodes run ``client_app`` (default: Concord's site ClientApp) in this
+    process (``drop`` nodes never answer). Subclasses may alter replies in :meth:`reply`."""
 
-    def __init__(self, contexts: dict[int, Context], *, drop: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        contexts: dict[int, Context],
+        *,
+        drop: Iterable[int] = (),
+        client_app: ClientApp | None = None,
+    ) -> None:
         super().__init__(contexts)
         self.contexts = contexts
         self.drop = set(drop)
+        self.client_app = client_app or concord_client_app
         self.sent: list[str] = []
 
     def reply(self, node: int, msg: Message, reply: Message) -> Message:
@@ -73,5 +84,5 @@ class InProcessGrid(LocalGrid):
             node = msg.metadata.dst_node_id
             if node in self.drop:
                 continue
-            replies.append(self.reply(node, msg, client_app(msg, self.contexts[node])))
+            replies.append(self.reply(node, msg, self.client_app(msg, self.contexts[node])))
         return replies

@@ -1,4 +1,4 @@
-"""Studies driven to a given point through the API, and synthetic federated runs.
+"""Studies driven to a given point through the API, and the parts of synthetic runs.
 
 Shared by the coordinator, run-API, release-gate, agent and drill tests.
 """
@@ -6,7 +6,7 @@ Shared by the coordinator, run-API, release-gate, agent and drill tests.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,14 +14,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from concord_protocol.rounds import RoundRecord
+from consortium_server.federation.checkpoints import GlobalModel
 from consortium_server.federation.models import StudyKeyRelay
-from consortium_server.federation.strategy import (
-    BlindAggregationStrategy,
-    GlobalModel,
-    RoundHook,
-    RunPlan,
-    StudyOutcome,
-)
+from consortium_server.federation.plan import RunPlan
+from consortium_server.federation.strategy import BlindAggregationStrategy
 from site_node.crypto import (
     CkksCodec,
     generate_study_context,
@@ -129,53 +125,3 @@ def final_aggregate(plan: RunPlan, secret: bytes, round_number: int) -> GlobalMo
     }
     summed = strategy._sum(round_number, updates)
     return GlobalModel(round_number, tuple(summed.to_bytes_list()), 300.0, summed.digest)
-
-
-def synthetic_runner(
-    epsilons: list[float], fail_last: bool = False, secret: bytes | None = None
-) -> Callable[[RunPlan, RoundHook], StudyOutcome]:
-    """A run that reports one round per epsilon (the sites' cumulative ε) without Flower.
-
-    ``fail_last``: the last round fails (too few sites). ``secret``: the study key, to end
-    with a real encrypted aggregate; without it the final aggregate is malformed.
-    """
-
-    def run(plan: RunPlan, hook: RoundHook) -> StudyOutcome:
-        records = []
-        for n, eps in enumerate(epsilons, start=1):
-            failed = fail_last and n == len(epsilons)
-            record = round_record(plan, n, eps, "failed" if failed else "aggregated")
-            hook(record)
-            records.append(record)
-        if fail_last:
-            return StudyOutcome(
-                plan.study_id, plan.contract_hash, "failed", records, failure=records[-1].failure
-            )
-        final = (
-            final_aggregate(plan, secret, len(records))
-            if secret is not None
-            else GlobalModel(len(records), (b"not an aggregate",), 300.0, "ef" * 32)
-        )
-        return StudyOutcome(plan.study_id, plan.contract_hash, "completed", records, final)
-
-    return run
-
-
-def resuming_runner(
-    secret: bytes, started: list[int]
-) -> Callable[[RunPlan], Callable[[RunPlan, RoundHook], StudyOutcome]]:
-    """A ``runner_for`` whose runs go from ``plan.start_round`` to round 3 without Flower
-    (noting each start round in ``started``) and end with a real encrypted aggregate."""
-
-    def runner_for(_: RunPlan) -> Callable[[RunPlan, RoundHook], StudyOutcome]:
-        def run(plan: RunPlan, hook: RoundHook) -> StudyOutcome:
-            started.append(plan.start_round)
-            rounds = [round_record(plan, n, 0.5 * n) for n in range(plan.start_round, 4)]
-            for record in rounds:
-                hook(record)
-            final = final_aggregate(plan, secret, 3)
-            return StudyOutcome(plan.study_id, plan.contract_hash, "completed", rounds, final)
-
-        return run
-
-    return runner_for

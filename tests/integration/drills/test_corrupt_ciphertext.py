@@ -1,7 +1,7 @@
 """Drill: one of four sites sends a corrupt ciphertext.
 
-The consortium app (SQLite, in process) runs a two-round study through
-:func:`run_with_lifecycle` on an in-process grid of four sites running the real site
+The consortium app (SQLite, in process) runs a two-round study, every round reported to its
+internal API, on an in-process grid of four sites running the real site
 ClientApp (guard, Opacus DP-SGD, CKKS). hospital-d's replies are corrupted after its
 ClientApp built them (its first ciphertext chunk zeroed, header digests recomputed, so only
 the CKKS decoding can tell). Every round aggregates the other three; the round record and
@@ -12,6 +12,7 @@ the study completes and the audit log verifies.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,10 @@ from fastapi.testclient import TestClient
 from flwr.app import Context, Message, RecordDict
 
 from concord_protocol.contract import StudyContract
+from concord_protocol.rounds import RoundAuditDetails
 from concord_protocol.wire.messages import REC_UPDATE, arrays_to_blobs, blobs_to_arrays
 from consortium_server.audit.verify import verify_live
-from consortium_server.federation.coordinator import run_with_lifecycle
 from consortium_server.federation.serverapp import run_study_rounds
-from consortium_server.federation.strategy import RoundHook, RunPlan, StudyOutcome
 from consortium_server.main import create_app
 from consortium_server.settings import ServerSettings
 from site_node.crypto import (
@@ -34,6 +34,7 @@ from site_node.crypto import (
 )
 from site_node.federation.approvals import ApprovalStore
 from tests.support.inprocess_grid import InProcessGrid, flower_task_identity
+from tests.support.runs import begin, federation_gate
 from tests.support.studies import relay_study_key, submit_and_approve
 from tests.support.world import People, build_consortium
 
@@ -132,32 +133,27 @@ def test_corrupt_ciphertext_is_rejected_logged_and_the_round_goes_on(
     )
     secret = relay_study_key(app, study)
     node_configs = _site_contexts(tmp_path / "sites", study, secret)
-    grids: list[DrillGrid] = []
-
-    def runner(plan: RunPlan, hook: RoundHook) -> StudyOutcome:
-        contexts = {
-            100 + i: Context(
-                run_id=1,
-                node_id=100 + i,
-                node_config=dict(config),
-                state=RecordDict(),
-                run_config=plan.to_run_config(),
-            )
-            for i, config in enumerate(node_configs)
-        }
-        grids.append(DrillGrid(contexts, corrupt={103}))
-        plan = RunPlan(**{**plan.__dict__, "node_wait_s": 0.0})
-        return run_study_rounds(grids[0], plan, hook=hook)  # type: ignore[arg-type]
-
-    outcome = run_with_lifecycle(app.state.sessionmaker, app.state.audit_log, study["id"], runner)
+    plan = replace(begin(app, study["id"], policy=app.state.policy_context), node_wait_s=0.0)
+    contexts = {
+        100 + i: Context(
+            run_id=1,
+            node_id=100 + i,
+            node_config=dict(config),
+            state=RecordDict(),
+            run_config=plan.to_run_config(),
+        )
+        for i, config in enumerate(node_configs)
+    }
+    grid = DrillGrid(contexts, corrupt={103})
+    outcome = run_study_rounds(grid, plan, gate=federation_gate(app, client, plan))  # type: ignore[arg-type]
 
     assert outcome.status == "completed", outcome.failure
-    assert grids[0].corrupted == 2
+    assert grid.corrupted == 2
     for record in outcome.rounds:
         assert record.status == "aggregated"
         assert record.participants == SITES[:3]
         assert record.missing_sites == []
-        assert [(r["site_id"], r["reason"]) for r in record.rejected] == [
+        assert [(r.site_id, r.reason) for r in record.rejected] == [
             ("hospital-d", "undecodable_chunk")
         ]
         assert set(record.sample_counts) == set(SITES[:3])
@@ -171,12 +167,12 @@ def test_corrupt_ciphertext_is_rejected_logged_and_the_round_goes_on(
     rounds = [e for e in entries if e.object.id == study["id"] and e.action.startswith("round.")]
     assert [e.action for e in rounds] == ["round.completed", "round.completed"]
     for entry in rounds:
-        details = entry.details
-        assert details["participants"] == SITES[:3]
-        assert [(r["site_id"], r["reason"]) for r in details["rejected"]] == [
+        details = RoundAuditDetails.model_validate(entry.details)
+        assert details.record.participants == SITES[:3]
+        assert [(r.site_id, r.reason) for r in details.record.rejected] == [
             ("hospital-d", "undecodable_chunk")
         ]
-        assert "hospital-d" not in details["charged_epsilon"]
+        assert "bc-d" not in details.charged_epsilon
     assert report.ok, report.summary()
     final = client.get(f"/api/v1/studies/{study['id']}", headers=people.researcher).json()
     assert final["state"] == "completed"

@@ -1,11 +1,15 @@
-"""Drill: the consortium server and its SuperLink crash mid-study and are restarted.
+"""Drills: the consortium server (and its SuperLink) crash mid-study and are restarted.
 
 Three hospitals run a 3-round DP + CKKS study. Once round 1 is on record and round 2 has
 reached the sites, the server and the SuperLink (with the study's ServerApp) are killed
-with SIGKILL, then started again on their state. The server resumes the study by itself
-(``study.run_resumed``): a new Flower run starts at round 2 from round 1's checkpoint; the
-sites answer round 2 from their reply cache when they had trained it already, so each
-site's accountant ends at exactly 3 rounds; the study completes.
+with SIGKILL, then started again on their state. The server finds the study's ServerApp
+silent and restarts the run by itself (``study.run_resumed``): a new Flower run starts at
+round 2 from round 1's checkpoint, kept in the database; the sites answer round 2 from
+their reply cache when they had trained it already, so each site's accountant ends at
+exactly 3 rounds; the study completes.
+
+When only the server crashes, the ServerApp keeps retrying its report until the server is
+back, and the run goes on where it was: nothing is restarted.
 
 Afterwards: every round is on record exactly once; the audit log from before the crash is
 an unchanged prefix of the log after it (no entry lost), and the whole log verifies against
@@ -26,7 +30,7 @@ from concord_protocol.audit.export import AuditExport
 from concord_protocol.audit.verify import verify_export
 from site_node.agent.witness import STATE_FILE
 from site_node.federation.approvals import ApprovalStore
-from tests.support.drills import DrillStack, audit_entries, wait_for
+from tests.support.drills import DrillStack, audit_entries, kill_process_group, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -78,7 +82,9 @@ def test_server_and_superlink_killed_mid_study_resume_from_the_last_round(
     # No entry lost or changed: the log before the crash is a prefix of the log after it.
     assert after[: len(before)] == before
     mine = [e for e in after if e["object"]["id"] == sid]
-    rounds = [e["details"]["round_number"] for e in mine if e["action"] == "round.completed"]
+    rounds = [
+        e["details"]["record"]["round_number"] for e in mine if e["action"] == "round.completed"
+    ]
     assert rounds == [1, 2, 3]
     resumed = [e for e in mine if e["action"] == "study.run_resumed"]
     assert len(resumed) == 1
@@ -113,3 +119,27 @@ def test_server_and_superlink_killed_mid_study_resume_from_the_last_round(
         assert hospital.agent is not None
         assert hospital.agent.alive(), hospital.agent.log_tail()
         assert "tree_inconsistent" not in hospital.agent.log_tail(1_000_000)
+
+
+def test_a_server_crash_alone_is_ridden_out_by_the_serverapp(drill: DrillStack) -> None:
+    sites = drill.hospitals
+    study = drill.submit_and_start(drill.contract(rounds=2, round_timeout_s=ROUND_TIMEOUT_S))
+    sid = study["id"]
+    for hospital in sites:
+        drill.wait_for_supernode_round(hospital, sid, 1)
+    stack = drill.stack
+    assert stack.server is not None
+    kill_process_group(stack.server.proc.pid)
+    stack.server.stop()
+    time.sleep(5)  # round 1 ends meanwhile: the ServerApp's report finds nobody and retries
+    stack.start_server()
+
+    ended = drill.wait_for_end(sid, timeout=ROUND_TIMEOUT_S * 3 + 120)
+    assert ended["state"] == "completed", (ended["state_reason"], drill.logs())
+    mine = [e for e in audit_entries(drill.compliance) if e["object"]["id"] == sid]
+    actions = [e["action"] for e in mine]
+    assert actions.count("round.completed") == 2
+    assert "study.run_resumed" not in actions  # the same run went on
+    for hospital in sites:
+        state = ApprovalStore(hospital.state_dir).dp_state_path(sid, study["contract_hash"])
+        assert json.loads(state.read_text())["rounds_completed"] == 2, hospital.site_id

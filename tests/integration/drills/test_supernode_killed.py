@@ -39,16 +39,17 @@ def test_supernode_killed_mid_round_then_too_few_sites(drill: DrillStack) -> Non
     drill.kill_supernode(d)
     first = drill.wait_for_round(sid, 1, timeout=ROUND_TIMEOUT_S * 2 + 60)
     details = first["details"]
+    record = details["record"]
     assert first["action"] == "round.completed", details
-    assert details["participants"] == [a.site_id, b.site_id, c.site_id], details
-    assert d.site_id in details["missing_sites"], details
-    assert set(details["sample_counts"]) == {a.site_id, b.site_id, c.site_id}
+    assert record["participants"] == [a.site_id, b.site_id, c.site_id], details
+    assert d.site_id in record["missing_sites"], details
+    assert set(record["sample_counts"]) == {a.site_id, b.site_id, c.site_id}
     assert set(details["charged_epsilon"]) == {a.dataset_id, b.dataset_id, c.dataset_id}
 
     drill.wait_for_supernode_round(c, sid, 2)
     drill.kill_supernode(c)
     second = drill.wait_for_round(sid, 2, timeout=ROUND_TIMEOUT_S * 2 + 60)
-    details = second["details"]
+    details = second["details"]["record"]
     assert second["action"] == "round.failed", details
     assert second["outcome"] != "success"
     assert c.site_id in details["missing_sites"], details

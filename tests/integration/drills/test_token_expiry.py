@@ -23,7 +23,7 @@ import pytest
 
 from concord_protocol.processes import ManagedProcess, flower_env, spawn
 from concord_protocol.tokens import ClientCredentialsTokenSource
-from site_node.keys import init_site_keys
+from site_node.key_files import init_site_keys
 from tests.support.drills import PYTHON_BIN, start_server_process, wait_for
 from tests.support.oidc_provider import OidcClient, OidcProvider, running_oidc_provider
 from tests.support.world import site_enrolment

@@ -1,174 +1,97 @@
-"""Real Flower processes on loopback: SuperLink + 3 SuperNodes, TLS, SuperNode auth, DP + HE.
+"""Real processes on loopback: the consortium server, a SuperLink with TLS and SuperNode
+authentication, and three hospitals (SuperNode with the guarded ClientApp runner, site
+agent), as ``consortium demo`` runs them.
 
-One module-scoped federation (SuperLink with TLS and SuperNode authentication, three
-registered SuperNodes, one per demo hospital) runs a breast-cancer study for a few rounds.
-The study key is made by hospital-a and reaches the others sealed to their X25519 keys.
+The ServerApp reports every round to the server's internal API and waits for the verdict,
+so the server decides before each round whether the next one may start: a policy published
+while round 1 trains stops the study before any site receives a round-2 message or spends
+privacy budget on it.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import subprocess
+import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
-from concord_demo.stack import start_registered_supernode
-from concord_protocol.bundle import APP_DIR
 from concord_protocol.contract import StudyContract
-from concord_protocol.processes import ManagedProcess
-from consortium_server.federation.processes import SuperLinkHandle, run_study, start_superlink
-from consortium_server.federation.strategy import RunPlan, StudyOutcome
+from concord_protocol.processes import flower_env, flwr_binary
+from concord_protocol.rounds import RoundAuditDetails
 from site_node.crypto import (
-    CkksCodec,
-    EncodedUpdate,
-    SiteKeyPair,
     generate_study_context,
-    open_study_key,
     public_context,
     seal_study_key,
+    study_key_fingerprint,
 )
 from site_node.data import breast_cancer_holdout, breast_cancer_site
 from site_node.federation.approvals import ApprovalStore
 from site_node.federation.processes import SuperNodeSpec, start_supernode
-from site_node.training import build_model, centralised_baseline, evaluate, num_parameters
-from site_node.training.params import unflatten_into
-from tests.support.flower import (
-    SiteFixture,
-    breast_cancer_contract,
-    free_port,
-    make_site,
-    make_supernode_key,
-    make_tls,
-)
+from site_node.training import build_model, centralised_baseline, evaluate, unflatten_into
+from tests.support.drills import DrillStack, kill_process_group, wait_for
+from tests.support.flower import free_port, make_site, make_supernode_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-@dataclass
-class Federation:
-    root: Path
-    link: SuperLinkHandle
-    sites: list[SiteFixture]
-    nodes: list[ManagedProcess]
-    keys: dict[str, SiteKeyPair]
-    ca: Path
-
-
-def _num_params(contract: StudyContract) -> int:
-    return num_parameters(build_model(contract.model, input_shape=(30,), num_classes=2))
-
-
-def _share_study_key(fed: Federation, study_id: str, contract: StudyContract) -> bytes:
-    """hospital-a makes the key and seals it to the others; returns the public context."""
-    sender = fed.sites[0]
-    secret = generate_study_context()
-    ApprovalStore(sender.state_dir).save_study_key(study_id, secret, sender_id=sender.site_id)
-    for site in fed.sites[1:]:
-        sealed = seal_study_key(
-            secret,
-            sender_id=sender.site_id,
-            sender_signing_key=fed.keys[sender.site_id].signing_key,
-            recipient_id=site.site_id,
-            recipient_exchange_public=fed.keys[site.site_id].exchange_public,
-            study_id=study_id,
-            contract_hash=contract.contract_hash(),
-        )
-        opened = open_study_key(
-            sealed,
-            recipient_exchange_private=fed.keys[site.site_id].exchange_key,
-            sender_signing_public=fed.keys[sender.site_id].signing_public,
-            expected_study_id=study_id,
-            expected_contract_hash=contract.contract_hash(),
-            expected_recipient_id=site.site_id,
-        )
-        ApprovalStore(site.state_dir).save_study_key(study_id, opened, sender_id=sender.site_id)
-    return public_context(secret)
-
-
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    root = tmp_path_factory.mktemp("federation")
-    tls = make_tls(root / "tls")
-    link = start_superlink(root / "superlink", port=free_port(), tls=tls)
-    nodes: list[ManagedProcess] = []
-    sites = [make_site(root / "sites", i) for i in range(3)]
-    keys = {s.site_id: SiteKeyPair.generate() for s in sites}
-    try:
-        for site in sites:
-            nodes.append(
-                start_registered_supernode(
-                    link,
-                    tls.ca_cert,
-                    site_id=site.site_id,
-                    state_dir=site.state_dir,
-                    datasets_file=site.datasets_file,
-                )
-            )
-        yield Federation(root, link, sites, nodes, keys, tls.ca_cert)
-    finally:
-        for node in nodes:
-            node.stop()
-        link.stop()
+def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DrillStack]:
+    with DrillStack.started(tmp_path_factory.mktemp("consortium"), n_sites=3) as stack:
+        yield stack
 
 
-def _plan(fed: Federation, study_id: str, contract: StudyContract, public: bytes | None) -> RunPlan:
-    return RunPlan(
-        study_id=study_id,
-        contract=contract,
-        contract_hash=contract.contract_hash(),
-        num_params=_num_params(contract),
-        sites=tuple(s.site_id for s in fed.sites),
-        public_context=public,
-        records_dir=fed.root / "records" / study_id,
-        node_wait_s=60.0,
-    )
+def _rounds(stack: DrillStack, study_id: str) -> list[RoundAuditDetails]:
+    return [RoundAuditDetails.model_validate(e["details"]) for e in stack.round_entries(study_id)]
 
 
-def _decrypt_final(outcome: StudyOutcome, secret: bytes, num_params: int) -> list[float]:
-    assert outcome.final_model is not None
-    update = EncodedUpdate.from_bytes_list(list(outcome.final_model.blobs))
-    vector = CkksCodec(secret).decrypt_aggregate(
-        update.chunks, num_params=num_params, total_weight=outcome.final_model.total_weight
-    )
-    return [float(v) for v in vector]
+def _dp_rounds(stack: DrillStack, study: dict[str, Any]) -> list[int]:
+    counts = []
+    for hospital in stack.hospitals:
+        path = ApprovalStore(hospital.state_dir).dp_state_path(study["id"], study["contract_hash"])
+        counts.append(int(json.loads(path.read_text())["rounds_completed"]))
+    return counts
 
 
-def test_dp_he_study_on_real_processes_beats_chance(federation: Federation) -> None:
-    fed = federation
-    contract = breast_cancer_contract(rounds=3, epsilon=8.0)
-    study_id = "study-bc-1"
-    for site in fed.sites:
-        ApprovalStore(site.state_dir).approve(study_id, contract, contract.contract_hash())
-    public = _share_study_key(fed, study_id, contract)
-    plan = _plan(fed, study_id, contract, public)
-
-    outcome = run_study(fed.link, plan, app_dir=APP_DIR, work_dir=fed.root / "runs")
-
-    assert outcome.status == "completed", (outcome.failure, fed.link.process.log_tail())
-    assert [r.round_number for r in outcome.rounds] == [1, 2, 3]
-    sizes = {s.site_id: len(breast_cancer_site(s.index)[0]) for s in fed.sites}
-    for record in outcome.rounds:
+def test_dp_he_study_on_real_processes_beats_chance(consortium: DrillStack) -> None:
+    stack = consortium
+    study = stack.submit_and_start(stack.contract(rounds=3, round_timeout_s=120))
+    final = stack.wait_for_end(study["id"], timeout=600)
+    assert final["state"] == "completed", (final.get("state_reason"), stack.logs())
+    rounds = _rounds(stack, study["id"])
+    assert [r.record.round_number for r in rounds] == [1, 2, 3]
+    sizes = {h.site_id: len(breast_cancer_site(h.index)[0]) for h in stack.hospitals}
+    for details in rounds:
+        record = details.record
         assert record.status == "aggregated"
         assert record.participants == sorted(sizes)
         assert record.sample_counts == sizes
         assert record.total_weight == sum(sizes.values())
-        assert all(e is not None and 0 < e <= 8.0 + 1e-6 for e in record.epsilon.values())
+        assert all(e is not None and 0 < e <= 6.0 + 1e-6 for e in record.epsilon.values())
         assert set(record.site_digests) == set(sizes)
-        assert record.aggregate_digest
         assert record.rejected == []
         assert record.evaluation["sites"] == 3.0
-    eps = [outcome.rounds[i].epsilon["hospital-a"] for i in range(3)]
+    eps = [r.record.epsilon["hospital-a"] for r in rounds]
     assert eps == sorted(eps)  # the accountant persists across rounds (and processes)
+    assert _dp_rounds(stack, study) == [3, 3, 3]
 
-    # The server holds only ciphertexts; a site decrypts the final model.
-    secret = ApprovalStore(fed.sites[1].state_dir).study_key(study_id)
-    assert secret is not None
+    # The server holds only ciphertexts; the sites decrypt and sign off the final model.
+    url = f"/api/v1/studies/{study['id']}/release"
+    wait_for(
+        "every site to sign off",
+        lambda: not stack.researcher.request("GET", url)["pending_sites"],
+        timeout=120,
+    )
+    stack.researcher.request("POST", url)
+    vector = np.frombuffer(stack.researcher.download(f"{url}/model"), dtype="<f8").copy()
+    contract = StudyContract.model_validate(study["contract"])
     model = build_model(contract.model, input_shape=(30,), num_classes=2)
-    vector = _decrypt_final(outcome, secret.secret_context, plan.num_params)
-    import numpy as np
-
-    unflatten_into(model, np.asarray(vector))
+    unflatten_into(model, vector)
     holdout = breast_cancer_holdout()
     result = evaluate(model, holdout)
     baseline = centralised_baseline(
@@ -177,39 +100,138 @@ def test_dp_he_study_on_real_processes_beats_chance(federation: Federation) -> N
     print(
         f"\nfederated DP+HE: accuracy {result.accuracy:.3f} AUC {result.auc:.3f}; "
         f"centralised non-private: accuracy {baseline.metrics.accuracy:.3f} "
-        f"AUC {baseline.metrics.auc:.3f}; rounds "
-        + ", ".join(f"{r.wall_seconds:.1f}s" for r in outcome.rounds)
+        f"AUC {baseline.metrics.auc:.3f}"
     )
     majority = max(np.bincount(holdout.labels.numpy())) / len(holdout)
     assert result.accuracy > majority + 0.15
     assert result.auc > 0.9
 
 
-def test_run_of_unapproved_contract_is_refused_by_every_site(federation: Federation) -> None:
-    fed = federation
-    contract = breast_cancer_contract(rounds=1, title="Never approved anywhere", encryption=False)
-    plan = _plan(fed, "study-unapproved", contract, None)
+def test_a_policy_published_while_round_1_trains_stops_the_study_before_round_2(
+    consortium: DrillStack,
+) -> None:
+    stack = consortium
+    active = stack.admin.request("GET", "/api/v1/policy")
+    study = stack.submit_and_start(stack.contract(rounds=2, round_timeout_s=120))
+    files = dict(active["files"])
+    files["freeze.cedar"] = textwrap.dedent(
+        """\
+        @id("freeze.after-round-1")
+        @reason("Round {context.round} is paused for a security review.")
+        forbid (principal, action == Concord::Action::"RunRound", resource)
+        when { context.round >= 2 };
+        """
+    )
+    try:
+        published = stack.admin.request("POST", "/api/v1/policy", json={"files": files})
+        final = stack.wait_for_end(study["id"], timeout=600)
+    finally:
+        stack.admin.request("POST", f"/api/v1/policy/versions/{active['version']}/activate")
+    # The denial was published before round 1 was on record: it was in force at the gate.
+    stack.new_entries()
+    entries = list(enumerate(stack.entries))
+    publish_at = next(
+        i
+        for i, e in entries
+        if e["action"] == "policy.published"
+        and e["object"]["id"] == str(published["version"]["version"])
+    )
+    round_at = next(
+        i
+        for i, e in entries
+        if e["action"] == "round.completed" and e["object"]["id"] == study["id"]
+    )
+    assert publish_at < round_at, "the policy was published too late to test the gate"
+    assert final["state"] == "failed"
+    assert "paused for a security review" in final["state_reason"]
+    assert [r.record.round_number for r in _rounds(stack, study["id"])] == [1]
+    decisions = [
+        (e["details"]["round"], e["policy"]["decision"])
+        for e in stack.entries
+        if e["action"] == "policy.decision"
+        and e["object"]["id"] == study["id"]
+        and e["details"].get("action") == "RunRound"
+    ]
+    assert decisions == [(1, "allow"), (2, "deny")]
+    # No site received a round-2 message, and no accountant was charged for round 2.
+    for hospital in stack.hospitals:
+        assert hospital.supernode is not None
+        log = hospital.supernode.log_tail(5_000_000)
+        assert f"ROUND {study['id']}/1]" in log
+        assert f"ROUND {study['id']}/2]" not in log
+    assert _dp_rounds(stack, study) == [1, 1, 1]
 
-    outcome = run_study(fed.link, plan, app_dir=APP_DIR, work_dir=fed.root / "runs")
 
-    assert outcome.status == "failed"
-    (record,) = outcome.rounds
+def _relay_key_without_the_agents(stack: DrillStack, study: dict[str, Any]) -> None:
+    """hospital-a relays a study key as its agent would, with the keys the test holds."""
+    sender, *others = stack.hospitals
+    assert sender.keys is not None
+    secret = generate_study_context()
+    sealed = []
+    for hospital in others:
+        assert hospital.keys is not None
+        sealed.append(
+            seal_study_key(
+                secret,
+                sender_id=sender.site_id,
+                sender_signing_key=sender.keys.signing_key,
+                recipient_id=hospital.site_id,
+                recipient_exchange_public=hospital.keys.exchange_public,
+                study_id=study["id"],
+                contract_hash=study["contract_hash"],
+            ).model_dump(mode="json")
+        )
+    body = {
+        "public_context": base64.b64encode(public_context(secret)).decode(),
+        "key_fingerprint": study_key_fingerprint(secret),
+        "sealed_keys": sealed,
+    }
+    stack.stack.client(sender.tokens["node"]).request(
+        "POST", f"/api/v1/studies/{study['id']}/keys", json=body
+    )
+
+
+def test_run_of_a_contract_no_site_approved_locally_is_refused_by_every_site(
+    consortium: DrillStack,
+) -> None:
+    """The server says every steward approved; the sites' own stores say otherwise (their
+    agents are stopped, so nothing was synchronised): every site refuses round 1."""
+    stack = consortium
+    for hospital in stack.hospitals:
+        if hospital.agent is not None:
+            kill_process_group(hospital.agent.proc.pid)
+            hospital.agent.stop()
+            hospital.agent = None
+    contract = stack.contract(rounds=1, round_timeout_s=60)
+    contract["title"] = "Never approved at the sites"
+    study = stack.researcher.submit_study(contract)
+    assert study["state"] == "awaiting_approvals", study.get("state_reason")
+    for hospital in stack.hospitals:
+        stack.stack.approve(hospital, study, reason="Approved at the server only.")
+    _relay_key_without_the_agents(stack, study)
+    stack.researcher.request("POST", f"/api/v1/studies/{study['id']}/run")
+    final = stack.wait_for_end(study["id"], timeout=300)
+    assert final["state"] == "failed"
+    (details,) = _rounds(stack, study["id"])
+    record = details.record
     assert record.participants == []
-    assert len(record.rejected) == 3
-    assert all(r["reason"] == "error_reply" for r in record.rejected)
-    assert all("contract.not_approved" in r["detail"] for r in record.rejected)
+    assert [r.reason for r in record.rejected] == ["error_reply"] * 3
+    assert all("contract.not_approved" in r.detail for r in record.rejected)
+    for hospital in stack.hospitals:
+        assert ApprovalStore(hospital.state_dir).get(study["contract_hash"]) is None
 
 
-def test_unregistered_supernode_is_refused(federation: Federation) -> None:
-    fed = federation
-    site = make_site(fed.root / "intruder", 0)
+def test_unregistered_supernode_is_refused(consortium: DrillStack, tmp_path: Path) -> None:
+    link = consortium.stack.link
+    assert link is not None
+    site = make_site(tmp_path / "intruder", 0)
     private, _ = make_supernode_key(site.state_dir / "keys")
     spec = SuperNodeSpec(
         site_id="intruder",
         state_dir=site.state_dir,
         datasets_file=site.datasets_file,
-        superlink_address=fed.link.address,
-        root_certificates=fed.ca,
+        superlink_address=link.address,
+        root_certificates=consortium.stack.tls.ca_cert,
         auth_private_key=private,
         runtime_port=free_port(),
         max_wait_time=20.0,
@@ -223,38 +245,104 @@ def test_unregistered_supernode_is_refused(federation: Federation) -> None:
     assert "Failed to activate SuperNode" in node.log_tail(20000) or code == 305
 
 
-def test_run_with_a_foreign_app_bundle_is_refused_and_runs_no_code(
-    federation: Federation, tmp_path: Path
+FOREIGN_SERVERAPP = """
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    deadline = time.monotonic() + 60
+    while len(list(grid.get_node_ids())) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    messages = [
+        grid.create_message(
+            RecordDict({"config": ConfigRecord({"round": 1})}), "train", node, "attack", 60.0
+        )
+        for node in grid.get_node_ids()
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=60))
+    result = [
+        {"error": r.has_error(), "reason": r.error.reason if r.has_error() else ""}
+        for r in replies
+    ]
+    Path(str(context.run_config["out"])).write_text(json.dumps(result))
+"""
+
+FOREIGN_CLIENTAPP = """
+from pathlib import Path
+
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg, context):
+    Path({marker!r}).write_text("ran")
+    raise RuntimeError("foreign code ran at the hospital")
+"""
+
+
+def test_a_foreign_app_bundle_runs_no_code_at_any_site(
+    consortium: DrillStack, tmp_path: Path
 ) -> None:
-    fed = federation
-    contract = breast_cancer_contract(rounds=1, title="Approved but foreign bundle")
-    study_id = "study-foreign-bundle"
-    for site in fed.sites:
-        ApprovalStore(site.state_dir).approve(study_id, contract, contract.contract_hash())
-    public = _share_study_key(fed, study_id, contract)
+    """Someone who can start runs ships a bundle with their own ServerApp and ClientApp:
+    every site refuses it before installing or importing anything."""
+    link = consortium.stack.link
+    assert link is not None
     marker = tmp_path / "evil-ran"
+    out = tmp_path / "replies.json"
     app_dir = tmp_path / "foreign-app"
     app_dir.mkdir()
-    pyproject = (APP_DIR / "pyproject.toml").read_text()
+    (app_dir / "evil_server.py").write_text(FOREIGN_SERVERAPP)
+    (app_dir / "evil_client.py").write_text(FOREIGN_CLIENTAPP.format(marker=str(marker)))
     (app_dir / "pyproject.toml").write_text(
-        pyproject.replace('"site_node.federation.clientapp:app"', '"evil:app"')
-    )
-    (app_dir / "evil.py").write_text(
-        "from pathlib import Path\n"
-        "from flwr.clientapp import ClientApp\n"
-        "app = ClientApp()\n"
-        "@app.train()\n"
-        "def train(msg, context):\n"
-        f"    Path({str(marker)!r}).write_text('ran')\n"
-        "    raise RuntimeError('foreign code ran')\n"
-    )
-    plan = _plan(fed, study_id, contract, public)
+        textwrap.dedent(
+            """\
+            [build-system]
+            requires = ["hatchling"]
+            build-backend = "hatchling.build"
 
-    outcome = run_study(fed.link, plan, app_dir=app_dir, work_dir=fed.root / "runs")
+            [project]
+            name = "innocent-study"
+            version = "1.0.0"
+            dependencies = []
 
-    assert outcome.status == "failed"
-    (record,) = outcome.rounds
-    assert record.participants == []
-    assert len(record.rejected) == 3
-    assert all("not allowed at this site" in r["detail"] for r in record.rejected)
+            [tool.hatch.build.targets.wheel]
+            packages = ["."]
+
+            [tool.flwr.app]
+            publisher = "someone"
+
+            [tool.flwr.app.components]
+            serverapp = "evil_server:app"
+            clientapp = "evil_client:app"
+
+            [tool.flwr.app.config]
+            out = ""
+            """
+        )
+    )
+    config = tmp_path / "run-config.toml"
+    config.write_text(f'out = "{out}"\n')
+    subprocess.run(
+        [flwr_binary("flwr"), "run", str(app_dir), link.connection, "--run-config", str(config)],
+        env=flower_env(link.flwr_home),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    replies = wait_for("the foreign ServerApp's replies", out.exists, timeout=180)
+    assert replies
+    result = json.loads(out.read_text())
+    assert len(result) == 3
+    assert all(r["error"] for r in result)
+    assert all("not allowed at this site" in r["reason"] for r in result)
     assert not marker.exists()

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.apps.records import read_outcome
 from concord_protocol.processes import FLOWER_ENV
 from concord_protocol.wire.format import EncodedUpdate
-from consortium_server.federation.serverapp import read_outcome
 from site_node.crypto.codecs import CkksCodec
 from site_node.federation.approvals import ApprovalStore
 

@@ -79,6 +79,67 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-tls" (include "consortium-server.superlinkName" .)) .Values.superlink.tls.existingSecret }}
 {{- end }}
 
+{{/* Secret holding the federation token (the ServerApp's credential on the internal API). */}}
+{{- define "consortium-server.federationSecretName" -}}
+{{- default (printf "%s-federation-token" (include "consortium-server.fullname" .)) .Values.federation.existingSecret }}
+{{- end }}
+
+{{/* Where both Deployments mount the federation token (one file, `token`, mode 0440). */}}
+{{- define "consortium-server.federationTokenFile" -}}
+/etc/concord/federation-token/token
+{{- end }}
+
+{{/* Where the API pods mount the SuperLink's CA certificate (ca.crt of its TLS Secret only). */}}
+{{- define "consortium-server.superlinkCaFile" -}}
+/etc/concord/superlink-ca/ca.crt
+{{- end }}
+
+{{/*
+The federation token the chart's Secret holds: federation.token; else the one already in
+the release's Secret (lookup, so upgrades keep it); else a fresh random one (first
+install, or `helm template` where lookup finds nothing). Generated once per render and
+remembered, so that the Secret and the pods' checksum annotation see the same value.
+*/}}
+{{- define "consortium-server.federationToken" -}}
+{{- if .Values.federation.token }}
+{{- .Values.federation.token }}
+{{- else }}
+{{- if not (hasKey .Values.federation "_renderedToken") }}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace (include "consortium-server.federationSecretName" .) }}
+{{- $kept := dig "data" .Values.federation.existingSecretKey "" ($secret | default dict) }}
+{{- $_ := set .Values.federation "_renderedToken" (ternary (b64dec $kept) (randAlphaNum 48) (not (empty $kept))) }}
+{{- end }}
+{{- index .Values.federation "_renderedToken" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checksum of a Secret the pods read, for a pod annotation that rolls them when it changes.
+Arguments: (list $ "template-file.yaml" existingSecretName). The chart's own Secret: its
+rendered text. An existingSecret: its data as lookup finds it (nothing under `helm
+template`; after replacing such a Secret, `helm upgrade` or a rollout restart rolls the pods).
+*/}}
+{{- define "consortium-server.secretChecksum" -}}
+{{- $root := index . 0 }}
+{{- $existing := index . 2 }}
+{{- if $existing }}
+{{- $secret := lookup "v1" "Secret" $root.Release.Namespace $existing }}
+{{- dig "data" dict ($secret | default dict) | toJson | sha256sum }}
+{{- else }}
+{{- include (print $root.Template.BasePath "/" (index . 1)) $root | sha256sum }}
+{{- end }}
+{{- end }}
+
+{{/* host:port where the API reaches the SuperLink's Control API (default: its Service). */}}
+{{- define "consortium-server.superlinkAddress" -}}
+{{- default (printf "%s.%s.svc:%d" (include "consortium-server.superlinkName" .) .Release.Namespace (int .Values.superlink.port)) .Values.federation.superlinkAddress }}
+{{- end }}
+
+{{/* The API's in-cluster URL, which the ServerApp (in the SuperLink's pod) reports rounds to. */}}
+{{- define "consortium-server.apiInternalUrl" -}}
+{{- printf "http://%s.%s.svc:%d" (include "consortium-server.fullname" .) .Release.Namespace (int .Values.server.service.port) }}
+{{- end }}
+
 {{/* Pod-level securityContext shared by every pod. */}}
 {{- define "consortium-server.podSecurityContext" -}}
 runAsNonRoot: true

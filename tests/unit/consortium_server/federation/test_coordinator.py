@@ -1,5 +1,6 @@
 """A study run on the consortium side: approved -> running -> completed/failed, every round
-audited and its epsilon charged to the ledger, the unused reservation returned."""
+reported through the internal API, audited and charged, the next round's policy checked
+before the verdict, the unused reservation returned."""
 
 from __future__ import annotations
 
@@ -9,18 +10,13 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from concord_protocol.rounds import RoundAuditDetails
 from consortium_server.audit.verify import verify_live
 from consortium_server.budgets import service as budgets
 from consortium_server.errors import ConflictError
-from consortium_server.federation.coordinator import begin_run, run_with_lifecycle
-from consortium_server.federation.strategy import RoundHook, RunPlan, StudyOutcome
-from tests.support.studies import (
-    SITES,
-    audit_actions,
-    relay_study_key,
-    submit_and_approve,
-    synthetic_runner,
-)
+from consortium_server.federation.coordinator import begin_run
+from tests.support.runs import begin, federation_gate, synthetic_run
+from tests.support.studies import SITES, audit_actions, relay_study_key, submit_and_approve
 from tests.support.world import People, study_contract
 
 
@@ -29,33 +25,61 @@ def _budget(app: FastAPI, dataset: str) -> budgets.BudgetView:
         return budgets.show(session, dataset)
 
 
+def _study(client: TestClient, people: People, study_id: str) -> dict[str, object]:
+    body: dict[str, object] = client.get(
+        f"/api/v1/studies/{study_id}", headers=people.researcher
+    ).json()
+    return body
+
+
+def _round_entries(app: FastAPI) -> list[RoundAuditDetails]:
+    log = app.state.audit_log
+    with app.state.sessionmaker() as session:
+        entries = [
+            log.get_entry(i, session=session).entry for i in range(log.size(session=session))
+        ]
+    return [
+        RoundAuditDetails.model_validate(e.details)
+        for e in entries
+        if e.action in ("round.completed", "round.failed")
+    ]
+
+
 def test_completed_run_charges_rounds_and_returns_the_rest(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
     study = submit_and_approve(client, consortium)
     secret = relay_study_key(app, study)
-    outcome = run_with_lifecycle(
-        app.state.sessionmaker,
-        app.state.audit_log,
-        study["id"],
-        synthetic_runner([1.0, 2.0], secret=secret),
+    plan = begin(app, study["id"], policy=app.state.policy_context)
+    outcome, verdicts = synthetic_run(
+        federation_gate(app, client, plan), [1.0, 2.0, 2.5], secret=secret
     )
     assert outcome.status == "completed"
-    final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    assert [v.action for v in verdicts] == ["continue", "continue", "stop"]
+    assert [v.next_round for v in verdicts[:2]] == [2, 3]
+    final = _study(client, consortium, study["id"])
     assert final["state"] == "completed"
-    assert final["current_round"] == 2
+    assert final["current_round"] == 3
     budget = _budget(app, "bc-a")
-    assert float(budget.epsilon_spent) == pytest.approx(2.0)
+    assert float(budget.epsilon_spent) == pytest.approx(2.5)
     assert float(budget.epsilon_reserved) == 0
-    assert float(budget.epsilon_remaining) == pytest.approx(8.0)
-    actions = audit_actions(app, study["id"])
-    assert actions[-5:] == [
+    assert float(budget.epsilon_remaining) == pytest.approx(7.5)
+    assert audit_actions(app, study["id"])[-9:] == [
+        "policy.decision",
         "study.running",
         "round.completed",
+        "policy.decision",
+        "round.completed",
+        "policy.decision",
         "round.completed",
         "study.completed",
         "budget.released",
     ]
+    # The audit entry is the round record itself, plus what the ledger charged.
+    rounds = _round_entries(app)
+    assert [r.record.round_number for r in rounds] == [1, 2, 3]
+    assert rounds[0].record == outcome.rounds[0]
+    assert rounds[2].charged_epsilon == {d: "2.500000" for d in ("bc-a", "bc-b", "bc-c")}
     with app.state.sessionmaker() as session:
         report = verify_live(session, server_public_key=app.state.tree_head_signer.public_key_b64)
     assert report.ok, report.summary()
@@ -65,16 +89,15 @@ def test_failed_round_fails_the_study_and_returns_the_reservation(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
     study = submit_and_approve(client, consortium)
-    relay_study_key(app, study)
-    run_with_lifecycle(
-        app.state.sessionmaker,
-        app.state.audit_log,
-        study["id"],
-        synthetic_runner([1.0, 1.5], fail_last=True),
+    secret = relay_study_key(app, study)
+    plan = begin(app, study["id"])
+    _outcome, verdicts = synthetic_run(
+        federation_gate(app, client, plan), [1.0, 1.5], secret=secret, fail_at=2
     )
-    final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    assert [v.action for v in verdicts] == ["continue", "stop"]
+    final = _study(client, consortium, study["id"])
     assert final["state"] == "failed"
-    assert "minimum is 3" in final["state_reason"]
+    assert "minimum is 3" in str(final["state_reason"])
     assert final["current_round"] == 1
     budget = _budget(app, "bc-b")
     assert float(budget.epsilon_spent) == pytest.approx(1.0)
@@ -85,24 +108,14 @@ def test_failed_round_fails_the_study_and_returns_the_reservation(
 def test_a_site_reporting_more_than_reserved_is_not_charged(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
-    study = submit_and_approve(client, consortium)  # epsilon 3.0 reserved
+    study = submit_and_approve(client, consortium, training={"rounds": 1})  # epsilon 3.0
     secret = relay_study_key(app, study)
-    run_with_lifecycle(
-        app.state.sessionmaker,
-        app.state.audit_log,
-        study["id"],
-        synthetic_runner([4.0], secret=secret),
-    )
+    plan = begin(app, study["id"])
+    synthetic_run(federation_gate(app, client, plan), [4.0], secret=secret)
     assert float(_budget(app, "bc-a").epsilon_spent) == 0
-    log = app.state.audit_log
-    with app.state.sessionmaker() as session:
-        rounds = [
-            e.entry
-            for i in range(log.size(session=session))
-            if (e := log.get_entry(i, session=session)).entry.action == "round.completed"
-        ]
-    assert rounds[-1].outcome.value == "failure"
-    assert rounds[-1].details["overcharged"]
+    (details,) = _round_entries(app)
+    assert details.overcharged
+    assert details.charged_epsilon == {}
 
 
 def test_only_approved_studies_with_relayed_keys_start(
@@ -124,10 +137,13 @@ def test_only_approved_studies_with_relayed_keys_start(
 def test_real_clientapp_run_in_process_drives_the_lifecycle(
     client: TestClient, consortium: People, app: FastAPI, tmp_path: Path
 ) -> None:
-    """The real ClientApp (guard, Opacus, CKKS) at three sites behind an in-process grid."""
+    """The real ClientApp (guard, Opacus, CKKS) at three sites behind an in-process grid,
+    the real round loop, and every round gated by the internal API."""
+    from dataclasses import replace
 
     from concord_protocol.contract import StudyContract
     from consortium_server.federation.serverapp import run_study_rounds
+    from site_node.federation.approvals import ApprovalStore
     from tests.support.flower import make_site
     from tests.support.inprocess_grid import InProcessGrid, flower_task_identity, site_contexts
 
@@ -142,44 +158,39 @@ def test_real_clientapp_run_in_process_drives_the_lifecycle(
     secret = relay_study_key(app, study)
     contract = StudyContract.model_validate(study["contract"])
     sites = [make_site(tmp_path, i) for i in range(3)]
-    from site_node.federation.approvals import ApprovalStore
-
     for site in sites:
         store = ApprovalStore(site.state_dir)
         store.approve(study["id"], contract, study["contract_hash"])
         store.save_study_key(study["id"], secret, sender_id="hospital-a")
-
-    def runner(plan: RunPlan, hook: RoundHook) -> StudyOutcome:
-        contexts = site_contexts(sites, plan.to_run_config())
-        plan = RunPlan(**{**plan.__dict__, "node_wait_s": 0.0})
-        return run_study_rounds(InProcessGrid(contexts), plan, hook=hook)  # type: ignore[arg-type]
-
+    plan = replace(begin(app, study["id"], policy=app.state.policy_context), node_wait_s=0.0)
+    grid = InProcessGrid(site_contexts(sites, plan.to_run_config()))
     with flower_task_identity():
-        outcome = run_with_lifecycle(
-            app.state.sessionmaker, app.state.audit_log, study["id"], runner
-        )
+        outcome = run_study_rounds(grid, plan, gate=federation_gate(app, client, plan))  # type: ignore[arg-type]
     assert outcome.status == "completed", outcome.failure
-    final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    final = _study(client, consortium, study["id"])
     assert final["state"] == "completed"
     spent = float(_budget(app, "bc-a").epsilon_spent)
     assert 0 < spent <= 5.0
     assert final["current_round"] == 2
     assert [r.participants for r in outcome.rounds] == [list(SITES), list(SITES)]
     assert audit_actions(app, study["id"]).count("round.completed") == 2
+    waves = [kind for i, kind in enumerate(grid.sent) if i == 0 or grid.sent[i - 1] != kind]
+    assert waves == ["train", "evaluate", "train", "evaluate"]
 
 
-def test_a_malformed_final_aggregate_fails_the_study(
+def test_an_aggregate_that_is_no_update_is_refused_and_never_recorded(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
     study = submit_and_approve(client, consortium)
     relay_study_key(app, study)
-    run_with_lifecycle(
-        app.state.sessionmaker, app.state.audit_log, study["id"], synthetic_runner([1.0])
-    )
-    final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
-    assert final["state"] == "failed"
-    assert "cannot be kept for release" in final["state_reason"]
-    assert float(_budget(app, "bc-a").epsilon_reserved) == 0
+    plan = begin(app, study["id"])
+    _outcome, (verdict,) = synthetic_run(federation_gate(app, client, plan), [1.0])
+    assert verdict.action == "stop"
+    assert "update." in verdict.reason
+    final = _study(client, consortium, study["id"])
+    assert final["state"] == "running"  # nothing recorded: the run manager restarts it
+    assert final["current_round"] == 0
+    assert "round.completed" not in audit_actions(app, study["id"])
 
 
 def test_the_policy_is_checked_before_every_round(
@@ -188,20 +199,17 @@ def test_the_policy_is_checked_before_every_round(
     """Round 1 spends the whole reservation: the policy denies round 2 and the run stops."""
     study = submit_and_approve(client, consortium)  # epsilon 3.0 reserved per dataset
     secret = relay_study_key(app, study)
-    outcome = run_with_lifecycle(
-        app.state.sessionmaker,
-        app.state.audit_log,
-        study["id"],
-        synthetic_runner([3.0, 3.0, 3.0], secret=secret),
-        policy=app.state.policy_context,
+    plan = begin(app, study["id"], policy=app.state.policy_context)
+    _outcome, verdicts = synthetic_run(
+        federation_gate(app, client, plan), [3.0, 3.0, 3.0], secret=secret
     )
-    assert outcome.status == "failed"
-    final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    assert [v.action for v in verdicts] == ["stop"]  # round 2 was never asked for
+    assert "denies round 2" in verdicts[0].reason
+    final = _study(client, consortium, study["id"])
     assert final["state"] == "failed"
-    assert "denies round 2" in final["state_reason"]
-    assert "no privacy budget left" in final["state_reason"]
-    actions = audit_actions(app, study["id"])
-    assert actions.count("round.completed") == 1  # round 2 never recorded
+    assert "denies round 2" in str(final["state_reason"])
+    assert "no privacy budget left" in str(final["state_reason"])
+    assert audit_actions(app, study["id"]).count("round.completed") == 1
     log = app.state.audit_log
     with app.state.sessionmaker() as session:
         decisions = [
@@ -220,9 +228,10 @@ def test_a_first_round_the_policy_denies_never_starts(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
     from consortium_server.federation.runs import RunManager
+    from tests.support.runs import InProcessLauncher
 
     study = submit_and_approve(client, consortium)
-    secret = relay_study_key(app, study)
+    relay_study_key(app, study)
     files = dict(client.get("/api/v1/policy", headers=consortium.admin).json()["files"])
     files["freeze.cedar"] = (
         '@id("freeze.rounds")\n@reason("Training is paused for a security review.")\n'
@@ -232,14 +241,12 @@ def test_a_first_round_the_policy_denies_never_starts(
         client.post("/api/v1/policy", json={"files": files}, headers=consortium.admin).status_code
         == 201
     )
-    app.state.run_manager = RunManager(
-        app.state.sessionmaker,
-        app.state.audit_log,
-        lambda plan: synthetic_runner([1.0], secret=secret),
-    )
+    launcher = InProcessLauncher(lambda plan: None)
+    app.state.run_manager = RunManager(app.state.sessionmaker, app.state.audit_log, launcher)
     response = client.post(f"/api/v1/studies/{study['id']}/run", headers=consortium.researcher)
     assert response.status_code == 403
     assert "paused for a security review" in response.json()["error"]["message"]
-    still = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    still = _study(client, consortium, study["id"])
     assert still["state"] == "approved"
+    assert launcher.started == []
     assert "policy.decision" in audit_actions(app, study["id"])  # the denial is on record

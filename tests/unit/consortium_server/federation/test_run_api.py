@@ -1,31 +1,16 @@
-"""POST /api/v1/studies/{id}/run: who may start a run, what it needs, and the background run
-driving the study to its end."""
+"""POST /api/v1/studies/{id}/run: who may start a run, what it needs, and the launched run
+driving the study to its end through the internal API."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from consortium_server.federation.plan import RunPlan
 from consortium_server.federation.runs import RunManager
-from tests.support.studies import (
-    audit_actions,
-    relay_study_key,
-    submit_and_approve,
-    synthetic_runner,
-)
+from tests.support.runs import InProcessLauncher, federation_gate, synthetic_run
+from tests.support.studies import audit_actions, relay_study_key, submit_and_approve
 from tests.support.world import People
-
-
-def _install_manager(
-    app: FastAPI, epsilons: list[float], *, fail_last: bool = False, secret: bytes | None = None
-) -> RunManager:
-    manager = RunManager(
-        app.state.sessionmaker,
-        app.state.audit_log,
-        lambda plan: synthetic_runner(epsilons, fail_last, secret=secret),
-    )
-    app.state.run_manager = manager
-    return manager
 
 
 def test_owner_starts_a_run_that_completes_in_the_background(
@@ -33,38 +18,43 @@ def test_owner_starts_a_run_that_completes_in_the_background(
 ) -> None:
     study = submit_and_approve(client, consortium)
     secret = relay_study_key(app, study)
-    manager = _install_manager(app, [0.8, 1.6], secret=secret)
+
+    def run(plan: RunPlan) -> None:
+        synthetic_run(federation_gate(app, client, plan), [0.8, 1.6, 2.0], secret=secret)
+
+    launcher = InProcessLauncher(run)
+    app.state.run_manager = RunManager(app.state.sessionmaker, app.state.audit_log, launcher)
     response = client.post(f"/api/v1/studies/{study['id']}/run", headers=consortium.researcher)
     assert response.status_code == 202, response.text
     assert response.json()["state"] == "running"
-    outcome = manager.wait(study["id"], timeout=30)
-    assert outcome.status == "completed"
+    app.state.run_manager.wait_launched(timeout=30)
+    launcher.join()
+    (plan,) = launcher.started
+    assert plan.start_round == 1
     final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
     assert final["state"] == "completed"
     actions = audit_actions(app, study["id"])
-    assert actions.count("round.completed") == 2
+    assert actions.count("round.completed") == 3
     assert actions[-2:] == ["study.completed", "budget.released"]
 
 
-def test_a_run_that_raises_fails_the_study_with_the_reason(
+def test_a_run_that_cannot_start_fails_the_study_with_the_reason(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
     study = submit_and_approve(client, consortium)
     relay_study_key(app, study)
 
-    def broken(plan: object, hook: object) -> None:
-        raise RuntimeError("the SuperLink went away")
+    class Broken(InProcessLauncher):
+        def start(self, plan: RunPlan) -> int | None:
+            raise RuntimeError("the SuperLink went away")
 
-    app.state.run_manager = RunManager(
-        app.state.sessionmaker,
-        app.state.audit_log,
-        lambda plan: broken,  # type: ignore[arg-type,return-value]
-    )
+    manager = RunManager(app.state.sessionmaker, app.state.audit_log, Broken(lambda p: None))
+    app.state.run_manager = manager
     assert (
         client.post(f"/api/v1/studies/{study['id']}/run", headers=consortium.researcher).status_code
         == 202
     )
-    app.state.run_manager.wait(study["id"], timeout=30)
+    manager.wait_launched(timeout=30)
     final = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
     assert final["state"] == "failed"
     assert "the SuperLink went away" in final["state_reason"]
@@ -87,13 +77,15 @@ def test_only_owner_or_admin_and_only_when_ready(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
     study = submit_and_approve(client, consortium)
-    _install_manager(app, [1.0])
+    launcher = InProcessLauncher(lambda plan: None)
+    app.state.run_manager = RunManager(app.state.sessionmaker, app.state.audit_log, launcher)
     url = f"/api/v1/studies/{study['id']}/run"
     assert client.post(url, headers=consortium.other_researcher).status_code == 404
     assert client.post(url, headers=consortium.steward("a")).status_code == 403
     no_keys = client.post(url, headers=consortium.researcher)
     assert no_keys.status_code == 409
     assert "exchanged" in no_keys.json()["error"]["message"]
+    assert launcher.started == []
 
 
 def test_key_exchange_steps_are_audited(

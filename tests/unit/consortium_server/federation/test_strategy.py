@@ -15,19 +15,16 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from concord_protocol.rounds import RoundRecord
 from concord_protocol.wire.messages import blobs_to_arrays
+from consortium_server.federation.plan import RunPlan
+from consortium_server.federation.records import RoundFailedError, new_record
 from consortium_server.federation.serverapp import run_study_rounds
-from consortium_server.federation.strategy import (
-    BlindAggregationStrategy,
-    RoundFailedError,
-    RunPlan,
-    new_record,
-)
+from consortium_server.federation.strategy import BlindAggregationStrategy
 from site_node.crypto import CkksCodec, EncodedUpdate, PlainCodec, RoundInfo
 from site_node.training import build_model, num_parameters
 from tests.support.flower import approve_everywhere, breast_cancer_contract, make_site
 from tests.support.inprocess_grid import InProcessGrid, flower_task_identity, site_contexts
+from tests.support.runs import RecordingGate
 
 N_PARAMS = 5000
 
@@ -63,9 +60,10 @@ def test_dp_he_rounds_in_process_with_the_real_clientapp(tmp_path: Path) -> None
     public = approve_everywhere(sites, "study-1", contract)
     plan = _plan({"rounds": 2}, public)
     grid = InProcessGrid(_contexts(tmp_path, plan))
-    records: list[RoundRecord] = []
+    gate = RecordingGate()
 
-    outcome = run_study_rounds(grid, plan, hook=records.append)  # type: ignore[arg-type]
+    outcome = run_study_rounds(grid, plan, gate=gate)  # type: ignore[arg-type]
+    records = gate.records
 
     assert outcome.status == "completed", outcome.failure
     assert [r.round_number for r in records] == [1, 2]
@@ -88,13 +86,13 @@ def test_unapproved_contract_is_refused_by_the_clientapp_and_the_round_fails(
     plan = _plan({"rounds": 1, "encryption": False}, None)
     grid = InProcessGrid(_contexts(tmp_path, plan))  # nothing approved anywhere
 
-    outcome = run_study_rounds(grid, plan)
+    outcome = run_study_rounds(grid, plan, gate=RecordingGate())
 
     assert outcome.status == "failed"
     (record,) = outcome.rounds
     assert record.status == "failed"
-    assert [r["reason"] for r in record.rejected] == ["error_reply"] * 3
-    assert all("contract.not_approved" in r["detail"] for r in record.rejected)
+    assert [r.reason for r in record.rejected] == ["error_reply"] * 3
+    assert all("contract.not_approved" in r.detail for r in record.rejected)
 
 
 def test_site_that_does_not_answer_is_dropped_and_two_sites_fail_the_round(
@@ -106,7 +104,7 @@ def test_site_that_does_not_answer_is_dropped_and_two_sites_fail_the_round(
     plan = _plan({"rounds": 1, "encryption": False}, None)
     grid = InProcessGrid(_contexts(tmp_path, plan), drop=[102])
 
-    outcome = run_study_rounds(grid, plan)
+    outcome = run_study_rounds(grid, plan, gate=RecordingGate())
 
     assert outcome.status == "failed"
     assert "at least 3 needed" in (outcome.failure or "")
@@ -196,8 +194,8 @@ def test_bad_ciphertext_reply_is_dropped_with_a_record(
 
     assert record.participants == sites[:3]
     (rejected,) = record.rejected
-    assert rejected["site_id"] == "hospital-d"
-    assert rejected["reason"] == reason
+    assert rejected.site_id == "hospital-d"
+    assert rejected.reason == reason
     assert model.total_weight == 300.0
     total = codec.decrypt_aggregate(
         EncodedUpdate.from_bytes_list(list(model.blobs)).chunks,
@@ -230,7 +228,7 @@ def test_nan_update_is_refused_by_the_site_codec_and_dropped_by_the_server() -> 
         1, [*good, _reply("hospital-d", 13, poisoned.to_bytes_list())], record
     )
 
-    assert [r["reason"] for r in record.rejected] == ["non_finite"]
+    assert [r.reason for r in record.rejected] == ["non_finite"]
     assert record.participants == ["hospital-a", "hospital-b", "hospital-c"]
 
 
@@ -249,7 +247,7 @@ def test_unknown_duplicate_and_bad_weight_replies_fail_a_round_cleanly() -> None
         BlindAggregationStrategy(plan).aggregate_train(1, replies, record)
 
     assert info.value.record.status == "failed"
-    reasons = sorted(r["reason"] for r in info.value.record.rejected)
+    reasons = sorted(r.reason for r in info.value.record.rejected)
     assert reasons == ["bad_weight", "duplicate_site", "unknown_site"]
 
 
@@ -299,5 +297,5 @@ def test_error_replies_are_named_by_site_and_a_vanished_node_is_only_missing(
     crashed = _error_reply(13, 0, "ClientApp raised: boom")
     strategy.aggregate_train(3, [*[good(i, 3) for i in range(3)], crashed], third)
     (rejected,) = third.rejected
-    assert rejected["site_id"] == "hospital-d"  # named by its site, not "node-13"
-    assert rejected["reason"] == "error_reply"
+    assert rejected.site_id == "hospital-d"  # named by its site, not "node-13"
+    assert rejected.reason == "error_reply"

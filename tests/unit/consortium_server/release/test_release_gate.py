@@ -21,8 +21,7 @@ from concord_protocol.release import model_sha256, signoff_message
 from concord_protocol.rounds import RoundRecord
 from consortium_server.audit.verify import verify_live
 from consortium_server.federation.blind_sum import blind_sum
-from consortium_server.federation.coordinator import run_with_lifecycle
-from consortium_server.federation.strategy import GlobalModel, RoundHook, RunPlan, StudyOutcome
+from consortium_server.federation.checkpoints import GlobalModel
 from consortium_server.release.service import store_final_aggregate
 from site_node.crypto import (
     CkksCodec,
@@ -33,6 +32,7 @@ from site_node.crypto import (
 )
 from site_node.federation.approvals import ApprovalStore
 from site_node.release import sign_off
+from tests.support.runs import begin, federation_gate
 from tests.support.studies import relay_study_key, submit_and_approve
 from tests.support.world import People, dataset_body, site_enrolment
 
@@ -123,7 +123,13 @@ def world(client: TestClient, people: People, app: FastAPI, tmp_path: Path) -> W
     keys = {site: SiteKeyPair.generate() for site in SITES}
     for site in SITES:
         _enrol(client, people, site, keys[site])
-    study = submit_and_approve(client, people, [f"bc-{s}" for s in SITES], letters=SITES)
+    study = submit_and_approve(
+        client,
+        people,
+        [f"bc-{s}" for s in SITES],
+        letters=SITES,
+        training={"rounds": 2, "local_epochs": 1, "batch_size": 64, "learning_rate": 0.1},
+    )
     secret = relay_study_key(app, study)
     contract = StudyContract.model_validate(study["contract"])
     stores = {}
@@ -135,58 +141,51 @@ def world(client: TestClient, people: People, app: FastAPI, tmp_path: Path) -> W
     return World(client, app, people, keys, stores, study, secret)
 
 
-def _run(world: World, rounds: int = 2) -> World:
-    """Drive the study to `completed` with a real encrypted final aggregate, then keep it
-    (the line ``finish_run`` calls)."""
+def _run(world: World) -> World:
+    """Drive the study to ``completed`` through the internal API as its ServerApp would,
+    every round with a real encrypted aggregate (the last one is what the release keeps)."""
     secret, public = world.secret, public_context(world.secret)
     codec = CkksCodec(secret)
     rng = np.random.default_rng(7)
-
-    def run(plan: RunPlan, hook: RoundHook) -> StudyOutcome:
-        records, final = [], None
-        for n in range(1, rounds + 1):
-            info = RoundInfo(plan.study_id, plan.contract_hash, n, plan.num_params)
-            vectors = {s: rng.normal(0, 0.1, plan.num_params) for s in SITES}
-            updates = {
-                f"hospital-{s}": codec.encode(
-                    vectors[s], weight=WEIGHTS[s], info=info
-                ).to_bytes_list()
-                for s in SITES
-            }
-            summed = blind_sum(
-                public,
-                updates,
-                expected=info,
-                expected_chunks=expected_chunks(plan.num_params, codec.chunk_size),
-                max_chunk_bytes=2 * 8192 * 8 * 2 + 8192,
-            )
-            total = sum(WEIGHTS.values())
-            weighted = np.sum([WEIGHTS[s] * vectors[s] for s in SITES], axis=0)
-            world.expected = np.asarray(weighted / total, dtype=np.float64)
-            record = RoundRecord(
-                study_id=plan.study_id,
-                contract_hash=plan.contract_hash,
-                round_number=n,
-                status="aggregated",
-                participants=[f"hospital-{s}" for s in SITES],
-                sample_counts={f"hospital-{s}": int(WEIGHTS[s]) for s in SITES},
-                epsilon={f"hospital-{s}": 0.75 * n for s in SITES},
-                aggregate_digest=summed.digest,
-                total_weight=total,
-                evaluation={"accuracy": 0.8 + 0.05 * n, "auc": 0.85 + 0.02 * n},
-            )
-            hook(record)
-            records.append(record)
-            final = GlobalModel(n, tuple(summed.to_bytes_list()), total, summed.digest)
-        return StudyOutcome(plan.study_id, plan.contract_hash, "completed", records, final)
-
-    outcome = run_with_lifecycle(
-        world.app.state.sessionmaker, world.app.state.audit_log, world.study["id"], run
+    plan = begin(world.app, world.study["id"])
+    gate = federation_gate(world.app, world.client, plan)
+    for n in range(1, plan.rounds + 1):
+        info = RoundInfo(plan.study_id, plan.contract_hash, n, plan.num_params)
+        vectors = {s: rng.normal(0, 0.1, plan.num_params) for s in SITES}
+        updates = {
+            f"hospital-{s}": codec.encode(vectors[s], weight=WEIGHTS[s], info=info).to_bytes_list()
+            for s in SITES
+        }
+        summed = blind_sum(
+            public,
+            updates,
+            expected=info,
+            expected_chunks=expected_chunks(plan.num_params, codec.chunk_size),
+            max_chunk_bytes=2 * 8192 * 8 * 2 + 8192,
+        )
+        total = sum(WEIGHTS.values())
+        weighted = np.sum([WEIGHTS[s] * vectors[s] for s in SITES], axis=0)
+        world.expected = np.asarray(weighted / total, dtype=np.float64)
+        record = RoundRecord(
+            study_id=plan.study_id,
+            contract_hash=plan.contract_hash,
+            round_number=n,
+            status="aggregated",
+            participants=[f"hospital-{s}" for s in SITES],
+            sample_counts={f"hospital-{s}": int(WEIGHTS[s]) for s in SITES},
+            epsilon={f"hospital-{s}": 0.75 * n for s in SITES},
+            aggregate_digest=summed.digest,
+            total_weight=total,
+            evaluation={"accuracy": 0.8 + 0.05 * n, "auc": 0.85 + 0.02 * n},
+        )
+        model = GlobalModel(n, tuple(summed.to_bytes_list()), total, summed.digest)
+        gate.report(record, model)
+    assert (
+        world.client.get(
+            f"/api/v1/studies/{world.study['id']}", headers=world.people.researcher
+        ).json()["state"]
+        == "completed"
     )
-    assert outcome.final_model is not None
-    with world.app.state.sessionmaker() as session:
-        store_final_aggregate(session, world.study["id"], outcome.final_model)
-        session.commit()
     return world
 
 

@@ -25,7 +25,8 @@ from consortium_server.reports.render import (
     render_json,
     render_pdf,
 )
-from consortium_server.reports.service import ComplianceReport, ReportFilters, build_report
+from consortium_server.reports.rows import ComplianceReport, ReportFilters
+from consortium_server.reports.service import build_report
 from tests.unit.consortium_server.reports.world import ReportWorld, spent
 
 

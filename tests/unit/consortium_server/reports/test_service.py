@@ -10,11 +10,8 @@ from sqlalchemy.orm import Session
 
 from concord_protocol.audit.entries import AuditEntry, AuditObject, Outcome
 from consortium_server.audit.recorder import SERVER_ACTOR
-from consortium_server.reports.service import (
-    ComplianceReport,
-    ReportFilters,
-    build_report,
-)
+from consortium_server.reports.rows import ComplianceReport, ReportFilters
+from consortium_server.reports.service import build_report
 from tests.unit.consortium_server.reports.world import (
     MAIN_ROUNDS,
     ReportWorld,
@@ -163,32 +160,20 @@ def test_user_dataset_and_time_filters(app: FastAPI, world: ReportWorld) -> None
     assert sum(c.rounds for c in middle.contributions) == 3 * 4  # five rounds, last excluded
 
 
-def test_round_entries_in_the_federation_shape_and_malformed_ones(
+def test_round_entries_are_round_records_and_malformed_ones_are_counted(
     app: FastAPI, world: ReportWorld
 ) -> None:
     pilot = world.pilot_study
     with app.state.sessionmaker() as session:
-        # RoundRecord.as_record() of the federation: epsilon keyed by site.
-        app.state.audit_log.append(
-            AuditEntry(
-                actor=SERVER_ACTOR,
-                action="round.completed",
-                object=AuditObject(type="study", id=pilot["id"]),
-                outcome=Outcome.SUCCESS,
-                contract_hash=pilot["contract_hash"],
-                source="consortium-server/federation",
-                details={
-                    "study_id": pilot["id"],
-                    "round_number": 3,
-                    "status": "aggregated",
-                    "participants": ["hospital-a", "hospital-b", "hospital-c"],
-                    "sample_counts": {"hospital-a": 190, "hospital-b": 152, "hospital-c": 227},
-                    "epsilon": {"hospital-a": 1.5, "hospital-b": None, "hospital-c": 1.6},
-                    "site_digests": {"hospital-a": "ab" * 32},
-                    "aggregate_digest": "cd" * 32,
-                },
-            ),
-            session=session,
+        # Round 3 as the federation records it, but without the ledger charge.
+        append_round(
+            app,
+            session,
+            pilot,
+            3,
+            {"bc-a": "1.5", "bc-c": "1.6"},
+            {"hospital-a": 190, "hospital-b": 152, "hospital-c": 227},
+            charge=False,
         )
         app.state.audit_log.append(
             AuditEntry(
@@ -207,7 +192,7 @@ def test_round_entries_in_the_federation_shape_and_malformed_ones(
     rounds = built.lifecycles[0].rounds
     assert [r.round for r in rounds] == [1, 2, 3]
     assert rounds[-1].epsilon == {"bc-a": Decimal("1.5"), "bc-c": Decimal("1.6")}
-    assert rounds[-1].digests == 1
+    assert rounds[-1].digests == 3
     budgets = {b.dataset_id: b for b in built.budgets}
     # The ledger was not charged for round 3: the report shows the disagreement.
     assert budgets["bc-a"].epsilon_audited == Decimal("1.5")

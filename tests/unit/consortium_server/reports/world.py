@@ -1,10 +1,10 @@
 """A consortium with history, for report tests (unit and browser).
 
 Through the API: three hospitals (with signing keys we keep, so they can cosign heads),
-one dataset each, two studies approved by every site and one declined. Directly in the
-database (the federation does not produce rounds yet): ``round.completed`` audit entries
-in the documented shape and the matching ledger charges, then a signed tree head that two
-sites cosign.
+one dataset each, two studies approved by every site and one declined. Then rounds, each
+recorded by the federation's own :func:`~consortium_server.federation.coordinator.record_round`
+(the ``round.completed`` audit entry and the ledger charge, exactly as a study run records
+them), then a signed tree head that two sites cosign.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from sqlalchemy.orm import Session
 from concord_protocol.audit.cosignatures import Cosignature, cosignature_message
 from concord_protocol.audit.entries import AuditEntry, AuditObject, Outcome
 from concord_protocol.audit.heads import encode_public_key
+from concord_protocol.rounds import RoundAuditDetails, RoundRecord
 from consortium_server.audit.cosignatures import record_cosignature
 from consortium_server.audit.recorder import SERVER_ACTOR
-from consortium_server.budgets import service as budgets
 from consortium_server.db.base import utcnow
+from consortium_server.federation.coordinator import record_round
 from tests.support.world import People, dataset_body, site_enrolment, study_contract
 
 SITES = ("a", "b", "c")
@@ -59,19 +60,24 @@ class ReportWorld:
         return str(self.main_study["title"])
 
 
-def round_details(
-    round_number: int, epsilon: dict[str, str], samples: dict[str, int]
-) -> dict[str, Any]:
-    """``round.completed`` details in the shape the report reads (see reports.service)."""
-    return {
-        "round": round_number,
-        "participants": sorted(samples),
-        "samples": dict(samples),
-        "epsilon": dict(epsilon),
-        "ciphertext_digests": {
+def round_record(
+    study: dict[str, Any], round_number: int, epsilon: dict[str, str], samples: dict[str, int]
+) -> RoundRecord:
+    """The round as the ServerApp reports it (each site holds the dataset ``bc-<letter>``)."""
+    return RoundRecord(
+        study_id=study["id"],
+        contract_hash=study["contract_hash"],
+        round_number=round_number,
+        status="aggregated",
+        participants=sorted(samples),
+        sample_counts=dict(samples),
+        epsilon={f"hospital-{d.removeprefix('bc-')}": float(e) for d, e in epsilon.items()},
+        site_digests={
             site: hashlib.sha256(f"{site}/{round_number}".encode()).hexdigest() for site in samples
         },
-    }
+        aggregate_digest=hashlib.sha256(f"aggregate/{round_number}".encode()).hexdigest(),
+        total_weight=float(sum(samples.values())),
+    )
 
 
 def append_round(
@@ -83,9 +89,16 @@ def append_round(
     samples: dict[str, int] | None = None,
     *,
     charge: bool = True,
-    at: Any = None,
 ) -> int:
-    """Record a completed round as the federation will, and charge the ledger."""
+    """Record a completed round as the federation does (``record_round``: the audit entry
+    and the ledger charge). ``charge=False``: the entry alone, as if the ledger had not
+    been charged (a disagreement the report must show)."""
+    record = round_record(study, round_number, epsilon, samples or SAMPLES)
+    log = app.state.audit_log
+    if charge:
+        record_round(session, record, log=log)
+        return int(log.size(session=session)) - 1
+    details = RoundAuditDetails(record=record, charged_epsilon=dict(epsilon))
     entry = AuditEntry(
         actor=SERVER_ACTOR,
         action="round.completed",
@@ -93,14 +106,11 @@ def append_round(
         outcome=Outcome.SUCCESS,
         purpose=study["contract"]["purpose"],
         contract_hash=study["contract_hash"],
-        at=at or utcnow(),
+        at=utcnow(),
         source="consortium-server/federation",
-        details=round_details(round_number, epsilon, samples or SAMPLES),
+        details=details.model_dump(mode="json"),
     )
-    index, _ = app.state.audit_log.append(entry, session=session)
-    if charge:
-        for dataset_id, total in epsilon.items():
-            budgets.charge_cumulative(session, study["id"], dataset_id, total)
+    index, _ = log.append(entry, session=session)
     return int(index)
 
 

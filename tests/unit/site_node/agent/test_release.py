@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from consortium_server.federation.coordinator import run_with_lifecycle
-from tests.support.studies import synthetic_runner
+from tests.support.runs import begin, federation_gate, synthetic_run
 from tests.unit.site_node.agent.conftest import World
 
 
@@ -18,11 +17,11 @@ def _completed_study(world: World, app: FastAPI) -> str:
         hospital.agent.run_pass()
     key = world.sites["a"].store.study_key(study_id)
     assert key is not None
-    run_with_lifecycle(
-        app.state.sessionmaker,
-        app.state.audit_log,
-        study_id,
-        synthetic_runner([1.0], secret=key.secret_context),
+    plan = begin(app, study_id)
+    synthetic_run(
+        federation_gate(app, world.client, plan),
+        [1.0] * plan.rounds,
+        secret=key.secret_context,
     )
     assert world.study(study_id)["state"] == "completed"
     return study_id

@@ -2,10 +2,12 @@
 
 The runner under test serves :func:`_target` (below) instead of the guarded ClientApp, in
 a subprocess started from this module; the shim is the real generated ``flwr-clientapp``.
+The runner runs whatever target it is given: nothing in it names the ClientApp.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from concord_protocol.processes import ManagedProcess, spawn
-from site_node.federation import warm
 from site_node.federation.processes import SuperNodeProcess, supernode_exec_plan, write_runner_shim
+from site_node.federation.warm.protocol import SOCKET_NAME, runner_socket_path
+from site_node.federation.warm.runner import WarmRunner, _reseed, configure_logging, serve_site
+from site_node.federation.warm.shim import RunnerUnavailableError, run_in_runner, shim_main
 
 ROOT = Path(__file__).resolve().parents[4]
 
@@ -66,8 +70,20 @@ def _target(argv: list[str]) -> object:
 
 
 def _serve(socket_path: str) -> None:
-    warm._configure_logging()
-    warm.WarmRunner(Path(socket_path), target=_target, preload=("numpy",)).serve()
+    configure_logging()
+    WarmRunner(Path(socket_path), target=_target, preload=("numpy",)).serve()
+
+
+def _serve_recorder(state_dir: str, record: str) -> None:
+    """The site's runner (default socket under ``state_dir``) with a target that only
+    writes the arguments it was given to ``record``."""
+
+    def record_argv(argv: list[str]) -> int:
+        Path(record).write_text(json.dumps([Path(sys.argv[0]).name, *argv]))
+        return 0
+
+    configure_logging()
+    serve_site(Path(state_dir), record_argv, preload=())
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -98,10 +114,10 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def _start_runner(sock: Path, log: Path) -> subprocess.Popen[bytes]:
+def _start_runner(sock: Path, log: Path, cmd: list[str] | None = None) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            _runner_cmd(sock), cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT
+            cmd or _runner_cmd(sock), cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT
         )
     _wait_for("the runner", lambda: "ready on" in log.read_text() or proc.poll() is not None)
     assert proc.poll() is None, log.read_text()
@@ -121,7 +137,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture
 def runner(tmp_path: Path) -> Iterator[Path]:
     """A runner serving :func:`_target`; yields its socket path."""
-    sock = tmp_path / "state" / "supernode" / "runner" / warm.SOCKET_NAME
+    sock = tmp_path / "state" / "supernode" / "runner" / SOCKET_NAME
     proc = _start_runner(sock, tmp_path / "runner.log")
     try:
         yield sock
@@ -158,24 +174,26 @@ def test_socket_is_private_to_the_site_user(runner: Path) -> None:
     assert stat.S_ISSOCK(mode)
     assert stat.S_IMODE(mode) == 0o600
     assert stat.S_IMODE(runner.parent.stat().st_mode) == 0o700
-    assert runner == warm.runner_socket_path(runner.parents[2])
+    assert runner == runner_socket_path(runner.parents[2])
 
 
 def test_shim_is_small_and_names_the_guarded_runner(shim: Path) -> None:
     text = shim.read_text()
     assert text.startswith(f"#!{sys.executable}\n")
-    assert "from site_node.federation.warm import shim_main" in text
+    assert "from site_node.federation.warm.shim import shim_main" in text
     assert "torch" not in text
-    # The shim's module imports nothing heavy (it is what every message starts).
+    # The shim's module imports nothing heavy (it is what every message starts), nor the
+    # guarded runner's module (only its in-process fallback does).
     code = (
-        "import sys, site_node.federation.warm; "
-        "heavy = {'torch', 'numpy', 'flwr', 'grpc', 'tenseal', 'monai', 'opacus'}; "
-        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))"
+        "import sys, site_node.federation.warm.shim; "
+        "heavy = {'torch', 'numpy', 'flwr', 'grpc', 'tenseal', 'monai', 'opacus', 'pydantic'}; "
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}), "
+        "'site_node.federation.processes' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    assert out.strip() == "[]"
+    assert out.strip() == "[] False"
 
 
 def test_worker_gets_the_shims_argv_env_cwd_and_stdio(shim: Path, tmp_path: Path) -> None:
@@ -245,10 +263,10 @@ def test_torch_is_reseeded_in_a_worker() -> None:
     torch = pytest.importorskip("torch")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        warm._reseed()
+        _reseed()
         first = torch.rand(4)
         torch.manual_seed(1)
-        warm._reseed()
+        _reseed()
         second = torch.rand(4)
     assert not torch.equal(first, second)
 
@@ -267,6 +285,29 @@ def test_runner_survives_bad_clients(runner: Path, shim: Path, tmp_path: Path) -
     assert _run_shim(shim, "exit", "5", cwd=tmp_path).returncode == 5
 
 
+def test_site_runner_serves_the_target_it_is_given(tmp_path: Path) -> None:
+    state, record = tmp_path / "state", tmp_path / "argv.json"
+    code = (
+        "from tests.unit.site_node.federation.test_warm import _serve_recorder; "
+        f"_serve_recorder({str(state)!r}, {str(record)!r})"
+    )
+    proc = _start_runner(
+        runner_socket_path(state), tmp_path / "runner.log", [sys.executable, "-c", code]
+    )
+    try:
+        shim = write_runner_shim(tmp_path / "bin", state)  # the state dir's default socket
+        result = _run_shim(shim, "--runtime-api-address", "127.0.0.1:1", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "not reachable" not in result.stderr  # served by the runner, not in-process
+        assert json.loads(record.read_text()) == [
+            "flwr-clientapp",
+            "--runtime-api-address",
+            "127.0.0.1:1",
+        ]
+    finally:
+        _stop(proc)
+
+
 # --- fallback, start-up and lifetime ------------------------------------------------------
 
 
@@ -279,8 +320,8 @@ def test_fallback_runs_in_process_when_the_socket_is_missing(
         seen.append(argv)
         return 4
 
-    missing = tmp_path / "nowhere" / warm.SOCKET_NAME
-    code = warm.shim_main(tmp_path, missing, ["--token", "x"], fallback=fallback)
+    missing = tmp_path / "nowhere" / SOCKET_NAME
+    code = shim_main(tmp_path, missing, ["--token", "x"], fallback=fallback)
     assert code == 4
     assert seen == [["--token", "x"]]
     assert "not reachable" in capsys.readouterr().err
@@ -295,14 +336,14 @@ def test_generated_shim_falls_back_to_the_guarded_runner(tmp_path: Path) -> None
 
 
 def test_stale_socket_is_replaced_and_a_second_runner_refused(tmp_path: Path) -> None:
-    sock = tmp_path / "r" / warm.SOCKET_NAME
+    sock = tmp_path / "r" / SOCKET_NAME
     sock.parent.mkdir()
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(sock))
     stale.close()  # the file stays, nobody listens
     proc = _start_runner(sock, tmp_path / "runner.log")
     try:
-        second = warm.WarmRunner(sock, target=_target)
+        second = WarmRunner(sock, target=_target)
         with pytest.raises(RuntimeError, match="already listens"):
             second._bind()
     finally:
@@ -315,29 +356,30 @@ def test_runner_refuses_a_shared_directory(tmp_path: Path) -> None:
     shared.mkdir()
     shared.chmod(0o777)
     with pytest.raises(RuntimeError, match="not be writable by others"):
-        warm.WarmRunner(shared / warm.SOCKET_NAME, target=_target)._bind()
+        WarmRunner(shared / SOCKET_NAME, target=_target)._bind()
 
 
 def test_shim_does_not_talk_to_another_users_runner(
     runner: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As if the shim ran as another user than the runner (root may connect to any socket).
-    monkeypatch.setattr(warm.os, "getuid", lambda: os.geteuid() + 4242)
-    with pytest.raises(warm.RunnerUnavailableError, match="belongs to uid"):
-        warm.run_in_runner(runner, ["exit", "0"])
+    monkeypatch.setattr(os, "getuid", lambda: os.geteuid() + 4242)
+    with pytest.raises(RunnerUnavailableError, match="belongs to uid") as refused:
+        run_in_runner(runner, ["exit", "0"])
+    assert refused.value.code == "runner.unavailable"
     calls: list[list[str]] = []
 
     def fallback(argv: list[str]) -> int:
         calls.append(argv)
         return 0
 
-    assert warm.shim_main(tmp_path, runner, ["x"], fallback=fallback) == 0
+    assert shim_main(tmp_path, runner, ["x"], fallback=fallback) == 0
     assert calls == [["x"]]  # ran in-process; nothing went to the runner
 
 
 def test_long_socket_paths_work(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 60) / ("e" * 60)
-    sock = deep / warm.SOCKET_NAME
+    sock = deep / SOCKET_NAME
     assert len(str(sock)) > 108
     proc = _start_runner(sock, tmp_path / "runner.log")
     try:
@@ -348,7 +390,7 @@ def test_long_socket_paths_work(tmp_path: Path) -> None:
 
 
 def test_runner_exits_with_its_parent(tmp_path: Path) -> None:
-    sock = tmp_path / "r" / warm.SOCKET_NAME
+    sock = tmp_path / "r" / SOCKET_NAME
     log = tmp_path / "runner.log"
     parent_code = (
         "import subprocess, sys, time; "
@@ -395,7 +437,7 @@ def test_container_plan_puts_the_shim_first_on_path(tmp_path: Path) -> None:
     assert env["PATH"].split(os.pathsep) == [str(bin_dir), "/usr/bin"]
     assert env["A"] == "b"
     assert (bin_dir / "flwr-clientapp").read_text().count(
-        str(warm.runner_socket_path(tmp_path / "state"))
+        str(runner_socket_path(tmp_path / "state"))
     ) == 1
 
 
@@ -420,4 +462,4 @@ def test_site_node_supernode_writes_the_shim_and_becomes_flower_supernode(tmp_pa
     assert "usage: flower-supernode" in result.stdout
     shim = state / "supernode" / "bin" / "flwr-clientapp"
     assert "shim_main" in shim.read_text()
-    assert not warm.runner_socket_path(state).exists()  # --no-warm: no runner started
+    assert not runner_socket_path(state).exists()  # --no-warm: no runner started

@@ -1,9 +1,10 @@
-"""The site ClientApp's comparison switch: SecAgg+ only when the run config asks for it.
+"""The comparison ClientApp's switch: SecAgg+ only when the run config asks for it.
 
-Concord's own path (CKKS, or PlainCodec with encryption off) must behave exactly as before:
-the train handler hands the very same message and context to ``_train`` and returns its
-reply untouched, whatever else the run config holds, unless ``aggregation`` is
-``secagg+``.
+Concord's own path (CKKS, or PlainCodec with encryption off) must behave exactly as in
+Concord's ClientApp: the comparison ClientApp's train handler hands the very same message
+and context to Concord's ``_train`` and returns its reply untouched, whatever else the run
+config holds, unless ``aggregation`` is ``secagg+``. Concord's ClientApp itself has no such
+switch any more.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     Stage,
 )
 
-from consortium_server.federation.strategy import BlindAggregationStrategy, RunPlan
+from benchmarks.apps import compare_client
+from consortium_server.federation.plan import RunPlan
+from consortium_server.federation.strategy import BlindAggregationStrategy
 from site_node.crypto import EncodedUpdate
 from site_node.federation import clientapp
-from site_node.federation import compare as site_compare
 from site_node.training import build_model, num_parameters
 from tests.support.flower import approve_everywhere, breast_cancer_contract, make_site
 from tests.support.inprocess_grid import flower_task_identity
@@ -61,18 +63,22 @@ def _context(tmp_path: Path, *, encryption: bool = True) -> tuple[RunPlan, Conte
     return plan, context
 
 
+def _train_message(plan: RunPlan) -> Message:
+    return Message(
+        BlindAggregationStrategy(plan).content(1, None),
+        dst_node_id=100,
+        message_type="train",
+        group_id="1",
+    )
+
+
 @pytest.mark.parametrize("extra", [{}, {"aggregation": "ckks"}, {"aggregation": "fedavg"}])
 def test_train_without_secaggplus_is_the_default_handler_untouched(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, str]
 ) -> None:
     plan, context = _context(tmp_path)
     context.run_config = {**context.run_config, **extra}
-    msg = Message(
-        BlindAggregationStrategy(plan).content(1, None),
-        dst_node_id=100,
-        message_type="train",
-        group_id="1",
-    )
+    msg = _train_message(plan)
     sentinel = Message(RecordDict(), reply_to=msg)
     calls: list[tuple[Message, Context]] = []
 
@@ -84,25 +90,37 @@ def test_train_without_secaggplus_is_the_default_handler_untouched(
         raise AssertionError("SecAgg+ path taken")
 
     monkeypatch.setattr(clientapp, "_train", default)
-    monkeypatch.setattr(site_compare, "secaggplus_train", never)
+    monkeypatch.setattr(compare_client, "secaggplus_train", never)
 
-    assert clientapp.app(msg, context) is sentinel
+    assert compare_client.app(msg, context) is sentinel
     ((got_msg, got_context),) = calls
     assert got_msg is msg
     assert got_context is context
 
 
+def test_concords_clientapp_ignores_the_comparison_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concord's own ClientApp has no SecAgg+ branch: ``aggregation=secagg+`` (which no
+    Concord bundle can carry anyway) still gets Concord's train handler."""
+    plan, context = _context(tmp_path, encryption=False)
+    context.run_config = {**context.run_config, "aggregation": "secagg+"}
+    msg = _train_message(plan)
+    sentinel = Message(RecordDict(), reply_to=msg)
+    monkeypatch.setattr(clientapp, "_train", lambda m, c: sentinel)
+    monkeypatch.setattr(compare_client, "secaggplus_train", pytest.fail)
+
+    assert clientapp.app(msg, context) is sentinel
+    assert not hasattr(clientapp, "AGGREGATION_KEY")
+    assert not hasattr(clientapp, "SECAGGPLUS")
+
+
 def test_default_train_reply_is_concords_encrypted_update(tmp_path: Path) -> None:
     """The real handler, no patching: Concord's run config gives Concord's reply."""
     plan, context = _context(tmp_path)
-    msg = Message(
-        BlindAggregationStrategy(plan).content(1, None),
-        dst_node_id=100,
-        message_type="train",
-        group_id="1",
-    )
+    msg = _train_message(plan)
 
-    reply = clientapp.app(msg, context)
+    reply = compare_client.app(msg, context)
 
     assert not reply.has_error()
     assert set(reply.content.keys()) == {"update", "metrics", "site"}
@@ -119,6 +137,24 @@ def test_default_train_reply_is_concords_encrypted_update(tmp_path: Path) -> Non
         "encrypt-seconds",
     }
     assert RECORD_KEY_STATE not in context.state.config_records
+
+
+def test_the_comparison_clientapp_keeps_the_sites_contract_guard(tmp_path: Path) -> None:
+    """Like Concord's, the comparison ClientApp refuses runs of contracts the site did not
+    approve, before any handler (SecAgg+ included) runs."""
+    plan, context = _context(tmp_path, encryption=False)
+    other = breast_cancer_contract(rounds=1, encryption=False, title="Not approved here")
+    context.run_config = {
+        **context.run_config,
+        "contract": other.canonical().decode(),
+        "contract-hash": other.contract_hash(),
+        "aggregation": "secagg+",
+    }
+
+    reply = compare_client.app(_train_message(plan), context)
+
+    assert reply.has_error()
+    assert "contract.not_approved" in (reply.error.reason or "")
 
 
 def test_secaggplus_switch_goes_through_flowers_mod(tmp_path: Path) -> None:
@@ -145,25 +181,9 @@ def test_secaggplus_switch_goes_through_flowers_mod(tmp_path: Path) -> None:
         group_id="1",
     )
 
-    reply = clientapp.app(msg, context)
+    reply = compare_client.app(msg, context)
 
     assert not reply.has_error()
     keys = reply.content.config_records[RECORD_KEY_CONFIGS]
     assert set(keys.keys()) == {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2}
     assert RECORD_KEY_STATE in context.state.config_records
-
-
-def test_the_overflow_guard_is_sized_for_every_site_of_the_study(tmp_path: Path) -> None:
-    """Each site's values are bounded so that the sum of all the study's sites cannot leave
-    CKKS' range: at least the default 32, more for a larger study."""
-    from site_node.crypto import CkksCodec
-
-    _, context = _context(tmp_path)
-    small = clientapp.SiteRuntime.from_context(context)
-    assert isinstance(small.codec, CkksCodec)
-    limit_32 = small.codec.per_site_limit
-    many = ",".join(f"site-{i:03d}" for i in range(100))
-    context.run_config["sites"] = many
-    large = clientapp.SiteRuntime.from_context(context)
-    assert isinstance(large.codec, CkksCodec)
-    assert large.codec.per_site_limit * 100 == pytest.approx(limit_32 * 32)

@@ -2,13 +2,14 @@
 
 :class:`ForwardingGrid` passes every ``Grid`` call to the grid Flower gave the ServerApp;
 a subclass overrides what it measures (``send_and_receive``, ``create_message``). Used by
-the comparison ServerApp (:mod:`consortium_server.federation.compare_apps`) and the scale
-benchmark (``benchmarks/scale.py``). :func:`wire_bytes` is how both count a message.
+the comparison ServerApp's meter (:mod:`benchmarks.apps.metering`) and the scale benchmark
+(``benchmarks/scale.py``). :func:`wire_bytes` is how both count a message.
 
 :class:`LocalGrid` is the part of a ``Grid`` the round loops use, with no SuperLink: it
 builds messages for a fixed set of node ids, and a subclass's ``send_and_receive`` hands
 them to nodes in this process (``tests/support/inprocess_grid.py``,
-``benchmarks/aggregation_compare.py``).
+``benchmarks/aggregation_compare.py``). Benchmark and test code only: the product's
+ServerApp runs on the grid Flower gives it.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ RELAYED_FILE = Path("agent") / "relayed-keys.json"
 def generating_site(approved_sites: Sequence[str]) -> str:
     """The site that generates a study's key: the smallest approved site id."""
     if not approved_sites:
-        raise AgentError("agent.no_approved_sites", "the study has no approved site")
+        raise AgentError("the study has no approved site", code="agent.no_approved_sites")
     return min(approved_sites)
 
 
@@ -138,7 +138,7 @@ class _KeyExchange:
         record = self.sites().get(site_id)
         if record is None or record.get("status") != "active":
             raise AgentError(
-                "agent.site_not_active", f"site {site_id} is not an active enrolled site"
+                f"site {site_id} is not an active enrolled site", code="agent.site_not_active"
             )
         return record
 
@@ -185,8 +185,8 @@ class _KeyExchange:
         me = self.enrolled(self.site_id)
         if me.get("signing_public_key") != self.site_keys.signing_public_b64:
             raise AgentError(
-                "agent.keys_not_enrolled",
                 "this site's signing key is not the one enrolled with the consortium",
+                code="agent.keys_not_enrolled",
                 hint="Check CONCORD_SITE_STATE_DIR/keys, or re-enrol the site's public keys.",
             )
         local = self.store.study_key(study.study_id)
@@ -233,15 +233,15 @@ class _KeyExchange:
         local = self.store.study_key(study.study_id)
         if local is None:
             raise AgentError(
-                "agent.study_key_lost",
                 f"study {study.study_id}: this site relayed the study key but no longer holds "
                 "it (state volume lost?)",
+                code="agent.study_key_lost",
                 hint="Restore the state volume from backup; the study cannot be decrypted here.",
             )
         if local.key_fingerprint != relayed.get("key_fingerprint"):
             raise AgentError(
-                "agent.fingerprint_mismatch",
                 f"study {study.study_id}: the relayed key fingerprint is not this site's key",
+                code="agent.fingerprint_mismatch",
             )
         self.remember_relayed(study.study_id, local.key_fingerprint)
         self.result.fingerprints[study.study_id] = local.key_fingerprint
@@ -263,23 +263,24 @@ class _KeyExchange:
         sender = str(relayed.get("sender_site_id"))
         if sender not in study.approved_sites or sender == self.site_id:
             raise AgentError(
-                "agent.key_sender_not_approved",
                 f"study {study.study_id}: the key was sent by {sender}, not another approved "
                 "site of the study",
+                code="agent.key_sender_not_approved",
             )
         enrolled_key = str(self.enrolled(sender)["signing_public_key"])
         if relayed.get("sender_signing_public_key") != enrolled_key:
             raise AgentError(
-                "agent.sender_key_mismatch",
                 f"study {study.study_id}: the relay names another signing key for {sender} "
                 "than its enrolment record",
+                code="agent.sender_key_mismatch",
             )
         try:
             sealed = SealedKey.model_validate(relayed.get("sealed_key"))
             public = base64.b64decode(str(relayed.get("public_context")), validate=True)
         except (ValidationError, binascii.Error, ValueError):
             raise AgentError(
-                "agent.relay_malformed", f"study {study.study_id}: the relayed key is malformed"
+                f"study {study.study_id}: the relayed key is malformed",
+                code="agent.relay_malformed",
             ) from None
         secret = open_study_key(
             sealed,
@@ -293,8 +294,8 @@ class _KeyExchange:
         fingerprint = study_key_fingerprint(secret)
         if fingerprint != relayed.get("key_fingerprint"):
             raise AgentError(
-                "agent.fingerprint_mismatch",
                 f"study {study.study_id}: the opened key does not match the relayed fingerprint",
+                code="agent.fingerprint_mismatch",
             )
         if local is not None and local.key_fingerprint == fingerprint:
             self.result.unchanged.append(study.study_id)

@@ -1,25 +1,30 @@
-"""Flower SecAgg+ at the site, for the aggregation comparison only (``benchmarks/demo_compare.py``).
+"""The comparison ClientApp: Flower SecAgg+ at the site, Concord's handlers otherwise.
 
-The site's ClientApp (:mod:`site_node.federation.clientapp`) serves Concord's encrypted
-path unless the run config's ``aggregation`` key says ``secagg+``. That key exists only in
-the comparison bundle (:func:`consortium_server.federation.compare_apps.write_compare_app`),
-which a site runs only if it allowed the bundle's hash in its
-:class:`~site_node.federation.approvals.ApprovalStore`; in Concord's own bundle the key is
-absent and Flower refuses a run config that names it.
+``app`` is what the comparison bundle's ``clientapp`` names
+(:data:`benchmarks.apps.compare_server.CLIENTAPP_REF`). A site runs it only for a bundle
+whose hash its operator allowed with this ClientApp
+(``ApprovalStore.allow_fab(hash, clientapp="benchmarks.apps.compare_client:app")``);
+Concord's own bundle always runs Concord's ClientApp (see ``site_node.federation.processes``).
+Like Concord's, every message passes the site's :class:`ContractGuardMod` first.
 
-Here every ``train`` message goes through Flower 1.41's own ``secaggplus_mod`` (setup, share
-keys, collect masked vectors, unmask). At the "collect masked vectors" stage the mod calls
-:func:`fit`: local DP-SGD exactly as in the encrypted path (the contract's model from the
-fixed seed, or the global model the server sent; Opacus with the study's accountant on
-disk), replying the plaintext parameters and the sample count as a legacy ``FitRes``, which
-the mod then quantises and masks. The reply also carries Concord's plain metadata
-(``metrics``: sample count, epsilon, timings, values outside SecAgg+'s clipping range;
-``site``: the site id) so the server can record the round as it does for its own path.
+``train``: when the run config's ``aggregation`` key says ``secagg+``
+(:mod:`benchmarks.apps.methods`), the message goes through Flower 1.41's own
+``secaggplus_mod`` (setup, share keys, collect masked vectors, unmask); otherwise it is
+Concord's train handler, untouched (``ckks`` and ``fedavg`` are Concord's own paths).
+``evaluate`` is always Concord's: the comparison ServerApp sends the SecAgg+ global model in
+Concord's plaintext wire format.
+
+At the "collect masked vectors" stage the mod calls :func:`fit`: local DP-SGD exactly as in
+the encrypted path (the contract's model from the fixed seed, or the global model the server
+sent; Opacus with the study's accountant on disk), replying the plaintext parameters and the
+sample count as a legacy ``FitRes``, which the mod then quantises and masks. The reply also
+carries Concord's plain metadata (``metrics``: sample count, epsilon, timings, values
+outside SecAgg+'s clipping range; ``site``: the site id) so the server can record the round
+as it does for its own path.
 
 SecAgg+ hides each site's update but the server unmasks the *sum*: the new global model.
 So the site refuses it (``compare.encryption_required``) for any contract that asks for
-encrypted aggregation. ``evaluate`` needs nothing here: the comparison ServerApp sends the
-global model in Concord's plaintext wire format, which the default handler decodes.
+encrypted aggregation, whatever the server sends.
 """
 
 from __future__ import annotations
@@ -30,11 +35,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 
-from site_node.federation.clientapp import FederationError, SiteRuntime
+from benchmarks.apps.methods import AGGREGATION_KEY, SECAGGPLUS
+from site_node.federation import clientapp as concord_clientapp
+from site_node.federation.approvals import ApprovalStore
+from site_node.federation.clientapp import FederationError, SiteRuntime, site_settings
+from site_node.federation.mods import ContractGuardMod
 from site_node.training.params import flatten
 
-__all__ = ["fit", "secaggplus_train"]
+__all__ = ["app", "evaluate", "fit", "secaggplus_train", "train"]
 
 #: ``fitins.config`` keys the comparison ServerApp sends with the training instructions.
 FIT_ROUND, FIT_STUDY, FIT_HASH = "round", "study-id", "contract-hash"
@@ -53,7 +63,7 @@ def _start_vector(arrays: list[npt.NDArray[Any]], n_params: int) -> npt.NDArray[
         return None
     vector = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays])
     if vector.shape[0] != n_params or not np.isfinite(vector).all():
-        raise FederationError("update.global_mismatch", "the global model does not fit")
+        raise FederationError("the global model does not fit", code="update.global_mismatch")
     return vector
 
 
@@ -72,7 +82,7 @@ def fit(runtime: SiteRuntime, msg: Message, context: Context) -> Message:
         str(config.get(FIT_STUDY, "")) != runtime.study_id
         or str(config.get(FIT_HASH, "")) != runtime.contract_hash
     ):
-        raise FederationError("contract.content_mismatch", "round content names another study")
+        raise FederationError("round content names another study", code="contract.content_mismatch")
     t0 = time.perf_counter()
     arrays = parameters_to_ndarrays(fitins.parameters)
     model, result = runtime.train_locally(lambda n: _start_vector(arrays, n))
@@ -112,8 +122,8 @@ def secaggplus_train(msg: Message, context: Context) -> Message:
     runtime = SiteRuntime.from_context(context)
     if runtime.contract.encryption.enabled:
         raise FederationError(
-            "compare.encryption_required",
             "the contract requires encrypted aggregation; SecAgg+ reveals the sum to the server",
+            code="compare.encryption_required",
         )
     fitted: list[tuple[float, MetricRecord]] = []
 
@@ -130,3 +140,24 @@ def secaggplus_train(msg: Message, context: Context) -> Message:
         fit_s, metrics = fitted[0]
         metrics["encrypt-seconds"] = max(0.0, total - fit_s)
     return reply
+
+
+def _store(context: Context) -> ApprovalStore:
+    return ApprovalStore(site_settings(context).state_dir)
+
+
+app = ClientApp(mods=[ContractGuardMod(_store)])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """SecAgg+ when the run config asks for it, else Concord's train handler untouched."""
+    if context.run_config.get(AGGREGATION_KEY) == SECAGGPLUS:
+        return secaggplus_train(msg, context)
+    return concord_clientapp.train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Concord's evaluate handler (the global model comes in Concord's wire format)."""
+    return concord_clientapp.evaluate_global(msg, context)

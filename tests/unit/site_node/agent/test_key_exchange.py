@@ -12,7 +12,7 @@ import pytest
 
 from concord_protocol.errors import ContextError
 from concord_protocol.wire.ckks import load_context
-from site_node.agent.keys import generating_site
+from site_node.agent.key_exchange import generating_site
 from site_node.agent.loop import SiteAgent
 from tests.unit.site_node.agent.conftest import World
 

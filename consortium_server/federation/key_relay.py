@@ -119,12 +119,12 @@ def approved_sites(session: Session, study: Study) -> set[str]:
 def _study_for_site(session: Session, study_id: str, site: Site) -> tuple[Study, set[str]]:
     study = session.get(Study, study_id)
     if study is None:
-        raise NotFoundError("study.not_found")
+        raise NotFoundError(code="study.not_found")
     approved = approved_sites(session, study)
     if site.id not in {s.site_id for s in study.sites}:
         raise ForbiddenError("Your site takes no part in this study.", code="keys.not_study_site")
     if study.state not in KEY_RELAY_STATES:
-        raise ConflictError("keys.study_not_ready", f"The study is {study.state.value}.")
+        raise ConflictError(f"The study is {study.state.value}.", code="keys.study_not_ready")
     if site.id not in approved:
         raise ForbiddenError("Your site has not approved this study.", code="keys.not_study_site")
     return study, approved
@@ -134,18 +134,20 @@ def _decode_public_context(value: str) -> bytes:
     try:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidRequestError("keys.invalid", "public_context is not base64") from None
+        raise InvalidRequestError("public_context is not base64", code="keys.invalid") from None
     if not data or len(data) > _MAX_PUBLIC_CONTEXT:
-        raise InvalidRequestError("keys.invalid", "public_context is empty or too large")
+        raise InvalidRequestError("public_context is empty or too large", code="keys.invalid")
     try:
         load_context(data, require_secret=False)
     except ContextError as exc:
         if exc.code == "crypto.context_has_secret":
             raise InvalidRequestError(
-                "keys.secret_context",
                 "The context holds the secret key: upload only the public context.",
+                code="keys.secret_context",
             ) from None
-        raise InvalidRequestError("keys.invalid", "public_context is not a CKKS context") from None
+        raise InvalidRequestError(
+            "public_context is not a CKKS context", code="keys.invalid"
+        ) from None
     return data
 
 
@@ -156,15 +158,15 @@ def upload_study_keys(
     site = caller_site(session, principal)
     study, approved = _study_for_site(session, study_id, site)
     if session.get(StudyKeyRelay, study.id) is not None:
-        raise ConflictError("keys.exists", "This study's key has already been relayed.")
+        raise ConflictError("This study's key has already been relayed.", code="keys.exists")
     public = _decode_public_context(body.public_context)
     public_sha = hashlib.sha256(public).hexdigest()
     expected = approved - {site.id}
     recipients = [k.recipient_id for k in body.sealed_keys]
     if sorted(recipients) != sorted(expected) or len(set(recipients)) != len(recipients):
         raise InvalidRequestError(
-            "keys.invalid",
             f"Send exactly one sealed key for each other approved site: {sorted(expected)}.",
+            code="keys.invalid",
         )
     signer = ed25519_public_from_b64(site.signing_public_key)
     for key in body.sealed_keys:
@@ -181,15 +183,15 @@ def upload_study_keys(
         ]
         if problems:
             raise InvalidRequestError(
-                "keys.invalid",
                 f"Sealed key for {key.recipient_id} has wrong {', '.join(problems)}.",
+                code="keys.invalid",
             )
         try:
             signer.verify(key.signature, key.signed_bytes())
         except InvalidSignature:
             raise InvalidRequestError(
-                "keys.invalid",
                 f"Sealed key for {key.recipient_id} is not signed by your site's enrolled key.",
+                code="keys.invalid",
             ) from None
     relay = StudyKeyRelay(
         study_id=study.id,
@@ -227,14 +229,14 @@ def my_sealed_key(session: Session, *, study_id: str, principal: Principal) -> M
     study, _ = _study_for_site(session, study_id, site)
     relay = session.get(StudyKeyRelay, study.id)
     if relay is None or relay.contract_hash != study.contract_hash:
-        raise NotFoundError("keys.not_found", "No key has been relayed for this study yet.")
+        raise NotFoundError("No key has been relayed for this study yet.", code="keys.not_found")
     sender = session.get(Site, relay.sender_site_id)
     assert sender is not None  # foreign key
     sealed: SealedKey | None = None
     if site.id != relay.sender_site_id:
         row = session.get(SealedStudyKey, (study.id, site.id))
         if row is None:
-            raise NotFoundError("keys.not_found", "No key was sealed to your site.")
+            raise NotFoundError("No key was sealed to your site.", code="keys.not_found")
         sealed = SealedKey.model_validate(row.sealed)
     return MySealedKey(
         study_id=study.id,

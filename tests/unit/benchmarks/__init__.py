@@ -1,0 +1,1 @@
+"""Tests of the benchmarks package (``benchmarks/apps``): the comparison apps and bundle."""
