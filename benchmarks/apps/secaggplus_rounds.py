@@ -262,14 +262,7 @@ def run_secaggplus_rounds(
         if aggregate is not None:
             model = aggregate
         verdict = gate.report(record, aggregate)
-        if record.status != "aggregated":
-            outcome.status = "failed"
-            outcome.failure = f"round {round_number}: {record.failure}"
-            break
-        if not verdict.goes_on:
-            done = round_number >= plan.rounds
-            outcome.status = "completed" if done else "stopped"
-            outcome.failure = None if done else verdict.reason
+        if outcome.settle(record, verdict.goes_on, verdict.reason, plan.rounds):
             break
     else:
         outcome.status = "completed"

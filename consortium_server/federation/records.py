@@ -32,6 +32,24 @@ class StudyOutcome:
     final_model: GlobalModel | None = None
     failure: str | None = None
 
+    def settle(self, record: RoundRecord, goes_on: bool, reason: str, total_rounds: int) -> bool:
+        """Take the server's verdict on a reported round; True when the run ends here.
+
+        A failed round fails the run. A stop after the last round is how a study
+        completes; a stop before it (a policy denial, a budget spent, a researcher's
+        stop) leaves the run ``stopped`` with the server's reason.
+        """
+        if record.status != "aggregated":
+            self.status = "failed"
+            self.failure = f"round {record.round_number}: {record.failure}"
+            return True
+        if not goes_on:
+            done = record.round_number >= total_rounds
+            self.status = "completed" if done else "stopped"
+            self.failure = None if done else reason
+            return True
+        return False
+
     def as_record(self) -> dict[str, Any]:
         """JSON-ready summary (the final model's blobs are not included, only its digest)."""
         return {

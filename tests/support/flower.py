@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -26,6 +27,7 @@ from site_node.key_files import write_supernode_key
 
 __all__ = [
     "SiteFixture",
+    "approve_relayed",
     "breast_cancer_contract",
     "free_port",
     "make_site",
@@ -98,6 +100,15 @@ def make_site(root: Path, index: int, *, dataset_id: str | None = None) -> SiteF
         )
     )
     return SiteFixture(site_id, index, state, datasets)
+
+
+def approve_relayed(sites: list[SiteFixture], study: dict[str, Any], secret: bytes) -> None:
+    """Approve the server's ``study`` (its JSON) at every site, with the key relayed to it."""
+    contract = StudyContract.model_validate(study["contract"])
+    for site in sites:
+        store = ApprovalStore(site.state_dir)
+        store.approve(study["id"], contract, study["contract_hash"])
+        store.save_study_key(study["id"], secret, sender_id=sites[0].site_id)
 
 
 def approve_everywhere(

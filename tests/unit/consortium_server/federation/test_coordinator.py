@@ -141,10 +141,8 @@ def test_real_clientapp_run_in_process_drives_the_lifecycle(
     the real round loop, and every round gated by the internal API."""
     from dataclasses import replace
 
-    from concord_protocol.contract import StudyContract
     from consortium_server.federation.serverapp import run_study_rounds
-    from site_node.federation.approvals import ApprovalStore
-    from tests.support.flower import make_site
+    from tests.support.flower import approve_relayed, make_site
     from tests.support.inprocess_grid import InProcessGrid, flower_task_identity, site_contexts
 
     study = submit_and_approve(
@@ -156,12 +154,8 @@ def test_real_clientapp_run_in_process_drives_the_lifecycle(
         model={"name": "tabular-mlp", "version": "1", "hyperparameters": {}},
     )
     secret = relay_study_key(app, study)
-    contract = StudyContract.model_validate(study["contract"])
     sites = [make_site(tmp_path, i) for i in range(3)]
-    for site in sites:
-        store = ApprovalStore(site.state_dir)
-        store.approve(study["id"], contract, study["contract_hash"])
-        store.save_study_key(study["id"], secret, sender_id="hospital-a")
+    approve_relayed(sites, study, secret)
     plan = replace(begin(app, study["id"], policy=app.state.policy_context), node_wait_s=0.0)
     grid = InProcessGrid(site_contexts(sites, plan.to_run_config()))
     with flower_task_identity():

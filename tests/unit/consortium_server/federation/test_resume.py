@@ -22,7 +22,6 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from flwr.app import Context, Message
 
-from concord_protocol.contract import StudyContract
 from concord_protocol.errors import WireFormatError
 from concord_protocol.fields import utcnow
 from consortium_server.db.session import session_scope
@@ -40,7 +39,7 @@ from consortium_server.federation.study_runs import current_run
 from site_node.crypto import EncodedUpdate
 from site_node.federation.approvals import ApprovalStore
 from site_node.federation.replies import ReplyCache
-from tests.support.flower import SiteFixture, make_site
+from tests.support.flower import SiteFixture, approve_relayed, make_site
 from tests.support.inprocess_grid import InProcessGrid, flower_task_identity, site_contexts
 from tests.support.runs import (
     InProcessLauncher,
@@ -181,12 +180,8 @@ def test_a_run_killed_mid_round_restarts_from_its_checkpoint_without_spending_tw
         model={"name": "tabular-mlp", "version": "1", "hyperparameters": {}},
     )
     secret = relay_study_key(app, study)
-    contract = StudyContract.model_validate(study["contract"])
     sites = [make_site(tmp_path / "sites", i) for i in range(3)]
-    for site in sites:
-        store = ApprovalStore(site.state_dir)
-        store.approve(study["id"], contract, study["contract_hash"])
-        store.save_study_key(study["id"], secret, sender_id="hospital-a")
+    approve_relayed(sites, study, secret)
 
     plan = replace(begin(app, study["id"], policy=app.state.policy_context), node_wait_s=0.0)
     crashing = CrashingGrid(site_contexts(sites, plan.to_run_config()), crash_round=2)
