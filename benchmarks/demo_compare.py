@@ -56,15 +56,17 @@ from benchmarks.apps.compare_server import (
     FEDAVG,
     METHODS,
     SECAGGPLUS,
+    SERVERAPP_REF,
     compare_run_config,
     read_traffic,
     write_compare_app,
 )
 from benchmarks.apps.metering import RoundTraffic
+from benchmarks.apps.rosters import keyed_roster
 from benchmarks.apps.runs import start_compare_run, wait_for_outcome
 from concord_demo.stack import free_port, start_registered_supernode
 from concord_protocol.bundle import bundle_hash
-from concord_protocol.contract import StudyContract
+from concord_protocol.contract import RosterMember, StudyContract
 from concord_protocol.processes import FlowerProcessError, ManagedProcess
 from consortium_server.federation.plan import RunPlan
 from consortium_server.federation.processes import start_superlink
@@ -80,7 +82,9 @@ LABELS = {FEDAVG: "plaintext FedAvg", CKKS: "Concord CKKS", SECAGGPLUS: "Flower 
 N_SITES = 3
 
 
-def demo_contract(method: str, rounds: int, repeat: int = 0) -> StudyContract:
+def demo_contract(
+    method: str, rounds: int, roster: list[RosterMember], repeat: int = 0
+) -> StudyContract:
     """The demo's study contract (``concord_demo.story``), encryption on for CKKS.
 
     The title names the method (and the repeat) so each run has its own contract hash (a
@@ -89,6 +93,8 @@ def demo_contract(method: str, rounds: int, repeat: int = 0) -> StudyContract:
     tag = LABELS[method] + (f", run {repeat + 1}" if repeat else "")
     return StudyContract.model_validate(
         {
+            "roster": [m.model_dump(mode="json") for m in roster],
+            "key_generator": roster[0].site_id,
             "title": f"Malignancy from fine-needle aspirate features ({tag})",
             "description": "Federated classifier across three hospitals: aggregation benchmark.",
             "purpose": "diagnostic_research",
@@ -196,18 +202,26 @@ def run_benchmark(
     setup: dict[str, float] = {}
     t0 = time.perf_counter()
     tls = make_dev_tls(work / "tls")
-    link = start_superlink(work / "superlink", port=free_port(), tls=tls)
+    # The SuperLink runs no ServerApp but Concord's unless told: allow the comparison's.
+    compare_hash = bundle_hash(write_compare_app(work / "compare-app"))
+    link = start_superlink(
+        work / "superlink",
+        port=free_port(),
+        tls=tls,
+        serverapp_bundles={compare_hash: SERVERAPP_REF},
+    )
     sites = _make_sites(work / "sites")
+    roster = keyed_roster(((s.site_id, s.state_dir) for s in sites), max_examples=1000)
     try:
         app_dir = write_compare_app(work / "compare-app")
         fab_hash = bundle_hash(app_dir)
         secret = generate_study_context()
         n_params = num_parameters(
-            build_model(demo_contract(CKKS, rounds).model, input_shape=(30,), num_classes=2)
+            build_model(demo_contract(CKKS, rounds, roster).model, input_shape=(30,), num_classes=2)
         )
         runs: list[MethodRun] = []
         for repeat, method in run_order(methods, repeats):
-            contract = demo_contract(method, rounds, repeat)
+            contract = demo_contract(method, rounds, roster, repeat)
             study_id = f"compare-{method.replace('+', 'plus')}-{repeat + 1}"
             runs.append(
                 MethodRun(

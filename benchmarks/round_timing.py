@@ -33,6 +33,7 @@ from benchmarks.apps.compare_server import (
     CKKS,
     CLIENTAPP_REF,
     FEDAVG,
+    SERVERAPP_REF,
     compare_run_config,
     write_compare_app,
 )
@@ -64,7 +65,14 @@ def main() -> None:
         root = Path(tmp)
         tls = make_tls(root / "tls")
         t0 = time.perf_counter()
-        link = start_superlink(root / "superlink", port=free_port(), tls=tls)
+        # The SuperLink runs no ServerApp but Concord's unless told: allow the comparison's.
+        compare_hash = bundle_hash(write_compare_app(root / "compare-app"))
+        link = start_superlink(
+            root / "superlink",
+            port=free_port(),
+            tls=tls,
+            serverapp_bundles={compare_hash: SERVERAPP_REF},
+        )
         nodes: list[ManagedProcess] = []
         try:
             sites = [make_site(root / "sites", i) for i in range(3)]

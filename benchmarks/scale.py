@@ -92,12 +92,14 @@ from rich.table import Table  # noqa: E402
 
 from benchmarks.apps.grids import ForwardingGrid, wire_bytes  # noqa: E402
 from benchmarks.apps.records import RecordingGate, read_outcome, write_outcome  # noqa: E402
+from benchmarks.apps.rosters import keyed_roster  # noqa: E402
 from concord_protocol.contract import (  # noqa: E402
     EncryptionSpec,
     FederationSpec,
     ModelSpec,
     PrivacySpec,
     Purpose,
+    RosterMember,
     StudyContract,
     TrainingSpec,
 )
@@ -192,9 +194,13 @@ def write_site_data(dirs: SiteDirs, index: int, *, records: int, seed: int) -> N
     dirs.datasets_file(index).write_text(yaml.safe_dump([config], sort_keys=False))
 
 
-def make_contract(n_sites: int, rounds: int, round_timeout_s: int) -> StudyContract:
+def make_contract(
+    n_sites: int, rounds: int, round_timeout_s: int, roster: list[RosterMember]
+) -> StudyContract:
     """The benchmark's study: the demo's tabular MLP, DP-SGD, CKKS; every site must reply."""
     return StudyContract(
+        roster=roster,
+        key_generator=roster[0].site_id,
         title=f"Scale benchmark, {n_sites} simulated sites",
         purpose=Purpose.METHOD_DEVELOPMENT,
         ethics_reference="IRB-2026-0001",
@@ -513,7 +519,14 @@ def prepare(
     from site_node.training import build_model, num_parameters
 
     dirs = SiteDirs(str(workdir / "sites"))
-    contract = make_contract(n_sites, rounds, round_timeout_s)
+    contract = make_contract(
+        n_sites,
+        rounds,
+        round_timeout_s,
+        keyed_roster(
+            ((site_id(i), dirs.state_dir(i)) for i in range(n_sites)), max_examples=records
+        ),
+    )
     num_params = num_parameters(
         build_model(contract.model, input_shape=(30,), num_classes=len(CLASSES))
     )

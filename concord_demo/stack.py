@@ -38,6 +38,7 @@ from consortium_server.settings import ServerSettings
 from site_node.crypto.sealing import SiteKeyPair
 from site_node.federation.processes import SuperNodeSpec, start_supernode
 from site_node.key_files import SUPERNODE_KEY_FILE, init_site_keys, write_supernode_key
+from site_node.site_policy import load_site_engine
 
 __all__ = ["DemoStack", "Hospital", "free_port", "spawn_server", "start_registered_supernode"]
 
@@ -102,6 +103,7 @@ class DemoStack:
         self.bin = python_bin
         self.api_port = free_port()
         self.link_port = free_port()
+        self.control_port = free_port()
         self.hospitals = [Hospital(i, "abcdefgh"[i], state / "sites") for i in range(n_sites)]
         self.server: ManagedProcess | None = None
         self.link: SuperLinkHandle | None = None
@@ -160,6 +162,7 @@ class DemoStack:
         self.link = start_superlink(
             self.state / "superlink",
             port=self.link_port,
+            control_port=self.control_port,
             tls=self.tls,
             extra_env=serverapp_env(self.api_url, self.token_file),
         )
@@ -173,8 +176,11 @@ class DemoStack:
             "CONCORD_DATA_DIR": str(self.settings.data_dir),
             "CONCORD_API__PORT": str(self.api_port),
             "CONCORD_POLICY__MEMBER_ORGANISATIONS": json.dumps([RESEARCHER_ORG]),
-            "CONCORD_FEDERATION__SUPERLINK_ADDRESS": self.link.address,
+            # Control (mutual TLS: the server's client certificate), not the Fleet port.
+            "CONCORD_FEDERATION__SUPERLINK_ADDRESS": self.link.control_endpoint().address,
             "CONCORD_FEDERATION__ROOT_CERTIFICATES": str(self.tls.ca_cert),
+            "CONCORD_FEDERATION__CLIENT_CERTIFICATE": str(self.tls.client_cert),
+            "CONCORD_FEDERATION__CLIENT_PRIVATE_KEY": str(self.tls.client_key),
             "CONCORD_FEDERATION__SERVERAPP_TOKEN_FILE": str(self.token_file),
         }
         self.server = spawn_server(
@@ -287,27 +293,62 @@ class DemoStack:
         self.start_agent(hospital, server_head_key=head_key)
         return entry
 
-    def approve(self, hospital: Hospital, study: dict[str, Any], *, reason: str) -> Decision:
-        """The hospital's steward checks the consortium's and the site's own policy for the
-        study, then approves its exact contract hash. Raises if the site policy refuses."""
-        from site_node.site_policy import check_study, load_site_engine
+    def pin_peers(self) -> dict[str, str]:
+        """Each hospital's IT pins every other hospital (``site-node peers pin``), with the
+        fingerprint the peer itself shows (``site-node keys fingerprint``): here the call
+        between two hospitals' IT is a read of the peer's key files. Returns the
+        fingerprints by site id."""
+        from site_node.peers import PeerStore, own_keys
 
-        steward = self.client(hospital.tokens["steward"])
-        engine = load_site_engine(hospital.policy_dir, site_id=hospital.site_id)
-        decision = check_study(steward, study["id"], site_id=hospital.site_id, site_engine=engine)
-        if not decision.allowed:
-            raise RuntimeError(
-                f"{hospital.site_id}'s site policy refuses the study: "
-                + " ".join(r.text for r in decision.reasons)
-            )
-        steward.decide(
+        fingerprints = {
+            h.site_id: own_keys(h.site_id, h.keys).fingerprint
+            for h in self.hospitals
+            if h.keys is not None
+        }
+        for hospital in self.hospitals:
+            api = self.client(hospital.tokens["node"])
+            store = PeerStore(hospital.state_dir)
+            for site_id, fingerprint in fingerprints.items():
+                if site_id != hospital.site_id:
+                    store.pin(site_id, fingerprint, api.request("GET", f"/api/v1/sites/{site_id}"))
+        return fingerprints
+
+    def approve(self, hospital: Hospital, study: dict[str, Any], *, reason: str) -> Decision:
+        """The hospital approves the study as ``site-node study approve`` does: the site
+        checks the contract's hash, its roster against the pinned peers, the consortium's
+        and its own policy, then signs the decision, stores it and posts it. Raises if the
+        site cannot approve."""
+        from site_node.federation.approvals import ApprovalStore
+        from site_node.peers import PeerStore
+        from site_node.studies import decide_study, review_study
+
+        if hospital.keys is None:
+            raise RuntimeError(f"{hospital.site_id} has no keys")
+        api = self.client(hospital.tokens["node"])
+        review = review_study(
+            api,
             study["id"],
             site_id=hospital.site_id,
-            contract_hash=study["contract_hash"],
-            decision="approved",
-            reason=reason,
+            keys=hospital.keys,
+            peers=PeerStore(hospital.state_dir),
+            engine=load_site_engine(hospital.policy_dir, site_id=hospital.site_id),
         )
-        return decision
+        if not review.approvable or review.policy is None:
+            raise RuntimeError(
+                f"{hospital.site_id} cannot approve the study: "
+                + "; ".join(p.message for p in review.problems)
+            )
+        decide_study(
+            api,
+            review,
+            decision="approved",
+            contract_hash=study["contract_hash"],
+            reason=reason,
+            site_id=hospital.site_id,
+            keys=hospital.keys,
+            store=ApprovalStore(hospital.state_dir),
+        )
+        return review.policy
 
     def stop(self) -> None:
         """Stop every process (agents, SuperNodes, server, SuperLink)."""

@@ -31,6 +31,7 @@ from rich.table import Table
 from concord_demo.stack import RESEARCHER_ORG, DemoStack, Hospital
 from concord_protocol.client import ConsortiumClient
 from concord_protocol.rounds import RoundAuditDetails
+from concord_protocol.site_keys import format_fingerprint
 
 __all__ = ["DemoOptions", "DemoResult", "dataset_governance", "run_demo"]
 
@@ -189,7 +190,10 @@ def _start(stack: DemoStack, steps: _Steps, console: Console) -> None:
     with steps.step("1. Start the SuperLink (TLS, SuperNode authentication) and the server"):
         link = stack.start_superlink()
         stack.start_server()
-    console.print(f"SuperLink at {link.address} (TLS, authenticated SuperNodes only)")
+    console.print(
+        f"SuperLink: Fleet API at {link.address} (TLS, authenticated SuperNodes only); "
+        f"Control at {link.control_endpoint().address} (mutual TLS: the server only)"
+    )
     console.print(f"Consortium API at {stack.api_url} (SQLite, built-in token issuer)")
 
 
@@ -224,6 +228,14 @@ def _enrol(
                 f"[green]✓[/] {hospital.organisation}: enrolled, SuperNode and agent up; "
                 f"{hospital.dataset_id}: {entry['record_count']} records, training labels {labels}"
             )
+    with steps.step(
+        "2b. Each hospital's IT pins its peers' keys (fingerprints checked out of band)"
+    ):
+        fingerprints = stack.pin_peers()
+    for site_id, fingerprint in fingerprints.items():
+        console.print(
+            f"[green]✓[/] {site_id} pinned by its peers: {format_fingerprint(fingerprint)}"
+        )
 
 
 def _submit(
@@ -243,7 +255,7 @@ def _submit(
 
 
 def _approve(stack: DemoStack, steps: _Steps, console: Console, study: dict[str, Any]) -> None:
-    with steps.step("4. Each data steward approves the exact contract hash"):
+    with steps.step("4. Each site checks the contract and its roster, then signs its approval"):
         for hospital in stack.hospitals:
             decision = stack.approve(
                 hospital,
@@ -252,8 +264,9 @@ def _approve(stack: DemoStack, steps: _Steps, console: Console, study: dict[str,
             )
             site_hash = (decision.site_policy_set_hash or "")[:12]
             console.print(
-                f"[green]✓[/] {hospital.site_id}: consortium and site policy ({site_hash}…) "
-                "allow it: approved automatically, as the demo does"
+                f"[green]✓[/] {hospital.site_id}: hash and roster check out against its pins; "
+                f"consortium and site policy ({site_hash}…) allow it: approved and signed "
+                "automatically, as the demo does"
             )
 
 

@@ -17,6 +17,7 @@ from typing import Any, Self
 import httpx
 
 from concord_protocol.errors import ApiError
+from concord_protocol.site_decisions import SignedDecision
 
 __all__ = ["ApiError", "ConsortiumClient", "TokenProvider"]
 
@@ -142,18 +143,19 @@ class ConsortiumClient:
         result: list[dict[str, Any]] = self.request("GET", "/api/v1/studies", params=params)
         return result
 
-    def decide(
-        self, study_id: str, *, site_id: str, contract_hash: str, decision: str, reason: str = ""
-    ) -> dict[str, Any]:
-        """Approve or decline a study for your site."""
+    def decide(self, signed: SignedDecision) -> dict[str, Any]:
+        """Post a site's signed decision on a study (``site-node study approve`` signs it)."""
+        d = signed.decision
         body = {
-            "site_id": site_id,
-            "contract_hash": contract_hash,
-            "decision": decision,
-            "reason": reason,
+            "site_id": d.site_id,
+            "contract_hash": d.contract_hash,
+            "decision": d.decision,
+            "reason": d.reason,
+            "decided_at": d.decided_at,
+            "signature": signed.model_dump(mode="json")["signature"],
         }
         result: dict[str, Any] = self.request(
-            "POST", f"/api/v1/studies/{study_id}/approvals", json=body
+            "POST", f"/api/v1/studies/{d.study_id}/approvals", json=body
         )
         return result
 

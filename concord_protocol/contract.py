@@ -3,6 +3,14 @@
 This module is the one place both sides agree on. The server stores the contract and its
 hash; every site recomputes the hash from the contract it receives and refuses to train on a
 contract whose hash its data steward did not approve. It imports nothing of either role.
+
+A researcher submits a :class:`StudyDraft`; the server completes it into the
+:class:`StudyContract` with the study's **roster**: each site whose data the study uses,
+with the fingerprint of the site's keys (:func:`concord_protocol.site_keys.site_key_fingerprint`)
+and the number of examples the site published for the study's datasets, plus the member
+that generates the study key. The roster is inside the hash every steward approves, so a
+site checks it against the keys it pinned itself: a server cannot slip in a site, swap a
+site's keys, or choose who generates the key after the stewards approved.
 """
 
 from __future__ import annotations
@@ -11,10 +19,17 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from concord_protocol.canonical import canonical_json, sha256_hex
-from concord_protocol.fields import Slug
+from concord_protocol.fields import Sha256Hex, Slug
 
 __all__ = [
     "CONTRACT_SCHEMA_VERSION",
@@ -23,11 +38,13 @@ __all__ = [
     "ModelSpec",
     "PrivacySpec",
     "Purpose",
+    "RosterMember",
     "StudyContract",
+    "StudyDraft",
     "TrainingSpec",
 ]
 
-CONTRACT_SCHEMA_VERSION = 1
+CONTRACT_SCHEMA_VERSION = 2
 
 HyperValue = int | float | str | bool
 
@@ -95,10 +112,24 @@ class EncryptionSpec(_Strict):
     scheme: Literal["ckks"] = "ckks"
 
 
-class StudyContract(_Strict):
-    """A declarative study: everything a site needs to decide, and nothing executable."""
+class RosterMember(_Strict):
+    """A site of the study, as every steward approves it."""
 
-    schema_version: Literal[1] = 1
+    site_id: Slug
+    key_fingerprint: Sha256Hex = Field(
+        description="Fingerprint of the site's signing and exchange keys (what peers pinned)."
+    )
+    max_examples: int = Field(
+        ge=1,
+        le=1_000_000_000,
+        description="Records the site published for the study's datasets: the most weight "
+        "its update may carry in an aggregate.",
+    )
+
+
+class _StudyBody(_Strict):
+    """What a researcher writes: the study without its roster."""
+
     title: Annotated[str, StringConstraints(min_length=3, max_length=200, strip_whitespace=True)]
     description: Annotated[str, StringConstraints(max_length=5000)] = ""
     purpose: Purpose
@@ -119,6 +150,57 @@ class StudyContract(_Strict):
         if duplicates:
             raise ValueError(f"datasets listed more than once: {', '.join(duplicates)}")
         return value
+
+
+class StudyDraft(_StudyBody):
+    """A study as a researcher submits it; the server adds the roster (:meth:`complete`).
+
+    A draft may carry a roster and key generator already (a researcher who checked the
+    site directory); the server then refuses it unless they are the ones it would add.
+    """
+
+    schema_version: Literal[2] = 2
+    roster: list[RosterMember] | None = None
+    key_generator: Slug | None = None
+
+    def complete(self, roster: list[RosterMember], key_generator: str) -> StudyContract:
+        """The contract with ``roster`` and ``key_generator``; raises pydantic errors."""
+        body = self.model_dump(mode="json", exclude={"roster", "key_generator"})
+        return StudyContract.model_validate(
+            body
+            | {
+                "roster": [m.model_dump(mode="json") for m in roster],
+                "key_generator": key_generator,
+            }
+        )
+
+
+class StudyContract(_StudyBody):
+    """A declarative study: everything a site needs to decide, and nothing executable."""
+
+    schema_version: Literal[2] = 2
+    roster: list[RosterMember] = Field(
+        min_length=1, max_length=1000, description="The study's sites, sorted by site id."
+    )
+    key_generator: Slug = Field(description="The roster member that generates the study key.")
+
+    @model_validator(mode="after")
+    def _roster_is_consistent(self) -> StudyContract:
+        ids = [m.site_id for m in self.roster]
+        if ids != sorted(set(ids)):
+            raise ValueError("roster: site ids must be unique and sorted")
+        if self.key_generator not in ids:
+            raise ValueError(f"key_generator {self.key_generator!r} is not in the roster")
+        return self
+
+    def member(self, site_id: str) -> RosterMember | None:
+        """The roster entry of ``site_id`` (None when the site is not in the study)."""
+        return next((m for m in self.roster if m.site_id == site_id), None)
+
+    @property
+    def site_ids(self) -> tuple[str, ...]:
+        """The roster's site ids, sorted."""
+        return tuple(m.site_id for m in self.roster)
 
     def canonical(self) -> bytes:
         """RFC 8785 canonical JSON of the full contract (defaults included)."""

@@ -51,6 +51,11 @@ CATALOGUE: dict[str, CatalogueEntry] = {
     "resource.conflict": CatalogueEntry(409, "The request conflicts with a concurrent change."),
     "site.not_found": CatalogueEntry(404, "No such site."),
     "site.exists": CatalogueEntry(409, "A site with this id or organisation is already enrolled."),
+    "site.already_revoked": CatalogueEntry(409, "This site is already revoked."),
+    "keys.rotation_invalid": CatalogueEntry(
+        409, "The key rotation does not replace the site's current keys."
+    ),
+    "signature.invalid": CatalogueEntry(422, "The signature does not verify."),
     "dataset.not_found": CatalogueEntry(404, "No such dataset."),
     "dataset.exists": CatalogueEntry(409, "A dataset with this id already exists."),
     "study.not_found": CatalogueEntry(404, "No such study."),
@@ -64,6 +69,15 @@ CATALOGUE: dict[str, CatalogueEntry] = {
     ),
     "approval.not_requested": CatalogueEntry(
         409, "This study does not use any dataset of this site."
+    ),
+    "approval.signature_invalid": CatalogueEntry(
+        422, "The decision is not signed by the key the study's roster names for the site."
+    ),
+    "approval.roster_key_changed": CatalogueEntry(
+        409, "The site changed its keys after the study was submitted; submit it again."
+    ),
+    "study.roster_mismatch": CatalogueEntry(
+        409, "The draft's roster is not the one the catalogue and site directory give."
     ),
     "policy.denied": CatalogueEntry(403, "The data-use policy denies this."),
     "policy.invalid": CatalogueEntry(422, "The policy does not parse or validate."),
@@ -93,6 +107,9 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         422, "The round report names another study or contract."
     ),
     "federation.attempt_stale": CatalogueEntry(409, "This run attempt was replaced; it must stop."),
+    "federation.bundle_not_allowed": CatalogueEntry(
+        403, "The run's app bundle is not Concord's: the SuperLink runs no ServerApp for it."
+    ),
     # Codes of the shared protocol code (concord_protocol.errors), as the API answers them.
     "update.malformed": CatalogueEntry(422, "The update is not valid in the wire format."),
     "update.malformed_header": CatalogueEntry(422, "The update's header is not valid."),

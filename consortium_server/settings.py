@@ -11,6 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -80,7 +81,9 @@ class IdentitySettings(BaseModel):
         description="Expected `iss` when Keycloak's public URL differs from keycloak_url; "
         "empty: <keycloak_url>/realms/<realm>.",
     )
-    keycloak_verify_tls: bool = Field(default=True, description="Verify Keycloak's certificate.")
+    keycloak_verify_tls: bool = Field(
+        default=True, description="Verify Keycloak's certificate (false is refused in production)."
+    )
 
 
 class ApiSettings(BaseModel):
@@ -135,8 +138,17 @@ class FederationSettings(BaseModel):
     root_certificates: Path | None = Field(
         default=None, description="CA certificate of the SuperLink's TLS (PEM)."
     )
+    client_certificate: Path | None = Field(
+        default=None,
+        description="This server's client certificate (PEM, signed by the federation CA) for "
+        "the SuperLink's Control listener, which requires one (mutual TLS).",
+    )
+    client_private_key: Path | None = Field(
+        default=None, description="Private key (PEM) of federation.client_certificate."
+    )
     insecure: bool = Field(
-        default=False, description="Plain gRPC to the SuperLink (tests on loopback only)."
+        default=False,
+        description="Plain gRPC to the SuperLink (tests on loopback only; refused in production).",
     )
     app_dir: Path | None = Field(
         default=None, description="The Flower app bundle directory. Empty: the installed one."
@@ -231,8 +243,9 @@ class ServerSettings(BaseSettings):
                 "federation.serverapp_token_file is required with a SuperLink (the same "
                 "secret the SuperLink's pod mounts)"
             )
+        problems += _transport_problems(self)
         if problems:
-            raise ValueError("unsafe production settings: " + "; ".join(problems))
+            raise ValueError("unsafe production settings:\n- " + "\n- ".join(problems))
         return self
 
     # Derived values -----------------------------------------------------------------
@@ -266,6 +279,56 @@ class ServerSettings(BaseSettings):
     def local_key_file(self) -> Path:
         """Path of the local issuer's signing key."""
         return self.identity.local_key_file or self.data_dir / "issuer.pem"
+
+
+def _is_https(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme.lower() == "https" and bool(parts.hostname)
+
+
+def _transport_problems(settings: ServerSettings) -> list[str]:
+    """What production refuses on the wire: plain gRPC or HTTP, TLS verification off, no CA.
+
+    Each problem names the setting, its variable and the fix (docs/operator.md lists them).
+    """
+    problems: list[str] = []
+    identity, federation, api = settings.identity, settings.federation, settings.api
+    if federation.insecure:
+        problems.append(
+            "federation.insecure=true sends studies to the SuperLink without TLS; set "
+            "CONCORD_FEDERATION__INSECURE=false and CONCORD_FEDERATION__ROOT_CERTIFICATES to "
+            "the SuperLink's CA certificate"
+        )
+    if federation.superlink_address and federation.root_certificates is None:
+        problems.append(
+            "federation.root_certificates is required with a SuperLink (its TLS is checked "
+            "against it); set CONCORD_FEDERATION__ROOT_CERTIFICATES to the CA certificate (PEM)"
+        )
+    if not identity.keycloak_verify_tls:
+        problems.append(
+            "identity.keycloak_verify_tls=false accepts any certificate for Keycloak; set "
+            "CONCORD_IDENTITY__KEYCLOAK_VERIFY_TLS=true"
+        )
+    if (
+        identity.mode == "keycloak"
+        and identity.keycloak_url
+        and not _is_https(identity.keycloak_url)
+    ):
+        problems.append(
+            f"identity.keycloak_url {identity.keycloak_url!r} is not https://; set "
+            "CONCORD_IDENTITY__KEYCLOAK_URL to Keycloak's https:// URL"
+        )
+    if identity.keycloak_issuer and not _is_https(identity.keycloak_issuer):
+        problems.append(
+            f"identity.keycloak_issuer {identity.keycloak_issuer!r} is not https://; set "
+            "CONCORD_IDENTITY__KEYCLOAK_ISSUER to the realm's https:// issuer (or leave it empty)"
+        )
+    if api.public_url and not _is_https(api.public_url):
+        problems.append(
+            f"api.public_url {api.public_url!r} is not https://; set CONCORD_API__PUBLIC_URL to "
+            "the https:// URL clients and sites use (TLS at the ingress)"
+        )
+    return problems
 
 
 def load_settings(secrets_dir: Path | None = None) -> ServerSettings:

@@ -7,9 +7,12 @@ from typing import Annotated
 
 import typer
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from site_node.cli_data import data_app, models_app
+from site_node.cli_trust import keys_fingerprint, keys_rotate, peers_app, study_app
 from site_node.errors import SiteError
 from site_node.key_files import SUPERNODE_KEY_FILE
 from site_node.settings import SiteSettings
@@ -28,6 +31,10 @@ keys_app = typer.Typer(help="Create and show this site's keys (signing, key exch
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+app.add_typer(peers_app, name="peers")
+app.add_typer(study_app, name="study")
+keys_app.command("fingerprint")(keys_fingerprint)
+keys_app.command("rotate")(keys_rotate)
 audit_app = typer.Typer(help="Check the consortium's audit log as this site's witness.")
 app.add_typer(audit_app, name="audit")
 console = Console()
@@ -36,6 +43,15 @@ err = Console(stderr=True)
 
 def _keys_dir(directory: Path | None) -> Path:
     return directory or SiteSettings().keys_dir()
+
+
+def _print_settings_problems(exc: ValidationError) -> None:
+    """Every settings problem: where, and what to do (never the values: they hold secrets)."""
+    err.print(f"[red]error:[/] invalid CONCORD_SITE_* settings: {exc.error_count()} problem(s)")
+    for problem in exc.errors(include_url=False, include_input=False):
+        where = ".".join(map(str, problem["loc"]))
+        message = problem["msg"].removeprefix("Value error, ")
+        err.print(f"  {where}: {message}" if where else f"  {message}", markup=False)
 
 
 @keys_app.command("init")
@@ -104,9 +120,7 @@ def run(
         settings = SiteSettings()
         status = run_agent(settings, once=once)
     except ValidationError as exc:
-        err.print(f"[red]error:[/] invalid CONCORD_SITE_* settings: {exc.error_count()} problem(s)")
-        for problem in exc.errors():
-            err.print(f"  {'.'.join(map(str, problem['loc']))}: {problem['msg']}")
+        _print_settings_problems(exc)
         raise typer.Exit(2) from None
     except (SiteError, CryptoError) as exc:
         message = exc.diagnostics() if isinstance(exc, SiteError) else str(exc)
@@ -140,18 +154,36 @@ def supernode(
 
     Every argument after the options goes to flower-supernode, e.g.
     ``site-node supernode -- --superlink HOST:9092 --root-certificates ca.crt ...``.
-    Writes the site's flwr-clientapp (app-bundle check; see docs/architecture.md) into
-    <state_dir>/supernode/bin, puts it first on PATH, starts the warm runner that keeps
-    torch/MONAI/Opacus/TenSEAL/Flower imported, then becomes flower-supernode (same pid).
+    Writes the site's flwr-clientapp (app-bundle check; see docs/architecture.md) and deny
+    stubs for every other Flower app into <state_dir>/supernode/bin, puts them first on
+    PATH, runs the SuperNode with --isolation process and a SuperExec secret file (created
+    mode 0600 in <state_dir>/supernode unless --superexec-auth-secret-file is given; refuses
+    --isolation subprocess and a non-loopback --host), starts the site's executor (ClientApp
+    tasks only, tokens by file) and the warm runner that keeps torch/MONAI/Opacus/TenSEAL/
+    Flower imported, then becomes flower-supernode (same pid).
     """
+    from concord_protocol.errors import ConcordError
     from site_node.federation.processes import exec_supernode
 
-    exec_supernode(
-        state_dir or SiteSettings().state_dir,
-        list(ctx.args),
-        socket_path=socket,
-        warm_runner=warm,
-    )
+    try:
+        settings = SiteSettings()
+        settings.check_supernode_args(list(ctx.args))  # production: TLS on, CA present
+    except ValidationError as exc:
+        _print_settings_problems(exc)
+        raise typer.Exit(2) from None
+    except SiteError as exc:
+        err.print(f"[red]error:[/] {escape(f'{exc.code}: {exc.diagnostics()}')}")
+        raise typer.Exit(2) from None
+    try:
+        exec_supernode(
+            state_dir or settings.state_dir,
+            list(ctx.args),
+            socket_path=socket,
+            warm_runner=warm,
+        )
+    except ConcordError as exc:  # supernode.unsafe_args, superexec.* (the secret file)
+        err.print(f"[red]error:[/] {escape(f'{exc.code}: {exc.diagnostics()}')}")
+        raise typer.Exit(2) from None
 
 
 @app.command("clientapp-runner")

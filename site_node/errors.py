@@ -55,6 +55,8 @@ __all__ = [
 #: ``bundle.*``) are recorded by the ServerApp and in the audit log.
 CATALOGUE: dict[str, str] = {
     "site.error": "The site node failed; the message says where.",
+    "settings.unsafe_production": "Production refuses plain HTTP, TLS off or a missing CA; "
+    "the message names each setting and its fix.",
     # local datasets
     "data.invalid": "A local dataset cannot be loaded as configured; fix the file or its entry.",
     "data.invalid_config": "The dataset configuration is inconsistent; fix the datasets file.",
@@ -110,6 +112,33 @@ CATALOGUE: dict[str, str] = {
     "site.no_study_dataset": "None of the study's datasets is registered at this site.",
     "update.global_mismatch": "The global model sent is for another round, study or scheme.",
     "update.no_global": "An evaluate message came without the global model.",
+    "aggregate.integrity_failed": (
+        "The aggregate is not the sum of the contributions it lists (a tag is off): it was "
+        "refused, nothing was trained on, evaluated or released from it."
+    ),
+    "aggregate.tags_missing": "The aggregate carries no (or the wrong number of) tags.",
+    "aggregate.manifest_missing": "The aggregate came without its manifest of contributions.",
+    "aggregate.manifest_invalid": "The aggregate's manifest of contributions does not hold up.",
+    "aggregate.manifest_malformed": "The aggregate's manifest does not parse.",
+    "aggregate.wrong_round": "The aggregate's manifest is for another round or study.",
+    "aggregate.duplicate_site": "The aggregate's manifest lists a site twice.",
+    "aggregate.too_few_sites": "The aggregate lists fewer sites than the study's minimum.",
+    "aggregate.mixed_runs": "The aggregate's contributions come from different runs.",
+    "aggregate.swapped_contribution": "A listed contribution is for another round or study.",
+    "aggregate.unknown_site": "The aggregate lists a site that is not on the roster.",
+    "aggregate.weight_exceeds_roster": "A listed weight exceeds what the site published.",
+    "aggregate.bad_signature": "A listed contribution is not signed by its site's key.",
+    "aggregate.weight_mismatch": "The total weight sent is not the sum of the signed weights.",
+    "aggregate.own_contribution_omitted": (
+        "The aggregate leaves out this site's own timely contribution to that round."
+    ),
+    "contribution.malformed": "A signed contribution does not parse.",
+    "evaluation.already_answered": (
+        "This site already evaluated another aggregate for that round: one answer per round."
+    ),
+    "release.not_final": (
+        "The aggregate offered for release is not the final round's verified aggregate."
+    ),
     "compare.encryption_required": "The contract requires encryption; SecAgg+ would not do.",
     "bundle.not_allowed": "The run's app bundle hash is not allowed at this site.",
     "bundle.extra_files": "The run's app bundle holds files other than its configuration.",
@@ -118,6 +147,8 @@ CATALOGUE: dict[str, str] = {
     "bundle.not_clientapp": "The allowed reference does not name a Flower ClientApp.",
     "bundle.unchecked": "No checked app bundle: no ClientApp is loaded.",
     "runner.unavailable": "The warm ClientApp runner did not take the message (in-process).",
+    "supernode.unsafe_args": "site-node supernode refuses flower-supernode arguments that let "
+    "it start apps itself (--isolation subprocess) or open its runtime API beyond loopback.",
     # the site agent (site_node.agent)
     "agent.refused": "The site agent refused what the server sent, or cannot act.",
     "agent.no_credentials": "No credentials for the consortium API; set CONCORD_SITE_*.",
@@ -143,6 +174,28 @@ CATALOGUE: dict[str, str] = {
     "audit.key_invalid": "The server's tree-head key is not a valid Ed25519 key.",
     "audit.head_signature_invalid": "The tree head is not signed by the server's trusted key.",
     "audit.cosignature_invalid": "A cosignature does not verify with the site's key.",
+    # pinned peers and the study roster (site_node.peers)
+    "peers.invalid": "A peer cannot be pinned as asked; the message says why.",
+    "peers.corrupt": "The pinned peers file is damaged or was altered; restore it or re-pin.",
+    "peers.fingerprint_mismatch": "The directory's keys for the peer do not have the "
+    "fingerprint you confirmed: nothing was pinned.",
+    "peers.key_mismatch": "A pinned peer's published keys changed without a signed rotation "
+    "from the pinned key; its studies get no keys here until it is pinned again.",
+    "peers.not_pinned": "The site is not pinned here; pin it first (site-node peers pin).",
+    "keys.fingerprint_invalid": "Not a key fingerprint (64 hexadecimal digits).",
+    "keys.rotation_invalid": "The key rotation does not chain from the pinned keys.",
+    "signature.invalid": "A signature does not verify with the key this site pinned.",
+    "signature.key_invalid": "A public key is malformed.",
+    # reviewing and deciding on studies at the site (site_node.studies)
+    "study.refused": "The site refuses the study; the problems say why.",
+    "study.not_reviewed": "The hash given is not the study's current contract hash.",
+    "study.already_decided": "This site already decided on the study.",
+    "study.not_decidable": "The study is not awaiting approvals.",
+    "roster.not_member": "This site is not in the study's roster.",
+    "roster.own_key_mismatch": "The roster names other keys for this site than it holds.",
+    "roster.unpinned": "A roster member is not pinned here.",
+    "roster.key_mismatch": "The roster names other keys for a member than the pinned ones.",
+    "roster.bad_key_generator": "The key generator named by the contract is not in the roster.",
     # signing off the final model (site_node.release)
     "release.refused": "The site refuses to sign off the final model.",
     "release.malformed": "The final aggregate is malformed.",

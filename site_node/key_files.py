@@ -7,6 +7,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from concord_protocol.private_files import write_private_file
 from site_node.crypto.sealing import SiteKeyPair
 
 __all__ = ["SUPERNODE_KEY_FILE", "init_site_keys", "write_supernode_key"]
@@ -17,19 +18,20 @@ SUPERNODE_KEY_FILE = "supernode"
 def write_supernode_key(directory: Path, name: str = SUPERNODE_KEY_FILE) -> tuple[Path, Path]:
     """An EC P-384 key pair in OpenSSH format for Flower SuperNode authentication.
 
-    Returns (private, public) paths; the private key file has mode 0600.
+    Returns (private, public) paths; the private key file is created with mode 0600 (never
+    wider, not even for a moment: :func:`~concord_protocol.private_files.write_private_file`).
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = directory / name, directory / f"{name}.pub"
-    private.write_bytes(
+    write_private_file(
+        private,
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
-        )
+        ),
     )
-    private.chmod(0o600)
     public.write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH

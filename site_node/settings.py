@@ -6,12 +6,36 @@ then files in a secrets dir, then these defaults.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import os
+from enum import StrEnum
 from pathlib import Path
+from typing import Self
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["SiteSettings"]
+from site_node.errors import SiteError
+
+__all__ = ["Environment", "SiteSettings", "UnsafeSettingsError"]
+
+
+class Environment(StrEnum):
+    """Where the site node runs. ``production`` refuses plain HTTP, TLS verification off, a
+    missing CA and the static development token (docs/hospital-it.md lists each check)."""
+
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class UnsafeSettingsError(SiteError):
+    """Production refuses how a process was started (``settings.unsafe_production``); the
+    message names every problem and its fix."""
+
+    code = "settings.unsafe_production"
 
 
 class SiteSettings(BaseSettings):
@@ -21,6 +45,10 @@ class SiteSettings(BaseSettings):
         env_prefix="CONCORD_SITE_", env_nested_delimiter="__", extra="forbid"
     )
 
+    environment: Environment = Field(
+        default=Environment.DEVELOPMENT,
+        description="`production` (the Helm chart's default) refuses unsafe settings at start.",
+    )
     site_id: str | None = Field(default=None, description="This site's id in the consortium.")
     organisation: str | None = Field(default=None, description="Organisation name (tokens).")
     state_dir: Path = Field(
@@ -36,6 +64,13 @@ class SiteSettings(BaseSettings):
     client_secret: SecretStr | None = Field(default=None, description="Its client secret.")
     datasets_file: Path | None = Field(
         default=None, description="YAML list of local datasets (see docs/hospital-it.md)."
+    )
+    policy_dir: Path | None = Field(
+        default=None,
+        description="The site's own Cedar policy (a directory; start from policies/sites/). "
+        "Every decision at the site evaluates it on top of the consortium's. Unset: the "
+        "shipped default (policies/site-default/: encryption required, epsilon at most 10, "
+        "at most 100 rounds).",
     )
     token: SecretStr | None = Field(
         default=None,
@@ -55,6 +90,89 @@ class SiteSettings(BaseSettings):
         ),
     )
 
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Self:
+        if self.environment is Environment.DEVELOPMENT:
+            return self
+        problems: list[str] = []
+        if not _is_https(self.api_url):
+            problems.append(
+                f"api_url {self.api_url!r} is not https://; set CONCORD_SITE_API_URL to the "
+                "consortium server's https:// URL"
+            )
+        if self.token_url is not None and not _is_https(self.token_url):
+            problems.append(
+                f"token_url {self.token_url!r} is not https://; set CONCORD_SITE_TOKEN_URL to "
+                "Keycloak's https:// URL"
+            )
+        if self.token is not None:
+            problems.append(
+                "token is a static development token; unset CONCORD_SITE_TOKEN and set "
+                "CONCORD_SITE_TOKEN_URL, CONCORD_SITE_CLIENT_ID and CONCORD_SITE_CLIENT_SECRET"
+            )
+        if problems:
+            raise ValueError("unsafe production settings:\n- " + "\n- ".join(problems))
+        return self
+
     def keys_dir(self) -> Path:
         """Where the site's private keys live."""
         return self.state_dir / "keys"
+
+    def check_supernode_args(self, args: list[str]) -> None:
+        """Refuse, in production, ``flower-supernode`` arguments that turn TLS off or lack
+        the CA (``site-node supernode``): raises :class:`UnsafeSettingsError`."""
+        if self.environment is Environment.DEVELOPMENT:
+            return
+        problems = _supernode_problems(args)
+        if problems:
+            raise UnsafeSettingsError(
+                "unsafe production settings:\n- " + "\n- ".join(problems),
+                hint="See docs/hospital-it.md, 'Production checks'.",
+            )
+
+
+def _is_https(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme.lower() == "https" and bool(parts.hostname)
+
+
+def _supernode_problems(args: list[str]) -> list[str]:
+    """What production refuses in ``flower-supernode``'s arguments (``site-node supernode``):
+    ``--insecure`` (plain gRPC, the SuperLink unauthenticated), and a missing or unreadable
+    ``--root-certificates`` (the CA the SuperLink's certificate is checked against).
+
+    Flower's own parser reads the arguments, so every spelling it accepts (``--insec``,
+    ``--root-certificates=...``) is seen; ``--help`` and ``--version`` are let through.
+    """
+    if {"-h", "--help", "-V", "--version"} & set(args):
+        return []
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    parser = _parse_args_run_supernode()
+    parser.exit_on_error = False
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            parsed = parser.parse_args(args)
+    except (argparse.ArgumentError, SystemExit) as exc:
+        return [
+            f"the flower-supernode arguments do not parse ({exc}); fix them, with "
+            "--root-certificates <consortium CA (PEM)> and without --insecure"
+        ]
+    problems: list[str] = []
+    if parsed.insecure:
+        problems.append(
+            "--insecure connects to the SuperLink without TLS; remove it and pass "
+            "--root-certificates <consortium CA (PEM)>"
+        )
+    root = parsed.root_certificates
+    if root is None:
+        problems.append(
+            "--root-certificates is missing; pass --root-certificates <consortium CA (PEM)> "
+            "(the Helm chart mounts it from consortium.caCertificate)"
+        )
+    elif not root or not Path(root).is_file() or not os.access(root, os.R_OK):
+        problems.append(
+            f"--root-certificates {root!r} is not a readable file; mount the consortium CA "
+            "there (consortium.caCertificate or consortium.existingCaConfigMap in the chart)"
+        )
+    return problems

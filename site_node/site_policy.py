@@ -3,12 +3,15 @@
 The site's policy directory holds Cedar files (start from ``policies/sites/``: the base
 permit plus the site's forbid rules). A study may use the site's datasets only if the
 consortium policy AND the site policy allow it: the site can tighten, never loosen.
-Stewards (and ``consortium demo``) use :func:`check_study` before approving.
+:mod:`site_node.studies` runs :func:`check_study` before every decision (``site-node study
+show``/``approve``, and the demo through the same path); :func:`site_engine` loads the set
+the site's settings name (the shipped default, ``policies/site-default/``, when none).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from concord_protocol.catalogue import catalogue_keys
 from concord_protocol.client import ConsortiumClient
@@ -18,7 +21,7 @@ from concord_protocol.policy.engine import SCHEMA_FILENAME, Decision, PolicyEngi
 from concord_protocol.policy.facts import ConsortiumFacts, DatasetFacts, owner_principal
 from concord_protocol.policy.shipped import shipped_policies
 
-__all__ = ["check_study", "load_site_engine"]
+__all__ = ["check_study", "load_site_engine", "site_engine"]
 
 
 def load_site_engine(directory: Path, *, site_id: str, schema: Path | None = None) -> PolicyEngine:
@@ -28,9 +31,15 @@ def load_site_engine(directory: Path, *, site_id: str, schema: Path | None = Non
     )
 
 
+def site_engine(policy_dir: Path | None, *, site_id: str) -> PolicyEngine:
+    """The site's own policy: ``policy_dir``, or the shipped default set."""
+    return load_site_engine(policy_dir or shipped_policies() / "site-default", site_id=site_id)
+
+
 def check_study(
     client: ConsortiumClient,
-    study_id: str,
+    study: dict[str, Any],
+    contract: StudyContract,
     *,
     site_id: str,
     site_engine: PolicyEngine,
@@ -39,11 +48,13 @@ def check_study(
 ) -> Decision:
     """Evaluate the consortium's active policy and the site's own policy for this site.
 
-    Everything comes from the API (the study, the catalogue, the active consortium policy,
-    the sites, the budgets): a site needs no database access.
+    ``study`` is the study as the API served it and ``contract`` its contract, already
+    checked against its hash. The rest comes from the API too (the catalogue, the active
+    consortium policy, the sites, the budgets): a server that loosened the consortium
+    policy or a dataset's entry still meets the site's own policy, which is evaluated here
+    and can only deny.
     """
-    study = client.get_study(study_id)
-    contract = StudyContract.model_validate(study["contract"])
+    study_id = str(study["id"])
     active = client.request("GET", "/api/v1/policy")
     consortium = PolicyEngine.load(
         active["files"], (schema or shipped_policies() / SCHEMA_FILENAME).read_text()

@@ -279,6 +279,7 @@ def build_study_facts(
             "encryption_enabled": bool(contract.encryption.enabled),
             "model": model_key(contract.model.name, contract.model.version),
             "min_sites": int(contract.federation.min_sites),
+            "rounds": int(contract.training.rounds),
             "site_count": len(site_orgs),
             "dataset_count": len(used),
             "site_organisations": [{"__entity": org} for org in site_orgs.values()],

@@ -9,7 +9,6 @@ store the new head.
 from __future__ import annotations
 
 import base64
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Self
@@ -30,6 +29,7 @@ from concord_protocol.audit.heads import (
 )
 from concord_protocol.audit.merkle import MerkleAccumulator, leaf_hash, root_hash
 from concord_protocol.fields import utcnow
+from concord_protocol.private_files import write_private_file
 from consortium_server.audit.log import load_leaf_hashes
 from consortium_server.audit.models import AuditLeaf, AuditTreeHead
 from consortium_server.errors import DomainError
@@ -74,12 +74,10 @@ class TreeHeadSigner:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            write_private_file(path, pem, overwrite=False)
+        except FileExistsError:  # another replica created it meanwhile: use that one
+            return cls.load_or_create(path)
         return cls(key)
 
     @property

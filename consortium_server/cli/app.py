@@ -57,8 +57,16 @@ def _server_settings() -> ServerSettings:
     try:
         return ServerSettings()
     except ValidationError as exc:
+        # Each problem with where it is and what to do; never the input values (secrets).
+        problems = [
+            ".".join(map(str, e["loc"])) + ": " + e["msg"]
+            if e["loc"]
+            else e["msg"].removeprefix("Value error, ")
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
         fail(
-            f"invalid server settings:\n{exc}", hint="See docs/operator.md for CONCORD_* settings."
+            "invalid server settings:\n" + "\n".join(problems),
+            hint="See docs/operator.md for CONCORD_* settings.",
         )
 
 
@@ -217,7 +225,8 @@ def site_revoke(
     site_id: Annotated[str, typer.Argument(help="Site id.")],
     reason: Annotated[str, typer.Option(help="Why (recorded).")],
 ) -> None:
-    """Revoke a site: it can no longer publish, approve or train."""
+    """Revoke a site: it can no longer publish, approve or train; every study of it that
+    has not finished is aborted (and its Flower run stopped)."""
     with api() as client:
         site = client.request("POST", f"/api/v1/sites/{site_id}/revoke", json={"reason": reason})
     console.print(f"[yellow]revoked[/] {site['id']}")

@@ -8,9 +8,12 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from consortium_server.cli.common import api, console, fail, print_json, read_document, state
+from consortium_server.cli.common import api, console, print_json, read_document, state
 
-study_app = typer.Typer(help="Submit studies, follow them, and decide on them for your site.")
+study_app = typer.Typer(
+    help="Submit studies, follow them, and check the sites' signed decisions (sites decide "
+    "with `site-node study approve`)."
+)
 catalogue_app = typer.Typer(help="Browse the dataset catalogue.")
 
 STATE_STYLE = {
@@ -100,54 +103,79 @@ def list_(
     console.print(table)
 
 
-def _decide(
-    study_id: str, site: str, decision: str, reason: str, expected_hash: str | None, yes: bool
-) -> None:
+def _keys_by_fingerprint(client: Any, site_id: str) -> dict[str, str]:
+    """Every signing key the consortium has held for ``site_id``, by key fingerprint."""
+    from concord_protocol.site_keys import KeyRotation, site_key_fingerprint
+
+    site = client.request("GET", f"/api/v1/sites/{site_id}")
+    keys = {
+        site_key_fingerprint(site["signing_public_key"], site["exchange_public_key"]): site[
+            "signing_public_key"
+        ]
+    }
+    for row in client.request("GET", f"/api/v1/sites/{site_id}/keys/history"):
+        rotation = KeyRotation.model_validate(row["rotation"])
+        keys[rotation.fingerprint] = rotation.signing_public_key
+    return keys
+
+
+@study_app.command("decisions")
+def decisions(study_id: Annotated[str, typer.Argument(help="Study id.")]) -> None:
+    """Check every site's signed decision on a study (anyone may: the signatures, not the
+    server, say who approved). Exit 1 if a recorded decision does not verify.
+
+    Each decision must be signed, for the study's exact contract hash, by the key whose
+    fingerprint the contract's roster names for that site. Decisions are made at the
+    sites (`site-node study approve`), not here.
+    """
+    from concord_protocol.contract import StudyContract
+    from concord_protocol.site_decisions import SignedDecision, SiteDecision
+    from concord_protocol.site_keys import SignatureError
+
     with api() as client:
         study = client.get_study(study_id)
-        if expected_hash and expected_hash != study["contract_hash"]:
-            fail(
-                f"the study's contract hash is {study['contract_hash']}, not {expected_hash}",
-                hint="The contract changed since you reviewed it: review it again.",
-            )
-        if not expected_hash and not yes:
-            show_study(study)
-            console.print_json(data=study["contract"])
-            if not typer.confirm(f"{decision.capitalize()} contract {study['contract_hash']}?"):
-                raise typer.Exit(1)
-        result = client.decide(
-            study_id,
-            site_id=site,
-            contract_hash=study["contract_hash"],
-            decision=decision,
-            reason=reason,
-        )
-    show_study(result)
-
-
-@study_app.command("approve")
-def approve(
-    study_id: Annotated[str, typer.Argument(help="Study id.")],
-    site: Annotated[str, typer.Option(help="Your site's id.")],
-    reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
-    contract_hash: Annotated[
-        str | None, typer.Option("--hash", help="The contract hash you reviewed.")
-    ] = None,
-    yes: Annotated[bool, typer.Option("--yes", help="Approve the hash shown, no prompt.")] = False,
-) -> None:
-    """Approve a study for your site (data steward). Binds to the exact contract hash."""
-    _decide(study_id, site, "approved", reason, contract_hash, yes)
-
-
-@study_app.command("decline")
-def decline(
-    study_id: Annotated[str, typer.Argument(help="Study id.")],
-    site: Annotated[str, typer.Option(help="Your site's id.")],
-    reason: Annotated[str, typer.Option(help="Why (required, recorded).")],
-    yes: Annotated[bool, typer.Option("--yes", help="No prompt.")] = False,
-) -> None:
-    """Decline a study for your site (data steward). One decline rejects the study."""
-    _decide(study_id, site, "declined", reason, None, yes)
+        contract = StudyContract.model_validate(study["contract"])
+        shown = {s["site_id"]: s for s in study["sites"]}
+        rows: list[tuple[str, str, str]] = []
+        bad = 0
+        for member in contract.roster:
+            row = shown.get(member.site_id, {})
+            if not row.get("decision"):
+                rows.append((member.site_id, "-", "no decision yet"))
+                continue
+            key = _keys_by_fingerprint(client, member.site_id).get(member.key_fingerprint)
+            verdict = "[green]signature verified[/]"
+            try:
+                if key is None:
+                    raise SignatureError("no key with the roster's fingerprint is on record")
+                if row.get("contract_hash") != contract.contract_hash():
+                    raise SignatureError("decided on another contract hash")
+                SignedDecision(
+                    decision=SiteDecision(
+                        study_id=study["id"],
+                        contract_hash=row["contract_hash"],
+                        site_id=member.site_id,
+                        decision=row["decision"],
+                        reason=row.get("reason") or "",
+                        decided_at=row.get("signed_at") or "",
+                    ),
+                    signature=row.get("signature") or "",
+                ).verify(key)
+            except (SignatureError, ValueError) as exc:
+                bad += 1
+                verdict = f"[red]NOT VERIFIED[/]: {exc}"
+            rows.append((member.site_id, row["decision"], verdict))
+    if state.as_json:
+        print_json([{"site_id": r[0], "decision": r[1], "check": r[2]} for r in rows])
+    else:
+        table = Table(title=f"Signed decisions on {study_id} ({contract.contract_hash()[:16]}…)")
+        for column in ("site", "decision", "check"):
+            table.add_column(column)
+        for row_values in rows:
+            table.add_row(*row_values)
+        console.print(table)
+    if bad:
+        raise typer.Exit(1)
 
 
 @study_app.command("abort")

@@ -8,26 +8,22 @@ run config: every SuperNode can read a run's config.
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
 from pydantic import SecretStr
 
+from concord_protocol.private_files import write_private_file
 from consortium_server.errors import ServiceUnavailableError
 
 __all__ = ["create_token", "load_or_create_token", "load_token"]
 
 
 def create_token(path: Path) -> SecretStr:
-    """Write a new random token to ``path`` (mode 0600; refuses to overwrite a file)."""
+    """Write a new random token to ``path`` (created with mode 0600, never wider; refuses
+    to overwrite a file: :class:`FileExistsError`)."""
     token = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(token + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_private_file(path, (token + "\n").encode("utf-8"), overwrite=False)
     return SecretStr(token)
 
 

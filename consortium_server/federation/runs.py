@@ -38,6 +38,7 @@ from consortium_server.errors import DomainError
 from consortium_server.federation.coordinator import finish_run, resume_run
 from consortium_server.federation.plan import RunPlan
 from consortium_server.federation.processes import (
+    ControlEndpoint,
     SuperLinkHandle,
     start_study_run,
     stop_run,
@@ -72,18 +73,18 @@ class RunLauncher(Protocol):
 
 
 class SuperLinkLauncher:
-    """``flwr run`` / ``flwr stop`` of the Concord app bundle on a SuperLink."""
+    """Control ``StartRun`` / ``StopRun`` of the Concord app bundle on a SuperLink."""
 
     def __init__(self, link: SuperLinkHandle, *, app_dir: Path = APP_DIR) -> None:
         self.link = link
         self.app_dir = app_dir
 
     def start(self, plan: RunPlan) -> int | None:
-        """``flwr run`` with the plan as run config."""
+        """``StartRun`` with the plan as run config."""
         return start_study_run(self.link, self.app_dir, plan)
 
     def stop(self, run_id: int) -> None:
-        """``flwr stop``."""
+        """``StopRun``."""
         stop_run(self.link, run_id)
 
 
@@ -103,7 +104,14 @@ def connect_superlink(settings: ServerSettings) -> SuperLinkHandle | None:
         federation.superlink_address,
         root_certificates=None if federation.insecure else federation.root_certificates,
     )
-    return SuperLinkHandle(None, federation.superlink_address, flwr_home, "concord")
+    control = ControlEndpoint(
+        address=federation.superlink_address,
+        ca_cert=federation.root_certificates,
+        client_cert=federation.client_certificate,
+        client_key=federation.client_private_key,
+        insecure=federation.insecure,
+    )
+    return SuperLinkHandle(None, federation.superlink_address, flwr_home, "concord", control)
 
 
 class RunManager:
@@ -140,7 +148,8 @@ class RunManager:
         self._launches.append(self._pool.submit(self._launch, plan))
 
     def wait_launched(self, timeout: float | None = None) -> None:
-        """Block until every launch started so far has returned (tests, the demo)."""
+        """Block until every launch (and stop) started so far has returned (tests, the
+        demo)."""
         wait(list(self._launches), timeout=timeout)
 
     def _launch(self, plan: RunPlan) -> None:
@@ -168,6 +177,40 @@ class RunManager:
             if row is not None and row.attempt != attempt:
                 return  # another attempt took over meanwhile
             finish_run(session, study_id, completed=False, reason=reason, log=self._log)
+
+    # --- stopping --------------------------------------------------------------------
+
+    def stop_runs(self, study_ids: list[str]) -> list[int]:
+        """Stop at once the Flower runs of studies that were just aborted (committed).
+
+        Their ServerApps would stop anyway at their next heartbeat or round report (the
+        round gate answers ``stop`` to a study that is not running); this also cuts the
+        round in flight, so no further message of the study goes to any SuperNode. The
+        stops run in the background (``flwr stop`` may take seconds; :meth:`wait_launched`
+        waits for them too); one that fails is logged, not raised (the heartbeat verdict
+        still stops the run). Returns the Flower run ids it asks the SuperLink to stop.
+        """
+        if not study_ids:
+            return []
+        with session_scope(self._factory) as session:
+            run_ids = [
+                run_id
+                for run_id in session.scalars(
+                    select(StudyRun.flower_run_id).where(StudyRun.study_id.in_(study_ids))
+                )
+                if run_id is not None
+            ]
+        for run_id in run_ids:
+            self._launches.append(self._pool.submit(self._stop_run, run_id))
+        return run_ids
+
+    def _stop_run(self, run_id: int) -> None:
+        try:
+            self._launcher.stop(run_id)
+        except Exception:  # the SuperLink may be down; the heartbeat verdict stops it
+            log.warning("study run not stopped", extra={"run_id": run_id}, exc_info=True)
+        else:
+            log.info("study run stopped", extra={"run_id": run_id})
 
     # --- restarting ------------------------------------------------------------------
 

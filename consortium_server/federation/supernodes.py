@@ -5,9 +5,12 @@ authentication). Enrolling a site (``POST /api/v1/sites``) registers the key it 
 enrolled with; revoking it (``POST /api/v1/sites/{id}/revoke``) unregisters that SuperNode,
 so a revoked hospital is cut off from the federation as well as from the API.
 
-:class:`FlwrSuperNodeRegistry` drives the ``flwr`` CLI against the configured SuperLink;
-tests pass their own :class:`SuperNodeRegistry`. A server without a SuperLink has none, and
-the operator registers keys by hand (``flwr supernode register``).
+:class:`FlwrSuperNodeRegistry` calls the configured SuperLink's Control API (``RegisterNode``
+/ ``UnregisterNode``, as ``flwr supernode register|unregister`` would) over mutual TLS with
+the server's client certificate (:mod:`~consortium_server.federation.control_client`):
+Control is reachable by the consortium server only, so nobody else can add a node to the
+federation. Tests pass their own :class:`SuperNodeRegistry`. A server without a SuperLink
+has none, and the operator registers keys by hand.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class SuperNodeRegistry(Protocol):
 
 
 class FlwrSuperNodeRegistry:
-    """:class:`SuperNodeRegistry` through ``flwr supernode register|unregister``."""
+    """:class:`SuperNodeRegistry` through the SuperLink's Control API (``RegisterNode``)."""
 
     def __init__(self, link: SuperLinkHandle) -> None:
         self._link = link

@@ -12,11 +12,9 @@ restarts.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import secrets
 import stat
 import time
@@ -29,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from concord_protocol.private_files import write_private_file
 from consortium_server.identity.jwks import JwksSource, StaticJwksSource
 
 __all__ = ["KeyType", "LocalIssuer", "jwk_thumbprint"]
@@ -81,31 +80,13 @@ def _generate(key_type: KeyType) -> PrivateKey:
 
 
 def _write_new_key_file(key_file: Path, pem: bytes) -> bool:
-    """Create ``key_file`` (mode 0600) atomically; False if another process got there first."""
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    temporary = key_file.with_name(f".{key_file.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    """Create ``key_file`` (mode 0600 from the start) atomically; False if another process
+    got there first (a key is never overwritten)."""
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temporary, key_file)  # fails if the file exists: never overwrite a key
-        except FileExistsError:
-            return False
-        except OSError:
-            # No hard links on this filesystem: exclusive create, written in place.
-            try:
-                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(pem)
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
+        write_private_file(key_file, pem, overwrite=False)
+    except FileExistsError:
+        return False
+    return True
 
 
 class LocalIssuer:

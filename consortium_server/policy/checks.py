@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from concord_protocol.contract import StudyContract
+from concord_protocol.contract import StudyContract, StudyDraft
 from concord_protocol.policy.decisions import check_site_approval, check_submission
 from concord_protocol.policy.engine import Decision, PolicyEngine
 from concord_protocol.policy.facts import ConsortiumFacts, owner_principal
@@ -17,10 +17,16 @@ from concord_protocol.principals import Principal
 from consortium_server.budgets import service as budgets
 from consortium_server.datasets.models import Dataset
 from consortium_server.datasets.service import get_datasets
+from consortium_server.errors import InvalidRequestError
 from consortium_server.policy.service import startup_engine
 from consortium_server.sites.models import Site
 from consortium_server.studies.models import Study
-from consortium_server.studies.service import ApprovalGate, GateDecision, SubmissionGate
+from consortium_server.studies.service import (
+    ApprovalGate,
+    GateDecision,
+    SubmissionGate,
+    complete_draft,
+)
 
 __all__ = [
     "ApprovalGate",
@@ -88,10 +94,20 @@ def _submission(
 
 
 def dry_run(
-    session: Session, context: PolicyContext, contract: StudyContract, principal: Principal
+    session: Session, context: PolicyContext, draft: StudyDraft, principal: Principal
 ) -> Decision:
-    """The decision a submission of ``contract`` by ``principal`` would get now."""
-    datasets, _unknown = get_datasets(session, contract.datasets)
+    """The decision a submission of ``draft`` by ``principal`` would get now (with the
+    roster the server would add; unknown datasets are refused as at submission)."""
+    datasets, unknown = get_datasets(session, draft.datasets)
+    if unknown:
+        raise InvalidRequestError(
+            f"Unknown dataset(s): {', '.join(unknown)}.",
+            code="study.invalid",
+            details=[{"field": "datasets", "message": f"unknown dataset {i!r}"} for i in unknown],
+        )
+    site_ids = {d.site_id for d in datasets}
+    sites = {s.id: s for s in session.scalars(select(Site).where(Site.id.in_(site_ids)))}
+    contract = complete_draft(draft, datasets, sites)
     return _submission(session, context, contract, datasets, principal)
 
 

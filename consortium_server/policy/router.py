@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request, status
 from pydantic import BaseModel, Field, StringConstraints
 
-from concord_protocol.contract import StudyContract
+from concord_protocol.contract import StudyDraft
 from concord_protocol.principals import Role
 from consortium_server.api.deps import (
     ANY_MEMBER,
@@ -92,7 +92,7 @@ def _version(row: PolicyVersion, *, with_files: bool = False) -> PolicyVersionPu
 
 @router.post("/check", dependencies=[require_roles(Role.RESEARCHER, Role.CONSORTIUM_ADMIN)])
 def check(
-    body: StudyContract, request: Request, session: SessionDep, principal: CurrentPrincipal
+    body: StudyDraft, request: Request, session: SessionDep, principal: CurrentPrincipal
 ) -> DecisionPublic:
     """Dry-run: the decision a submission of this contract would get now. Nothing is stored."""
     context: PolicyContext = request.app.state.policy_context

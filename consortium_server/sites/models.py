@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import String, Text
+from sqlalchemy import ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from consortium_server.db.base import Base, UTCDateTime, str_enum, utcnow
 
-__all__ = ["Site", "SiteStatus"]
+__all__ = ["Site", "SiteKeyRotation", "SiteStatus"]
 
 
 class SiteStatus(StrEnum):
@@ -39,3 +39,20 @@ class Site(Base):
     enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     revoked_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class SiteKeyRotation(Base):
+    """A site's signed key rotation (:class:`concord_protocol.site_keys.KeyRotation`), kept
+    verbatim so that peers can follow the chain from the keys they pinned. Insert-only."""
+
+    __tablename__ = "site_key_rotations"
+    __table_args__ = (UniqueConstraint("site_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    previous_fingerprint: Mapped[str] = mapped_column(String(64))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    statement: Mapped[str] = mapped_column(Text)
+    recorded_by: Mapped[str] = mapped_column(String(255))
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

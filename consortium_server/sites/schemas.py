@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
+from concord_protocol.site_keys import KeyRotation, site_key_fingerprint
 from consortium_server.schemas import Slug, StrictModel
-from consortium_server.sites.models import SiteStatus
+from consortium_server.sites.models import Site, SiteStatus
 
-__all__ = ["SiteEnrol", "SitePublic", "SiteRevoke"]
+__all__ = ["KeyRotationPublic", "SiteEnrol", "SitePublic", "SiteRevoke"]
 
 Email = Annotated[
     str,
@@ -80,12 +88,24 @@ class SitePublic(BaseModel):
 
     model_config = ConfigDict(from_attributes=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fingerprint(cls, value: Any) -> Any:
+        if isinstance(value, Site):
+            fingerprint = site_key_fingerprint(value.signing_public_key, value.exchange_public_key)
+            return {c: getattr(value, c) for c in _SITE_COLUMNS} | {"key_fingerprint": fingerprint}
+        return value
+
     id: str
     organisation: str
     display_name: str
     contact_email: str
     signing_public_key: str
     exchange_public_key: str
+    key_fingerprint: str = Field(
+        description="SHA-256 of the two public keys: compare it with the one the site's IT "
+        "reads from `site-node keys fingerprint` before pinning (never trust this copy alone)."
+    )
     supernode_public_key: str
     supernode_node_id: str | None = Field(
         default=None,
@@ -96,3 +116,31 @@ class SitePublic(BaseModel):
     enrolled_by: str
     revoked_at: datetime | None = None
     revoked_reason: str | None = None
+
+
+class KeyRotationPublic(BaseModel):
+    """One recorded key rotation: the signed statement, verbatim, and when it was recorded."""
+
+    seq: int
+    previous_fingerprint: str
+    fingerprint: str
+    rotation: KeyRotation
+    recorded_by: str
+    recorded_at: datetime
+
+
+_SITE_COLUMNS = (
+    "id",
+    "organisation",
+    "display_name",
+    "contact_email",
+    "signing_public_key",
+    "exchange_public_key",
+    "supernode_public_key",
+    "supernode_node_id",
+    "status",
+    "enrolled_at",
+    "enrolled_by",
+    "revoked_at",
+    "revoked_reason",
+)

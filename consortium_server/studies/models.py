@@ -105,6 +105,9 @@ class StudyApproval(Base):
     decided_by: Mapped[str] = mapped_column(String(255))
     reason: Mapped[str] = mapped_column(Text, default="")
     decided_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: The decision time the site signed, verbatim, and its Ed25519 signature (base64).
+    signed_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    signature: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="approvals")
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 from fastapi import APIRouter, Request, status
 
 from concord_protocol.audit.entries import Outcome
-from concord_protocol.contract import StudyContract
+from concord_protocol.contract import StudyDraft
 from concord_protocol.principals import Role
 from consortium_server.api.deps import (
     ANY_MEMBER,
@@ -49,7 +49,7 @@ def _record_new_events(audit: AuditDep, study: Study, before: int) -> None:
     dependencies=[require_roles(Role.RESEARCHER)],
 )
 def submit_study(
-    body: StudyContract,
+    body: StudyDraft,
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
@@ -108,7 +108,7 @@ def get_study(study_id: str, session: SessionDep, principal: CurrentPrincipal) -
 @router.post(
     "/{study_id}/approvals",
     status_code=status.HTTP_201_CREATED,
-    dependencies=[require_roles(Role.DATA_STEWARD)],
+    dependencies=[require_roles(Role.DATA_STEWARD, Role.SITE_NODE)],
 )
 def decide(
     study_id: str,
@@ -118,7 +118,11 @@ def decide(
     principal: CurrentPrincipal,
     audit: AuditDep,
 ) -> StudyPublic:
-    """Approve or decline the study for your site, naming the contract hash you reviewed."""
+    """Record your site's signed decision on the study's exact contract hash.
+
+    The body is what `site-node study approve` (or `decline`) signed at the site; the
+    signature must verify with the key the study's roster names for the site.
+    """
     before = len(service.get_visible_study(session, study_id, principal).events)
     study = service.decide(
         session,
@@ -133,7 +137,12 @@ def decide(
         object_id=study.id,
         purpose=str(study.contract.get("purpose")),
         contract_hash=study.contract_hash,
-        details={"site_id": body.site_id, "reason": body.reason},
+        details={
+            "site_id": body.site_id,
+            "reason": body.reason,
+            "signed_at": body.decided_at,
+            "signature": body.signature,
+        },
     )
     _record_new_events(audit, study, before)
     return service.to_public(study)
@@ -146,12 +155,22 @@ def decide(
 def abort_study(
     study_id: str,
     body: StudyAbort,
+    request: Request,
     session: SessionDep,
     principal: CurrentPrincipal,
     audit: AuditDep,
 ) -> StudyPublic:
-    """Stop a study (its owner or a consortium admin); its unused budget is returned."""
-    before = len(service.get_visible_study(session, study_id, principal).events)
+    """Stop a study (its owner or a consortium admin); its unused budget is returned.
+
+    A running study's Flower run is stopped too (its ServerApp is also told ``stop`` at its
+    next heartbeat or round report).
+    """
+    found = service.get_visible_study(session, study_id, principal)
+    before, running = len(found.events), found.state is StudyState.RUNNING
     study = service.abort_study(session, study_id, actor=principal, reason=body.reason)
     _record_new_events(audit, study, before)
+    session.commit()  # the ServerApp must find the study aborted when its run stops
+    manager = getattr(request.app.state, "run_manager", None)
+    if running and manager is not None:
+        manager.stop_runs([study.id])
     return service.to_public(study)

@@ -22,12 +22,23 @@ __all__ = [
 
 
 class ApprovalCreate(StrictModel):
-    """A data steward's decision for their site, on one exact contract hash."""
+    """A site's signed decision on one exact contract hash (``site-node study approve``).
+
+    The fields are the :class:`~concord_protocol.site_decisions.SiteDecision` the site
+    signed (the study id is the path's), verbatim: the server checks ``signature`` with
+    the key the study's roster names for the site before recording anything.
+    """
 
     site_id: Slug
     contract_hash: Sha256Hex = Field(description="The hash you reviewed (GET the study first).")
     decision: ApprovalDecision
-    reason: Annotated[str, StringConstraints(max_length=2000, strip_whitespace=True)] = ""
+    reason: Annotated[str, StringConstraints(max_length=2000)] = ""
+    decided_at: Annotated[str, StringConstraints(min_length=1, max_length=40)] = Field(
+        description="When the steward decided, as the site signed it (ISO 8601, UTC)."
+    )
+    signature: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
+        description="The site's Ed25519 signature over the decision (base64)."
+    )
 
 
 class StudyAbort(StrictModel):
@@ -60,6 +71,14 @@ class StudySitePublic(BaseModel):
     decided_by: str | None = None
     decided_at: datetime | None = None
     reason: str | None = None
+    signed_at: str | None = Field(
+        default=None, description="The decision time the site signed (with `signature`)."
+    )
+    signature: str | None = Field(
+        default=None,
+        description="The site's Ed25519 signature (base64) over the SiteDecision of "
+        "(study id, contract_hash, site_id, decision, reason, signed_at).",
+    )
 
 
 class StudyEventPublic(BaseModel):

@@ -9,11 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from pydantic import ValidationError
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from concord_protocol.contract import StudyContract
+from concord_protocol.contract import RosterMember, StudyContract, StudyDraft
 from concord_protocol.principals import Principal, Role
+from concord_protocol.site_decisions import SignedDecision, SiteDecision
+from concord_protocol.site_keys import SignatureError, site_key_fingerprint
 from consortium_server.budgets import service as budgets
 from consortium_server.budgets.service import BudgetExceededError
 from consortium_server.datasets.models import Dataset
@@ -40,9 +43,12 @@ from consortium_server.studies.models import (
 from consortium_server.studies.schemas import ApprovalCreate, StudyPublic, StudySitePublic
 
 __all__ = [
+    "ABORTED_ON_REVOCATION",
+    "AbortedStudy",
     "ApprovalGate",
     "GateDecision",
     "SubmissionGate",
+    "abort_studies_of_site",
     "abort_study",
     "decide",
     "get_visible_study",
@@ -83,20 +89,76 @@ def _structural_gate(
     return GateDecision(True)
 
 
+def study_roster(datasets: list[Dataset], sites: dict[str, Site]) -> list[RosterMember]:
+    """The roster of a study over ``datasets``: each owning site, sorted by id, with its
+    keys' fingerprint and the records it published for these datasets."""
+    members = []
+    for site_id in sorted({d.site_id for d in datasets}):
+        site = sites[site_id]
+        members.append(
+            RosterMember(
+                site_id=site_id,
+                key_fingerprint=site_key_fingerprint(
+                    site.signing_public_key, site.exchange_public_key
+                ),
+                max_examples=sum(d.record_count for d in datasets if d.site_id == site_id),
+            )
+        )
+    return members
+
+
+def complete_draft(
+    draft: StudyDraft, datasets: list[Dataset], sites: dict[str, Site]
+) -> StudyContract:
+    """The contract of ``draft``: its roster from the catalogue and the site directory, and
+    the key generator the researcher named (default: the first roster member).
+
+    Raises :class:`ConflictError` (``study.roster_mismatch``) when the draft carries a
+    roster other than this one, and :class:`InvalidRequestError` for a key generator that
+    is not in the roster.
+    """
+    roster = study_roster(datasets, sites)
+    if draft.roster is not None and draft.roster != roster:
+        raise ConflictError(
+            "The roster in the draft is not the study's: its datasets' sites and their "
+            "current keys give another one. Leave the roster out, or fetch the site "
+            "directory again.",
+            code="study.roster_mismatch",
+            details=[
+                {
+                    "site_id": m.site_id,
+                    "key_fingerprint": m.key_fingerprint,
+                    "max_examples": m.max_examples,
+                }
+                for m in roster
+            ],
+        )
+    key_generator = draft.key_generator or roster[0].site_id
+    if key_generator not in {m.site_id for m in roster}:
+        raise InvalidRequestError(
+            f"The key generator {key_generator!r} is not a site of the study.",
+            code="study.invalid",
+            details=[{"field": "key_generator", "message": "must be a site of the study"}],
+        )
+    return draft.complete(roster, key_generator)
+
+
 def submit_study(
     session: Session,
-    contract: StudyContract,
+    draft: StudyDraft,
     *,
     actor: Principal,
     approval_window: timedelta,
     gate: SubmissionGate | None = None,
 ) -> Study:
-    """Record a study, check it, and move it to ``awaiting_approvals`` or ``rejected``.
+    """Complete a draft with its roster, record the study, check it, and move it to
+    ``awaiting_approvals`` or ``rejected``.
 
-    Unknown datasets or datasets of revoked sites are refused outright (nothing stored);
-    a policy denial is recorded as a ``rejected`` study with every reason.
+    Unknown datasets, datasets of revoked sites, and a draft whose roster or key generator
+    is not the one the catalogue gives are refused outright (nothing stored); a policy
+    denial is recorded as a ``rejected`` study with every reason.
     """
-    datasets, unknown = get_datasets(session, contract.datasets)
+    datasets, unknown = get_datasets(session, draft.datasets)
     if unknown:
         raise InvalidRequestError(
             f"Unknown dataset(s): {', '.join(unknown)}.",
@@ -104,15 +166,13 @@ def submit_study(
             details=[{"field": "datasets", "message": f"unknown dataset {i!r}"} for i in unknown],
         )
     site_ids = sorted({d.site_id for d in datasets})
-    revoked = [
-        s.id
-        for s in session.scalars(select(Site).where(Site.id.in_(site_ids)))
-        if s.status is SiteStatus.REVOKED
-    ]
+    sites = {s.id: s for s in session.scalars(select(Site).where(Site.id.in_(site_ids)))}
+    revoked = [sid for sid in site_ids if sites[sid].status is SiteStatus.REVOKED]
     if revoked:
         raise InvalidRequestError(
             f"Dataset(s) belong to revoked site(s): {', '.join(revoked)}.", code="study.invalid"
         )
+    contract = complete_draft(draft, datasets, sites)
     now = utcnow()
     study = Study(
         title=contract.title,
@@ -222,6 +282,56 @@ def list_visible_studies(
     return [s for s in studies if state is None or s.state is state]
 
 
+def signed_decision(study_id: str, data: ApprovalCreate) -> SignedDecision:
+    """The signed decision an approval body carries; :class:`InvalidRequestError` when it
+    is not one (bad base64, a field the signed form refuses)."""
+    try:
+        return SignedDecision(
+            decision=SiteDecision(
+                study_id=study_id,
+                contract_hash=data.contract_hash,
+                site_id=data.site_id,
+                decision=data.decision.value,
+                reason=data.reason,
+                decided_at=data.decided_at,
+            ),
+            signature=data.signature,
+        )
+    except ValidationError as exc:
+        raise InvalidRequestError(
+            "The decision is not a signed site decision.",
+            code="approval.signature_invalid",
+            details=[
+                {"field": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()
+            ],
+        ) from None
+
+
+def _verify_signed_decision(study: Study, site: Site, data: ApprovalCreate) -> None:
+    """The decision must be signed by the key the study's roster names for the site, and
+    the site must still hold that key (a rotation since submission needs a new study)."""
+    contract = StudyContract.model_validate(study.contract)
+    member = contract.member(site.id)
+    if member is None:
+        raise ConflictError(
+            f"Site {site.id!r} is not in the study's roster.", code="approval.not_requested"
+        )
+    current = site_key_fingerprint(site.signing_public_key, site.exchange_public_key)
+    if current != member.key_fingerprint:
+        raise ConflictError(
+            f"Site {site.id!r} changed its keys after the study was submitted: the roster "
+            "names the old ones. Abort the study and submit it again.",
+            code="approval.roster_key_changed",
+        )
+    try:
+        signed_decision(study.id, data).verify(site.signing_public_key)
+    except SignatureError as exc:
+        raise InvalidRequestError(
+            f"The decision is not signed by site {site.id!r}'s key: {exc.message}",
+            code="approval.signature_invalid",
+        ) from None
+
+
 def decide(
     session: Session,
     study_id: str,
@@ -258,12 +368,13 @@ def decide(
             "fetch the study again and review the current contract.",
             code="approval.hash_mismatch",
         )
-    if data.decision is ApprovalDecision.DECLINED and not data.reason:
+    if data.decision is ApprovalDecision.DECLINED and not data.reason.strip():
         raise InvalidRequestError(
             "A decline needs a reason.",
             code="request.invalid",
             details=[{"field": "body.reason", "message": "required when declining"}],
         )
+    _verify_signed_decision(study, site, data)
     if data.decision is ApprovalDecision.APPROVED and gate is not None:
         verdict = gate(study, site.id)
         if not verdict.allowed:
@@ -280,6 +391,8 @@ def decide(
         decided_by=actor.subject,
         reason=data.reason,
         decided_at=utcnow(),
+        signed_at=data.decided_at,
+        signature=data.signature,
     )
     session.add(approval)
     study.approvals.append(approval)
@@ -334,10 +447,65 @@ def abort_study(session: Session, study_id: str, *, actor: Principal, reason: st
     is_owner = principal_owns(actor, study)
     if not (is_owner or actor.has(Role.CONSORTIUM_ADMIN)):
         raise ForbiddenError("Only the study's owner or a consortium admin can abort it.")
-    transition(study, StudyState.ABORTED, actor=actor, reason=reason)
-    budgets.release(session, study.id)
+    _abort(session, study, actor=actor, reason=reason)
     session.flush()
     return study
+
+
+def _abort(session: Session, study: Study, *, actor: Principal, reason: str) -> None:
+    transition(study, StudyState.ABORTED, actor=actor, reason=reason)
+    budgets.release(session, study.id)
+
+
+#: States of a study that a revoked site's withdrawal ends: not yet finished.
+ABORTED_ON_REVOCATION = frozenset(
+    {StudyState.AWAITING_APPROVALS, StudyState.APPROVED, StudyState.RUNNING}
+)
+
+
+@dataclass(frozen=True)
+class AbortedStudy:
+    """A study that a site's revocation aborted, and how many events it had before."""
+
+    study: Study
+    events_before: int
+    was_running: bool
+
+
+def abort_studies_of_site(
+    session: Session, site_id: str, *, actor: Principal, reason: str
+) -> list[AbortedStudy]:
+    """Abort every unfinished study (awaiting approvals, approved or running) that uses a
+    dataset of ``site_id``, which was just revoked: the site must not keep taking part in,
+    or holding the keys of, a study it was removed from. Each transition names the
+    revocation; the unused budget is returned. Completed studies are left alone (their
+    results are fixed; the release gate still counts the site's earlier sign-off).
+
+    Each study row is locked (``FOR UPDATE`` on PostgreSQL) before it changes, so a round
+    report that the round gate holds the lock for lands first, and the next one is told
+    to stop.
+    """
+    ids = session.scalars(
+        select(Study.id)
+        .join(StudySite, StudySite.study_id == Study.id)
+        .where(StudySite.site_id == site_id, Study.state.in_(ABORTED_ON_REVOCATION))
+        .order_by(Study.id)
+    ).all()
+    aborted = []
+    for study_id in ids:
+        study = session.get(Study, study_id, with_for_update=True, populate_existing=True)
+        if study is None or study.state not in ABORTED_ON_REVOCATION:
+            continue
+        before, running = len(study.events), study.state is StudyState.RUNNING
+        _abort(
+            session,
+            study,
+            actor=actor,
+            reason=f"Site {site_id} was revoked ({reason}); the study cannot go on without it.",
+        )
+        aborted.append(AbortedStudy(study, before, running))
+    session.flush()
+    return aborted
 
 
 def principal_owns(principal: Principal, study: Study) -> bool:
@@ -359,6 +527,8 @@ def to_public(study: Study) -> StudyPublic:
                 decided_by=approval.decided_by if approval else None,
                 decided_at=approval.decided_at if approval else None,
                 reason=approval.reason if approval else None,
+                signed_at=approval.signed_at if approval else None,
+                signature=approval.signature if approval else None,
             )
         )
     return StudyPublic.model_validate(

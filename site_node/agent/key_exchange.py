@@ -1,26 +1,28 @@
-"""Study key exchange: every approved site of a study ends with the same CKKS secret key.
+"""Study key exchange: every site of a study's roster ends with the same CKKS secret key.
 
-Who generates: the **lexicographically smallest approved site id** of the study
-(:func:`generating_site`). Every site computes the same answer from the study's approvals
-without talking to the others, and no election or lock is needed on the server.
+Who generates: the contract's ``key_generator``, a roster member named inside the hash
+every steward approved (the server cannot choose it after the fact, nor slip in a site
+that sorts first). Whose keys: only those pinned at this site (:mod:`site_node.peers`),
+never the server's directory.
 
-The generating site (:func:`exchange_keys`):
+The generating site (:func:`exchange_keys`), once every roster member's signed approval
+verified here (:attr:`ActiveStudy.fully_approved`, so a key goes only to sites that
+approved this exact contract):
 
 1. creates the study context (:func:`generate_study_context`) and saves it in its
    :class:`ApprovalStore` *before* uploading, so a crash between the two reuses the same
    key after a restart instead of generating a second one;
-2. seals it to every other approved site's X25519 key, taken from the enrolment records
-   (``GET /api/v1/sites``), signing as itself (:func:`seal_study_key`);
+2. seals it to every other roster member's *pinned* X25519 key, signing as itself
+   (:func:`seal_study_key`);
 3. posts the public context (no secret key) and the sealed keys to
    ``POST /api/v1/studies/{id}/keys``. The first upload wins; a ``keys.exists`` answer
    means it was already relayed, which is then checked like a fresh relay.
 
-Every other approved site polls ``GET /api/v1/studies/{id}/keys/mine`` until the key is
-there, checks that the sender is an approved site of the study and that the signing key
-the server names is the sender's enrolled key, opens the sealed key with its own X25519
-key and the sender's Ed25519 key (:func:`open_study_key`: addressing, signature, AEAD,
-public context, fingerprint), and saves it. The server only ever sees the public context
-and sealed bytes.
+Every other member polls ``GET /api/v1/studies/{id}/keys/mine`` until the key is there,
+checks that the sender is the contract's key generator, opens the sealed key with its own
+X25519 key and the generator's *pinned* Ed25519 key (:func:`open_study_key`: addressing,
+signature, AEAD, public context, fingerprint), and saves it. The server only ever sees the
+public context and sealed bytes, and a key it swapped in its directory is never used.
 
 Idempotent across restarts: a site that holds the key does nothing. The generator checks
 once that the relayed fingerprint is its own and then remembers it in
@@ -37,7 +39,7 @@ import binascii
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,18 +58,12 @@ from site_node.crypto.sealing import (
     study_key_fingerprint,
 )
 from site_node.federation.approvals import ApprovalError, ApprovalStore
+from site_node.peers import Peer
 
-__all__ = ["RELAYED_FILE", "KeyResult", "exchange_keys", "generating_site"]
+__all__ = ["RELAYED_FILE", "KeyResult", "exchange_keys"]
 
 #: Studies whose key this site generated and saw relayed: study id -> key fingerprint.
 RELAYED_FILE = Path("agent") / "relayed-keys.json"
-
-
-def generating_site(approved_sites: Sequence[str]) -> str:
-    """The site that generates a study's key: the smallest approved site id."""
-    if not approved_sites:
-        raise AgentError("the study has no approved site", code="agent.no_approved_sites")
-    return min(approved_sites)
 
 
 @dataclass
@@ -101,12 +97,18 @@ class _KeyExchange:
     """One pass for one site; caches the site directory for the pass."""
 
     def __init__(
-        self, api: ConsortiumClient, site_id: str, site_keys: SiteKeyPair, store: ApprovalStore
+        self,
+        api: ConsortiumClient,
+        site_id: str,
+        site_keys: SiteKeyPair,
+        store: ApprovalStore,
+        peers: Mapping[str, Peer],
     ) -> None:
         self.api = api
         self.site_id = site_id
         self.site_keys = site_keys
         self.store = store
+        self.peers = peers
         self.result = KeyResult()
         self._sites: dict[str, dict[str, Any]] | None = None
         self._relayed_path = store.root.parent / RELAYED_FILE
@@ -142,6 +144,18 @@ class _KeyExchange:
             )
         return record
 
+    def pinned(self, site_id: str) -> Peer:
+        """The pin of a roster member, or :class:`AgentError` (``peers.not_pinned``)."""
+        peer = self.peers.get(site_id)
+        if peer is None:
+            raise AgentError(
+                f"{site_id} is not pinned at this site: its keys are not trusted",
+                code="peers.not_pinned",
+                hint=f"Confirm {site_id}'s fingerprint with its IT, then "
+                f"`site-node peers pin {site_id} <fingerprint>`.",
+            )
+        return peer
+
     def mine(self, study_id: str) -> dict[str, Any] | None:
         """The relayed key for this site, or ``None`` when nothing was relayed yet."""
         try:
@@ -154,9 +168,9 @@ class _KeyExchange:
 
     def run(self, study: ActiveStudy) -> None:
         """Generate or receive the key of one study."""
-        if not study.encrypted or self.site_id not in study.approved_sites:
+        if not study.encrypted or self.site_id not in study.roster:
             return
-        if generating_site(study.approved_sites) == self.site_id:
+        if study.key_generator == self.site_id:
             self.generate(study)
         else:
             self.receive(study)
@@ -182,6 +196,9 @@ class _KeyExchange:
             else:
                 self.result.unchanged.append(study.study_id)
             return
+        if not study.fully_approved:
+            self.result.waiting.append(study.study_id)
+            return
         me = self.enrolled(self.site_id)
         if me.get("signing_public_key") != self.site_keys.signing_public_b64:
             raise AgentError(
@@ -195,19 +212,17 @@ class _KeyExchange:
                 study.study_id, generate_study_context(), sender_id=self.site_id
             )
         sealed = []
-        for recipient in study.approved_sites:
+        for recipient in study.roster:
             if recipient == self.site_id:
                 continue
-            record = self.enrolled(recipient)
+            peer = self.pinned(recipient)
             sealed.append(
                 seal_study_key(
                     local.secret_context,
                     sender_id=self.site_id,
                     sender_signing_key=self.site_keys.signing_key,
                     recipient_id=recipient,
-                    recipient_exchange_public=x25519_public_from_b64(
-                        str(record["exchange_public_key"])
-                    ),
+                    recipient_exchange_public=x25519_public_from_b64(peer.keys.exchange_public_key),
                     study_id=study.study_id,
                     contract_hash=study.contract_hash,
                 ).model_dump(mode="json")
@@ -261,17 +276,17 @@ class _KeyExchange:
             self.result.waiting.append(study.study_id)
             return
         sender = str(relayed.get("sender_site_id"))
-        if sender not in study.approved_sites or sender == self.site_id:
+        if sender != study.key_generator or sender == self.site_id:
             raise AgentError(
-                f"study {study.study_id}: the key was sent by {sender}, not another approved "
-                "site of the study",
+                f"study {study.study_id}: the key was sent by {sender}, not by the contract's "
+                f"key generator {study.key_generator}",
                 code="agent.key_sender_not_approved",
             )
-        enrolled_key = str(self.enrolled(sender)["signing_public_key"])
-        if relayed.get("sender_signing_public_key") != enrolled_key:
+        pinned_key = self.pinned(sender).keys.signing_public_key
+        if relayed.get("sender_signing_public_key") != pinned_key:
             raise AgentError(
                 f"study {study.study_id}: the relay names another signing key for {sender} "
-                "than its enrolment record",
+                "than the one pinned here",
                 code="agent.sender_key_mismatch",
             )
         try:
@@ -285,7 +300,7 @@ class _KeyExchange:
         secret = open_study_key(
             sealed,
             recipient_exchange_private=self.site_keys.exchange_key,
-            sender_signing_public=ed25519_public_from_b64(enrolled_key),
+            sender_signing_public=ed25519_public_from_b64(pinned_key),
             expected_study_id=study.study_id,
             expected_contract_hash=study.contract_hash,
             expected_recipient_id=self.site_id,
@@ -312,6 +327,7 @@ def exchange_keys(
     site_keys: SiteKeyPair,
     store: ApprovalStore,
     studies: Sequence[ActiveStudy],
+    peers: Mapping[str, Peer],
 ) -> KeyResult:
     """One key-exchange pass over ``studies`` (from :func:`sync_approvals`).
 
@@ -319,7 +335,7 @@ def exchange_keys(
     :attr:`KeyResult.failed` and the others go on; transient API errors propagate so that
     the caller retries the whole (idempotent) pass.
     """
-    exchange = _KeyExchange(api, site_id, site_keys, store)
+    exchange = _KeyExchange(api, site_id, site_keys, store, peers)
     for study in studies:
         try:
             exchange.run(study)

@@ -1,10 +1,14 @@
 """The site agent loop behind ``site-node run``.
 
-Every ``poll_interval_s`` seconds one pass runs four steps, in order:
+Every ``poll_interval_s`` seconds one pass runs five steps, in order:
 
+``peers``
+    follow the signed key rotations of pinned peers whose published keys moved; a change
+    without a valid rotation from the pinned key is refused (:mod:`site_node.peers`);
 ``sync``
-    mirror this site's approved study contracts into the ApprovalStore, after re-hashing
-    them; revoke approvals of studies that were rejected, aborted or failed
+    follow the studies this site approved itself (``site-node study approve``): re-check the
+    served contract, post decisions the server missed, verify the other members' signed
+    approvals; revoke approvals (and keys) of studies that were rejected, aborted or failed
     (:mod:`site_node.agent.sync`);
 ``keys``
     generate or receive each approved, encrypted study's CKKS key
@@ -50,6 +54,7 @@ from site_node.agent.sync import AgentError, SyncResult, is_transient, sync_appr
 from site_node.agent.witness import WitnessResult, cosign_latest, verify_latest
 from site_node.crypto.sealing import SiteKeyPair
 from site_node.federation.approvals import ApprovalStore
+from site_node.peers import FollowResult, PeerStore
 from site_node.settings import SiteSettings
 
 __all__ = [
@@ -89,6 +94,7 @@ class PassReport:
     """The outcome of every step of one pass."""
 
     steps: list[StepOutcome] = field(default_factory=list)
+    peers: FollowResult | None = None
     sync: SyncResult | None = None
     keys: KeyResult | None = None
     release: ReleaseResult | None = None
@@ -138,6 +144,7 @@ class SiteAgent:
         self.site_keys = site_keys
         self.state_dir = Path(state_dir)
         self.store = ApprovalStore(self.state_dir)
+        self.peers = PeerStore(self.state_dir)
         self.server_head_key = server_head_key
         self.retry_attempts = retry_attempts
         self.retry_base_s = retry_base_s
@@ -159,10 +166,20 @@ class SiteAgent:
     # --- one pass -----------------------------------------------------------------
 
     def run_pass(self) -> PassReport:
-        """Run sync, keys, release and witness once; never raises for API or domain errors."""
+        """Run peers, sync, keys, release and witness once; never raises for API or domain
+        errors."""
         report = PassReport()
+        outcome, report.peers = self._step(
+            "peers", lambda: self.peers.follow(self.api.list_sites(), self.api)
+        )
+        report.steps.append(outcome)
+        if report.peers is not None:
+            self._log_peers(report.peers)
         outcome, report.sync = self._step(
-            "sync", lambda: sync_approvals(self.api, site_id=self.site_id, store=self.store)
+            "sync",
+            lambda: sync_approvals(
+                self.api, site_id=self.site_id, store=self.store, peers=self.peers.all()
+            ),
         )
         report.steps.append(outcome)
         if report.sync is not None:
@@ -176,6 +193,7 @@ class SiteAgent:
                     site_keys=self.site_keys,
                     store=self.store,
                     studies=active,
+                    peers=self.peers.all(),
                 ),
             )
             report.steps.append(outcome)
@@ -271,11 +289,33 @@ class SiteAgent:
             )
             return StepOutcome(name, ok, attempt, None if ok else "agent.step_incomplete"), value
 
+    def _log_peers(self, result: FollowResult) -> None:
+        for site_id, fingerprint in result.rotated.items():
+            log.info(
+                "pinned peer's keys rotated",
+                extra={
+                    "event": "agent.peer_rotated",
+                    "step": "peers",
+                    "site_id": site_id,
+                    "key_fingerprint": fingerprint,
+                },
+            )
+        for site_id, code in result.refused.items():
+            log.error(
+                "a pinned peer's published keys are refused",
+                extra={
+                    "event": "agent.peer_refused",
+                    "step": "peers",
+                    "site_id": site_id,
+                    "code": code,
+                },
+            )
+
     def _log_sync(self, result: SyncResult) -> None:
         for study_id in result.recorded:
             log.info(
-                "study approval recorded",
-                extra={"event": "agent.approval_recorded", "study_id": study_id},
+                "study decision posted",
+                extra={"event": "agent.decision_posted", "study_id": study_id},
             )
         for study_id in result.revoked:
             log.info(
@@ -366,6 +406,14 @@ def _site(settings: SiteSettings) -> tuple[str, SiteKeyPair]:
             "the site id is not set", code="agent.no_site_id", hint="Set CONCORD_SITE_SITE_ID."
         )
     return settings.site_id, SiteKeyPair.load(settings.keys_dir())
+
+
+def consortium_client(
+    settings: SiteSettings, *, transport: httpx.BaseTransport | None = None
+) -> ConsortiumClient:
+    """An API client with the site's credentials (for the agent and the CLI)."""
+    token, _, _ = token_provider(settings)
+    return ConsortiumClient(settings.api_url, token, transport=transport)
 
 
 def verify_audit(

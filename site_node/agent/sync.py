@@ -1,29 +1,33 @@
-"""Study sync: mirror this site's approved study contracts into the local ApprovalStore.
+"""Study sync: follow the server's view of this site's studies, trusting only what the site
+approved itself.
 
-One pass (:func:`sync_approvals`) lists the studies the site's ``site_node`` identity may
-see and, for each:
+Approvals are made at the site (:mod:`site_node.studies`: ``site-node study approve``
+signs the decision and records the contract in the
+:class:`~site_node.federation.approvals.ApprovalStore`); the server's word that this site
+approved something is never enough. One pass (:func:`sync_approvals`) lists the studies the
+site's identity may see and, for each:
 
-* state ``approved`` or ``running`` and this site's decision ``approved``: the contract is
-  re-hashed here (:meth:`StudyContract.contract_hash`) and must equal the study's
-  ``contract_hash`` (and the site's approval hash, when the API reports one); only then is
-  it recorded with :meth:`ApprovalStore.approve`. A mismatch is *refused*: nothing is
-  recorded and the pass reports ``agent.contract_hash_mismatch``. The Flower ClientApp
-  trains only on contracts in the store, so a server that alters a contract after the
-  steward approved it cannot make the site train on it.
-* state ``rejected``, ``aborted`` or ``failed``, or this site's decision is not
-  ``approved``: every local approval of the study is revoked.
+* state ``rejected``, ``aborted`` or ``failed``: every local approval of the study is
+  revoked and its study key deleted (a server that lies here can only stop the site
+  taking part: denial of service, nothing more);
+* a signed decision of this site that the server does not have yet (it was down when the
+  steward decided) is posted again;
+* state ``approved`` or ``running`` with a local approval: the served contract is
+  re-hashed here and must be the approved one; its roster and key generator then come
+  from the *local* copy, and the roster members whose signed approval verifies with the
+  key pinned for them (this site: its own local approval) make
+  :attr:`ActiveStudy.approved_sites`, which the key exchange relies on. A study the server
+  calls runnable that this site did not approve is ignored (``unapproved``); one whose
+  served contract differs from the approved one is refused
+  (``agent.contract_hash_mismatch``) and nothing about the local approval changes.
 
-Recording is idempotent: a contract already in the store is left alone, so a second pass
-changes nothing. The studies kept (:class:`ActiveStudy`) feed the key exchange.
-
-The study API does not expose each approval's contract hash today; the server refuses an
-approval of any other hash than the study's (``approval.hash_mismatch``) and the key relay
-only serves sites whose approval names the study's hash, which is what this step relies on.
+Idempotent: a second pass changes nothing.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +38,8 @@ from concord_protocol.contract import StudyContract
 from concord_protocol.errors import IdentityProviderError
 from site_node.errors import SiteError
 from site_node.federation.approvals import ApprovalError, ApprovalStore
+from site_node.peers import Peer
+from site_node.studies import verified_decisions
 
 __all__ = [
     "RUNNABLE_STATES",
@@ -74,21 +80,33 @@ def is_transient(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class ActiveStudy:
-    """A study this site approved and that may run: what the key exchange needs."""
+    """A study this site approved and that may run: what the key exchange needs.
+
+    ``roster`` and ``key_generator`` are from the contract this site approved;
+    ``approved_sites`` are the roster members whose approval this site verified.
+    """
 
     study_id: str
     contract_hash: str
+    roster: tuple[str, ...]
+    key_generator: str
     approved_sites: tuple[str, ...]
     encrypted: bool
+
+    @property
+    def fully_approved(self) -> bool:
+        """Every roster member's signed approval verified here."""
+        return set(self.approved_sites) >= set(self.roster)
 
 
 @dataclass
 class SyncResult:
     """What one sync pass did, by study id (refusals carry the error code)."""
 
-    recorded: list[str] = field(default_factory=list)
+    recorded: list[str] = field(default_factory=list)  # decisions posted on this pass
     unchanged: list[str] = field(default_factory=list)
     revoked: list[str] = field(default_factory=list)
+    unapproved: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
     active: list[ActiveStudy] = field(default_factory=list)
 
@@ -103,6 +121,7 @@ class SyncResult:
             "recorded": len(self.recorded),
             "unchanged": len(self.unchanged),
             "revoked": len(self.revoked),
+            "unapproved": len(self.unapproved),
             "refused": len(self.refused),
         }
 
@@ -124,12 +143,13 @@ def _local_approvals(store: ApprovalStore, result: SyncResult) -> dict[str, set[
 def _revoke(store: ApprovalStore, study_id: str, hashes: set[str], result: SyncResult) -> None:
     for contract_hash in sorted(hashes):
         store.revoke(contract_hash)
-    if hashes:
+    dropped = store.delete_study_key(study_id)
+    if hashes or dropped:
         result.revoked.append(study_id)
 
 
-def _checked_contract(detail: dict[str, Any], mine: dict[str, Any]) -> tuple[StudyContract, str]:
-    """The study's contract after re-hashing it here; raises :class:`AgentError`."""
+def _served_contract(detail: dict[str, Any]) -> str:
+    """The hash of the contract the server serves now, re-computed here."""
     study_id = str(detail.get("id"))
     try:
         contract = StudyContract.model_validate(detail["contract"])
@@ -145,58 +165,85 @@ def _checked_contract(detail: dict[str, Any], mine: dict[str, Any]) -> tuple[Stu
             code="agent.contract_hash_mismatch",
             hint="Do not train; report this to the consortium operator (the contract changed).",
         )
-    approval_hash = mine.get("contract_hash")
-    if approval_hash is not None and approval_hash != computed:
-        raise AgentError(
-            f"study {study_id}: this site approved another contract hash than the study's",
-            code="agent.approval_hash_mismatch",
-        )
-    return contract, computed
+    return computed
 
 
-def sync_approvals(api: ConsortiumClient, *, site_id: str, store: ApprovalStore) -> SyncResult:
-    """One sync pass (see the module docstring). API errors propagate (the caller retries)."""
+def _repost(api: ConsortiumClient, store: ApprovalStore, study_id: str, result: SyncResult) -> None:
+    """Post this site's signed decision again if the server never recorded it."""
+    held = store.decision(study_id)
+    if held is None or held[1]:
+        return
+    try:
+        api.decide(held[0])
+    except ApiError as exc:
+        if is_transient(exc):
+            raise
+        if exc.code != "approval.duplicate":
+            result.refused[study_id] = exc.code
+            return
+    store.mark_posted(study_id)
+    result.recorded.append(study_id)
+
+
+def sync_approvals(
+    api: ConsortiumClient,
+    *,
+    site_id: str,
+    store: ApprovalStore,
+    peers: Mapping[str, Peer] | None = None,
+) -> SyncResult:
+    """One sync pass (see the module docstring). API errors propagate (the caller retries).
+
+    ``peers``: this site's pinned peers (:class:`~site_node.peers.PeerStore`), with which
+    the other roster members' signed approvals are checked.
+    """
     result = SyncResult()
     local = _local_approvals(store, result)
+    pinned = dict(peers or {})
     for summary in api.list_studies():
         study_id = str(summary["id"])
         state = str(summary["state"])
         if state in WITHDRAWN_STATES:
             _revoke(store, study_id, local.get(study_id, set()), result)
             continue
+        try:
+            _repost(api, store, study_id, result)
+        except ApprovalError as exc:
+            result.refused[study_id] = exc.code
+            continue
         if state not in RUNNABLE_STATES:
             continue
+        mine = local.get(study_id, set())
+        if not mine:
+            result.unapproved.append(study_id)
+            continue
         detail = api.get_study(study_id)
-        sites: list[dict[str, Any]] = list(detail.get("sites", []))
-        mine = next((s for s in sites if s.get("site_id") == site_id), None)
-        if mine is None:
-            continue
-        if mine.get("decision") != "approved":
-            _revoke(store, study_id, local.get(study_id, set()), result)
-            continue
         try:
-            contract, contract_hash = _checked_contract(detail, mine)
+            served = _served_contract(detail)
         except AgentError as exc:
             result.refused[study_id] = exc.code
             continue
-        stale = local.get(study_id, set()) - {contract_hash}
-        _revoke(store, study_id, stale, result)
-        if contract_hash in local.get(study_id, set()):
-            result.unchanged.append(study_id)
-        else:
-            try:
-                store.approve(study_id, contract, contract_hash)
-            except ApprovalError as exc:
-                result.refused[study_id] = exc.code
-                continue
-            result.recorded.append(study_id)
+        if served not in mine:
+            result.refused[study_id] = "agent.approval_hash_mismatch"
+            continue
+        approved = store.get(served)
+        if approved is None:  # revoked between the listing and now
+            continue
+        contract = approved.contract
+        verified = {
+            d.site_id
+            for d in verified_decisions(detail, contract, pinned)
+            if d.verified and d.decision == "approved"
+        }
+        verified.add(site_id)
+        result.unchanged.append(study_id)
         result.active.append(
             ActiveStudy(
                 study_id=study_id,
-                contract_hash=contract_hash,
-                approved_sites=tuple(
-                    sorted(str(s["site_id"]) for s in sites if s.get("decision") == "approved")
-                ),
+                contract_hash=served,
+                roster=contract.site_ids,
+                key_generator=contract.key_generator,
+                approved_sites=tuple(sorted(verified & set(contract.site_ids))),
                 encrypted=contract.encryption.enabled,
             )
         )

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from concord_protocol.errors import ContextError
+from concord_protocol.private_files import write_private_file
 from concord_protocol.sealed_key import (
     SealedKey,
 )
@@ -281,18 +282,13 @@ class SiteKeyPair:
 
 
 def _write_private(path: Path, data: bytes, *, overwrite: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    """A new file of mode 0600 from the start, moved into place atomically (never chmod)."""
     try:
-        fd = os.open(path, flags, 0o600)
+        write_private_file(path, data, overwrite=overwrite)
     except FileExistsError:
         raise KeyFileError(
             f"{path} exists; refusing to overwrite a site key", code="keys.exists"
         ) from None
-    try:
-        os.fchmod(fd, 0o600)  # umask or an earlier file could leave other bits
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def _read_private(path: Path) -> Any:

@@ -5,6 +5,7 @@ site agent (or ``site-node`` commands); the Flower ClientApp only *reads* it. La
 
     <state_dir>/federation/
         approvals/<contract_hash>.json    {"study_id", "contract_hash", "contract", "approved_at"}
+        decisions/<study_id>.json         the site's signed decision and whether it was posted
         study-keys/<study_id>.ctx         the study's CKKS secret context (mode 0600)
         study-keys/<study_id>.json        {"key_fingerprint", "sender_id", "public_context_sha256"}
         allowed-fabs.txt                  extra Flower app bundles the site accepts (below)
@@ -26,15 +27,17 @@ different ClientApps (a hand-edited file), allow nothing: deny by default.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from concord_protocol.bundle import CLIENTAPP_REF
 from concord_protocol.contract import StudyContract
+from concord_protocol.private_files import write_private_file
+from concord_protocol.site_decisions import SignedDecision
 from concord_protocol.wire.format import sha256_hex
 from site_node.crypto.sealing import study_key_fingerprint
 from site_node.errors import SiteError
@@ -91,17 +94,9 @@ def _safe_id(value: str) -> str:
     return value
 
 
-def _write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically by a file of mode 0600 from its creation on."""
+    write_private_file(path, data)
 
 
 class ApprovalStore:
@@ -171,6 +166,47 @@ class ApprovalStore:
             return set()
         return {p.stem for p in folder.glob("*.json") if _is_hash(p.stem)}
 
+    # --- signed decisions -------------------------------------------------------------
+
+    def _decision_path(self, study_id: str) -> Path:
+        return self.root / "decisions" / f"{_safe_id(study_id)}.json"
+
+    def record_decision(self, signed: SignedDecision, *, posted: bool = False) -> None:
+        """Keep the site's signed decision on a study (and whether the server has it)."""
+        body = {"signed": signed.model_dump(mode="json"), "posted": posted}
+        _write_atomic(
+            self._decision_path(signed.decision.study_id),
+            json.dumps(body, sort_keys=True).encode(),
+        )
+
+    def decision(self, study_id: str) -> tuple[SignedDecision, bool] | None:
+        """The site's signed decision on ``study_id`` and whether it was posted, or ``None``."""
+        path = self._decision_path(study_id)
+        if not path.is_file():
+            return None
+        try:
+            body = json.loads(path.read_text())
+            return SignedDecision.model_validate(body["signed"]), bool(body["posted"])
+        except (ValueError, KeyError, ValidationError):
+            raise ApprovalError(
+                f"{path} is damaged (file altered?)", code="approval.corrupt"
+            ) from None
+
+    def mark_posted(self, study_id: str) -> None:
+        """Note that the server recorded the site's decision on ``study_id``."""
+        current = self.decision(study_id)
+        if current is not None and not current[1]:
+            self.record_decision(current[0], posted=True)
+
+    def approvals_of(self, study_id: str) -> list[ApprovedStudy]:
+        """Every contract of ``study_id`` this site approved (normally one)."""
+        found = []
+        for contract_hash in sorted(self.approved_hashes()):
+            record = self.get(contract_hash)
+            if record is not None and record.study_id == study_id:
+                found.append(record)
+        return found
+
     # --- study keys -------------------------------------------------------------------
 
     def save_study_key(self, study_id: str, secret_context: bytes, *, sender_id: str) -> StudyKey:
@@ -199,6 +235,23 @@ class ApprovalStore:
         if study_key_fingerprint(secret) != meta.get("key_fingerprint"):
             raise ApprovalError("study key does not match its fingerprint", code="approval.corrupt")
         return StudyKey(sid, secret, str(meta["key_fingerprint"]), str(meta["sender_id"]))
+
+    def delete_study_key(self, study_id: str) -> bool:
+        """Drop the study's secret context and its metadata (the study was aborted, failed or
+        rejected, or this site was revoked from it); True if there was a key to drop.
+
+        The accountant state stays: it records what this site spent, which never shrinks.
+        """
+        sid = _safe_id(study_id)
+        folder = self.root / "study-keys"
+        dropped = False
+        for path in (folder / f"{sid}.ctx", folder / f"{sid}.json"):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            dropped = True
+        return dropped
 
     # --- app bundles and accountant state ---------------------------------------------
 

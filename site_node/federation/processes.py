@@ -38,6 +38,20 @@ runner next to the SuperNode and returns a :class:`SuperNodeProcess` that stops 
 :func:`exec_supernode` (``site-node supernode``, for containers) writes the shim, starts the
 runner and becomes ``flower-supernode``.
 
+Nothing else a SuperNode could start runs (deny by default). The SuperNode runs with
+``--isolation process --superexec-auth-secret-file F``: Flower then starts no SuperExec of
+its own, and the local Runtime API's ``acquire-task`` requires an HMAC made with the secret
+in ``F`` (a file of mode 0600, never an argument or environment value). The site's executor
+(:mod:`site_node.federation.executor`) holds that secret, acquires only ``flwr-clientapp``
+tasks and starts the shim with the task token in a file (``--token-file``), never in argv.
+An AgentApp run (or a ServerApp, simulation, model or connector task a running app creates)
+is never acquired: nothing is installed, imported or started for it. As a second line, the
+shim's directory, first on ``PATH``, holds a deny stub for every other Flower app command
+and for ``flower-superexec`` (:func:`concord_protocol.superexec.write_deny_stubs`).
+:func:`supernode_args_plan` enforces this for ``site-node supernode``: it adds ``--isolation
+process`` and a secret file, and refuses ``--isolation subprocess`` and a runtime API host
+other than loopback.
+
 Runtime dependency installation stays off (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION``;
 the SuperNode's default is off too).
 """
@@ -67,8 +81,10 @@ from concord_protocol.processes import (
     spawn,
     wait_for_port,
 )
-from site_node.errors import MessageRefusedError
+from concord_protocol.superexec import ensure_secret_file, write_deny_stubs
+from site_node.errors import MessageRefusedError, SiteError
 from site_node.federation.approvals import ApprovalStore, is_clientapp_ref
+from site_node.federation.executor import executor_args
 from site_node.federation.warm.protocol import runner_socket_path
 
 if TYPE_CHECKING:
@@ -79,6 +95,7 @@ log = logging.getLogger("concord.site.federation")
 __all__ = [
     "AcceptedBundle",
     "BundleRefusedError",
+    "SuperNodeArgsError",
     "SuperNodeProcess",
     "SuperNodeSpec",
     "check_bundle",
@@ -87,6 +104,8 @@ __all__ = [
     "load_clientapp",
     "start_supernode",
     "start_warm_runner",
+    "superexec_secret_path",
+    "supernode_args_plan",
     "write_runner_shim",
 ]
 
@@ -202,6 +221,8 @@ def guarded_clientapp_main(state_dir: Path, argv: list[str] | None = None) -> No
     runner.get_load_client_app_fn = load_fn
     args = _parse_args_run_flwr_clientapp().parse_args(argv)
     token = try_obtain_flwr_app_token(args)
+    if args.token_file:  # the executor's private copy: read once, then gone
+        Path(args.token_file).unlink(missing_ok=True)
     runner.run_clientapp(
         runtime_api_address=args.runtime_api_address,
         token=token,
@@ -213,7 +234,8 @@ def guarded_clientapp_main(state_dir: Path, argv: list[str] | None = None) -> No
 
 
 def write_runner_shim(bin_dir: Path, state_dir: Path, socket_path: Path | None = None) -> Path:
-    """Write ``bin_dir/flwr-clientapp``: the site's runner (see module).
+    """Write ``bin_dir/flwr-clientapp``: the site's runner (see module), and next to it a
+    deny stub for every other Flower app command and ``flower-superexec``.
 
     It runs :func:`guarded_clientapp_main` in the warm runner listening on ``socket_path``
     (default :func:`~site_node.federation.warm.protocol.runner_socket_path`), or in-process
@@ -221,6 +243,7 @@ def write_runner_shim(bin_dir: Path, state_dir: Path, socket_path: Path | None =
     :mod:`site_node.federation.warm.shim`.
     """
     bin_dir.mkdir(parents=True, exist_ok=True)
+    write_deny_stubs(bin_dir, allowed=frozenset({"flwr-clientapp"}))
     shim = bin_dir / "flwr-clientapp"
     sock = socket_path or runner_socket_path(state_dir)
     shim.write_text(
@@ -251,6 +274,14 @@ class SuperNodeSpec:
     max_wait_time: float = 60.0
     #: Start the warm ClientApp runner (:mod:`site_node.federation.warm`) next to the node.
     warm_runner: bool = True
+    #: The SuperExec secret file shared by the SuperNode and the site's executor (created
+    #: with mode 0600 if missing); default :func:`superexec_secret_path`.
+    superexec_secret_file: Path | None = None
+
+
+def superexec_secret_path(state_dir: Path) -> Path:
+    """Default SuperExec secret file of a site: ``<state_dir>/supernode/superexec.secret``."""
+    return state_dir / "supernode" / "superexec.secret"
 
 
 def _node_config(spec: SuperNodeSpec) -> str:
@@ -268,16 +299,21 @@ def _node_config(spec: SuperNodeSpec) -> str:
 
 @dataclass
 class SuperNodeProcess(ManagedProcess):
-    """A SuperNode and the site's warm ClientApp runner: :meth:`stop` stops both.
+    """A SuperNode, the site's executor and its warm ClientApp runner: :meth:`stop` stops
+    all three.
 
     ``proc``, ``log_path`` and :meth:`alive` are the SuperNode's; ``runner`` is None when
-    the node runs without a warm runner.
+    the node runs without a warm runner, ``executor`` when it was started without one.
     """
 
     runner: ManagedProcess | None = None
+    executor: ManagedProcess | None = None
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """Stop the SuperNode (and its ClientApps), then the runner; the node's exit code."""
+        """Stop the executor (and its ClientApps), the SuperNode, then the runner; the
+        node's exit code."""
+        if self.executor is not None:
+            self.executor.stop(timeout)
         code = super().stop(timeout)
         if self.runner is not None:
             self.runner.stop(timeout)
@@ -321,11 +357,13 @@ def start_warm_runner(
 
 
 def start_supernode(spec: SuperNodeSpec, *, wait: bool = True) -> SuperNodeProcess:
-    """Start ``flower-supernode`` for the site (TLS, authenticated, guarded runner), with the
-    site's warm ClientApp runner unless ``spec.warm_runner`` is false."""
+    """Start ``flower-supernode`` for the site (TLS, authenticated, ``--isolation process``
+    with a SuperExec secret), the site's executor (ClientApp tasks only, tokens by file) and,
+    unless ``spec.warm_runner`` is false, the warm ClientApp runner."""
     run_dir = spec.state_dir / "supernode"
     bin_dir = run_dir / "bin"
     write_runner_shim(bin_dir, spec.state_dir)
+    secret = ensure_secret_file(spec.superexec_secret_file or superexec_secret_path(spec.state_dir))
     args = [
         flwr_binary("flower-supernode"),
         "--superlink",
@@ -342,6 +380,10 @@ def start_supernode(spec: SuperNodeSpec, *, wait: bool = True) -> SuperNodeProce
         str(spec.runtime_port),
         "--max-wait-time",
         str(spec.max_wait_time),
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(secret),
     ]
     env = flower_env(run_dir / "flwr-home", path_prefix=bin_dir)
     runner = None
@@ -349,13 +391,28 @@ def start_supernode(spec: SuperNodeSpec, *, wait: bool = True) -> SuperNodeProce
         runner = start_warm_runner(
             spec.state_dir, env=env, log_path=run_dir / "runner.log", wait=30.0 if wait else 0.0
         )
+    node: ManagedProcess | None = None
     try:
         node = spawn(f"supernode-{spec.site_id}", args, env=env, log_path=run_dir / "supernode.log")
+        executor = spawn(
+            f"executor-{spec.site_id}",
+            executor_args(
+                spec.state_dir,
+                runtime_api_address=f"127.0.0.1:{spec.runtime_port}",
+                secret_file=secret,
+                parent_pid=node.proc.pid,
+            ),
+            env=env,
+            log_path=run_dir / "executor.log",
+        )
     except BaseException:
-        if runner is not None:
-            runner.stop()
+        for started in (node, runner):
+            if started is not None:
+                started.stop()
         raise
-    proc = SuperNodeProcess(node.name, node.proc, node.log_path, node._log, runner=runner)
+    proc = SuperNodeProcess(
+        node.name, node.proc, node.log_path, node._log, runner=runner, executor=executor
+    )
     if wait:
         try:
             wait_for_port("127.0.0.1", spec.runtime_port, timeout=60.0, proc=proc.proc)
@@ -365,6 +422,78 @@ def start_supernode(spec: SuperNodeSpec, *, wait: bool = True) -> SuperNodeProce
     return proc
 
 
+class SuperNodeArgsError(SiteError):
+    """``site-node supernode`` refuses ``flower-supernode`` arguments that would let the
+    SuperNode start apps itself or open its runtime API beyond loopback."""
+
+    code = "supernode.unsafe_args"
+
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+_INFO_FLAGS = frozenset({"-h", "--help", "-V", "--version"})
+
+
+@dataclass(frozen=True)
+class SuperNodeArgsPlan:
+    """What ``site-node supernode`` runs: the SuperNode's arguments and its executor's."""
+
+    supernode_args: list[str]
+    #: ``argv`` of the site's executor; None for ``--help``/``--version`` (nothing runs).
+    executor_argv: list[str] | None
+
+
+def supernode_args_plan(
+    state_dir: Path, supernode_args: list[str], *, parent_pid: int | None = None
+) -> SuperNodeArgsPlan:
+    """Check and complete ``flower-supernode`` arguments for the site (see the module).
+
+    Flower's own parser reads them, so every spelling Flower accepts is seen. Adds
+    ``--isolation process`` when absent and ``--superexec-auth-secret-file`` (the state
+    dir's, created with mode 0600) when absent. Raises :class:`SuperNodeArgsError` for
+    ``--isolation subprocess`` and for a runtime API ``--host`` other than loopback.
+    """
+    if _INFO_FLAGS & set(supernode_args):
+        return SuperNodeArgsPlan(list(supernode_args), None)
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    parser = _parse_args_run_supernode()
+    parser.set_defaults(isolation=None)
+    parsed = parser.parse_args(supernode_args)
+    args = list(supernode_args)
+    if parsed.isolation is None:
+        args += ["--isolation", "process"]
+    elif parsed.isolation != "process":
+        raise SuperNodeArgsError(
+            f"--isolation {parsed.isolation} lets the SuperNode start any app itself "
+            "(the stock SuperExec runs AgentApps and passes tokens in argv)",
+            hint="Remove --isolation (site-node supernode runs --isolation process with the "
+            "site's executor).",
+        )
+    host = str(parsed.host)
+    if host not in _LOOPBACK_HOSTS:
+        raise SuperNodeArgsError(
+            f"--host {host} would expose the SuperNode's runtime API beyond this machine",
+            hint="Leave --host out (127.0.0.1).",
+        )
+    if parsed.superexec_auth_secret_file is None:
+        secret = ensure_secret_file(superexec_secret_path(state_dir))
+        args += ["--superexec-auth-secret-file", str(secret)]
+    else:
+        secret = ensure_secret_file(Path(parsed.superexec_auth_secret_file))
+    runtime_host = f"[{host}]" if ":" in host else host
+    root = Path(parsed.ssl_ca_certfile) if parsed.ssl_certfile else None
+    return SuperNodeArgsPlan(
+        args,
+        executor_args(
+            state_dir,
+            runtime_api_address=f"{runtime_host}:{parsed.port}",
+            secret_file=secret,
+            root_certificates=root,
+            parent_pid=parent_pid,
+        ),
+    )
+
+
 def supernode_exec_plan(
     state_dir: Path,
     supernode_args: list[str],
@@ -372,13 +501,15 @@ def supernode_exec_plan(
     environ: dict[str, str],
     socket_path: Path | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """``argv`` and environment of ``flower-supernode`` with the site's shim first on
-    ``PATH`` (the shim is written to ``<state_dir>/supernode/bin``)."""
+    """``argv`` and environment of ``flower-supernode`` with the site's shim (and deny
+    stubs) first on ``PATH`` (written to ``<state_dir>/supernode/bin``); the arguments as
+    :func:`supernode_args_plan` completes them."""
     bin_dir = state_dir / "supernode" / "bin"
     write_runner_shim(bin_dir, state_dir, socket_path)
+    plan = supernode_args_plan(state_dir, supernode_args)
     env = dict(environ)
     env["PATH"] = os.pathsep.join([str(bin_dir), environ.get("PATH", os.defpath)])
-    return [flwr_binary("flower-supernode"), *supernode_args], env
+    return [flwr_binary("flower-supernode"), *plan.supernode_args], env
 
 
 def exec_supernode(
@@ -390,17 +521,22 @@ def exec_supernode(
 ) -> NoReturn:
     """Become ``flower-supernode supernode_args`` with the site's runner (containers).
 
-    Writes the shim, starts the warm runner (unless ``warm_runner`` is false; its output
-    goes to this process's stdout/stderr) and ``exec``s the SuperNode, which keeps this
-    pid: the runner, our child, exits when the SuperNode does.
+    Writes the shim and the deny stubs, checks and completes the arguments
+    (:func:`supernode_args_plan`; raises :class:`SuperNodeArgsError`), starts the site's
+    executor and the warm runner (unless ``warm_runner`` is false; their output goes to this
+    process's stdout/stderr) and ``exec``s the SuperNode, which keeps this pid: executor and
+    runner, our children, exit when the SuperNode does.
     """
+    import subprocess
+
     argv, env = supernode_exec_plan(
         state_dir, supernode_args, environ=dict(os.environ), socket_path=socket_path
     )
-    if warm_runner:
-        import subprocess
-
-        subprocess.Popen(_runner_args(state_dir, socket_path), env=env)
+    plan = supernode_args_plan(state_dir, supernode_args, parent_pid=os.getpid())
+    if plan.executor_argv is not None:
+        subprocess.Popen(plan.executor_argv, env=env)
+        if warm_runner:
+            subprocess.Popen(_runner_args(state_dir, socket_path), env=env)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)  # noqa: S606 (fixed binary, argument list)

@@ -633,3 +633,38 @@ def test_site_files_carry_datasets_and_policy(site_prod: Rendered) -> None:
     assert [d["id"] for d in datasets] == ["bc-tabular", "chest-ct"]
     assert set(data) == {"datasets.yaml", "policy.00-base.cedar", "policy.epsilon-cap.cedar"}
     assert site_prod.all("Secret") == []
+
+
+@pytest.mark.parametrize("values_file", ["site-minimal.yaml", "site-production.yaml"])
+def test_site_runs_in_production_and_its_rendered_settings_pass(
+    values_file: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart sets CONCORD_SITE_ENVIRONMENT=production by default; the settings it renders
+    pass the production checks (https URLs, client credentials), and so do the SuperNode's
+    arguments once the consortium CA is where the chart mounts it."""
+    from site_node.settings import Environment, SiteSettings
+
+    result = render("site", load_values(values_file))
+    env = result.get("ConfigMap", "-settings")["data"]
+    assert env["CONCORD_SITE_ENVIRONMENT"] == "production"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CONCORD_SITE_CLIENT_SECRET", "from-the-secret")
+    settings = SiteSettings()
+    assert settings.environment is Environment.PRODUCTION
+    supernode = {
+        c["name"]: c for c in result.get("Deployment")["spec"]["template"]["spec"]["containers"]
+    }["supernode"]
+    args = list(supernode["args"])
+    ca_index = args.index("--root-certificates") + 1
+    assert args[ca_index] == "/etc/concord/consortium-ca/ca.crt"
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    args[ca_index] = str(ca)  # the mount, on this machine
+    settings.check_supernode_args(args)
+
+
+def test_site_chart_may_not_be_put_in_another_environment() -> None:
+    with pytest.raises(helm_python.HelmValuesError) as caught:
+        render("site", merge(load_values("site-minimal.yaml"), {"environment": "staging"}))
+    assert "/environment" in str(caught.value)

@@ -24,6 +24,7 @@ from consortium_server.federation.tls import make_dev_tls
 from site_node.crypto import generate_study_context, public_context
 from site_node.federation.approvals import ApprovalStore
 from site_node.key_files import write_supernode_key
+from tests.support.roster import roster, write_site_keys
 
 __all__ = [
     "SiteFixture",
@@ -60,9 +61,13 @@ def breast_cancer_contract(
     epsilon: float = 8.0,
     round_timeout_s: int = 120,
     title: str = "Breast cancer federated test",
+    sites: tuple[str, ...] = ("hospital-a", "hospital-b", "hospital-c"),
 ) -> StudyContract:
-    """A small DP study of the tabular MLP on the demo breast-cancer split."""
+    """A small DP study of the tabular MLP on the demo breast-cancer split, its roster the
+    test keys of ``sites`` (:mod:`tests.support.roster`)."""
     return StudyContract(
+        roster=roster(sites),
+        key_generator=min(sites),
         title=title,
         purpose=Purpose.METHOD_DEVELOPMENT,
         ethics_reference="IRB-2026-0001",
@@ -99,6 +104,7 @@ def make_site(root: Path, index: int, *, dataset_id: str | None = None) -> SiteF
             [{"id": ds_id, "kind": "demo_breast_cancer", "site_index": index, "n_sites": 3}]
         )
     )
+    write_site_keys(state, site_id)
     return SiteFixture(site_id, index, state, datasets)
 
 

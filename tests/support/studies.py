@@ -24,7 +24,7 @@ from site_node.crypto import (
     public_context,
     study_key_fingerprint,
 )
-from tests.support.world import People, study_contract
+from tests.support.world import People, signed_approval, study_contract
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 
@@ -47,11 +47,7 @@ def submit_and_approve(
     assert response.status_code == 201, response.text
     study: dict[str, Any] = response.json()
     for letter in letters:
-        body = {
-            "site_id": f"hospital-{letter}",
-            "contract_hash": study["contract_hash"],
-            "decision": "approved",
-        }
+        body = signed_approval(client, people.steward(letter), study, f"hospital-{letter}")
         response = client.post(
             f"/api/v1/studies/{study['id']}/approvals", json=body, headers=people.steward(letter)
         )

@@ -23,19 +23,68 @@ def _raw_b64(public_key: ed25519.Ed25519PublicKey | x25519.X25519PublicKey) -> s
     return base64.b64encode(raw).decode()
 
 
+#: The private signing key of every site enrolled through :func:`site_enrolment`, by its
+#: public key (API form): what the site itself would hold, for tests that sign as a site.
+SIGNING_KEYS: dict[str, ed25519.Ed25519PrivateKey] = {}
+
+
 def site_enrolment(site_id: str, organisation: str) -> dict[str, Any]:
-    """A valid enrolment body with freshly generated keys."""
+    """A valid enrolment body with the site's test keys (:func:`tests.support.roster.site_keys`:
+    the same keys its state dir gets) and a fresh SuperNode key; the signing key is also
+    kept in :data:`SIGNING_KEYS`."""
+    from tests.support.roster import site_keys
+
     supernode = ec.generate_private_key(ec.SECP384R1()).public_key()
+    keys = site_keys(site_id)
+    SIGNING_KEYS[keys.signing_public_b64] = keys.signing_key
     return {
         "id": site_id,
         "organisation": organisation,
         "display_name": organisation,
         "contact_email": f"it@{site_id}.example.org",
-        "signing_public_key": _raw_b64(ed25519.Ed25519PrivateKey.generate().public_key()),
-        "exchange_public_key": _raw_b64(x25519.X25519PrivateKey.generate().public_key()),
+        "signing_public_key": keys.signing_public_b64,
+        "exchange_public_key": keys.exchange_public_b64,
         "supernode_public_key": supernode.public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         ).decode(),
+    }
+
+
+def signed_approval(
+    client: Any,
+    headers: Headers,
+    study: dict[str, Any],
+    site_id: str,
+    decision: str = "approved",
+    reason: str = "",
+    *,
+    contract_hash: str | None = None,
+) -> dict[str, Any]:
+    """The approval body ``site-node study approve`` would post: the decision signed with
+    the site's current key (looked up in the directory, then in :data:`SIGNING_KEYS`)."""
+    from concord_protocol.fields import format_utc, utcnow
+    from concord_protocol.site_decisions import SiteDecision, sign_decision
+
+    site = client.get(f"/api/v1/sites/{site_id}", headers=headers).json()
+    signed = sign_decision(
+        SiteDecision(
+            study_id=study["id"],
+            contract_hash=contract_hash or study["contract_hash"],
+            site_id=site_id,
+            decision=decision,
+            reason=reason,
+            decided_at=format_utc(utcnow()),
+        ),
+        SIGNING_KEYS[site["signing_public_key"]],
+    )
+    d = signed.decision
+    return {
+        "site_id": d.site_id,
+        "contract_hash": d.contract_hash,
+        "decision": d.decision,
+        "reason": d.reason,
+        "decided_at": d.decided_at,
+        "signature": signed.model_dump(mode="json")["signature"],
     }
 
 

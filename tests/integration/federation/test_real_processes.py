@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +21,8 @@ import numpy as np
 import pytest
 
 from concord_protocol.contract import StudyContract
-from concord_protocol.processes import flower_env, flwr_binary
 from concord_protocol.rounds import RoundAuditDetails
+from consortium_server.federation.processes import run_status, start_run
 from site_node.crypto import (
     generate_study_context,
     public_context,
@@ -293,8 +292,10 @@ def train(msg, context):
 def test_a_foreign_app_bundle_runs_no_code_at_any_site(
     consortium: DrillStack, tmp_path: Path
 ) -> None:
-    """Someone who can start runs ships a bundle with their own ServerApp and ClientApp:
-    every site refuses it before installing or importing anything."""
+    """Someone who can start runs ships a bundle with their own ServerApp and ClientApp: the
+    SuperLink runs no ServerApp for it (only Concord's bundle), so no code runs anywhere.
+    That a *hostile* SuperLink running such a bundle still runs no code at the sites is
+    tests/integration/attacks/test_flower_surface.py."""
     link = consortium.stack.link
     assert link is not None
     marker = tmp_path / "evil-ran"
@@ -330,19 +331,22 @@ def test_a_foreign_app_bundle_runs_no_code_at_any_site(
             """
         )
     )
-    config = tmp_path / "run-config.toml"
-    config.write_text(f'out = "{out}"\n')
-    subprocess.run(
-        [flwr_binary("flwr"), "run", str(app_dir), link.connection, "--run-config", str(config)],
-        env=flower_env(link.flwr_home),
-        check=True,
-        capture_output=True,
-        timeout=120,
+    run_id = start_run(link, app_dir, {"out": str(out)})
+
+    def finished() -> str | None:
+        status = run_status(link, run_id)
+        return status if status is not None and status.startswith("finished") else None
+
+    status = wait_for("the foreign run to end", finished, timeout=180)
+    # The SuperLink's guarded ServerApp refused the bundle before installing it: the foreign
+    # ServerApp never ran, so no site was sent a message of this run.
+    assert status == "finished:failed"
+    assert link.process is not None
+    assert "federation.bundle_not_allowed" in link.process.log_tail(200_000) or (
+        "not allowed on this SuperLink" in link.process.log_tail(200_000)
     )
-    replies = wait_for("the foreign ServerApp's replies", out.exists, timeout=180)
-    assert replies
-    result = json.loads(out.read_text())
-    assert len(result) == 3
-    assert all(r["error"] for r in result)
-    assert all("not allowed at this site" in r["reason"] for r in result)
+    assert not out.exists()
     assert not marker.exists()
+    for hospital in consortium.hospitals:
+        assert hospital.supernode is not None
+        assert f"[RUN {run_id}" not in hospital.supernode.log_tail(5_000_000)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from concord_protocol.contract import StudyContract, ethics_reference_well_formed
+from concord_protocol.contract import StudyContract, StudyDraft, ethics_reference_well_formed
+from tests.support.roster import contract_of, roster
 from tests.support.world import study_contract
 
 
 def test_hash_ignores_key_order_and_includes_defaults() -> None:
-    raw = study_contract(["bc-a", "bc-b", "bc-c"])
+    raw = contract_of(study_contract(["bc-a", "bc-b", "bc-c"])).model_dump(mode="json")
     reordered = dict(reversed(list(raw.items())))
     a = StudyContract.model_validate(raw)
     b = StudyContract.model_validate(reordered)
@@ -28,22 +29,67 @@ def test_hash_ignores_key_order_and_includes_defaults() -> None:
         {"datasets": ["bc-a", "bc-c", "bc-b"]},
         {"privacy": {"epsilon": 3.0001, "delta": 1e-5}},
         {"encryption": {"enabled": False}},
+        {"key_generator": "hospital-b"},
+        {"roster": [m.model_dump(mode="json") for m in roster(["hospital-a", "hospital-b"])]},
     ],
 )
 def test_any_change_changes_the_hash(change: dict[str, object]) -> None:
-    base = StudyContract.model_validate(study_contract(["bc-a", "bc-b", "bc-c"]))
-    changed = StudyContract.model_validate({**study_contract(["bc-a", "bc-b", "bc-c"]), **change})
-    assert base.contract_hash() != changed.contract_hash()
+    base = contract_of(study_contract(["bc-a", "bc-b", "bc-c"])).model_dump(mode="json")
+    changed = StudyContract.model_validate({**base, **change})
+    assert StudyContract.model_validate(base).contract_hash() != changed.contract_hash()
+
+
+def test_a_swapped_key_fingerprint_changes_the_hash() -> None:
+    base = contract_of(study_contract(["bc-a", "bc-b", "bc-c"])).model_dump(mode="json")
+    base["roster"][1]["key_fingerprint"] = "0" * 64
+    assert (
+        StudyContract.model_validate(base).contract_hash()
+        != contract_of(study_contract(["bc-a", "bc-b", "bc-c"])).contract_hash()
+    )
 
 
 def test_duplicate_datasets_are_named() -> None:
     with pytest.raises(ValidationError, match="bc-a"):
-        StudyContract.model_validate(study_contract(["bc-a", "bc-a"]))
+        StudyDraft.model_validate(study_contract(["bc-a", "bc-a"]))
 
 
 def test_unknown_fields_are_refused() -> None:
     with pytest.raises(ValidationError, match="run_this"):
-        StudyContract.model_validate({**study_contract(["bc-a"]), "run_this": "rm -rf /"})
+        StudyDraft.model_validate({**study_contract(["bc-a"]), "run_this": "rm -rf /"})
+
+
+def test_a_contract_needs_its_roster_and_key_generator() -> None:
+    with pytest.raises(ValidationError, match="roster"):
+        StudyContract.model_validate(study_contract(["bc-a"]))
+
+
+def test_the_key_generator_must_be_in_the_roster() -> None:
+    body = contract_of(study_contract(["bc-a", "bc-b"])).model_dump(mode="json")
+    with pytest.raises(ValidationError, match="key_generator 'hospital-z' is not in the roster"):
+        StudyContract.model_validate({**body, "key_generator": "hospital-z"})
+
+
+@pytest.mark.parametrize(
+    "sites",
+    [["hospital-b", "hospital-a"], ["hospital-a", "hospital-a"]],
+    ids=["unsorted", "repeated"],
+)
+def test_the_roster_is_sorted_and_unique(sites: list[str]) -> None:
+    body = contract_of(study_contract(["bc-a", "bc-b"])).model_dump(mode="json")
+    members = {m.site_id: m.model_dump(mode="json") for m in roster(["hospital-a", "hospital-b"])}
+    body["roster"] = [members[s] for s in sites]
+    with pytest.raises(ValidationError, match="sorted"):
+        StudyContract.model_validate(body)
+
+
+def test_a_draft_completes_into_the_contract_with_its_roster() -> None:
+    draft = StudyDraft.model_validate(study_contract(["bc-a", "bc-b"]))
+    contract = draft.complete(roster(["hospital-a", "hospital-b"]), "hospital-b")
+    assert contract.site_ids == ("hospital-a", "hospital-b")
+    assert contract.key_generator == "hospital-b"
+    assert contract.member("hospital-a") is not None
+    assert contract.member("hospital-c") is None
+    assert contract.title == draft.title
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from concord_protocol.contract import StudyContract
 from concord_protocol.policy.engine import PolicyEngine
 from concord_protocol.policy.facts import ConsortiumFacts, DatasetFacts
 from concord_protocol.principals import Principal, Role
+from tests.support.roster import roster
 
 POLICIES = Path(__file__).resolve().parents[4] / "policies"
 SCHEMA = POLICIES / "schema.cedarschema"
@@ -47,6 +48,10 @@ def contract(**changes: Any) -> StudyContract:
         "privacy": {"epsilon": 2.0, "delta": 1e-5},
         "federation": {"min_sites": 3},
         "encryption": {"enabled": True},
+        "roster": [
+            m.model_dump(mode="json") for m in roster(["hospital-a", "hospital-b", "hospital-c"])
+        ],
+        "key_generator": "hospital-a",
     }
     unchecked: dict[str, Any] = {}
     for path, value in changes.items():

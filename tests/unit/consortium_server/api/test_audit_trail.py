@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from concord_protocol.audit.entries import AuditEntry
-from tests.support.world import People, study_contract
+from tests.support.world import People, signed_approval, study_contract
 
 
 def _entries(app: FastAPI) -> list[AuditEntry]:
@@ -54,12 +54,9 @@ def test_study_lifecycle_is_recorded(client: TestClient, consortium: People, app
     for site in "abc":
         client.post(
             f"/api/v1/studies/{study['id']}/approvals",
-            json={
-                "site_id": f"hospital-{site}",
-                "contract_hash": study["contract_hash"],
-                "decision": "approved",
-                "reason": "DAC ok",
-            },
+            json=signed_approval(
+                client, consortium.steward(site), study, f"hospital-{site}", "approved", "DAC ok"
+            ),
             headers=consortium.steward(site),
         )
     actions = [e.action for e in _entries(app) if e.object.id == study["id"]]

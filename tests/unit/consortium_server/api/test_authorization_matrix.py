@@ -18,6 +18,7 @@ from tests.support.world import (
     People,
     build_consortium,
     dataset_body,
+    signed_approval,
     site_enrolment,
     study_contract,
 )
@@ -132,11 +133,7 @@ def _read_study(w: World, role: str, obj: str) -> Any:
 
 def _approve(w: World, role: str, obj: str) -> Any:
     study = w.study(obj)
-    body = {
-        "site_id": "hospital-a",
-        "contract_hash": study["contract_hash"],
-        "decision": "approved",
-    }
+    body = signed_approval(w.client, w.headers("admin"), study, "hospital-a")
     return w.client.post(
         f"/api/v1/studies/{study['id']}/approvals", json=body, headers=w.headers(role)
     )
@@ -212,6 +209,8 @@ ENDPOINTS = [
             **_same_for_both({**{r: 403 for r in ROLES}, "anonymous": 401}),
             ("data_steward", "own"): 201,
             ("data_steward", "other"): 404,
+            ("site_node", "own"): 201,
+            ("site_node", "other"): 404,
         },
     ),
     Endpoint(

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from concord_protocol.errors import PolicyLoadError
 from consortium_server.main import create_app
 from consortium_server.settings import ServerSettings
-from tests.support.world import People, dataset_body, study_contract
+from tests.support.world import People, dataset_body, signed_approval, study_contract
 
 ALL = ["bc-a", "bc-b", "bc-c"]
 
@@ -22,11 +22,9 @@ def _approve_all(client: TestClient, people: People, study: dict[str, Any]) -> d
     for site in "abc":
         response = client.post(
             f"/api/v1/studies/{study['id']}/approvals",
-            json={
-                "site_id": f"hospital-{site}",
-                "contract_hash": study["contract_hash"],
-                "decision": "approved",
-            },
+            json=signed_approval(
+                client, people.steward(site), study, f"hospital-{site}", "approved"
+            ),
             headers=people.steward(site),
         )
         assert response.status_code == 201, response.text
@@ -118,11 +116,7 @@ def test_approval_is_refused_with_numbers_once_budget_is_short(
         assert _approve_all(client, consortium, study)["state"] == "approved"
     response = client.post(
         f"/api/v1/studies/{studies[3]['id']}/approvals",
-        json={
-            "site_id": "hospital-a",
-            "contract_hash": studies[3]["contract_hash"],
-            "decision": "approved",
-        },
+        json=signed_approval(client, consortium.steward("a"), studies[3], "hospital-a", "approved"),
         headers=consortium.steward("a"),
     )
     assert response.status_code == 403
@@ -167,11 +161,9 @@ def test_budget_taken_between_approvals_rejects_at_reservation(
     def approve(study: dict[str, Any], site: str) -> dict[str, Any]:
         response = client.post(
             f"/api/v1/studies/{study['id']}/approvals",
-            json={
-                "site_id": f"hospital-{site}",
-                "contract_hash": study["contract_hash"],
-                "decision": "approved",
-            },
+            json=signed_approval(
+                client, consortium.steward(site), study, f"hospital-{site}", "approved"
+            ),
             headers=consortium.steward(site),
         )
         assert response.status_code == 201, response.text
@@ -295,11 +287,7 @@ def test_approval_denied_by_policy_is_not_recorded(client: TestClient, consortiu
     )
     response = client.post(
         f"/api/v1/studies/{study['id']}/approvals",
-        json={
-            "site_id": "hospital-a",
-            "contract_hash": study["contract_hash"],
-            "decision": "approved",
-        },
+        json=signed_approval(client, consortium.steward("a"), study, "hospital-a", "approved"),
         headers=consortium.steward("a"),
     )
     assert response.status_code == 403

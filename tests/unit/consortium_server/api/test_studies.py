@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support.world import People, study_contract
+from tests.support.world import People, signed_approval, study_contract
 
 DATASETS = ["bc-a", "bc-b", "bc-c"]
 
@@ -27,13 +27,23 @@ def decide(
     study: dict[str, Any],
     site: str,
     decision: str = "approved",
+    *,
+    reason: str = "Reviewed by the data access committee.",
+    contract_hash: str | None = None,
     **overrides: Any,
 ) -> Any:
+    """Post the site's signed decision (``reason`` and ``contract_hash`` are signed;
+    ``overrides`` replace fields after signing, as a tampering client would)."""
     body = {
-        "site_id": f"hospital-{site}",
-        "contract_hash": study["contract_hash"],
-        "decision": decision,
-        "reason": "Reviewed by the data access committee.",
+        **signed_approval(
+            client,
+            people.steward(site),
+            study,
+            f"hospital-{site}",
+            decision,
+            reason,
+            contract_hash=contract_hash,
+        ),
         **overrides,
     }
     return client.post(
@@ -102,11 +112,7 @@ def test_approving_for_another_site_is_forbidden(client: TestClient, consortium:
     study = submit(client, consortium)
     response = client.post(
         f"/api/v1/studies/{study['id']}/approvals",
-        json={
-            "site_id": "hospital-b",
-            "contract_hash": study["contract_hash"],
-            "decision": "approved",
-        },
+        json=signed_approval(client, consortium.steward("a"), study, "hospital-b", "approved"),
         headers=consortium.steward("a"),
     )
     assert response.status_code == 403

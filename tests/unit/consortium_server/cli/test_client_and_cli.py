@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from concord_protocol.client import ApiError, ConsortiumClient
 from tests.support.cli import run_cli as _cli
-from tests.support.world import People, study_contract
+from tests.support.world import People, signed_approval, study_contract
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def test_client_renews_tokens_through_a_callable(client: TestClient, consortium:
     assert len(calls) == 2
 
 
-def test_cli_submit_approve_flow(
+def test_cli_submit_then_anyone_checks_the_signed_decisions(
     client: TestClient, consortium: People, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     path = tmp_path / "study.yaml"
@@ -68,21 +69,57 @@ def test_cli_submit_approve_flow(
     assert code == 0, out
     study = json.loads(out)
     assert study["state"] == "awaiting_approvals"
-    for site in "abc":
-        code, out = _cli(
-            client,
-            monkeypatch,
-            consortium.steward(site),
-            "study",
-            "approve",
-            study["id"],
-            "--site",
-            f"hospital-{site}",
-            "--yes",
+    assert [m["site_id"] for m in study["contract"]["roster"]] == [
+        "hospital-a",
+        "hospital-b",
+        "hospital-c",
+    ]
+    for site in "ab":
+        body = signed_approval(client, consortium.steward(site), study, f"hospital-{site}")
+        response = client.post(
+            f"/api/v1/studies/{study['id']}/approvals", json=body, headers=consortium.steward(site)
         )
-        assert code == 0, out
-    code, out = _cli(client, monkeypatch, consortium.researcher, "study", "status", study["id"])
-    assert "approved" in out
+        assert response.status_code == 201, response.text
+    code, out = _cli(
+        client, monkeypatch, consortium.compliance, "--json", "study", "decisions", study["id"]
+    )
+    assert code == 0, out
+    checks = {row["site_id"]: row for row in json.loads(out)}
+    assert "signature verified" in checks["hospital-a"]["check"]
+    assert "signature verified" in checks["hospital-b"]["check"]
+    assert checks["hospital-c"]["check"] == "no decision yet"
+
+
+def test_cli_decisions_exposes_a_decision_the_database_forged(
+    client: TestClient,
+    consortium: People,
+    monkeypatch: pytest.MonkeyPatch,
+    app: FastAPI,
+) -> None:
+    """An operator with write access to the database edits a recorded decline into an
+    approval: the signature no longer covers it, and the check says so."""
+    from consortium_server.studies.models import ApprovalDecision, StudyApproval
+
+    study = client.post(
+        "/api/v1/studies",
+        json=study_contract(["bc-a", "bc-b", "bc-c"]),
+        headers=consortium.researcher,
+    ).json()
+    body = signed_approval(
+        client, consortium.steward("a"), study, "hospital-a", "declined", "Cohort overlaps."
+    )
+    response = client.post(
+        f"/api/v1/studies/{study['id']}/approvals", json=body, headers=consortium.steward("a")
+    )
+    assert response.status_code == 201, response.text
+    with app.state.sessionmaker() as session:
+        row = session.query(StudyApproval).filter_by(study_id=study["id"]).one()
+        row.decision = ApprovalDecision.APPROVED
+        row.reason = ""
+        session.commit()
+    code, out = _cli(client, monkeypatch, consortium.compliance, "study", "decisions", study["id"])
+    assert code == 1
+    assert "NOT VERIFIED" in out
 
 
 def test_cli_rejected_study_exits_2(
@@ -105,30 +142,6 @@ def test_cli_names_invalid_fields(
     code, out = _cli(client, monkeypatch, consortium.researcher, "study", "submit", str(path))
     assert code == 1
     assert "body.purpose" in out
-
-
-def test_cli_approve_with_stale_hash_refuses(
-    client: TestClient, consortium: People, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    study = client.post(
-        "/api/v1/studies",
-        json=study_contract(["bc-a", "bc-b", "bc-c"]),
-        headers=consortium.researcher,
-    ).json()
-    code, out = _cli(
-        client,
-        monkeypatch,
-        consortium.steward("a"),
-        "study",
-        "approve",
-        study["id"],
-        "--site",
-        "hospital-a",
-        "--hash",
-        "f" * 64,
-    )
-    assert code == 1
-    assert "review it again" in out
 
 
 def test_cli_refuses_a_non_mapping_file(

@@ -12,7 +12,6 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from concord_protocol.contract import StudyContract
 from consortium_server.federation.models import SealedStudyKey, StudyKeyRelay
 from consortium_server.studies.models import (
     ApprovalDecision,
@@ -29,6 +28,7 @@ from site_node.crypto import (
     seal_study_key,
     study_key_fingerprint,
 )
+from tests.support.roster import contract_of
 from tests.support.world import People, dataset_body, study_contract
 
 SITES = ("a", "b", "c")
@@ -64,7 +64,7 @@ def site_keys(client: TestClient, people: People) -> dict[str, SiteKeyPair]:
 
 
 def _study(app: FastAPI, state: StudyState, *, approve: tuple[str, ...] = SITES) -> tuple[str, str]:
-    contract = StudyContract.model_validate(study_contract([f"bc-{s}" for s in SITES]))
+    contract = contract_of(study_contract([f"bc-{s}" for s in SITES]))
     with app.state.sessionmaker() as session:
         study = Study(
             title=contract.title,

@@ -32,6 +32,7 @@ from site_node.crypto import (
 )
 from site_node.federation.approvals import ApprovalStore
 from site_node.release import sign_off
+from tests.support.roster import site_keys
 from tests.support.runs import begin, federation_gate
 from tests.support.studies import relay_study_key, submit_and_approve
 from tests.support.world import People, dataset_body, site_enrolment
@@ -109,8 +110,7 @@ class World:
 
 def _enrol(client: TestClient, people: People, site: str, keys: SiteKeyPair) -> None:
     body = site_enrolment(f"hospital-{site}", f"Hospital {site}")
-    body["signing_public_key"] = keys.signing_public_b64
-    body["exchange_public_key"] = keys.exchange_public_b64
+    assert body["signing_public_key"] == keys.signing_public_b64
     assert client.post("/api/v1/sites", json=body, headers=people.admin).status_code == 201
     dataset = dataset_body(f"bc-{site}", f"hospital-{site}")
     response = client.post("/api/v1/datasets", json=dataset, headers=people.steward(site))
@@ -120,7 +120,7 @@ def _enrol(client: TestClient, people: People, site: str, keys: SiteKeyPair) -> 
 @pytest.fixture
 def world(client: TestClient, people: People, app: FastAPI, tmp_path: Path) -> World:
     """Three hospitals with known keys and an approved study whose key they all hold."""
-    keys = {site: SiteKeyPair.generate() for site in SITES}
+    keys = {site: site_keys(f"hospital-{site}") for site in SITES}
     for site in SITES:
         _enrol(client, people, site, keys[site])
     study = submit_and_approve(
@@ -327,7 +327,7 @@ def test_wrong_roles_and_other_sites_are_forbidden(completed: World) -> None:
     w = completed
     assert w.client.get(f"{w.base}/aggregate", headers=w.people.researcher).status_code == 403
     assert w.client.get(f"{w.base}/aggregate", headers=w.people.steward("a")).status_code == 403
-    _enrol(w.client, w.people, "d", SiteKeyPair.generate())
+    _enrol(w.client, w.people, "d", site_keys("hospital-d"))
     response = w.client.get(f"{w.base}/aggregate", headers=w.people.node("d"))
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "release.not_study_site"

@@ -27,7 +27,14 @@ from consortium_server.audit.cosignatures import record_cosignature
 from consortium_server.audit.recorder import SERVER_ACTOR
 from consortium_server.db.base import utcnow
 from consortium_server.federation.coordinator import record_round
-from tests.support.world import People, dataset_body, site_enrolment, study_contract
+from tests.support.world import (
+    SIGNING_KEYS,
+    People,
+    dataset_body,
+    signed_approval,
+    site_enrolment,
+    study_contract,
+)
 
 SITES = ("a", "b", "c")
 DATASETS = ["bc-a", "bc-b", "bc-c"]
@@ -119,6 +126,7 @@ def _enrol(client: Any, people: People, site: str) -> Ed25519PrivateKey:
     body = site_enrolment(f"hospital-{site}", f"Hospital {site}")
     body["display_name"] = f"Hospital {site.upper()}"
     body["signing_public_key"] = encode_public_key(key.public_key())
+    SIGNING_KEYS[body["signing_public_key"]] = key  # the site signs its decisions with it
     response = client.post("/api/v1/sites", json=body, headers=people.admin)
     assert response.status_code == 201, response.text
     response = client.post(
@@ -145,12 +153,9 @@ def _decide(
 ) -> dict[str, Any]:
     response = client.post(
         f"/api/v1/studies/{study['id']}/approvals",
-        json={
-            "site_id": f"hospital-{site}",
-            "contract_hash": study["contract_hash"],
-            "decision": decision,
-            "reason": reason,
-        },
+        json=signed_approval(
+            client, people.steward(site), study, f"hospital-{site}", decision, reason
+        ),
         headers=people.steward(site),
     )
     assert response.status_code == 201, response.text

@@ -20,6 +20,9 @@ from concord_protocol.client import ConsortiumClient
 from site_node.agent.loop import LOGGER_NAME, SiteAgent
 from site_node.crypto.sealing import SiteKeyPair
 from site_node.federation.approvals import ApprovalStore
+from site_node.peers import PeerStore, own_keys
+from site_node.site_policy import site_engine
+from site_node.studies import StudyReview, decide_study, review_study
 from tests.support.world import People, dataset_body, study_contract
 from tests.unit.consortium_server.conftest import app, client, people, settings
 
@@ -102,24 +105,44 @@ class World:
     people: People
     sites: dict[str, Hospital]
 
-    def submit_study(self, *, approve: tuple[str, ...] = LETTERS) -> tuple[str, str]:
-        """Submit a study over bc-a/b/c and have the stewards of ``approve`` approve it."""
-        contract = study_contract([f"bc-{x}" for x in LETTERS])
+    def submit_study(self, *, approve: tuple[str, ...] = LETTERS, **draft: Any) -> tuple[str, str]:
+        """Submit a study over bc-a/b/c; the sites of ``approve`` approve it as
+        ``site-node study approve`` does (review, sign, store, post)."""
+        contract = study_contract([f"bc-{x}" for x in LETTERS]) | draft
         r = self.client.post("/api/v1/studies", json=contract, headers=self.people.researcher)
         assert r.status_code == 201, r.text
         study = r.json()
         for x in approve:
-            r = self.client.post(
-                f"/api/v1/studies/{study['id']}/approvals",
-                json={
-                    "site_id": f"hospital-{x}",
-                    "contract_hash": study["contract_hash"],
-                    "decision": "approved",
-                },
-                headers=self.people.steward(x),
-            )
-            assert r.status_code == 201, r.text
+            self.approve(x, study["id"])
         return str(study["id"]), str(study["contract_hash"])
+
+    def review(self, letter: str, study_id: str) -> StudyReview:
+        """The site's review of a study (``site-node study show``)."""
+        site = self.sites[letter]
+        return review_study(
+            site.api,
+            study_id,
+            site_id=site.site_id,
+            keys=site.keys,
+            peers=PeerStore(site.state_dir),
+            engine=site_engine(None, site_id=site.site_id),
+        )
+
+    def approve(self, letter: str, study_id: str) -> None:
+        """The site approves the study (``site-node study approve``)."""
+        site = self.sites[letter]
+        review = self.review(letter, study_id)
+        _, posted = decide_study(
+            site.api,
+            review,
+            decision="approved",
+            contract_hash=review.contract_hash,
+            reason="",
+            site_id=site.site_id,
+            keys=site.keys,
+            store=site.store,
+        )
+        assert posted
 
     def study(self, study_id: str) -> dict[str, Any]:
         r = self.client.get(f"/api/v1/studies/{study_id}", headers=self.people.admin)
@@ -173,6 +196,18 @@ def world(client: TestClient, people: People, tmp_path: Path) -> Iterator[World]
         sites[x] = Hospital(
             x, site_id, pair, state_dir, ApprovalStore(state_dir), transport, api, agent
         )
+    # Each hospital's IT pins the others, with the fingerprints read to them by phone.
+    for site in sites.values():
+        for peer in sites.values():
+            if peer is not site:
+                PeerStore(site.state_dir).pin(
+                    peer.site_id,
+                    own_keys(peer.site_id, peer.keys).fingerprint,
+                    {
+                        "signing_public_key": peer.keys.signing_public_b64,
+                        "exchange_public_key": peer.keys.exchange_public_b64,
+                    },
+                )
     yield World(client, people, sites)
     for site in sites.values():
         site.api.close()

@@ -76,7 +76,8 @@ def test_transient_api_errors_are_retried(world: World) -> None:
 
     assert report.ok, report.steps
     assert [(s.name, s.attempts) for s in report.steps] == [
-        ("sync", 3),
+        ("peers", 3),
+        ("sync", 1),
         ("keys", 1),
         ("release", 1),
         ("witness", 1),
@@ -86,13 +87,14 @@ def test_transient_api_errors_are_retried(world: World) -> None:
 
 def test_step_that_keeps_failing_is_reported_as_a_transient_failure(world: World) -> None:
     site = world.sites["a"]
-    site.transport.fail_next = [*[502] * 3, *[503] * 3]
+    site.transport.fail_next = [*[502] * 3, *[503] * 3, *[503] * 3]
 
     report = site.agent.run_pass()
 
     assert not report.ok
     assert report.transient_failure
     assert [(s.name, s.ok, s.code) for s in report.steps] == [
+        ("peers", False, "service.unavailable"),
         ("sync", False, "service.unavailable"),
         ("witness", False, "service.unavailable"),
     ]
@@ -171,7 +173,7 @@ def test_site_node_run_once_against_a_live_server(world: World, live_server: str
     events = [line["event"] for line in lines]
     assert events[0] == "agent.start"
     assert events[-1] == "agent.pass"
-    assert {"agent.approval_recorded", "agent.key_generated"} <= set(events)
+    assert "agent.key_generated" in events
     assert all(line["level"] != "ERROR" for line in lines)
     for text in (result.stderr, result.stdout):
         assert env["CONCORD_SITE_TOKEN"] not in text

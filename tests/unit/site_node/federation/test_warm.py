@@ -432,7 +432,16 @@ def test_container_plan_puts_the_shim_first_on_path(tmp_path: Path) -> None:
         tmp_path / "state", ["--superlink", "x:1"], environ={"PATH": "/usr/bin", "A": "b"}
     )
     assert Path(argv[0]).name == "flower-supernode"
-    assert argv[1:] == ["--superlink", "x:1"]
+    secret = tmp_path / "state" / "supernode" / "superexec.secret"
+    assert argv[1:] == [
+        "--superlink",
+        "x:1",
+        "--isolation",
+        "process",  # the site's executor starts the apps, not Flower's SuperExec
+        "--superexec-auth-secret-file",
+        str(secret),
+    ]
+    assert secret.stat().st_mode & 0o777 == 0o600
     bin_dir = tmp_path / "state" / "supernode" / "bin"
     assert env["PATH"].split(os.pathsep) == [str(bin_dir), "/usr/bin"]
     assert env["A"] == "b"
