@@ -144,6 +144,9 @@ class DrillStack:
                 governance=dataset_governance(hospital),
                 head_key=head_key,
             )
+        # Each hospital pins the others' keys, as stewards do after comparing fingerprints
+        # out of band (site-node peers pin): approvals and key relay need the pins.
+        stack.pin_peers()
 
     def contract(self, *, rounds: int, round_timeout_s: int) -> dict[str, Any]:
         """A small DP + CKKS study of the tabular MLP over every hospital's dataset."""
