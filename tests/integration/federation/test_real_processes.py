@@ -193,8 +193,9 @@ def _relay_key_without_the_agents(stack: DrillStack, study: dict[str, Any]) -> N
 def test_run_of_a_contract_no_site_approved_locally_is_refused_by_every_site(
     consortium: DrillStack,
 ) -> None:
-    """The server says every steward approved; the sites' own stores say otherwise (their
-    agents are stopped, so nothing was synchronised): every site refuses round 1."""
+    """The server holds every site's signed approval; the sites' own stores no longer do
+    (each steward withdrew it locally after posting, with the agents stopped so nothing
+    was synchronised): a server claim is not enough, every site refuses round 1."""
     stack = consortium
     for hospital in stack.hospitals:
         if hospital.agent is not None:
@@ -208,6 +209,8 @@ def test_run_of_a_contract_no_site_approved_locally_is_refused_by_every_site(
     for hospital in stack.hospitals:
         stack.stack.approve(hospital, study, reason="Approved at the server only.")
     _relay_key_without_the_agents(stack, study)
+    for hospital in stack.hospitals:
+        ApprovalStore(hospital.state_dir).revoke(study["contract_hash"])
     stack.researcher.request("POST", f"/api/v1/studies/{study['id']}/run")
     final = stack.wait_for_end(study["id"], timeout=300)
     assert final["state"] == "failed"
