@@ -68,10 +68,13 @@ __all__ = [
     "STUB_EXIT_CODE",
     "ExecutorConfig",
     "ExecutorError",
+    "IsolatedArgs",
+    "IsolationRefusedError",
     "add_executor_args",
     "config_from_args",
     "configure_logging",
     "ensure_secret_file",
+    "isolated_args",
     "load_secret",
     "run_executor",
     "write_deny_stubs",
@@ -141,6 +144,59 @@ def load_secret(path: Path) -> bytes:
             f"the SuperExec secret file {path} is empty", code="superexec.secret_empty"
         )
     return secret
+
+
+# --- the SuperNode's / SuperLink's own arguments ----------------------------------------
+
+#: Host names that keep a Runtime API on this machine.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class IsolationRefusedError(ExecutorError):
+    """Arguments that would let Flower start apps itself (``option`` ``isolation``) or
+    expose the Runtime API beyond this machine (``option`` ``host``); callers say why in
+    their role's words."""
+
+    code = "superexec.isolation_refused"
+
+    def __init__(self, option: str, value: str) -> None:
+        super().__init__(f"--{option} {value} is refused")
+        self.option = option
+        self.value = value
+
+
+@dataclass(frozen=True)
+class IsolatedArgs:
+    """Flower's arguments completed for Concord's executor, and Flower's parse of them."""
+
+    args: list[str]
+    parsed: argparse.Namespace
+    secret_file: Path
+
+
+def isolated_args(
+    parser: argparse.ArgumentParser, flower_args: Sequence[str], *, default_secret: Path
+) -> IsolatedArgs:
+    """Check and complete ``flower-supernode``/``flower-superlink`` arguments, parsed with
+    Flower's own ``parser`` (so every spelling Flower accepts is seen): ``--isolation
+    process`` is added when absent and any other isolation refused; the Runtime API's
+    ``--host`` must be loopback; ``--superexec-auth-secret-file`` defaults to
+    ``default_secret`` (created 0600 if missing). Raises :class:`IsolationRefusedError`."""
+    parser.set_defaults(isolation=None)
+    parsed = parser.parse_args(list(flower_args))
+    args = list(flower_args)
+    if parsed.isolation is None:
+        args += ["--isolation", "process"]
+    elif parsed.isolation != "process":
+        raise IsolationRefusedError("isolation", str(parsed.isolation))
+    if str(parsed.host) not in LOOPBACK_HOSTS:
+        raise IsolationRefusedError("host", str(parsed.host))
+    if parsed.superexec_auth_secret_file is None:
+        secret = ensure_secret_file(default_secret)
+        args += ["--superexec-auth-secret-file", str(secret)]
+    else:
+        secret = ensure_secret_file(Path(parsed.superexec_auth_secret_file))
+    return IsolatedArgs(args, parsed, secret)
 
 
 # --- deny stubs --------------------------------------------------------------------------

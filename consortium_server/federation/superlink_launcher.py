@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from concord_protocol.superexec import ensure_secret_file, write_deny_stubs
+from concord_protocol.superexec import IsolationRefusedError, isolated_args, write_deny_stubs
 from consortium_server.federation.serverapp_executor import executor_args
 
 __all__ = [
@@ -85,7 +85,6 @@ log = logging.getLogger("concord.superlink")
 LAUNCHER_MODULE = "consortium_server.federation.superlink_launcher"
 #: Environment switches that make Flower open extra gRPC listeners (Control without auth).
 LEGACY_GRPC_SWITCHES = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
-_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -344,29 +343,23 @@ def _checked_flower_args(flower_args: list[str], work_dir: Path) -> tuple[list[s
     with the SuperExec secret file's path."""
     from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 
-    parser = _parse_args_run_superlink()
-    parser.set_defaults(isolation=None)
-    parsed = parser.parse_args(flower_args)
-    args = list(flower_args)
-    if parsed.isolation is None:
-        args += ["--isolation", "process"]
-    elif parsed.isolation != "process":
-        raise LauncherError(
-            f"--isolation {parsed.isolation} would start Flower's own SuperExec (every app "
-            "kind, tokens in argv, no SuperExec secret); the launcher runs --isolation process"
+    try:
+        checked = isolated_args(
+            _parse_args_run_superlink(), flower_args, default_secret=work_dir / "superexec.secret"
         )
-    if parsed.insecure:
+    except IsolationRefusedError as exc:
+        if exc.option == "isolation":
+            raise LauncherError(
+                f"--isolation {exc.value} would start Flower's own SuperExec (every app "
+                "kind, tokens in argv, no SuperExec secret); the launcher runs --isolation "
+                "process"
+            ) from None
+        raise LauncherError(
+            f"--host {exc.value}: Flower's --host/--port is the Runtime API, loopback only"
+        ) from None
+    if checked.parsed.insecure:
         raise LauncherError("--insecure: the SuperLink's listeners always use TLS")
-    if str(parsed.host) not in _LOOPBACK_HOSTS:
-        raise LauncherError(
-            f"--host {parsed.host}: Flower's --host/--port is the Runtime API, loopback only"
-        )
-    if parsed.superexec_auth_secret_file is None:
-        secret = ensure_secret_file(work_dir / "superexec.secret")
-        args += ["--superexec-auth-secret-file", str(secret)]
-    else:
-        secret = ensure_secret_file(Path(parsed.superexec_auth_secret_file))
-    return args, secret
+    return checked.args, checked.secret_file
 
 
 def main(argv: Sequence[str] | None = None) -> int:

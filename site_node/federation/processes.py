@@ -81,7 +81,12 @@ from concord_protocol.processes import (
     spawn,
     wait_for_port,
 )
-from concord_protocol.superexec import ensure_secret_file, write_deny_stubs
+from concord_protocol.superexec import (
+    IsolationRefusedError,
+    ensure_secret_file,
+    isolated_args,
+    write_deny_stubs,
+)
 from site_node.errors import MessageRefusedError, SiteError
 from site_node.federation.approvals import ApprovalStore, is_clientapp_ref
 from site_node.federation.executor import executor_args
@@ -429,7 +434,6 @@ class SuperNodeArgsError(SiteError):
     code = "supernode.unsafe_args"
 
 
-_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 _INFO_FLAGS = frozenset({"-h", "--help", "-V", "--version"})
 
 
@@ -456,30 +460,26 @@ def supernode_args_plan(
         return SuperNodeArgsPlan(list(supernode_args), None)
     from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-    parser = _parse_args_run_supernode()
-    parser.set_defaults(isolation=None)
-    parsed = parser.parse_args(supernode_args)
-    args = list(supernode_args)
-    if parsed.isolation is None:
-        args += ["--isolation", "process"]
-    elif parsed.isolation != "process":
-        raise SuperNodeArgsError(
-            f"--isolation {parsed.isolation} lets the SuperNode start any app itself "
-            "(the stock SuperExec runs AgentApps and passes tokens in argv)",
-            hint="Remove --isolation (site-node supernode runs --isolation process with the "
-            "site's executor).",
+    try:
+        checked = isolated_args(
+            _parse_args_run_supernode(),
+            supernode_args,
+            default_secret=superexec_secret_path(state_dir),
         )
-    host = str(parsed.host)
-    if host not in _LOOPBACK_HOSTS:
+    except IsolationRefusedError as exc:
+        if exc.option == "isolation":
+            raise SuperNodeArgsError(
+                f"--isolation {exc.value} lets the SuperNode start any app itself "
+                "(the stock SuperExec runs AgentApps and passes tokens in argv)",
+                hint="Remove --isolation (site-node supernode runs --isolation process with "
+                "the site's executor).",
+            ) from None
         raise SuperNodeArgsError(
-            f"--host {host} would expose the SuperNode's runtime API beyond this machine",
+            f"--host {exc.value} would expose the SuperNode's runtime API beyond this machine",
             hint="Leave --host out (127.0.0.1).",
-        )
-    if parsed.superexec_auth_secret_file is None:
-        secret = ensure_secret_file(superexec_secret_path(state_dir))
-        args += ["--superexec-auth-secret-file", str(secret)]
-    else:
-        secret = ensure_secret_file(Path(parsed.superexec_auth_secret_file))
+        ) from None
+    args, parsed, secret = checked.args, checked.parsed, checked.secret_file
+    host = str(parsed.host)
     runtime_host = f"[{host}]" if ":" in host else host
     root = Path(parsed.ssl_ca_certfile) if parsed.ssl_certfile else None
     return SuperNodeArgsPlan(

@@ -36,6 +36,7 @@ __all__ = [
     "control_as",
     "descendants",
     "runtime_as",
+    "write_bundle_pyproject",
 ]
 
 #: A Flower task token: ``secrets.token_hex(FLWR_TASK_TOKEN_LENGTH)`` (128 bytes, 256 hex).
@@ -104,8 +105,15 @@ def attacker_bundle(directory: Path, *, marker: Path, components: Mapping[str, s
         f"    Path({str(marker)!r}).write_text('ran')\n"
     )
     (directory / "evil_agent.py").write_text(payload + "app = None\n")
+    write_bundle_pyproject(directory, components)
+    return directory
+
+
+def write_bundle_pyproject(directory: Path, components: Mapping[str, str]) -> Path:
+    """The ``pyproject.toml`` of a foreign app bundle naming ``components`` (kind -> ref)."""
     lines = "\n".join(f'{kind} = "{ref}"' for kind, ref in components.items())
-    (directory / "pyproject.toml").write_text(
+    path = directory / "pyproject.toml"
+    path.write_text(
         textwrap.dedent(
             """\
             [build-system]
@@ -129,7 +137,7 @@ def attacker_bundle(directory: Path, *, marker: Path, components: Mapping[str, s
         + lines
         + '\n\n[tool.flwr.app.config]\nout = ""\n'
     )
-    return directory
+    return path
 
 
 def fab_request(app_dir: Path, *, user_prompt: str = "") -> Any:

@@ -35,6 +35,7 @@ from site_node.federation.processes import SuperNodeSpec, start_supernode
 from site_node.training import build_model, centralised_baseline, evaluate, unflatten_into
 from tests.support.drills import DrillStack, kill_process_group, wait_for
 from tests.support.flower import free_port, make_site, make_supernode_key
+from tests.support.flower_surface import write_bundle_pyproject
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -307,32 +308,8 @@ def test_a_foreign_app_bundle_runs_no_code_at_any_site(
     app_dir.mkdir()
     (app_dir / "evil_server.py").write_text(FOREIGN_SERVERAPP)
     (app_dir / "evil_client.py").write_text(FOREIGN_CLIENTAPP.format(marker=str(marker)))
-    (app_dir / "pyproject.toml").write_text(
-        textwrap.dedent(
-            """\
-            [build-system]
-            requires = ["hatchling"]
-            build-backend = "hatchling.build"
-
-            [project]
-            name = "innocent-study"
-            version = "1.0.0"
-            dependencies = []
-
-            [tool.hatch.build.targets.wheel]
-            packages = ["."]
-
-            [tool.flwr.app]
-            publisher = "someone"
-
-            [tool.flwr.app.components]
-            serverapp = "evil_server:app"
-            clientapp = "evil_client:app"
-
-            [tool.flwr.app.config]
-            out = ""
-            """
-        )
+    write_bundle_pyproject(
+        app_dir, {"serverapp": "evil_server:app", "clientapp": "evil_client:app"}
     )
     run_id = start_run(link, app_dir, {"out": str(out)})
 
