@@ -216,6 +216,11 @@ class DrillStack:
                 return rounds[n - 1]
             study = self.researcher.get_study(study_id)
             if study["state"] in ("completed", "failed", "aborted"):
+                # The round's entry and the study's end can land between the two reads:
+                # look once more before calling the round missing.
+                rounds = self.round_entries(study_id)
+                if len(rounds) >= n:
+                    return rounds[n - 1]
                 raise AssertionError(
                     f"the study ended {study['state']} after {len(rounds)} round(s): "
                     f"{study.get('state_reason')}"
