@@ -123,7 +123,9 @@ def decide(
     The body is what `site-node study approve` (or `decline`) signed at the site; the
     signature must verify with the key the study's roster names for the site.
     """
-    before = len(service.get_visible_study(session, study_id, principal).events)
+    current = service.get_visible_study(session, study_id, principal)
+    before = len(current.events)
+    repeated = service.is_recorded(current, body)
     study = service.decide(
         session,
         study_id,
@@ -131,6 +133,8 @@ def decide(
         actor=principal,
         gate=approval_gate(session, _policy(request)),
     )
+    if repeated:  # the same signed decision again: already on record and in the log
+        return service.to_public(study)
     audit.record(
         f"study.site_{body.decision.value}",
         object_type="study",

@@ -332,6 +332,23 @@ def _verify_signed_decision(study: Study, site: Site, data: ApprovalCreate) -> N
         ) from None
 
 
+def is_recorded(study: Study, data: ApprovalCreate) -> bool:
+    """Whether exactly this signed decision is already on record for the study.
+
+    Posting the same signed decision again is a no-op, not a conflict: the site's CLI and
+    its agent (which re-posts decisions it holds unposted) can race, and a client that
+    lost the answer to its first post must be able to retry. A *different* decision from
+    the same site is still ``approval.duplicate``.
+    """
+    return any(
+        a.site_id == data.site_id
+        and a.signature == data.signature
+        and a.contract_hash == data.contract_hash
+        and a.decision is data.decision
+        for a in study.approvals
+    )
+
+
 def decide(
     session: Session,
     study_id: str,
@@ -346,6 +363,7 @@ def decide(
     its reasons and nothing is recorded. When every site has approved, the study's epsilon
     is reserved on every dataset it uses and it becomes ``approved``; if a dataset no
     longer has the budget, it becomes ``rejected`` with the numbers. One decline rejects it.
+    The same signed decision posted again changes nothing (:func:`is_recorded`).
     """
     study = get_visible_study(session, study_id, actor)
     site = require_own_active_site(session, actor, data.site_id)
@@ -353,6 +371,8 @@ def decide(
         raise ConflictError(
             f"Study {study.id} uses no dataset of site {site.id!r}.", code="approval.not_requested"
         )
+    if is_recorded(study, data):
+        return study
     if any(a.site_id == site.id for a in study.approvals):
         raise ConflictError(
             f"Site {site.id!r} has already decided on this study.", code="approval.duplicate"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import pytest
@@ -100,12 +102,36 @@ def test_decline_needs_a_reason(client: TestClient, consortium: People) -> None:
     assert response.json()["error"]["details"][0]["field"] == "body.reason"
 
 
-def test_duplicate_approval_is_refused(client: TestClient, consortium: People) -> None:
+def test_a_second_different_decision_is_refused(client: TestClient, consortium: People) -> None:
     study = submit(client, consortium)
     assert decide(client, consortium, study, "a").status_code == 201
-    again = decide(client, consortium, study, "a")
+    again = decide(client, consortium, study, "a", "declined", reason="Changed our mind.")
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "approval.duplicate"
+    assert again.json()["error"]["request_id"]
+    detail = client.get(f"/api/v1/studies/{study['id']}", headers=consortium.researcher).json()
+    assert detail["state"] == "awaiting_approvals"  # the decline was not taken
+
+
+def test_the_same_signed_decision_posted_again_changes_nothing(
+    client: TestClient, consortium: People
+) -> None:
+    """A retry (or the site agent re-posting what the CLI just posted) is not a conflict,
+    and it is recorded once: one approval row, one audit entry."""
+    study = submit(client, consortium)
+    body = signed_approval(client, consortium.steward("a"), study, "hospital-a", "approved")
+    url = f"/api/v1/studies/{study['id']}/approvals"
+    first = client.post(url, json=body, headers=consortium.steward("a"))
+    assert first.status_code == 201
+    again = client.post(url, json=body, headers=consortium.steward("a"))
+    assert again.status_code == 201
+    assert again.json() == first.json()
+    export = client.get("/api/v1/audit/export", headers=consortium.compliance).json()
+    entries = [json.loads(base64.b64decode(e["entry_b64"])) for e in export["entries"]]
+    approvals = [
+        e for e in entries if e["action"] == "study.site_approved" and study["id"] in str(e)
+    ]
+    assert len(approvals) == 1
 
 
 def test_approving_for_another_site_is_forbidden(client: TestClient, consortium: People) -> None:
