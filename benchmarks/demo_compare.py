@@ -62,6 +62,7 @@ from benchmarks.apps.compare_server import (
     write_compare_app,
 )
 from benchmarks.apps.metering import RoundTraffic
+from benchmarks.apps.records import open_final_model
 from benchmarks.apps.rosters import keyed_roster
 from benchmarks.apps.runs import start_compare_run, wait_for_outcome
 from concord_demo.stack import free_port, start_registered_supernode
@@ -72,7 +73,7 @@ from consortium_server.federation.plan import RunPlan
 from consortium_server.federation.processes import start_superlink
 from consortium_server.federation.records import StudyOutcome
 from consortium_server.federation.tls import make_dev_tls
-from site_node.crypto import CkksCodec, EncodedUpdate, PlainCodec, generate_study_context
+from site_node.crypto import generate_study_context
 from site_node.crypto import public_context as make_public_context
 from site_node.data.demo import breast_cancer_holdout
 from site_node.federation.approvals import ApprovalStore
@@ -164,11 +165,7 @@ def _final_vector(run: MethodRun, secret: bytes) -> Any:
     outcome = run.outcome
     if outcome is None or outcome.final_model is None:
         return None
-    chunks = EncodedUpdate.from_bytes_list(outcome.final_model.blobs).chunks
-    codec: CkksCodec | PlainCodec = CkksCodec(secret) if run.method == CKKS else PlainCodec()
-    return codec.decrypt_aggregate(
-        chunks, num_params=run.plan.num_params, total_weight=outcome.final_model.total_weight
-    )
+    return open_final_model(run.plan, outcome.final_model, secret if run.method == CKKS else None)
 
 
 def _score_holdout(run: MethodRun, secret: bytes) -> dict[str, float]:

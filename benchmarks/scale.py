@@ -91,7 +91,12 @@ from rich.progress import (  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from benchmarks.apps.grids import ForwardingGrid, wire_bytes  # noqa: E402
-from benchmarks.apps.records import RecordingGate, read_outcome, write_outcome  # noqa: E402
+from benchmarks.apps.records import (  # noqa: E402
+    RecordingGate,
+    open_final_model,
+    read_outcome,
+    write_outcome,
+)
 from benchmarks.apps.rosters import keyed_roster  # noqa: E402
 from concord_protocol.contract import (  # noqa: E402
     EncryptionSpec,
@@ -104,12 +109,10 @@ from concord_protocol.contract import (  # noqa: E402
     TrainingSpec,
 )
 from concord_protocol.rounds import RoundRecord  # noqa: E402
-from concord_protocol.wire.format import EncodedUpdate  # noqa: E402
 from consortium_server.federation.plan import RunPlan  # noqa: E402
 from consortium_server.federation.records import StudyOutcome  # noqa: E402
 from consortium_server.federation.serverapp import run_study_rounds  # noqa: E402
 from site_node.crypto import generate_study_context, public_context  # noqa: E402
-from site_node.crypto.codecs import CkksCodec  # noqa: E402
 from site_node.federation.approvals import ApprovalStore  # noqa: E402
 
 console = Console()
@@ -492,17 +495,15 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def decrypt_check(dirs: SiteDirs, records_dir: Path, num_params: int) -> dict[str, Any]:
-    """Decrypt the final aggregate as site 0 would (its own key): finite values?"""
+def decrypt_check(dirs: SiteDirs, records_dir: Path, plan: RunPlan) -> dict[str, Any]:
+    """Decrypt the final aggregate as site 0 would (its own key, the tags checked): finite
+    values?"""
     outcome = read_outcome(records_dir)
     if outcome is None or outcome.final_model is None:
         return {"decrypts": False, "finite": False, "max_abs": None}
     key = ApprovalStore(dirs.state_dir(0)).study_key(STUDY_ID)
     assert key is not None
-    update = EncodedUpdate.from_bytes_list(list(outcome.final_model.blobs))
-    values = CkksCodec(key.secret_context).decrypt_aggregate(
-        update.chunks, num_params=num_params, total_weight=outcome.final_model.total_weight
-    )
+    values = open_final_model(plan, outcome.final_model, key.secret_context)
     return {
         "decrypts": True,
         "finite": bool(np.isfinite(values).all()),
@@ -619,7 +620,7 @@ def run_one(workdir: Path, *, actors: int) -> dict[str, Any]:
         "driver_peak_rss_bytes": peak_rss_bytes(),
         "driver_ru_maxrss_bytes": ru_maxrss_bytes(),
         "ray": sampler.as_record(),
-        "final_model": decrypt_check(dirs, records_dir, plan.num_params),
+        "final_model": decrypt_check(dirs, records_dir, plan),
         "load_before": list(load_before),
         "load_after": list(os.getloadavg()),
     }

@@ -75,6 +75,9 @@ class RoundRecord(BaseModel):
     rejected: list[RejectedReply] = Field(default_factory=list)
     missing_sites: list[SiteId] = Field(default_factory=list)
     evaluation: dict[str, float] = Field(default_factory=dict)
+    #: Sites that refused to evaluate the round's aggregate (an ``aggregate.*`` or
+    #: ``evaluation.*`` code in ``detail``): a site that finds the aggregate forged says so.
+    evaluation_refusals: list[RejectedReply] = Field(default_factory=list)
     failure: str | None = Field(default=None, max_length=4000)
 
     def as_record(self) -> dict[str, Any]:

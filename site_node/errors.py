@@ -110,6 +110,8 @@ CATALOGUE: dict[str, str] = {
     "site.datasets_file": "The site's datasets file does not hold a list of datasets.",
     "site.no_datasets": "The SuperNode has no datasets file configured.",
     "site.no_study_dataset": "None of the study's datasets is registered at this site.",
+    "site.no_signing_key": "The site's signing key cannot be read (`site-node keys init`); "
+    "train replies are signed with it.",
     "update.global_mismatch": "The global model sent is for another round, study or scheme.",
     "update.no_global": "An evaluate message came without the global model.",
     "aggregate.integrity_failed": (
@@ -135,6 +137,12 @@ CATALOGUE: dict[str, str] = {
     "contribution.malformed": "A signed contribution does not parse.",
     "evaluation.already_answered": (
         "This site already evaluated another aggregate for that round: one answer per round."
+    ),
+    "release.not_on_record": (
+        "The aggregate offered for release is not the final round's in the audit log."
+    ),
+    "release.not_witnessed": (
+        "The final round's audit entry is newer than the last head this site witnessed."
     ),
     "release.not_final": (
         "The aggregate offered for release is not the final round's verified aggregate."

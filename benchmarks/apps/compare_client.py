@@ -11,8 +11,11 @@ Like Concord's, every message passes the site's :class:`ContractGuardMod` first.
 (:mod:`benchmarks.apps.methods`), the message goes through Flower 1.41's own
 ``secaggplus_mod`` (setup, share keys, collect masked vectors, unmask); otherwise it is
 Concord's train handler, untouched (``ckks`` and ``fedavg`` are Concord's own paths).
-``evaluate`` is always Concord's: the comparison ServerApp sends the SecAgg+ global model in
-Concord's plaintext wire format.
+``evaluate`` is Concord's, except under SecAgg+: there the comparison ServerApp computed the
+global model itself (it unmasks the sum) and sends it in Concord's plaintext wire format
+without a manifest of signed contributions, because none could vouch for a sum the server
+made; :func:`_evaluate_secaggplus` scores it as it comes. That is one more reason SecAgg+ is
+only a benchmark here.
 
 At the "collect masked vectors" stage the mod calls :func:`fit`: local DP-SGD exactly as in
 the encrypted path (the contract's model from the fixed seed, or the global model the server
@@ -38,11 +41,20 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from benchmarks.apps.methods import AGGREGATION_KEY, SECAGGPLUS
+from concord_protocol.wire.format import EncodedUpdate
+from concord_protocol.wire.messages import (
+    REC_CONFIG,
+    REC_GLOBAL,
+    REC_METRICS,
+    REC_SITE,
+    arrays_to_blobs,
+)
 from site_node.federation import clientapp as concord_clientapp
 from site_node.federation.approvals import ApprovalStore
 from site_node.federation.clientapp import FederationError, SiteRuntime, site_settings
 from site_node.federation.mods import ContractGuardMod
-from site_node.training.params import flatten
+from site_node.training.loops import evaluate as evaluate_model
+from site_node.training.params import flatten, num_parameters, unflatten_into
 
 __all__ = ["app", "evaluate", "fit", "secaggplus_train", "train"]
 
@@ -159,5 +171,40 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Concord's evaluate handler (the global model comes in Concord's wire format)."""
+    """Concord's evaluate handler; under SecAgg+ the unverifiable server-made model."""
+    if context.run_config.get(AGGREGATION_KEY) == SECAGGPLUS:
+        return _evaluate_secaggplus(msg, context)
     return concord_clientapp.evaluate_global(msg, context)
+
+
+def _evaluate_secaggplus(msg: Message, context: Context) -> Message:
+    """Score the plaintext global model a SecAgg+ server sends (benchmark runs only: the
+    contract has encryption off, which :func:`secaggplus_train` insists on)."""
+    runtime = SiteRuntime.from_context(context)
+    if runtime.contract.encryption.enabled:
+        raise FederationError(
+            "the contract requires encryption; SecAgg+ would not do",
+            code="compare.encryption_required",
+        )
+    data = runtime.dataset("test")
+    model = runtime.model_for(data)
+    config = msg.content.config_records[REC_CONFIG]
+    update = EncodedUpdate.from_bytes_list(arrays_to_blobs(msg.content.array_records[REC_GLOBAL]))
+    params = runtime.codec.decrypt_aggregate(
+        update.chunks,
+        num_params=num_parameters(model),
+        total_weight=float(config["total-weight"]),  # type: ignore[arg-type]
+    )
+    unflatten_into(model, params)
+    result = evaluate_model(model, data)
+    metrics = MetricRecord(
+        {
+            "num-examples": int(result.num_samples),
+            "loss": float(result.loss),
+            "accuracy": float(result.accuracy),
+            "auc": float(result.auc),
+        }
+    )
+    return Message(
+        RecordDict({REC_METRICS: metrics, REC_SITE: runtime.site_record()}), reply_to=msg
+    )

@@ -8,7 +8,7 @@ Flower's simulation engine) and read the results back from a directory of their 
 the comparison bundle: the run config's ``records-dir``)::
 
     round-NNNN.json      each round's RoundRecord, written as the round ends
-    final-model.blobs    the final aggregate's blobs (``pack_blobs`` framing), if any
+    final-model.blobs    the final aggregate: its manifest and blobs (``pack_checkpoint``)
     outcome.json         the StudyOutcome, written last: once it exists, the run is over
 
 :class:`RecordingGate` is the :class:`~consortium_server.federation.gate_client.RoundGate`
@@ -23,16 +23,27 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from concord_protocol.contributions import AggregateManifest
 from concord_protocol.rounds import RoundRecord
-from consortium_server.federation.checkpoints import GlobalModel, pack_blobs, unpack_blobs
+from concord_protocol.wire.format import CKKS_TAG_SLOTS, EncodedUpdate
+from consortium_server.federation.checkpoints import (
+    GlobalModel,
+    pack_checkpoint,
+    unpack_checkpoint,
+)
+from consortium_server.federation.plan import RunPlan
 from consortium_server.federation.records import StudyOutcome
 from consortium_server.federation.run_messages import RunVerdict
+from consortium_server.federation.strategy import BlindAggregationStrategy
+from site_node.crypto.codecs import CkksCodec, ListedSum, PlainCodec
 
 __all__ = [
     "FINAL_MODEL_FILE",
     "OUTCOME_FILE",
     "RecordingGate",
+    "open_final_model",
     "read_outcome",
     "read_round_records",
     "write_json",
@@ -72,7 +83,7 @@ def write_outcome(records_dir: Path, outcome: StudyOutcome) -> None:
     if outcome.final_model is not None:
         path = records_dir / FINAL_MODEL_FILE
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(pack_blobs(outcome.final_model.blobs))
+        tmp.write_bytes(pack_checkpoint(outcome.final_model))
         os.replace(tmp, path)
     write_json(records_dir / OUTCOME_FILE, outcome.as_record())
 
@@ -94,11 +105,13 @@ def read_outcome(records_dir: Path) -> StudyOutcome | None:
     final = None
     if body.get("final_model") is not None:
         fm = body["final_model"]
+        manifest, blobs = unpack_checkpoint((records_dir / FINAL_MODEL_FILE).read_bytes())
         final = GlobalModel(
             round_number=int(fm["round_number"]),
-            blobs=tuple(unpack_blobs((records_dir / FINAL_MODEL_FILE).read_bytes())),
+            blobs=tuple(blobs),
             total_weight=float(fm["total_weight"]),
             digest=str(fm["digest"]),
+            manifest=manifest,
         )
     return StudyOutcome(
         study_id=str(body["study_id"]),
@@ -144,3 +157,21 @@ class RecordingGate:
         if record.status == "aggregated":
             return RunVerdict(action="continue", next_round=record.round_number + 1)
         return RunVerdict(action="stop", reason=record.failure or "the round failed")
+
+
+def open_final_model(plan: RunPlan, model: GlobalModel, secret: bytes | None) -> Any:
+    """The final model's averaged parameters, opened as a site opens an aggregate: for an
+    encrypted study, decrypted with the study's ``secret`` and its integrity tags checked
+    against the sites its manifest lists."""
+    chunks = EncodedUpdate.from_bytes_list(list(model.blobs)).chunks
+    if secret is None:
+        return PlainCodec().decrypt_aggregate(
+            chunks, num_params=plan.num_params, total_weight=model.total_weight
+        )
+    listed = ListedSum(
+        BlindAggregationStrategy(plan).round_info(model.round_number),
+        AggregateManifest.from_json(model.manifest).sites,
+    )
+    return CkksCodec(secret, tag_slots=CKKS_TAG_SLOTS).decrypt_aggregate(
+        chunks, num_params=plan.num_params, total_weight=model.total_weight, listed=listed
+    )

@@ -8,14 +8,18 @@ Flower ``Array`` payload each::
 
 ``header`` is canonical JSON (sorted keys, no spaces) of :class:`UpdateHeader`: format
 version, scheme (``ckks`` or ``plain``), study id, contract hash, round number, number of
-parameters, chunk size, number of chunks and the SHA-256 of every chunk. The *update
+parameters, chunk size, tag slots per chunk, number of chunks and the SHA-256 of every
+chunk. The *update
 digest* is the SHA-256 of the header bytes, so it commits to every chunk; the server records
 it in the audit log. The weight (sample count) is not in the header: it travels as plain
 round metadata next to the update.
 
 * ``ckks``: each chunk is one serialised TenSEAL ``CKKSVector`` of ``chunk_size`` (= the
-  context's slot count) values, the last one shorter. The server adds chunks index by index
-  with the public context only (``consortium_server.federation.blind_sum``).
+  context's slot count) values, the last one shorter. Its last ``tag_slots``
+  (:data:`CKKS_TAG_SLOTS`) values are the chunk's secret integrity tags, the rest are model
+  values: a chunk holds ``chunk_size - tag_slots`` parameters (``site_node.crypto.tags``).
+  The server adds chunks index by index with the public context only
+  (``consortium_server.federation.blind_sum``) and cannot tell tags from values.
 * ``plain`` (studies with encryption off): each chunk is little-endian float64.
 
 Sites encode and decode with the codecs of :mod:`site_node.crypto.codecs`.
@@ -34,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from concord_protocol.errors import WireFormatError
 
 __all__ = [
+    "CKKS_TAG_SLOTS",
     "PLAIN_CHUNK_SIZE",
     "WIRE_FORMAT_VERSION",
     "EncodedUpdate",
@@ -45,13 +50,16 @@ __all__ = [
     "chunk_length",
     "expected_chunks",
     "sha256_hex",
+    "tagged_length",
 ]
 
-WIRE_FORMAT_VERSION: Literal[1] = 1
+WIRE_FORMAT_VERSION: Literal[2] = 2
 Scheme = Literal["ckks", "plain"]
 
 #: Values per chunk for plaintext updates (1 MiB of float64).
 PLAIN_CHUNK_SIZE = 131_072
+#: Integrity tag slots at the end of every CKKS chunk (``site_node.crypto.tags``).
+CKKS_TAG_SLOTS = 4
 
 _HEX64 = r"^[0-9a-f]{64}$"
 
@@ -61,11 +69,24 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def expected_chunks(num_params: int, chunk_size: int) -> int:
-    """Number of chunks an update of ``num_params`` values takes."""
-    if num_params < 1 or chunk_size < 1:
-        raise ValueError("num_params and chunk_size must be positive")
-    return -(-num_params // chunk_size)
+def expected_chunks(num_values: int, chunk_size: int) -> int:
+    """Number of chunks ``num_values`` values (tags included) take."""
+    if num_values < 1 or chunk_size < 1:
+        raise ValueError("num_values and chunk_size must be positive")
+    return -(-num_values // chunk_size)
+
+
+def tagged_length(num_params: int, chunk_size: int, tag_slots: int) -> int:
+    """Values on the wire for ``num_params`` parameters with ``tag_slots`` tags per chunk.
+
+    Each chunk holds ``chunk_size - tag_slots`` parameters followed by its tags (the last
+    chunk fewer parameters, the same number of tags).
+    """
+    if tag_slots < 0 or tag_slots >= chunk_size:
+        raise ValueError("tag_slots must be within 0..chunk_size-1")
+    if num_params < 1:
+        raise ValueError("num_params must be positive")
+    return num_params + tag_slots * -(-num_params // (chunk_size - tag_slots))
 
 
 @dataclass(frozen=True)
@@ -73,13 +94,19 @@ class RoundInfo:
     """Which study and round an update belongs to, and its length.
 
     Sites put these into every header; the server passes the same values to ``blind_sum``
-    as what it expects, so a reply from another study or round is dropped.
+    as what it expects, so a reply from another study or round is dropped. ``tag_slots``
+    is :data:`CKKS_TAG_SLOTS` for encrypted studies, 0 for plain ones.
     """
 
     study_id: str
     contract_hash: str
     round_number: int
     num_params: int
+    tag_slots: int = 0
+
+    def num_values(self, chunk_size: int) -> int:
+        """Values on the wire in chunks of ``chunk_size`` (parameters plus tags)."""
+        return tagged_length(self.num_params, chunk_size, self.tag_slots)
 
 
 class UpdateHeader(BaseModel):
@@ -87,20 +114,23 @@ class UpdateHeader(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format_version: Literal[1] = WIRE_FORMAT_VERSION
+    format_version: Literal[2] = WIRE_FORMAT_VERSION
     scheme: Scheme
     study_id: str = Field(min_length=1, max_length=128)
     contract_hash: str = Field(pattern=_HEX64)
     round_number: int = Field(ge=0)
     num_params: int = Field(ge=1)
     chunk_size: int = Field(ge=1)
+    tag_slots: int = Field(default=0, ge=0, le=64)
     num_chunks: int = Field(ge=1)
     chunk_digests: tuple[str, ...]
 
     @model_validator(mode="after")
     def _consistent(self) -> UpdateHeader:
-        if self.num_chunks != expected_chunks(self.num_params, self.chunk_size):
-            raise ValueError("num_chunks does not match num_params and chunk_size")
+        if self.tag_slots >= self.chunk_size:
+            raise ValueError("tag_slots must be smaller than chunk_size")
+        if self.num_chunks != expected_chunks(self.num_values, self.chunk_size):
+            raise ValueError("num_chunks does not match num_params, chunk_size and tag_slots")
         if len(self.chunk_digests) != self.num_chunks:
             raise ValueError("one digest per chunk is required")
         for digest in self.chunk_digests:
@@ -135,19 +165,26 @@ class UpdateHeader(BaseModel):
         """The update digest: SHA-256 (hex) of the canonical header bytes."""
         return sha256_hex(self.to_bytes())
 
+    @property
+    def num_values(self) -> int:
+        """Values on the wire: the parameters plus ``tag_slots`` per chunk."""
+        return tagged_length(self.num_params, self.chunk_size, self.tag_slots)
+
     def chunk_length(self, index: int) -> int:
-        """Number of values in chunk ``index``."""
-        return chunk_length(self.num_params, self.chunk_size, index)
+        """Number of values in chunk ``index`` (tags included)."""
+        return chunk_length(self.num_values, self.chunk_size, index)
 
     def round_info(self) -> RoundInfo:
         """The study/round part of the header."""
-        return RoundInfo(self.study_id, self.contract_hash, self.round_number, self.num_params)
+        return RoundInfo(
+            self.study_id, self.contract_hash, self.round_number, self.num_params, self.tag_slots
+        )
 
     def mismatches(self, expected: RoundInfo) -> list[str]:
         """Names of the fields that differ from ``expected`` (empty when all match)."""
         return [
             name
-            for name in ("study_id", "contract_hash", "round_number", "num_params")
+            for name in ("study_id", "contract_hash", "round_number", "num_params", "tag_slots")
             if getattr(self, name) != getattr(expected, name)
         ]
 
@@ -225,6 +262,7 @@ class EncodedUpdate:
             round_number=info.round_number,
             num_params=info.num_params,
             chunk_size=chunk_size,
+            tag_slots=info.tag_slots,
             num_chunks=len(chunks),
             chunk_digests=tuple(sha256_hex(c) for c in chunks),
         )

@@ -59,6 +59,7 @@ RUN_CONFIG_KEYS = (
     "node-wait-s",
     "start-round",
     "attempt",
+    "site-peers",
 )
 
 

@@ -211,11 +211,12 @@ def _screen_all(
     max_chunk_bytes: int,
     rejected: list[RejectedReply],
 ) -> list[_Candidate]:
-    n_chunks = expected_chunks(expected.num_params, chunk_size)
+    n_chunks = expected_chunks(expected.num_values(chunk_size), chunk_size)
     if expected_chunk_count != n_chunks:
         raise ValueError(
             f"expected_chunks={expected_chunk_count} does not fit {expected.num_params} "
-            f"parameters in chunks of {chunk_size} ({n_chunks} chunks)"
+            f"parameters and {expected.tag_slots} tag slots per chunk in chunks of "
+            f"{chunk_size} ({n_chunks} chunks)"
         )
     if max_chunk_bytes < 1:
         raise ValueError("max_chunk_bytes must be positive")
@@ -333,7 +334,7 @@ def blind_sum(
 
     ``updates`` maps site id to that site's reply (``EncodedUpdate.to_bytes_list()``).
     ``expected`` is the round the server asked for; ``expected_chunks`` must equal
-    ``ceil(expected.num_params / slot_count)``. Bad replies are dropped and recorded;
+    ``ceil(expected.num_values(slot_count) / slot_count)``. Bad replies are dropped and recorded;
     raises :class:`NotEnoughSitesError` when fewer than ``min_sites`` remain, and
     :class:`~site_node.crypto.errors.ContextError` if ``public_context`` holds a secret key.
     """
@@ -352,7 +353,7 @@ def blind_sum(
     _require(candidates, rejected, min_sites)
 
     def decode(chunk: bytes, index: int) -> ts.CKKSVector:
-        length = chunk_length(expected.num_params, info.slot_count, index)
+        length = chunk_length(expected.num_values(info.slot_count), info.slot_count, index)
         return _decode_ckks(ctx, info, chunk, index, length)
 
     def add(acc: ts.CKKSVector, value: ts.CKKSVector) -> ts.CKKSVector:
@@ -408,7 +409,7 @@ def plain_sum(
     _require(candidates, rejected, min_sites)
 
     def decode(chunk: bytes, index: int) -> npt.NDArray[np.float64]:
-        length = chunk_length(expected.num_params, chunk_size, index)
+        length = chunk_length(expected.num_values(chunk_size), chunk_size, index)
         if len(chunk) != 8 * length:
             raise _RejectError(
                 RejectReason.SIZE_MISMATCH, f"{len(chunk)} bytes, expected {8 * length}", index

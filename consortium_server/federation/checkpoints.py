@@ -6,8 +6,9 @@ a run that restarts after a crash starts from the checkpoint of the last recorde
 and the final round's checkpoint becomes the aggregate the release gate keeps. Only the
 newest :data:`KEEP` rounds of a study are kept.
 
-On the wire (the ServerApp's ``PUT`` and ``GET``) a checkpoint is its blobs framed by
-:func:`pack_blobs`: each blob preceded by its length as 8 bytes big-endian. Functions take
+On the wire (the ServerApp's ``PUT`` and ``GET``) a checkpoint is :func:`pack_checkpoint`:
+its manifest (the signed contributions it sums, JSON) and then its blobs, each framed by
+:func:`pack_blobs` (preceded by its length as 8 bytes big-endian). Functions take
 a session and flush; the caller commits.
 """
 
@@ -19,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Float, ForeignKey, Integer, LargeBinary, String, delete, select
+from sqlalchemy import Float, ForeignKey, Integer, LargeBinary, String, Text, delete, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from concord_protocol.errors import WireFormatError
@@ -33,8 +34,10 @@ __all__ = [
     "blobs_sha256",
     "get_checkpoint",
     "pack_blobs",
+    "pack_checkpoint",
     "store_checkpoint",
     "unpack_blobs",
+    "unpack_checkpoint",
 ]
 
 #: Checkpoints kept per study (the newest rounds).
@@ -44,12 +47,14 @@ _LENGTH = struct.Struct(">Q")
 
 @dataclass(frozen=True)
 class GlobalModel:
-    """The current global model as the server holds it: an aggregate it cannot read."""
+    """The current global model as the server holds it: an aggregate it cannot read, and
+    the manifest of signed contributions it sums (JSON; ``""`` for a plain test model)."""
 
     round_number: int
     blobs: tuple[bytes, ...]
     total_weight: float
     digest: str
+    manifest: str = ""
 
 
 def pack_blobs(blobs: Iterable[bytes]) -> bytes:
@@ -73,6 +78,23 @@ def unpack_blobs(data: bytes) -> list[bytes]:
     return out
 
 
+def pack_checkpoint(model: GlobalModel) -> bytes:
+    """The checkpoint on the wire: the manifest, then the aggregate's blobs."""
+    return pack_blobs([model.manifest.encode(), *model.blobs])
+
+
+def unpack_checkpoint(data: bytes) -> tuple[str, list[bytes]]:
+    """Inverse of :func:`pack_checkpoint`: (manifest, blobs)."""
+    blobs = unpack_blobs(data)
+    if not blobs:
+        raise WireFormatError("a checkpoint without its manifest")
+    try:
+        manifest = blobs[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireFormatError("a checkpoint's manifest is not text") from None
+    return manifest, blobs[1:]
+
+
 def blobs_sha256(blobs: Iterable[bytes]) -> str:
     """SHA-256 (hex) of the packed blobs: what a checkpoint's integrity is checked against."""
     digest = hashlib.sha256()
@@ -93,6 +115,7 @@ class RoundCheckpoint(Base):
     total_weight: Mapped[float] = mapped_column(Float)
     blobs_sha256: Mapped[str] = mapped_column(String(64))
     blobs: Mapped[bytes] = mapped_column(LargeBinary)
+    manifest: Mapped[str] = mapped_column(Text, default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     def model(self) -> GlobalModel:
@@ -103,7 +126,9 @@ class RoundCheckpoint(Base):
                 f"the checkpoint of round {self.round_number} is corrupt",
                 code="update.digest_mismatch",
             )
-        return GlobalModel(self.round_number, tuple(blobs), self.total_weight, self.digest)
+        return GlobalModel(
+            self.round_number, tuple(blobs), self.total_weight, self.digest, self.manifest
+        )
 
 
 def store_checkpoint(
@@ -133,6 +158,7 @@ def store_checkpoint(
     row.total_weight = float(model.total_weight)
     row.blobs = pack_blobs(model.blobs)
     row.blobs_sha256 = blobs_sha256(model.blobs)
+    row.manifest = model.manifest
     row.created_at = utcnow()
     session.flush()
     newest = session.scalars(

@@ -42,10 +42,11 @@ from consortium_server.errors import (
 )
 from consortium_server.federation.checkpoints import GlobalModel, RoundCheckpoint
 from consortium_server.federation.models import StudyKeyRelay
-from consortium_server.federation.plan import RunPlan
+from consortium_server.federation.plan import RunPlan, SitePeer
 from consortium_server.federation.study_runs import StudyRun, new_attempt
 from consortium_server.policy.checks import PolicyContext
 from consortium_server.release.service import store_final_aggregate
+from consortium_server.sites.models import Site
 from consortium_server.studies.lifecycle import transition
 from consortium_server.studies.models import ApprovalDecision, Study, StudyState
 
@@ -153,17 +154,33 @@ def plan_for(session: Session, study: Study, run: StudyRun) -> RunPlan:
             code="study.invalid_transition",
         )
     datasets, _ = get_datasets(session, contract.datasets)
+    sites = tuple(
+        sorted(a.site_id for a in study.approvals if a.decision is ApprovalDecision.APPROVED)
+    )
     return RunPlan(
         study_id=study.id,
         contract=contract,
         contract_hash=study.contract_hash,
         num_params=model_size(contract, datasets[0].feature_summary),
-        sites=tuple(
-            sorted(a.site_id for a in study.approvals if a.decision is ApprovalDecision.APPROVED)
-        ),
+        sites=sites,
         public_context=relay.public_context if relay is not None else None,
         start_round=run.start_round,
         attempt=run.attempt,
+        peers=tuple(_peer(session, site_id) for site_id in sites),
+    )
+
+
+def _peer(session: Session, site_id: str) -> SitePeer:
+    """The ServerApp's view of an approved site: its enrolled SuperNode and its keys."""
+    site = session.get(Site, site_id)
+    if site is None:
+        raise ConflictError(f"Site {site_id!r} is not enrolled.", code="study.invalid_transition")
+    node = site.supernode_node_id
+    return SitePeer(
+        site_id=site.id,
+        node_id=int(node) if node else None,
+        signing_public_key=site.signing_public_key,
+        exchange_public_key=site.exchange_public_key,
     )
 
 

@@ -25,7 +25,11 @@ from typing import Any, Protocol, Self
 import httpx
 
 from concord_protocol.rounds import RoundRecord
-from consortium_server.federation.checkpoints import GlobalModel, pack_blobs, unpack_blobs
+from consortium_server.federation.checkpoints import (
+    GlobalModel,
+    pack_checkpoint,
+    unpack_checkpoint,
+)
 from consortium_server.federation.plan import RunPlan
 from consortium_server.federation.run_messages import (
     CHECKPOINT_MEDIA_TYPE,
@@ -172,7 +176,7 @@ class ApiRoundGate:
                     "PUT",
                     f"/rounds/{model.round_number}/checkpoint",
                     params={"total_weight": repr(float(model.total_weight))},
-                    content=pack_blobs(model.blobs),
+                    content=pack_checkpoint(model),
                     headers={"Content-Type": CHECKPOINT_MEDIA_TYPE},
                 )
             )
@@ -189,11 +193,13 @@ class ApiRoundGate:
         response = self._call("GET", f"/checkpoints/{round_number}")
         if not response.is_success:
             raise RuntimeError(f"no checkpoint of round {round_number}: {response.text[:300]}")
+        manifest, blobs = unpack_checkpoint(response.content)
         return GlobalModel(
             round_number=round_number,
-            blobs=tuple(unpack_blobs(response.content)),
+            blobs=tuple(blobs),
             total_weight=float(response.headers["X-Concord-Total-Weight"]),
             digest=response.headers["X-Concord-Digest"],
+            manifest=manifest,
         )
 
     def failure(self, reason: str) -> None:

@@ -34,7 +34,11 @@ from consortium_server.errors import (
     ServiceUnavailableError,
 )
 from consortium_server.federation import round_gate
-from consortium_server.federation.checkpoints import GlobalModel, pack_blobs, unpack_blobs
+from consortium_server.federation.checkpoints import (
+    GlobalModel,
+    pack_checkpoint,
+    unpack_checkpoint,
+)
 from consortium_server.federation.run_messages import (
     CHECKPOINT_MEDIA_TYPE,
     RoundReport,
@@ -90,13 +94,13 @@ def put_checkpoint(
     total_weight: Annotated[float, Query(gt=0, allow_inf_nan=False)],
 ) -> RunVerdict:
     """Keep the round's encrypted aggregate before the round is reported."""
-    blobs = unpack_blobs(body)
+    manifest, blobs = unpack_checkpoint(body)
     update = EncodedUpdate.from_bytes_list(blobs)
     if update.header.round_number != round_number or update.header.study_id != study_id:
         raise InvalidRequestError(
             "The checkpoint's header names another round or study.", code="update.header_mismatch"
         )
-    model = GlobalModel(round_number, tuple(blobs), total_weight, update.digest)
+    model = GlobalModel(round_number, tuple(blobs), total_weight, update.digest, manifest)
     return round_gate.put_checkpoint(session, study_id, attempt, model)
 
 
@@ -123,10 +127,10 @@ def post_round(
 def get_checkpoint(
     study_id: StudyId, attempt: Attempt, round_number: Round, session: SessionDep
 ) -> Response:
-    """A kept aggregate: blobs length-prefixed; its total weight and digest in headers."""
+    """A kept aggregate (:func:`pack_checkpoint`); its total weight and digest in headers."""
     model = round_gate.read_checkpoint(session, study_id, attempt, round_number)
     return Response(
-        content=pack_blobs(model.blobs),
+        content=pack_checkpoint(model),
         media_type=CHECKPOINT_MEDIA_TYPE,
         headers={
             "X-Concord-Total-Weight": repr(model.total_weight),

@@ -9,19 +9,57 @@ bundle's ``[tool.flwr.app.config]``); the ServerApp reads it back
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from concord_protocol.contract import StudyContract
+from concord_protocol.site_keys import site_key_fingerprint
 
-__all__ = ["ATTEMPT_PATTERN", "POLICY_MIN_SITES", "RunPlan"]
+__all__ = ["ATTEMPT_PATTERN", "POLICY_MIN_SITES", "RunPlan", "SitePeer"]
 
 #: The consortium policy's floor: no aggregation of fewer sites, whatever a contract says.
 POLICY_MIN_SITES = 3
 #: A run attempt's id (random, from the server).
 ATTEMPT_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class SitePeer:
+    """A roster site as the ServerApp knows it: its enrolled SuperNode and its keys.
+
+    ``node_id`` is the SuperLink's id of the SuperNode key the site enrolled (``None`` when
+    the server does not register SuperNode keys: then any node may answer for the site, and
+    only the signature on its contribution tells). The keys must hash to the fingerprint
+    the contract's roster names for the site (checked by :class:`RunPlan`).
+    """
+
+    site_id: str
+    node_id: int | None
+    signing_public_key: str
+    exchange_public_key: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The run-config form of the peer."""
+        return {
+            "site_id": self.site_id,
+            "node_id": self.node_id,
+            "signing_public_key": self.signing_public_key,
+            "exchange_public_key": self.exchange_public_key,
+        }
+
+    @classmethod
+    def from_json(cls, item: Mapping[str, Any]) -> SitePeer:
+        """Inverse of :meth:`to_json`."""
+        node = item.get("node_id")
+        return cls(
+            site_id=str(item["site_id"]),
+            node_id=int(node) if node is not None else None,
+            signing_public_key=str(item["signing_public_key"]),
+            exchange_public_key=str(item["exchange_public_key"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -32,7 +70,9 @@ class RunPlan:
     study's approved sites. ``start_round`` is 1 for a new run; a run restarted after a crash
     starts after the last recorded round, from that round's checkpoint (which the ServerApp
     asks the server for). ``attempt`` names this run to the server: the reports of a run the
-    server replaced are refused.
+    server replaced are refused. ``peers``: the roster's sites with their enrolled node ids
+    and keys (the ServerApp contacts only these nodes and checks each reply's signed
+    contribution with these keys); empty only in tests of the round loop alone.
     """
 
     study_id: str
@@ -44,6 +84,7 @@ class RunPlan:
     node_wait_s: float = 60.0
     start_round: int = 1
     attempt: str = "0" * 32
+    peers: tuple[SitePeer, ...] = ()
 
     def __post_init__(self) -> None:
         if self.contract.contract_hash() != self.contract_hash:
@@ -57,6 +98,27 @@ class RunPlan:
             raise ValueError(f"start_round must be within 1..{self.rounds + 1}")
         if not ATTEMPT_PATTERN.match(self.attempt):
             raise ValueError("attempt must be 32 lowercase hex digits")
+        for peer in self.peers:
+            member = self.contract.member(peer.site_id)
+            if member is None:
+                raise ValueError(f"peer {peer.site_id!r} is not in the contract's roster")
+            keys = site_key_fingerprint(peer.signing_public_key, peer.exchange_public_key)
+            if keys != member.key_fingerprint:
+                raise ValueError(f"peer {peer.site_id!r}'s keys are not the roster's")
+
+    def peer(self, site_id: str) -> SitePeer | None:
+        """The roster peer ``site_id``, if the plan names it."""
+        return next((p for p in self.peers if p.site_id == site_id), None)
+
+    @property
+    def node_sites(self) -> dict[int, str]:
+        """Enrolled node id -> the site it belongs to (peers with a known node only)."""
+        return {p.node_id: p.site_id for p in self.peers if p.node_id is not None}
+
+    def max_examples(self, site_id: str) -> int | None:
+        """The most weight ``site_id``'s update may carry (its roster entry)."""
+        member = self.contract.member(site_id)
+        return member.max_examples if member is not None else None
 
     @property
     def rounds(self) -> int:
@@ -85,6 +147,7 @@ class RunPlan:
             "node-wait-s": float(self.node_wait_s),
             "start-round": self.start_round,
             "attempt": self.attempt,
+            "site-peers": json.dumps([p.to_json() for p in self.peers], sort_keys=True),
         }
 
     @classmethod
@@ -102,4 +165,7 @@ class RunPlan:
             node_wait_s=float(config.get("node-wait-s", 60.0)),
             start_round=int(config.get("start-round", 1)),
             attempt=str(config.get("attempt", "0" * 32)),
+            peers=tuple(
+                SitePeer.from_json(item) for item in json.loads(str(config.get("site-peers", "[]")))
+            ),
         )

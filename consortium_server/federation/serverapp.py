@@ -45,12 +45,16 @@ __all__ = ["app", "run_gated", "run_study_rounds", "site_of", "wait_for_nodes"]
 log = logging.getLogger("concord.federation.server")
 
 
-def wait_for_nodes(grid: Grid, minimum: int, wait_s: float) -> list[int]:
+def wait_for_nodes(
+    grid: Grid, minimum: int, wait_s: float, *, allowed: Iterable[int] | None = None
+) -> list[int]:
     """The connected node ids once there are ``minimum`` (or whatever is there after
-    ``wait_s``)."""
+    ``wait_s``); with ``allowed`` (the roster's enrolled SuperNodes) only those count: a
+    study's messages go to no other node."""
+    keep = set(allowed) if allowed is not None else None
     deadline = time.monotonic() + wait_s
     while True:
-        nodes = sorted(grid.get_node_ids())
+        nodes = sorted(n for n in grid.get_node_ids() if keep is None or n in keep)
         if len(nodes) >= minimum or time.monotonic() >= deadline:
             return nodes
         time.sleep(0.5)
@@ -117,7 +121,9 @@ def run_study_rounds(
             break
         started = time.perf_counter()
         record = new_record(plan, round_number)
-        nodes = wait_for_nodes(grid, plan.min_sites, plan.node_wait_s)
+        nodes = wait_for_nodes(
+            grid, plan.min_sites, plan.node_wait_s, allowed=plan.node_sites or None
+        )
         record.nodes_contacted = len(nodes)
         aggregate: GlobalModel | None = None
         try:
@@ -139,6 +145,7 @@ def run_study_rounds(
             evaluated = _send(grid, strategy, "evaluate", round_number, aggregate, accepted_nodes)
             record.evaluate_wall_seconds = time.perf_counter() - t0
             record.evaluation = strategy.aggregate_evaluate(evaluated)
+            record.evaluation_refusals = strategy.evaluation_refusals(evaluated)
         except RoundFailedError as exc:
             record = exc.record
             aggregate = None

@@ -10,6 +10,13 @@ class of pure functions (build contents, check and aggregate replies, weigh metr
 ``grid.send_and_receive`` with the study's round timeout. The message layout is shared with
 the sites (:mod:`concord_protocol.wire.messages`); the plan is
 :mod:`~consortium_server.federation.plan`, the records :mod:`~consortium_server.federation.records`.
+
+A reply counts only when it comes from the SuperNode the site enrolled (``wrong_node``
+otherwise, checked before anything else about the site, so a rogue node cannot crowd the
+real site out as a "duplicate"), and carries the site's signed contribution
+(:mod:`concord_protocol.contributions`) for this study, contract, run attempt and round,
+naming the update's digest and a weight within the site's roster entry. The aggregate goes
+on with the manifest of the contributions it sums, which the sites check.
 """
 
 from __future__ import annotations
@@ -22,9 +29,17 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from concord_protocol.contributions import AggregateManifest, ManifestError, SignedContribution
 from concord_protocol.rounds import RejectedReply, RoundRecord
+from concord_protocol.site_keys import SignatureError
 from concord_protocol.wire.ckks import context_info, load_context
-from concord_protocol.wire.format import PLAIN_CHUNK_SIZE, RoundInfo, expected_chunks
+from concord_protocol.wire.format import (
+    CKKS_TAG_SLOTS,
+    PLAIN_CHUNK_SIZE,
+    RoundInfo,
+    expected_chunks,
+    sha256_hex,
+)
 from concord_protocol.wire.messages import (
     REC_CONFIG,
     REC_GLOBAL,
@@ -53,6 +68,9 @@ UNKNOWN_SITE = "unknown_site"
 DUPLICATE_SITE = "duplicate_site"
 BAD_WEIGHT = "bad_weight"
 KEY_MISMATCH = "key_mismatch"
+WRONG_NODE = "wrong_node"
+UNTRUSTED_SITE = "untrusted_site"
+BAD_CONTRIBUTION = "bad_contribution"
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,7 @@ class SiteReply:
     train_seconds: float
     encrypt_seconds: float
     key_fingerprint: str
+    contribution: SignedContribution | None = None
 
 
 def _reject(site_id: str, reason: str, detail: str) -> RejectedReply:
@@ -89,14 +108,17 @@ class BlindAggregationStrategy:
         else:
             self.chunk_size = PLAIN_CHUNK_SIZE
             self.max_chunk_bytes = 8 * PLAIN_CHUNK_SIZE
-        self.expected_chunks = expected_chunks(plan.num_params, self.chunk_size)
+        self.tag_slots = CKKS_TAG_SLOTS if plan.public_context is not None else 0
+        self.expected_chunks = expected_chunks(
+            self.round_info(1).num_values(self.chunk_size), self.chunk_size
+        )
 
     # --- contents ---------------------------------------------------------------------
 
     def round_info(self, round_number: int) -> RoundInfo:
         """What a reply of ``round_number`` must declare."""
         p = self.plan
-        return RoundInfo(p.study_id, p.contract_hash, round_number, p.num_params)
+        return RoundInfo(p.study_id, p.contract_hash, round_number, p.num_params, self.tag_slots)
 
     def content(self, round_number: int, model: GlobalModel | None) -> RecordDict:
         """Train/evaluate content: round config plus the current aggregate, if any."""
@@ -108,6 +130,7 @@ class BlindAggregationStrategy:
                 "total-weight": float(model.total_weight) if model else 0.0,
                 "has-global": model is not None,
                 "global-round": model.round_number if model else 0,
+                "manifest": model.manifest if model else "",
             }
         )
         content = RecordDict({REC_CONFIG: config})
@@ -119,6 +142,7 @@ class BlindAggregationStrategy:
 
     def _screen_reply(
         self,
+        round_number: int,
         msg: Message,
         seen_sites: set[str],
         rejected: list[RejectedReply],
@@ -140,17 +164,24 @@ class BlindAggregationStrategy:
             site_rec = content.config_records[REC_SITE]
             site_id = str(site_rec["site-id"])
             fingerprint = str(site_rec.get("key-fingerprint", ""))
+            contribution_json = str(site_rec.get("contribution", ""))
         except (KeyError, TypeError, ValueError):
             rejected.append(_reject(label, MALFORMED_REPLY, "no site record"))
             return None
         if site_id not in self.plan.sites:
             rejected.append(_reject(label, UNKNOWN_SITE, f"{site_id!r} is not a study site"))
             return None
+        enrolled = self.plan.node_sites
+        if enrolled and enrolled.get(node) != site_id:
+            # Before the duplicate check: a node that is not the site's cannot use up the
+            # site's one reply.
+            rejected.append(
+                _reject(label, WRONG_NODE, f"node {node} is not {site_id}'s enrolled SuperNode")
+            )
+            return None
         if site_id in seen_sites:
             rejected.append(_reject(site_id, DUPLICATE_SITE, f"second reply from node {node}"))
             return None
-        seen_sites.add(site_id)
-        self.node_sites[node] = site_id
         try:
             metrics = content.metric_records[REC_METRICS]
             blobs = arrays_to_blobs(content.array_records[REC_UPDATE])
@@ -170,6 +201,20 @@ class BlindAggregationStrategy:
         ):
             rejected.append(_reject(site_id, BAD_WEIGHT, "num-examples is not a positive integer"))
             return None
+        limit = self.plan.max_examples(site_id)
+        if limit is not None and int(raw_n) > limit:
+            rejected.append(
+                _reject(site_id, BAD_WEIGHT, f"weight {int(raw_n)} exceeds the roster's {limit}")
+            )
+            return None
+        signed = self._contribution(round_number, site_id, int(raw_n), blobs, contribution_json)
+        if isinstance(signed, RejectedReply):
+            rejected.append(signed)
+            return None
+        # Only a reply that passed every check takes the site's one place in the round: a
+        # bad one (a forged signature, say) cannot crowd the real reply out.
+        seen_sites.add(site_id)
+        self.node_sites[node] = site_id
         eps = float(raw_eps) if isinstance(raw_eps, int | float) else -1.0
         reply = SiteReply(
             site_id=site_id,
@@ -179,8 +224,45 @@ class BlindAggregationStrategy:
             train_seconds=train_s,
             encrypt_seconds=enc_s,
             key_fingerprint=fingerprint,
+            contribution=signed,
         )
         return reply, blobs
+
+    def _contribution(
+        self, round_number: int, site_id: str, weight: int, blobs: Sequence[bytes], text: str
+    ) -> SignedContribution | RejectedReply:
+        """The reply's signed contribution, checked against the reply and the plan."""
+        try:
+            signed = SignedContribution.from_json(text)
+        except ManifestError:
+            return _reject(site_id, BAD_CONTRIBUTION, "no signed contribution")
+        c = signed.contribution
+        p = self.plan
+        digest = sha256_hex(bytes(blobs[0])) if blobs else ""
+        wrong = [
+            name
+            for name, ok in (
+                ("study", c.study_id == p.study_id),
+                ("contract hash", c.contract_hash == p.contract_hash),
+                ("run attempt", c.attempt == p.attempt),
+                ("round", c.round_number == round_number),
+                ("site", c.site_id == site_id),
+                ("update digest", c.update_digest == digest),
+                ("weight", c.weight == weight),
+            )
+            if not ok
+        ]
+        if wrong:
+            return _reject(site_id, BAD_CONTRIBUTION, f"it names another {', '.join(wrong)}")
+        if p.peers:
+            peer = p.peer(site_id)
+            if peer is None:
+                return _reject(site_id, UNTRUSTED_SITE, "the plan holds no key for the site")
+            try:
+                signed.verify(peer.signing_public_key)
+            except SignatureError as exc:
+                return _reject(site_id, BAD_CONTRIBUTION, exc.message)
+        return signed
 
     def aggregate_train(
         self, round_number: int, replies: Iterable[Message], record: RoundRecord
@@ -194,7 +276,7 @@ class BlindAggregationStrategy:
         seen: set[str] = set()
         screened: dict[str, tuple[SiteReply, list[bytes]]] = {}
         for msg in replies:
-            screened_reply = self._screen_reply(msg, seen, rejected)
+            screened_reply = self._screen_reply(round_number, msg, seen, rejected)
             if screened_reply is not None:
                 screened[screened_reply[0].site_id] = screened_reply
         # Sites must share one study key (fingerprints are plain metadata; the majority
@@ -223,11 +305,19 @@ class BlindAggregationStrategy:
         self._fill(record, screened, list(result.accepted), rejected, result)
         record.total_weight = total
         record.status = "aggregated"
+        signed = [screened[s][0].contribution for s in result.accepted]
+        manifest = AggregateManifest.of(
+            [c for c in signed if c is not None],
+            study_id=self.plan.study_id,
+            contract_hash=self.plan.contract_hash,
+            round_number=round_number,
+        )
         return GlobalModel(
             round_number=round_number,
             blobs=tuple(result.to_bytes_list()),
             total_weight=total,
             digest=result.digest,
+            manifest=manifest.to_json(),
         )
 
     def _sum(self, round_number: int, updates: Mapping[str, Sequence[bytes]]) -> BlindSumResult:
@@ -262,6 +352,19 @@ class BlindAggregationStrategy:
             record.aggregate_digest = result.digest
 
     # --- evaluate replies -------------------------------------------------------------
+
+    def evaluation_refusals(self, replies: Iterable[Message]) -> list[RejectedReply]:
+        """The sites' error replies to ``evaluate`` (a site refusing a forged aggregate)."""
+        refusals = []
+        for msg in replies:
+            if msg.has_error():
+                node = msg.metadata.src_node_id
+                label = self.node_sites.get(node, f"node-{node}")
+                err = msg.error
+                refusals.append(
+                    _reject(label, ERROR_REPLY, f"code {err.code}: {(err.reason or '')[:300]}")
+                )
+        return refusals
 
     def aggregate_evaluate(self, replies: Iterable[Message]) -> dict[str, float]:
         """Weighted (by ``num-examples``) loss, accuracy and AUC over valid replies.

@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from consortium_server.db.base import Base, JSONType, UTCDateTime, utcnow
@@ -41,6 +41,8 @@ class FinalAggregate(Base):
     num_params: Mapped[int] = mapped_column(Integer)
     total_weight: Mapped[float] = mapped_column(Float)
     digest: Mapped[str] = mapped_column(String(64))
+    #: The signed contributions it sums (AggregateManifest JSON), which sites check.
+    manifest: Mapped[str] = mapped_column(Text, default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     blobs: Mapped[list[FinalAggregateBlob]] = relationship(

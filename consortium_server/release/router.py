@@ -86,6 +86,17 @@ class FinalAggregatePublic(StrictModel):
     total_weight: float
     digest: str = Field(description="Update digest: SHA-256 of the header blob.")
     blobs: list[str] = Field(description="Base64 blobs in the update wire format, header first.")
+    manifest: str = Field(
+        default="",
+        description="The signed contributions the aggregate sums (AggregateManifest JSON); "
+        "sites check it and the aggregate's integrity tags before they decrypt.",
+    )
+    audit_index: int | None = Field(
+        default=None,
+        description="Index of the final round's `round.completed` audit entry, whose "
+        "aggregate digest a site checks, with an inclusion proof against a head it "
+        "witnessed, before it releases.",
+    )
 
 
 class SignoffCreate(StrictModel):
@@ -225,6 +236,8 @@ def get_final_aggregate(
         total_weight=aggregate.total_weight,
         digest=aggregate.digest,
         blobs=[base64.b64encode(blob.data).decode("ascii") for blob in aggregate.blobs],
+        manifest=aggregate.manifest,
+        audit_index=service.final_round_entry(session, study.id, aggregate.round_number),
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,6 +41,7 @@ from concord_protocol.policy.facts import owner_principal
 from concord_protocol.principals import Principal
 from concord_protocol.release import model_sha256, signoff_message
 from concord_protocol.wire.format import EncodedUpdate
+from consortium_server.audit.models import AuditLeaf
 from consortium_server.datasets.service import get_datasets
 from consortium_server.db.base import utcnow
 from consortium_server.errors import (
@@ -150,6 +152,7 @@ def store_final_aggregate(
         num_params=header.num_params,
         total_weight=float(final_model.total_weight),
         digest=update.digest,
+        manifest=final_model.manifest,
         blobs=[
             FinalAggregateBlob(study_id=study.id, position=i, data=bytes(blob))
             for i, blob in enumerate(final_model.blobs)
@@ -158,6 +161,26 @@ def store_final_aggregate(
     session.add(aggregate)
     session.flush()
     return aggregate
+
+
+def final_round_entry(session: Session, study_id: str, round_number: int) -> int | None:
+    """The audit log index of the study's ``round.completed`` entry for ``round_number``
+    (the final round's, which a site compares with the aggregate it releases), if any."""
+    rows = session.execute(
+        select(AuditLeaf.index, AuditLeaf.entry)
+        .where(AuditLeaf.action == "round.completed")
+        .order_by(AuditLeaf.index.desc())
+        .execution_options(yield_per=200)
+    )
+    for index, raw in rows:
+        try:
+            entry = json.loads(bytes(raw))
+            record = entry["details"]["record"]
+            if entry["object"]["id"] == study_id and record["round_number"] == round_number:
+                return int(index)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def require_study_site(session: Session, study: Study, principal: Principal) -> Site:

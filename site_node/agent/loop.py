@@ -13,12 +13,13 @@ Every ``poll_interval_s`` seconds one pass runs five steps, in order:
 ``keys``
     generate or receive each approved, encrypted study's CKKS key
     (:mod:`site_node.agent.key_exchange`); skipped when ``sync`` failed;
-``release``
-    sign off the final model of each completed study (and, for one site, upload it)
-    (:mod:`site_node.agent.release`); skipped when ``sync`` failed;
 ``witness``
     cosign the audit log's latest tree head if it extends the last one
-    (:mod:`site_node.agent.witness`).
+    (:mod:`site_node.agent.witness`);
+``release``
+    sign off the final model of each completed study (and, for one site, upload it), once
+    its final round is on record in a head this site witnessed
+    (:mod:`site_node.agent.release`); skipped when ``sync`` failed.
 
 Every step is idempotent, so a step that hits a transient error (no answer, 5xx, 429, an
 expired token, the identity provider down) is simply run again, up to ``retry_attempts``
@@ -51,7 +52,7 @@ from concord_protocol.logs import JsonFormatter
 from site_node.agent.key_exchange import KeyResult, exchange_keys
 from site_node.agent.release import ReleaseResult, sign_off_completed
 from site_node.agent.sync import AgentError, SyncResult, is_transient, sync_approvals
-from site_node.agent.witness import WitnessResult, cosign_latest, verify_latest
+from site_node.agent.witness import WitnessResult, cosign_latest, verify_latest, witnessed_head
 from site_node.crypto.sealing import SiteKeyPair
 from site_node.federation.approvals import ApprovalStore
 from site_node.peers import FollowResult, PeerStore
@@ -166,7 +167,7 @@ class SiteAgent:
     # --- one pass -----------------------------------------------------------------
 
     def run_pass(self) -> PassReport:
-        """Run peers, sync, keys, release and witness once; never raises for API or domain
+        """Run peers, sync, keys, witness and release once; never raises for API or domain
         errors."""
         report = PassReport()
         outcome, report.peers = self._step(
@@ -199,18 +200,6 @@ class SiteAgent:
             report.steps.append(outcome)
             if report.keys is not None:
                 self._log_keys(report.keys)
-            outcome, report.release = self._step(
-                "release",
-                lambda: sign_off_completed(
-                    self.api, site_id=self.site_id, site_keys=self.site_keys, store=self.store
-                ),
-            )
-            report.steps.append(outcome)
-            if report.release is not None and report.release.signed:
-                log.info(
-                    "release signed off",
-                    extra={"event": "agent.release", "step": "release", **report.release.summary()},
-                )
         if not self.stopping:
             outcome, report.witness = self._step(
                 "witness",
@@ -227,6 +216,25 @@ class SiteAgent:
                 log.warning(
                     "trusting the consortium's tree-head key on first use",
                     extra={"event": "agent.witness_tofu", "step": "witness"},
+                )
+        if report.sync is not None and not self.stopping:
+            # After the witness: the final round's audit entry must be in a head this site
+            # cosigned before it releases (site_node.release.check_on_record).
+            outcome, report.release = self._step(
+                "release",
+                lambda: sign_off_completed(
+                    self.api,
+                    site_id=self.site_id,
+                    site_keys=self.site_keys,
+                    store=self.store,
+                    witnessed=witnessed_head(self.state_dir),
+                ),
+            )
+            report.steps.append(outcome)
+            if report.release is not None and report.release.signed:
+                log.info(
+                    "release signed off",
+                    extra={"event": "agent.release", "step": "release", **report.release.summary()},
                 )
         log.log(
             logging.INFO if report.ok else logging.ERROR,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from concord_protocol.audit.heads import SignedTreeHead
 from concord_protocol.client import ConsortiumClient
 from site_node.crypto.sealing import SiteKeyPair
 from site_node.federation.approvals import ApprovalStore
@@ -35,9 +36,15 @@ class ReleaseResult:
 
 
 def sign_off_completed(
-    api: ConsortiumClient, *, site_id: str, site_keys: SiteKeyPair, store: ApprovalStore
+    api: ConsortiumClient,
+    *,
+    site_id: str,
+    site_keys: SiteKeyPair,
+    store: ApprovalStore,
+    witnessed: SignedTreeHead | None,
 ) -> ReleaseResult:
-    """Sign off (and, for one site, upload) the final model of each completed study."""
+    """Sign off (and, for one site, upload) the final model of each completed study whose
+    final aggregate is on record in the log as of ``witnessed`` (the last cosigned head)."""
     result = ReleaseResult()
     for study in api.list_studies(state="completed"):
         status: dict[str, Any] = api.request("GET", f"/api/v1/studies/{study['id']}/release")
@@ -45,7 +52,13 @@ def sign_off_completed(
             continue
         upload = site_id == min(status["sites"]) and status["model_sha256"] is None
         signed = sign_off(
-            api, study["id"], site_id=site_id, keys=site_keys, store=store, upload=upload
+            api,
+            study["id"],
+            site_id=site_id,
+            keys=site_keys,
+            store=store,
+            upload=upload,
+            witnessed=witnessed,
         )
         result.signed.append(signed.study_id)
         if signed.uploaded:

@@ -27,6 +27,7 @@ against that key. Configure the key explicitly in production.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,14 @@ from concord_protocol.client import ConsortiumClient
 from site_node.agent.cosigner import Witness
 from site_node.agent.sync import AgentError
 
-__all__ = ["PINNED_KEY_FILE", "STATE_FILE", "WitnessResult", "cosign_latest", "verify_latest"]
+__all__ = [
+    "PINNED_KEY_FILE",
+    "STATE_FILE",
+    "WitnessResult",
+    "cosign_latest",
+    "verify_latest",
+    "witnessed_head",
+]
 
 STATE_FILE = Path("witness") / "state.json"
 PINNED_KEY_FILE = Path("witness") / "server-head-key"
@@ -134,6 +142,20 @@ def _prepare(
         )
         proof = [bytes.fromhex(p) for p in body["proof"]]
     return _Prepared(witness, head, proof, same and listed, first_use)
+
+
+def witnessed_head(state_dir: Path) -> SignedTreeHead | None:
+    """The last tree head this site cosigned (its own witness state; ``None`` before the
+    first). It was checked when cosigned: signed by the trusted key, consistent with the
+    one before."""
+    path = Path(state_dir) / STATE_FILE
+    try:
+        head: dict[str, Any] = json.loads(path.read_text())["head"]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        raise AgentError(f"{path} is damaged", code="audit.witness_state_invalid") from None
+    return SignedTreeHead.model_validate(head)
 
 
 def cosign_latest(

@@ -8,6 +8,11 @@ a grid coarser than the CKKS noise, after a keyed dither, before the values leav
 published CKKS decryptions next to their ciphertexts otherwise let anyone recover the secret
 key (Li and Micciancio, EUROCRYPT 2021). See ``docs/crypto.md``. :class:`PlainCodec` is
 float64 for studies with encryption off.
+
+With ``tag_slots`` (:data:`~concord_protocol.wire.format.CKKS_TAG_SLOTS`, what a study's
+ClientApp uses) every chunk ends with secret integrity tags (:mod:`site_node.crypto.tags`):
+:meth:`CkksCodec.encode` appends them and :meth:`CkksCodec.decrypt_aggregate` checks them
+against the sites the aggregate lists (:class:`ListedSum`) before anything leaves it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -35,12 +41,15 @@ from concord_protocol.wire.format import (
     Scheme,
     chunk_length,
     expected_chunks,
+    tagged_length,
 )
 from site_node.crypto.errors import NonFiniteUpdateError, UpdateRangeError, UpdateShapeError
+from site_node.crypto.tags import AggregateIntegrityError, AggregateTags
 
 __all__ = [
     "DEFAULT_MAX_SITES",
     "CkksCodec",
+    "ListedSum",
     "PlainCodec",
     "UpdateCodec",
     "decrypt_aggregate",
@@ -57,6 +66,15 @@ _ROUNDING_GRID_BITS = 14
 _DITHER_INFO = b"concord/ckks-decrypt-dither/v1"
 
 
+@dataclass(frozen=True)
+class ListedSum:
+    """What a tagged aggregate must be the sum of: the round's ``info`` and the sites its
+    (verified) manifest lists."""
+
+    info: RoundInfo
+    sites: tuple[str, ...]
+
+
 @runtime_checkable
 class UpdateCodec(Protocol):
     """Encodes a site's weighted update and decodes an aggregate: one path for both schemes."""
@@ -71,16 +89,33 @@ class UpdateCodec(Protocol):
         """Values per chunk."""
         ...
 
+    @property
+    def tag_slots(self) -> int:
+        """Integrity tag slots per chunk (0: none)."""
+        ...
+
     def encode(
-        self, vector: npt.NDArray[np.floating], *, weight: float, info: RoundInfo
+        self,
+        vector: npt.NDArray[np.floating],
+        *,
+        weight: float,
+        info: RoundInfo,
+        site_id: str = "",
     ) -> EncodedUpdate:
-        """Validate ``vector``, multiply it by ``weight`` and encode it in chunks."""
+        """Validate ``vector``, multiply it by ``weight`` and encode it in chunks (tagged
+        for ``site_id`` when the codec has tag slots)."""
         ...
 
     def decrypt_aggregate(
-        self, chunks: Sequence[bytes], *, num_params: int, total_weight: float
+        self,
+        chunks: Sequence[bytes],
+        *,
+        num_params: int,
+        total_weight: float,
+        listed: ListedSum | None = None,
     ) -> npt.NDArray[np.float64]:
-        """Decode an aggregate (sum of weighted updates) and divide by ``total_weight``."""
+        """Decode an aggregate (sum of weighted updates), check its tags against ``listed``
+        (required when the codec has tag slots) and divide by ``total_weight``."""
         ...
 
 
@@ -139,15 +174,21 @@ class CkksCodec:
 
     ``max_sites`` sizes the overflow guard: each site's weighted values must stay below
     ``max_abs_sum / max_sites`` so that the server's sum of up to ``max_sites`` updates
-    decrypts correctly.
+    decrypts correctly. ``tag_slots``: integrity tags per chunk (see the module docs).
     """
 
-    def __init__(self, secret_context: bytes, *, max_sites: int = DEFAULT_MAX_SITES) -> None:
+    def __init__(
+        self, secret_context: bytes, *, max_sites: int = DEFAULT_MAX_SITES, tag_slots: int = 0
+    ) -> None:
         if max_sites < 1:
             raise ValueError("max_sites must be >= 1")
         self._ctx = load_context(secret_context, require_secret=True)
         self._info: ContextInfo = context_info(self._ctx)
+        if not 0 <= tag_slots < self._info.slot_count:
+            raise ValueError("tag_slots must be within 0..slot_count-1")
         self._max_sites = max_sites
+        self._tag_slots = tag_slots
+        self._tags = AggregateTags(secret_context, slots=tag_slots) if tag_slots else None
         self._dither_key = HKDF(
             algorithm=hashes.SHA256(), length=32, salt=None, info=_DITHER_INFO
         ).derive(bytes(secret_context))
@@ -165,6 +206,16 @@ class CkksCodec:
         return self._info.slot_count
 
     @property
+    def tag_slots(self) -> int:
+        """Integrity tag slots at the end of each chunk (0: untagged)."""
+        return self._tag_slots
+
+    @property
+    def values_per_chunk(self) -> int:
+        """Model values per chunk (the slot count less the tag slots)."""
+        return self._info.slot_count - self._tag_slots
+
+    @property
     def per_site_limit(self) -> float:
         """Largest ``|weight * value|`` a site may send."""
         return self._info.max_abs_sum / self._max_sites
@@ -175,7 +226,12 @@ class CkksCodec:
         return self._grid
 
     def iter_encrypted_chunks(
-        self, vector: npt.NDArray[np.floating], *, weight: float, num_params: int
+        self,
+        vector: npt.NDArray[np.floating],
+        *,
+        weight: float,
+        info: RoundInfo,
+        site_id: str = "",
     ) -> Iterator[bytes]:
         """Check the whole vector, then yield serialised ciphertexts one chunk at a time.
 
@@ -183,28 +239,67 @@ class CkksCodec:
         caller that writes each chunk out does not hold the update twice.
         """
         w = _check_weight(weight)
-        _check_vector(vector, num_params)
-        _scan_chunks(vector, self.chunk_size, w, self.per_site_limit)
-        return self._encrypt(vector, w)
+        _check_vector(vector, info.num_params)
+        if info.tag_slots != self._tag_slots:
+            raise ValueError(
+                f"the round expects {info.tag_slots} tag slots, the codec has {self._tag_slots}"
+            )
+        if self._tags is not None and not site_id:
+            raise ValueError("a tagged update needs the site id")
+        _scan_chunks(vector, self.values_per_chunk, w, self.per_site_limit)
+        return self._encrypt(vector, w, info, site_id)
 
-    def _encrypt(self, vector: npt.NDArray[np.floating], weight: float) -> Iterator[bytes]:
-        for start in range(0, vector.shape[0], self.chunk_size):
-            part = np.asarray(vector[start : start + self.chunk_size], dtype=np.float64) * weight
+    def _encrypt(
+        self, vector: npt.NDArray[np.floating], weight: float, info: RoundInfo, site_id: str
+    ) -> Iterator[bytes]:
+        step = self.values_per_chunk
+        for index, start in enumerate(range(0, vector.shape[0], step)):
+            part = np.asarray(vector[start : start + step], dtype=np.float64) * weight
+            if self._tags is not None:
+                tags = self._tags.tag(part, info, index, site_id)
+                if float(np.max(np.abs(tags))) > self.per_site_limit:
+                    raise UpdateRangeError(
+                        f"chunk {index}'s integrity tags exceed the safe magnitude",
+                        code="update.out_of_range",
+                    )
+                part = np.concatenate([part, tags])
             yield bytes(ts.ckks_vector(self._ctx, part).serialize())
 
     def encode(
-        self, vector: npt.NDArray[np.floating], *, weight: float, info: RoundInfo
+        self,
+        vector: npt.NDArray[np.floating],
+        *,
+        weight: float,
+        info: RoundInfo,
+        site_id: str = "",
     ) -> EncryptedUpdate:
-        """Encrypt ``weight * vector`` for the round described by ``info``."""
-        chunks = list(self.iter_encrypted_chunks(vector, weight=weight, num_params=info.num_params))
+        """Encrypt ``weight * vector`` for the round described by ``info`` (tagged as
+        ``site_id``'s contribution when the codec has tag slots)."""
+        chunks = list(self.iter_encrypted_chunks(vector, weight=weight, info=info, site_id=site_id))
         return EncryptedUpdate.build(info, chunk_size=self.chunk_size, chunks=chunks)
 
     def decrypt_aggregate(
-        self, chunks: Sequence[bytes], *, num_params: int, total_weight: float
+        self,
+        chunks: Sequence[bytes],
+        *,
+        num_params: int,
+        total_weight: float,
+        listed: ListedSum | None = None,
     ) -> npt.NDArray[np.float64]:
-        """Decrypt the aggregate, round it (see module docs) and divide by ``total_weight``."""
+        """Decrypt the aggregate, round it (see module docs), check its integrity tags
+        against ``listed`` and divide by ``total_weight``.
+
+        Raises :class:`~site_node.crypto.tags.AggregateIntegrityError` when a tag is off:
+        nothing decrypted leaves the codec then.
+        """
         total = _check_weight(total_weight, "total_weight")
-        n_chunks = expected_chunks(num_params, self.chunk_size)
+        if self._tags is not None and listed is None:
+            raise AggregateIntegrityError(
+                "a tagged aggregate is only decrypted against the contributions it lists",
+                code="aggregate.manifest_missing",
+            )
+        num_values = tagged_length(num_params, self.chunk_size, self._tag_slots)
+        n_chunks = expected_chunks(num_values, self.chunk_size)
         if len(chunks) != n_chunks:
             raise WireFormatError(
                 f"aggregate has {len(chunks)} chunks, expected {n_chunks}",
@@ -212,7 +307,7 @@ class CkksCodec:
             )
         out = np.empty(num_params, dtype=np.float64)
         for index, chunk in enumerate(chunks):
-            length = chunk_length(num_params, self.chunk_size, index)
+            length = chunk_length(num_values, self.chunk_size, index)
             try:
                 vec = ts.ckks_vector_from(self._ctx, bytes(chunk))
                 size = int(vec.size())
@@ -225,9 +320,19 @@ class CkksCodec:
                     f"aggregate chunk {index} holds {size} values, expected {length}",
                     code="update.size_mismatch",
                 )
-            values = np.asarray(vec.decrypt(), dtype=np.float64)
-            start = index * self.chunk_size
-            out[start : start + length] = self._round(values, bytes(chunk)) / total
+            values = self._round(np.asarray(vec.decrypt(), dtype=np.float64), bytes(chunk))
+            model = values[: length - self._tag_slots]
+            if self._tags is not None and listed is not None:
+                self._tags.check(
+                    model,
+                    values[length - self._tag_slots :],
+                    listed.info,
+                    index,
+                    listed.sites,
+                    grid=self._grid,
+                )
+            start = index * self.values_per_chunk
+            out[start : start + model.shape[0]] = model / total
         return out
 
     def _round(self, values: npt.NDArray[np.float64], chunk: bytes) -> npt.NDArray[np.float64]:
@@ -259,10 +364,20 @@ class PlainCodec:
         """Values per chunk."""
         return self._chunk_size
 
+    @property
+    def tag_slots(self) -> int:
+        """Always 0: the server reads plain updates anyway, so tags would prove nothing."""
+        return 0
+
     def encode(
-        self, vector: npt.NDArray[np.floating], *, weight: float, info: RoundInfo
+        self,
+        vector: npt.NDArray[np.floating],
+        *,
+        weight: float,
+        info: RoundInfo,
+        site_id: str = "",
     ) -> PlainUpdate:
-        """``weight * vector`` as little-endian float64 chunks."""
+        """``weight * vector`` as little-endian float64 chunks (``site_id`` is unused)."""
         w = _check_weight(weight)
         _check_vector(vector, info.num_params)
         _scan_chunks(vector, self._chunk_size, w, math.inf)
@@ -275,9 +390,15 @@ class PlainCodec:
         return PlainUpdate.build(info, chunk_size=self._chunk_size, chunks=chunks)
 
     def decrypt_aggregate(
-        self, chunks: Sequence[bytes], *, num_params: int, total_weight: float
+        self,
+        chunks: Sequence[bytes],
+        *,
+        num_params: int,
+        total_weight: float,
+        listed: ListedSum | None = None,
     ) -> npt.NDArray[np.float64]:
-        """Decode the summed float64 chunks and divide by ``total_weight``."""
+        """Decode the summed float64 chunks and divide by ``total_weight`` (``listed`` is
+        unused: a plain aggregate carries no tags)."""
         total = _check_weight(total_weight, "total_weight")
         n_chunks = expected_chunks(num_params, self._chunk_size)
         if len(chunks) != n_chunks:

@@ -9,11 +9,15 @@ first. Node config (``flower-supernode --node-config``):
 * ``state-dir``: the site's state dir (approvals, study keys, accountant state);
 * ``datasets-file``: YAML list of the site's :class:`~site_node.data.DatasetConfig`.
 
-train: decrypt the previous aggregate (or build the contract's model from its fixed seed in
-round 1), train with Opacus DP-SGD, multiply by the local sample count and encrypt with the
-study's CKKS key, reply ciphertexts plus plain metadata (sample count, epsilon spent,
-timings). evaluate: decrypt the new aggregate and score it on the local test split. The
-training loss is not sent (not privatised). Logs carry counts and codes only.
+train: check and decrypt the previous round's aggregate (:mod:`site_node.federation.aggregates`:
+its manifest of signed contributions, this site's own contribution in it, its integrity
+tags), or build the contract's model from its fixed seed in round 1; train with Opacus
+DP-SGD, multiply by the local sample count and encrypt with the study's CKKS key, tagged as
+this site's contribution; reply the ciphertexts, plain metadata (sample count, epsilon
+spent, timings) and the contribution signed with the site's key (study, contract, run,
+round, update digest, weight). evaluate: check and decrypt the round's new aggregate the
+same way and score it on the local test split, once per round. The training loss is not
+sent (not privatised). Logs carry counts and codes only.
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from concord_protocol.contract import StudyContract
-from concord_protocol.wire.format import EncodedUpdate, RoundInfo
+from concord_protocol.contributions import Contribution, sign_contribution
+from concord_protocol.errors import CryptoError
+from concord_protocol.wire.format import CKKS_TAG_SLOTS, RoundInfo, UpdateHeader, sha256_hex
 from concord_protocol.wire.messages import (
     REC_CONFIG,
     REC_GLOBAL,
@@ -44,12 +51,21 @@ from concord_protocol.wire.messages import (
     blobs_to_arrays,
 )
 from site_node.crypto.codecs import DEFAULT_MAX_SITES, CkksCodec, PlainCodec, UpdateCodec
+from site_node.crypto.sealing import SiteKeyPair
 from site_node.data.dataset import LocalDataset, Split
 from site_node.data.registry import DatasetConfig, load_dataset
 from site_node.errors import MessageRefusedError
+from site_node.federation.aggregates import (
+    AggregateRefusedError,
+    OpenedAggregate,
+    RoundLedger,
+    open_aggregate,
+    roster_keys,
+)
 from site_node.federation.approvals import ApprovalStore
 from site_node.federation.mods import ContractGuardMod
 from site_node.federation.replies import CachedReply, ReplyCache, global_digest
+from site_node.peers import PeerStore
 from site_node.privacy.dp import DpTrainer
 from site_node.settings import SiteSettings
 from site_node.training.baseline import pool
@@ -62,8 +78,8 @@ __all__ = [
     "FederationError",
     "SiteRuntime",
     "app",
-    "decode_global",
     "load_site_datasets",
+    "open_global",
     "site_settings",
 ]
 
@@ -113,6 +129,14 @@ class SiteRuntime:
     contract: StudyContract
     codec: UpdateCodec
     key_fingerprint: str
+    signing_key: Ed25519PrivateKey
+    roster_keys: dict[str, str]
+    attempt: str
+
+    @property
+    def ledger(self) -> RoundLedger:
+        """What this site sent and answered in the study."""
+        return RoundLedger(self.settings.state_dir, self.study_id, self.contract_hash)
 
     @classmethod
     def from_context(cls, context: Context) -> SiteRuntime:
@@ -132,11 +156,21 @@ class SiteRuntime:
             # The overflow guard must hold for the sum of every site in the study.
             study_sites = [s for s in str(context.run_config.get("sites", "")).split(",") if s]
             codec = CkksCodec(
-                key.secret_context, max_sites=max(DEFAULT_MAX_SITES, len(study_sites))
+                key.secret_context,
+                max_sites=max(DEFAULT_MAX_SITES, len(study_sites)),
+                tag_slots=CKKS_TAG_SLOTS,
             )
             fingerprint = key.key_fingerprint
         else:
             codec = PlainCodec()
+        try:
+            keys = SiteKeyPair.load(settings.keys_dir())
+        except (OSError, ValueError, CryptoError) as exc:
+            raise FederationError(
+                f"the site's signing key cannot be read ({type(exc).__name__}): replies "
+                "must be signed",
+                code="site.no_signing_key",
+            ) from None
         return cls(
             settings,
             store,
@@ -145,6 +179,14 @@ class SiteRuntime:
             approved.contract,
             codec,
             fingerprint,
+            keys.signing_key,
+            roster_keys(
+                approved.contract,
+                site_id=str(settings.site_id),
+                own_signing_key=keys.signing_public_b64,
+                peers=PeerStore(settings.state_dir),
+            ),
+            str(context.run_config.get("attempt", "0" * 32)),
         )
 
     def dataset(self, split: Split) -> LocalDataset:
@@ -190,58 +232,149 @@ class SiteRuntime:
         dp.save(dp_path)
         return model, result
 
-    def site_record(self) -> ConfigRecord:
-        """The plain identity part of every reply."""
-        return ConfigRecord(
-            {"site-id": str(self.settings.site_id), "key-fingerprint": self.key_fingerprint}
+    def site_record(self, contribution: str = "") -> ConfigRecord:
+        """The plain identity part of every reply (and a train reply's signed contribution)."""
+        record: dict[str, Any] = {
+            "site-id": str(self.settings.site_id),
+            "key-fingerprint": self.key_fingerprint,
+        }
+        if contribution:
+            record["contribution"] = contribution
+        return ConfigRecord(record)
+
+    def sign(self, round_number: int, update_digest: str, weight: int) -> str:
+        """This site's signed contribution to ``round_number`` (JSON)."""
+        contribution = Contribution(
+            study_id=self.study_id,
+            contract_hash=self.contract_hash,
+            attempt=self.attempt,
+            round_number=round_number,
+            site_id=str(self.settings.site_id),
+            update_digest=update_digest,
+            weight=weight,
         )
+        return sign_contribution(contribution, self.signing_key).to_json()
 
 
-def decode_global(
-    runtime: SiteRuntime, content: RecordDict, num_params: int
-) -> npt.NDArray[np.float64] | None:
-    """The averaged global parameters sent with a message, or ``None`` in round 1."""
+def open_global(
+    runtime: SiteRuntime, content: RecordDict, num_params: int | None, *, round_number: int
+) -> OpenedAggregate | None:
+    """The verified aggregate of ``round_number`` sent with a message (``None`` when the
+    message carries none); :class:`AggregateRefusedError` if it does not check out.
+    ``num_params``: the model's size (``None``: as the aggregate's header says; the model
+    built from it checks the size again)."""
     config = content.config_records[REC_CONFIG]
     if not bool(config.get("has-global", False)):
         return None
-    blobs = arrays_to_blobs(content.array_records[REC_GLOBAL])
-    update = EncodedUpdate.from_bytes_list(blobs)
-    header = update.header
-    global_round = int(str(config["global-round"]))
-    expected = RoundInfo(runtime.study_id, runtime.contract_hash, global_round, num_params)
-    if header.mismatches(expected) or header.scheme != runtime.codec.scheme:
-        raise FederationError("the aggregate is for another round", code="update.global_mismatch")
-    total = float(config["total-weight"])  # type: ignore[arg-type]
-    return runtime.codec.decrypt_aggregate(update.chunks, num_params=num_params, total_weight=total)
+    try:
+        blobs = arrays_to_blobs(content.array_records[REC_GLOBAL])
+        global_round = int(str(config["global-round"]))
+        total = float(config["total-weight"])  # type: ignore[arg-type]
+        size = (
+            num_params if num_params is not None else UpdateHeader.from_bytes(blobs[0]).num_params
+        )
+    except (KeyError, TypeError, ValueError, IndexError, CryptoError):
+        raise FederationError("the aggregate is malformed", code="update.global_mismatch") from None
+    if global_round != round_number:
+        raise AggregateRefusedError(
+            f"the aggregate sent is round {global_round}'s, not round {round_number}'s",
+            code="aggregate.wrong_round",
+        )
+    return open_aggregate(
+        blobs,
+        manifest_json=str(config.get("manifest", "")),
+        total_weight=total,
+        round_number=round_number,
+        contract=runtime.contract,
+        contract_hash=runtime.contract_hash,
+        study_id=runtime.study_id,
+        site_id=str(runtime.settings.site_id),
+        num_params=size,
+        codec=runtime.codec,
+        keys=runtime.roster_keys,
+        ledger=runtime.ledger,
+    )
+
+
+def _previous(
+    runtime: SiteRuntime, content: RecordDict, round_number: int
+) -> OpenedAggregate | None:
+    """What ``round_number`` starts from: the verified aggregate of the round before, or
+    ``None`` (the seeded initial model) in round 1. Checked before anything else, the
+    reply cache included: the site uses no aggregate it has not verified."""
+    opened = open_global(runtime, content, None, round_number=round_number - 1)
+    if opened is None and round_number > 1:
+        raise AggregateRefusedError(
+            f"round {round_number} needs the aggregate of round {round_number - 1}",
+            code="aggregate.manifest_missing",
+        )
+    return opened
+
+
+def _refused(runtime: SiteRuntime, kind: str, exc: AggregateRefusedError) -> None:
+    """Log a refused aggregate at the site (the error reply tells the server)."""
+    log.warning("study %s: refused to %s on an aggregate: %s", runtime.study_id, kind, exc.code)
 
 
 def _train(msg: Message, context: Context) -> Message:
     runtime = SiteRuntime.from_context(context)
     config = msg.content.config_records[REC_CONFIG]
     round_number = int(config["round"])  # type: ignore[arg-type]
+    received = time.monotonic()
+    try:
+        previous = _previous(runtime, msg.content, round_number)
+    except AggregateRefusedError as exc:
+        _refused(runtime, "train", exc)
+        raise
     cache = ReplyCache(runtime.settings.state_dir, runtime.study_id, runtime.contract_hash)
     asked = _request_digest(msg.content)
     with cache.exclusive():
         cached = cache.get(round_number, asked)
         if cached is not None:  # a resumed round asked again: no second privacy spend
             log.info("study %s round %d: answered again", runtime.study_id, round_number)
-            return _train_reply(msg, runtime, cached.blobs, cached.metrics)
-        blobs, metrics = _train_fresh(msg, runtime, round_number)
-        cache.put(CachedReply(round_number, asked, blobs, metrics))
-    return _train_reply(msg, runtime, blobs, metrics)
+            blobs, metrics = cached.blobs, cached.metrics
+        else:
+            blobs, metrics = _train_fresh(runtime, round_number, previous)
+            cache.put(CachedReply(round_number, asked, blobs, metrics))
+    digest = _header_digest(blobs)
+    # Sent in good time (within half the round's timeout): the aggregate must list it.
+    timely = time.monotonic() - received <= runtime.contract.federation.round_timeout_s / 2
+    runtime.ledger.record_contribution(round_number, digest, timely=timely)
+    signed = runtime.sign(round_number, digest, int(metrics["num-examples"]))
+    return _train_reply(msg, runtime, blobs, metrics, signed)
+
+
+def _start_from(
+    previous: OpenedAggregate | None, num_params: int
+) -> npt.NDArray[np.float64] | None:
+    if previous is None:
+        return None
+    if previous.params.shape[0] != num_params:
+        raise FederationError(
+            f"the aggregate holds {previous.params.shape[0]} parameters, the model {num_params}",
+            code="update.global_mismatch",
+        )
+    return previous.params
 
 
 def _train_fresh(
-    msg: Message, runtime: SiteRuntime, round_number: int
+    runtime: SiteRuntime, round_number: int, previous: OpenedAggregate | None
 ) -> tuple[tuple[bytes, ...], dict[str, Any]]:
     """Train the round with DP and encrypt the weighted update: its blobs and metrics."""
     t0 = time.perf_counter()
-    model, result = runtime.train_locally(lambda n: decode_global(runtime, msg.content, n))
+    model, result = runtime.train_locally(lambda n: _start_from(previous, n))
     n_params = num_parameters(model)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    info = RoundInfo(runtime.study_id, runtime.contract_hash, round_number, n_params)
-    update = runtime.codec.encode(flatten(model), weight=float(result.num_samples), info=info)
+    info = RoundInfo(
+        runtime.study_id, runtime.contract_hash, round_number, n_params, runtime.codec.tag_slots
+    )
+    update = runtime.codec.encode(
+        flatten(model),
+        weight=float(result.num_samples),
+        info=info,
+        site_id=str(runtime.settings.site_id),
+    )
     encrypt_s = time.perf_counter() - t0
     log.info(
         "study %s round %d: trained on %d records, %d steps",
@@ -271,14 +404,23 @@ def _request_digest(content: RecordDict) -> str:
     )
 
 
+def _header_digest(blobs: tuple[bytes, ...]) -> str:
+    """The update digest of a reply's blobs (the SHA-256 of its header blob)."""
+    return sha256_hex(bytes(blobs[0]))
+
+
 def _train_reply(
-    msg: Message, runtime: SiteRuntime, blobs: tuple[bytes, ...], metrics: dict[str, Any]
+    msg: Message,
+    runtime: SiteRuntime,
+    blobs: tuple[bytes, ...],
+    metrics: dict[str, Any],
+    contribution: str,
 ) -> Message:
     content = RecordDict(
         {
             REC_UPDATE: blobs_to_arrays(blobs),
             REC_METRICS: MetricRecord(metrics),
-            REC_SITE: runtime.site_record(),
+            REC_SITE: runtime.site_record(contribution),
         }
     )
     return Message(content, reply_to=msg)
@@ -288,21 +430,29 @@ def _evaluate(msg: Message, context: Context) -> Message:
     runtime = SiteRuntime.from_context(context)
     data = runtime.dataset("test")
     model = runtime.model_for(data)
-    params = decode_global(runtime, msg.content, num_parameters(model))
-    if params is None:
+    round_number = int(msg.content.config_records[REC_CONFIG]["round"])  # type: ignore[arg-type]
+    try:
+        opened = open_global(runtime, msg.content, num_parameters(model), round_number=round_number)
+    except AggregateRefusedError as exc:
+        _refused(runtime, "evaluate", exc)
+        raise
+    if opened is None:
         raise FederationError("evaluate needs the aggregate", code="update.no_global")
-    unflatten_into(model, params)
-    result = evaluate(model, data)
-    metrics = MetricRecord(
-        {
-            "num-examples": int(result.num_samples),
-            "loss": float(result.loss),
-            "accuracy": float(result.accuracy),
-            "auc": float(result.auc),
-        }
-    )
+    with runtime.ledger.evaluation(round_number, opened.digest) as slot:
+        answer = slot.answered
+        if answer is None:
+            unflatten_into(model, opened.params)
+            result = evaluate(model, data)
+            answer = {
+                "num-examples": int(result.num_samples),
+                "loss": float(result.loss),
+                "accuracy": float(result.accuracy),
+                "auc": float(result.auc),
+            }
+            slot.answer(answer)
     return Message(
-        RecordDict({REC_METRICS: metrics, REC_SITE: runtime.site_record()}), reply_to=msg
+        RecordDict({REC_METRICS: MetricRecord(answer), REC_SITE: runtime.site_record()}),
+        reply_to=msg,
     )
 
 

@@ -24,7 +24,7 @@ from consortium_server.federation.tls import make_dev_tls
 from site_node.crypto import generate_study_context, public_context
 from site_node.federation.approvals import ApprovalStore
 from site_node.key_files import write_supernode_key
-from tests.support.roster import roster, write_site_keys
+from tests.support.roster import pin_all, roster, write_site_keys
 
 __all__ = [
     "SiteFixture",
@@ -112,6 +112,7 @@ def approve_relayed(sites: list[SiteFixture], study: dict[str, Any], secret: byt
     """Approve the server's ``study`` (its JSON) at every site, with the key relayed to it."""
     contract = StudyContract.model_validate(study["contract"])
     for site in sites:
+        pin_all(site.state_dir, site.site_id, contract.site_ids)
         store = ApprovalStore(site.state_dir)
         store.approve(study["id"], contract, study["contract_hash"])
         store.save_study_key(study["id"], secret, sender_id=sites[0].site_id)
@@ -123,6 +124,7 @@ def approve_everywhere(
     """Approve ``contract`` at every site and give each the study key; the public context."""
     secret = generate_study_context() if contract.encryption.enabled else None
     for site in sites:
+        pin_all(site.state_dir, site.site_id, contract.site_ids)
         store = ApprovalStore(site.state_dir)
         store.approve(study_id, contract, contract.contract_hash())
         if secret is not None:

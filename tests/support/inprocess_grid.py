@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from benchmarks.apps.grids import LocalGrid
+from site_node.errors import MessageRefusedError
 from site_node.federation.clientapp import app as concord_client_app
 from tests.support.flower import SiteFixture
 
@@ -56,7 +58,9 @@ def site_contexts(
 
 class InProcessGrid(LocalGrid):
     """A Grid whose nodes run ``client_app`` (default: Concord's site ClientApp) in this
-    process (``drop`` nodes never answer). Subclasses may alter replies in :meth:`reply`."""
+    process (``drop`` nodes never answer). A site's refusal (``MessageRefusedError``)
+    becomes an error reply, as a SuperNode sends it. Subclasses may alter replies in
+    :meth:`reply`."""
 
     def __init__(
         self,
@@ -84,5 +88,14 @@ class InProcessGrid(LocalGrid):
             node = msg.metadata.dst_node_id
             if node in self.drop:
                 continue
-            replies.append(self.reply(node, msg, self.client_app(msg, self.contexts[node])))
+            try:
+                answer = self.client_app(msg, self.contexts[node])
+            except MessageRefusedError as exc:
+                # What a SuperNode does when the ClientApp raises: an error reply whose
+                # reason carries the refusal's code.
+                answer = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)),
+                    reply_to=msg,
+                )
+            replies.append(self.reply(node, msg, answer))
         return replies

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
@@ -73,6 +74,7 @@ def synthetic_run(
     secret: bytes | None = None,
     fail_at: int | None = None,
     first_round: int | None = None,
+    signers: Mapping[str, Ed25519PrivateKey] | None = None,
 ) -> tuple[StudyOutcome, list[RunVerdict]]:
     """Report one round per epsilon (the sites' cumulative epsilon) as a ServerApp would.
 
@@ -90,7 +92,7 @@ def synthetic_run(
         model = None
         if not failed:
             model = (
-                final_aggregate(plan, secret, n)
+                final_aggregate(plan, secret, n, signers=signers)
                 if secret is not None
                 else GlobalModel(n, (b"not an aggregate",), 300.0, "ef" * 32)
             )

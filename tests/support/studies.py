@@ -6,14 +6,18 @@ Shared by the coordinator, run-API, release-gate, agent and drill tests.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from concord_protocol.contributions import AggregateManifest, Contribution, sign_contribution
 from concord_protocol.rounds import RoundRecord
+from concord_protocol.wire.format import CKKS_TAG_SLOTS
 from consortium_server.federation.checkpoints import GlobalModel
 from consortium_server.federation.models import StudyKeyRelay
 from consortium_server.federation.plan import RunPlan
@@ -108,16 +112,68 @@ def round_record(plan: RunPlan, n: int, epsilon: float, status: str = "aggregate
     )
 
 
-def final_aggregate(plan: RunPlan, secret: bytes, round_number: int) -> GlobalModel:
-    """A real final aggregate: three sites' CKKS updates summed blindly, as the run does."""
+def signed_aggregate(
+    plan: RunPlan,
+    secret: bytes,
+    round_number: int,
+    vectors: Mapping[str, npt.NDArray[np.float64]],
+    weights: Mapping[str, int],
+    *,
+    signers: Mapping[str, Ed25519PrivateKey] | None = None,
+) -> GlobalModel:
+    """A real aggregate of ``vectors`` (site -> update) weighted by ``weights``: the sites'
+    tagged CKKS updates summed blindly, with the manifest of their contributions signed
+    with ``signers`` (default: their test keys), as a run makes it."""
+    from tests.support.roster import site_keys
+
     strategy = BlindAggregationStrategy(plan)
-    codec = CkksCodec(secret)
-    rng = np.random.default_rng(round_number)
-    updates = {
-        site: codec.encode(
-            rng.normal(size=plan.num_params), weight=100.0, info=strategy.round_info(round_number)
-        ).to_bytes_list()
-        for site in SITES
+    codec = CkksCodec(secret, tag_slots=CKKS_TAG_SLOTS)
+    info = strategy.round_info(round_number)
+    encoded = {
+        site: codec.encode(vector, weight=float(weights[site]), info=info, site_id=site)
+        for site, vector in vectors.items()
     }
-    summed = strategy._sum(round_number, updates)
-    return GlobalModel(round_number, tuple(summed.to_bytes_list()), 300.0, summed.digest)
+    summed = strategy._sum(round_number, {s: u.to_bytes_list() for s, u in encoded.items()})
+    manifest = AggregateManifest.of(
+        [
+            sign_contribution(
+                Contribution(
+                    study_id=plan.study_id,
+                    contract_hash=plan.contract_hash,
+                    attempt=plan.attempt,
+                    round_number=round_number,
+                    site_id=site,
+                    update_digest=update.digest,
+                    weight=int(weights[site]),
+                ),
+                signers[site] if signers is not None else site_keys(site).signing_key,
+            )
+            for site, update in encoded.items()
+        ],
+        study_id=plan.study_id,
+        contract_hash=plan.contract_hash,
+        round_number=round_number,
+    )
+    return GlobalModel(
+        round_number,
+        tuple(summed.to_bytes_list()),
+        float(sum(weights[s] for s in vectors)),
+        summed.digest,
+        manifest.to_json(),
+    )
+
+
+def final_aggregate(
+    plan: RunPlan,
+    secret: bytes,
+    round_number: int,
+    *,
+    sites: Sequence[str] = SITES,
+    signers: Mapping[str, Ed25519PrivateKey] | None = None,
+) -> GlobalModel:
+    """A real aggregate of random updates of ``sites``, each of weight 100."""
+    rng = np.random.default_rng(round_number)
+    vectors = {site: rng.normal(size=plan.num_params) for site in sites}
+    return signed_aggregate(
+        plan, secret, round_number, vectors, dict.fromkeys(sites, 100), signers=signers
+    )

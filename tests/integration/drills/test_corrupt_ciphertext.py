@@ -2,11 +2,14 @@
 
 The consortium app (SQLite, in process) runs a two-round study, every round reported to its
 internal API, on an in-process grid of four sites running the real site
-ClientApp (guard, Opacus DP-SGD, CKKS). hospital-d's replies are corrupted after its
-ClientApp built them (its first ciphertext chunk zeroed, header digests recomputed, so only
-the CKKS decoding can tell). Every round aggregates the other three; the round record and
-its ``round.completed`` audit entry list hospital-d as rejected with ``undecodable_chunk``;
-the study completes and the audit log verifies.
+ClientApp (guard, Opacus DP-SGD, CKKS). hospital-d's replies are corrupted as it sends them,
+as a faulty site would (its first ciphertext chunk zeroed, header digests recomputed, its
+contribution signed again with its key, so only the CKKS decoding can tell). Round 1
+aggregates the other three; its record and ``round.completed`` audit entry list hospital-d
+as rejected with ``undecodable_chunk``. In round 2 hospital-d refuses to train on round 1's
+aggregate, which left out its timely contribution (it cannot tell a reply spoilt in
+transit from one the server dropped), so round 2's record lists its refusal instead; the
+study completes and the audit log verifies.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from fastapi.testclient import TestClient
 from flwr.app import Context, Message, RecordDict
 
 from concord_protocol.contract import StudyContract
+from concord_protocol.contributions import SignedContribution, sign_contribution
 from concord_protocol.rounds import RoundAuditDetails
-from concord_protocol.wire.messages import REC_UPDATE, arrays_to_blobs, blobs_to_arrays
+from concord_protocol.wire.format import sha256_hex
+from concord_protocol.wire.messages import REC_SITE, REC_UPDATE, arrays_to_blobs, blobs_to_arrays
 from consortium_server.audit.verify import verify_live
 from consortium_server.federation.serverapp import run_study_rounds
 from consortium_server.main import create_app
@@ -34,6 +39,7 @@ from site_node.crypto import (
 )
 from site_node.federation.approvals import ApprovalStore
 from tests.support.inprocess_grid import InProcessGrid, flower_task_identity
+from tests.support.roster import pin_all, site_keys, write_site_keys
 from tests.support.runs import begin, federation_gate
 from tests.support.studies import relay_study_key, submit_and_approve
 from tests.support.world import People, build_consortium
@@ -65,8 +71,16 @@ class DrillGrid(InProcessGrid):
 
     def reply(self, node: int, msg: Message, reply: Message) -> Message:
         if node in self.corrupt and msg.metadata.message_type == "train" and not reply.has_error():
-            blobs = arrays_to_blobs(reply.content.array_records[REC_UPDATE])
-            reply.content[REC_UPDATE] = blobs_to_arrays(corrupt_update(blobs))
+            blobs = corrupt_update(arrays_to_blobs(reply.content.array_records[REC_UPDATE]))
+            reply.content[REC_UPDATE] = blobs_to_arrays(blobs)
+            # The corruption happens at the site (a faulty ClientApp): it signs what it sends.
+            site = reply.content.config_records[REC_SITE]
+            signed = SignedContribution.from_json(str(site["contribution"]))
+            contribution = signed.contribution.model_copy(
+                update={"update_digest": sha256_hex(blobs[0])}
+            )
+            key = site_keys(signed.contribution.site_id).signing_key
+            site["contribution"] = sign_contribution(contribution, key).to_json()
             self.corrupted += 1
         return reply
 
@@ -105,6 +119,8 @@ def _site_contexts(root: Path, study: dict[str, Any], secret: bytes) -> list[dic
                 [{"id": f"bc-{x}", "kind": "demo_breast_cancer", "site_index": i, "n_sites": 4}]
             )
         )
+        write_site_keys(state, f"hospital-{x}")
+        pin_all(state, f"hospital-{x}", contract.site_ids)
         store = ApprovalStore(state)
         store.approve(study["id"], contract, study["contract_hash"])
         store.save_study_key(study["id"], secret, sender_id="hospital-a")
@@ -148,14 +164,14 @@ def test_corrupt_ciphertext_is_rejected_logged_and_the_round_goes_on(
     outcome = run_study_rounds(grid, plan, gate=federation_gate(app, client, plan))  # type: ignore[arg-type]
 
     assert outcome.status == "completed", outcome.failure
-    assert grid.corrupted == 2
-    for record in outcome.rounds:
+    assert grid.corrupted == 1  # round 2: hospital-d refused before it had anything to send
+    expected = [("undecodable_chunk", "digest"), ("error_reply", "own_contribution_omitted")]
+    for record, (reason, detail) in zip(outcome.rounds, expected, strict=True):
         assert record.status == "aggregated"
         assert record.participants == SITES[:3]
         assert record.missing_sites == []
-        assert [(r.site_id, r.reason) for r in record.rejected] == [
-            ("hospital-d", "undecodable_chunk")
-        ]
+        assert [(r.site_id, r.reason) for r in record.rejected] == [("hospital-d", reason)]
+        assert detail in record.rejected[0].detail or reason == "undecodable_chunk"
         assert set(record.sample_counts) == set(SITES[:3])
     # The audit log holds each rejection (who and why), from record_round.
     log = app.state.audit_log
@@ -166,12 +182,10 @@ def test_corrupt_ciphertext_is_rejected_logged_and_the_round_goes_on(
         report = verify_live(session, server_public_key=app.state.tree_head_signer.public_key_b64)
     rounds = [e for e in entries if e.object.id == study["id"] and e.action.startswith("round.")]
     assert [e.action for e in rounds] == ["round.completed", "round.completed"]
-    for entry in rounds:
+    for entry, (reason, _) in zip(rounds, expected, strict=True):
         details = RoundAuditDetails.model_validate(entry.details)
         assert details.record.participants == SITES[:3]
-        assert [(r.site_id, r.reason) for r in details.record.rejected] == [
-            ("hospital-d", "undecodable_chunk")
-        ]
+        assert [(r.site_id, r.reason) for r in details.record.rejected] == [("hospital-d", reason)]
         assert "bc-d" not in details.charged_epsilon
     assert report.ok, report.summary()
     final = client.get(f"/api/v1/studies/{study['id']}", headers=people.researcher).json()

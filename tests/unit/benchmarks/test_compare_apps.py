@@ -38,7 +38,6 @@ from benchmarks.apps.metering import MeteredGrid, RoundTraffic
 from benchmarks.apps.records import RecordingGate, read_outcome, read_round_records
 from concord_protocol.bundle import APP_DIR, bundle_hash
 from concord_protocol.bundle import CLIENTAPP_REF as CONCORD_CLIENTAPP_REF
-from concord_protocol.wire.messages import blobs_to_arrays
 from consortium_server.federation.plan import RunPlan
 from consortium_server.federation.records import new_record
 from consortium_server.federation.strategy import BlindAggregationStrategy
@@ -49,6 +48,7 @@ from site_node.federation.processes import BundleRefusedError, check_bundle
 from site_node.training import build_model, num_parameters
 from tests.support.flower import approve_everywhere, breast_cancer_contract, make_site
 from tests.support.inprocess_grid import InProcessGrid, flower_task_identity, site_contexts
+from tests.support.replies import train_reply
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 
@@ -231,19 +231,12 @@ def test_plaintext_path_is_weighted_fedavg() -> None:
     vectors = [rng.normal(0, 0.1, n) for _ in SITES]
     weights = [120, 45, 300]
     info = RoundInfo(plan.study_id, plan.contract_hash, 1, n)
-    replies = []
-    for node, (site, vector, weight) in enumerate(zip(SITES, vectors, weights, strict=True)):
-        request = Message(RecordDict(), dst_node_id=node + 1, message_type="train", group_id="1")
-        content = RecordDict(
-            {
-                "update": blobs_to_arrays(
-                    codec.encode(vector, weight=weight, info=info).to_bytes_list()
-                ),
-                "metrics": MetricRecord({"num-examples": weight, "epsilon": 0.5}),
-                "site": ConfigRecord({"site-id": site, "key-fingerprint": ""}),
-            }
+    replies = [
+        train_reply(
+            site, node + 1, codec.encode(vector, weight=weight, info=info).to_bytes_list(), weight
         )
-        replies.append(Message(content, reply_to=request))
+        for node, (site, vector, weight) in enumerate(zip(SITES, vectors, weights, strict=True))
+    ]
     strategy = BlindAggregationStrategy(plan)
 
     model = strategy.aggregate_train(1, replies, new_record(plan, 1))

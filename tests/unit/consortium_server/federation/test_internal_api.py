@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from consortium_server.federation.checkpoints import pack_blobs
+from consortium_server.federation.checkpoints import pack_blobs, pack_checkpoint
 from consortium_server.federation.plan import RunPlan
 from consortium_server.federation.run_messages import CHECKPOINT_MEDIA_TYPE, RoundReport
 from tests.support.runs import begin, federation_gate, federation_token, synthetic_run
@@ -123,15 +123,15 @@ def test_bad_checkpoints_are_refused(
         return client.put(where, params={"total_weight": weight}, content=body, headers=headers)
 
     _error(put(b"\x00\x00\x00"), 422, "update.malformed")
-    _error(put(pack_blobs([b"{not a header}"])), 422, "update.malformed_header")
-    _error(put(pack_blobs(model.blobs[:-1])), 422, "update.wrong_chunk_count")
-    _error(put(pack_blobs(model.blobs), weight=0), 422, "request.invalid")
+    _error(put(pack_blobs([b"", b"{not a header}"])), 422, "update.malformed_header")
+    _error(put(pack_blobs([b"", *model.blobs[:-1]])), 422, "update.wrong_chunk_count")
+    _error(put(pack_checkpoint(model), weight=0), 422, "request.invalid")
     _error(
-        put(pack_blobs(model.blobs), where=f"{_base(plan)}/rounds/2/checkpoint"),
+        put(pack_checkpoint(model), where=f"{_base(plan)}/rounds/2/checkpoint"),
         422,
         "update.header_mismatch",
     )
-    assert put(pack_blobs(model.blobs)).json()["action"] == "continue"
+    assert put(pack_checkpoint(model)).json()["action"] == "continue"
     fetched = client.get(f"{_base(plan)}/checkpoints/1", headers=_auth(app))
     _error(fetched, 409, "federation.checkpoint_missing")  # not yet a recorded round
 

@@ -29,6 +29,7 @@ from consortium_server.federation.checkpoints import (
     KEEP,
     get_checkpoint,
     pack_blobs,
+    pack_checkpoint,
     store_checkpoint,
     unpack_blobs,
 )
@@ -387,7 +388,7 @@ def test_an_aggregate_is_kept_only_for_the_next_round(
     response = client.put(
         f"/internal/v1/federation/studies/{study_id}/runs/{plan.attempt}/rounds/3/checkpoint",
         params={"total_weight": 300.0},
-        content=pack_blobs(skipped.blobs),
+        content=pack_checkpoint(skipped),
         headers={
             "Authorization": f"Bearer {federation_token(app)}",
             "Content-Type": "application/vnd.concord.blobs",

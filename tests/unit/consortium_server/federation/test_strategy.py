@@ -13,17 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 
-from concord_protocol.wire.messages import blobs_to_arrays
-from consortium_server.federation.plan import RunPlan
+from concord_protocol.contributions import AggregateManifest
+from concord_protocol.wire.format import CKKS_TAG_SLOTS
+from consortium_server.federation.plan import RunPlan, SitePeer
 from consortium_server.federation.records import RoundFailedError, new_record
 from consortium_server.federation.serverapp import run_study_rounds
 from consortium_server.federation.strategy import BlindAggregationStrategy
 from site_node.crypto import CkksCodec, EncodedUpdate, PlainCodec, RoundInfo
+from site_node.crypto.codecs import ListedSum
 from site_node.training import build_model, num_parameters
 from tests.support.flower import approve_everywhere, breast_cancer_contract, make_site
 from tests.support.inprocess_grid import InProcessGrid, flower_task_identity, site_contexts
+from tests.support.replies import train_reply
+from tests.support.roster import site_keys
 from tests.support.runs import RecordingGate
 
 N_PARAMS = 5000
@@ -114,26 +118,26 @@ def test_site_that_does_not_answer_is_dropped_and_two_sites_fail_the_round(
 # --- aggregate_train on crafted replies ----------------------------------------------------
 
 
-def _reply(site: str, node: int, blobs: list[bytes], n: int = 100) -> Message:
-    request = Message(RecordDict(), dst_node_id=node, message_type="train", group_id="1")
-    content = RecordDict(
-        {
-            "update": blobs_to_arrays(blobs),
-            "metrics": MetricRecord({"num-examples": n, "epsilon": 0.5}),
-            "site": ConfigRecord({"site-id": site, "key-fingerprint": "f" * 64}),
-        }
+ALL_SITES = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
+
+
+def _peers(sites: tuple[str, ...] = ALL_SITES) -> tuple[SitePeer, ...]:
+    """The roster's sites with their test keys, enrolled as SuperNodes 10, 11, ..."""
+    return tuple(
+        SitePeer(s, 10 + i, site_keys(s).signing_public_b64, site_keys(s).exchange_public_b64)
+        for i, s in enumerate(sites)
     )
-    return Message(content, reply_to=request)
 
 
 def _plain_plan() -> RunPlan:
-    contract = breast_cancer_contract(rounds=1, encryption=False)
+    contract = breast_cancer_contract(rounds=1, encryption=False, sites=ALL_SITES)
     return RunPlan(
         study_id="study-1",
         contract=contract,
         contract_hash=contract.contract_hash(),
         num_params=N_PARAMS,
-        sites=("hospital-a", "hospital-b", "hospital-c", "hospital-d"),
+        sites=ALL_SITES,
+        peers=_peers(),
     )
 
 
@@ -142,22 +146,25 @@ def ckks_setup() -> tuple[RunPlan, CkksCodec]:
     from site_node.crypto import generate_study_context, public_context
 
     secret = generate_study_context()
-    contract = breast_cancer_contract(rounds=1)
+    contract = breast_cancer_contract(rounds=1, sites=ALL_SITES)
     plan = RunPlan(
         study_id="study-1",
         contract=contract,
         contract_hash=contract.contract_hash(),
         num_params=N_PARAMS,
-        sites=("hospital-a", "hospital-b", "hospital-c", "hospital-d"),
+        sites=ALL_SITES,
         public_context=public_context(secret),
+        peers=_peers(),
     )
-    return plan, CkksCodec(secret)
+    return plan, CkksCodec(secret, tag_slots=CKKS_TAG_SLOTS)
 
 
-def _good(codec: CkksCodec | PlainCodec, plan: RunPlan, seed: int) -> list[bytes]:
+def _good(
+    codec: CkksCodec | PlainCodec, plan: RunPlan, seed: int, site: str = "hospital-a"
+) -> list[bytes]:
     vector = np.random.default_rng(seed).normal(0, 0.1, N_PARAMS)
-    info = RoundInfo(plan.study_id, plan.contract_hash, 1, N_PARAMS)
-    return codec.encode(vector, weight=100.0, info=info).to_bytes_list()
+    info = BlindAggregationStrategy(plan).round_info(1)
+    return codec.encode(vector, weight=100.0, info=info, site_id=site).to_bytes_list()
 
 
 Breaker = Callable[[list[bytes]], list[bytes]]
@@ -186,8 +193,8 @@ def test_bad_ciphertext_reply_is_dropped_with_a_record(
     plan, codec = ckks_setup
     strategy = BlindAggregationStrategy(plan)
     sites = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
-    replies = [_reply(s, 10 + i, _good(codec, plan, i)) for i, s in enumerate(sites)]
-    bad = _reply("hospital-d", 13, breaker(_good(codec, plan, 3)))
+    replies = [train_reply(s, 10 + i, _good(codec, plan, i, s)) for i, s in enumerate(sites)]
+    bad = train_reply("hospital-d", 13, breaker(_good(codec, plan, 3, "hospital-d")))
     record = new_record(plan, 1)
 
     model = strategy.aggregate_train(1, [*replies[:3], bad], record)
@@ -197,10 +204,13 @@ def test_bad_ciphertext_reply_is_dropped_with_a_record(
     assert rejected.site_id == "hospital-d"
     assert rejected.reason == reason
     assert model.total_weight == 300.0
+    manifest = AggregateManifest.from_json(model.manifest)
+    assert manifest.sites == tuple(sites[:3])
     total = codec.decrypt_aggregate(
         EncodedUpdate.from_bytes_list(list(model.blobs)).chunks,
         num_params=N_PARAMS,
         total_weight=model.total_weight,
+        listed=ListedSum(strategy.round_info(1), manifest.sites),
     )
     expected = np.mean(
         [np.random.default_rng(i).normal(0, 0.1, N_PARAMS) for i in range(3)], axis=0
@@ -216,7 +226,7 @@ def test_nan_update_is_refused_by_the_site_codec_and_dropped_by_the_server() -> 
         codec.encode(np.full(N_PARAMS, np.nan), weight=1.0, info=info)
     # A site that bypasses its codec: the server drops the reply.
     good = [
-        _reply(s, 10 + i, _good(codec, plan, i))
+        train_reply(s, 10 + i, _good(codec, plan, i, s))
         for i, s in enumerate(["hospital-a", "hospital-b", "hospital-c"])
     ]
     update = EncodedUpdate.from_bytes_list(_good(codec, plan, 9))
@@ -225,7 +235,7 @@ def test_nan_update_is_refused_by_the_site_codec_and_dropped_by_the_server() -> 
     record = new_record(plan, 1)
 
     BlindAggregationStrategy(plan).aggregate_train(
-        1, [*good, _reply("hospital-d", 13, poisoned.to_bytes_list())], record
+        1, [*good, train_reply("hospital-d", 13, poisoned.to_bytes_list())], record
     )
 
     assert [r.reason for r in record.rejected] == ["non_finite"]
@@ -236,10 +246,10 @@ def test_unknown_duplicate_and_bad_weight_replies_fail_a_round_cleanly() -> None
     plan = _plain_plan()
     codec = PlainCodec()
     replies = [
-        _reply("hospital-a", 10, _good(codec, plan, 0)),
-        _reply("hospital-a", 11, _good(codec, plan, 1)),  # duplicate site
-        _reply("hospital-x", 12, _good(codec, plan, 2)),  # not a study site
-        _reply("hospital-c", 13, _good(codec, plan, 3), n=0),  # bad weight
+        train_reply("hospital-a", 10, _good(codec, plan, 0)),
+        train_reply("hospital-a", 10, _good(codec, plan, 1)),  # duplicate site
+        train_reply("hospital-x", 12, _good(codec, plan, 2)),  # not a study site
+        train_reply("hospital-c", 12, _good(codec, plan, 3), n=0),  # bad weight
     ]
     record = new_record(plan, 1)
 
@@ -262,7 +272,7 @@ def test_contract_minimum_below_policy_is_raised_to_three() -> None:
     assert RunPlan.from_run_config(plan.to_run_config()) == plan
 
 
-def _error_reply(node: int, code: int, reason: str) -> Message:
+def _errortrain_reply(node: int, code: int, reason: str) -> Message:
     from flwr.app import Error
 
     request = Message(RecordDict(), dst_node_id=node, message_type="train", group_id="1")
@@ -279,22 +289,22 @@ def test_error_replies_are_named_by_site_and_a_vanished_node_is_only_missing(
     def good(site: int, round_number: int) -> Message:
         vector = np.random.default_rng(site).normal(0, 0.1, N_PARAMS)
         blobs = codec.encode(
-            vector, weight=100.0, info=strategy.round_info(round_number)
+            vector, weight=100.0, info=strategy.round_info(round_number), site_id=sites[site]
         ).to_bytes_list()
-        return _reply(sites[site], 10 + site, blobs)
+        return train_reply(sites[site], 10 + site, blobs, round_number=round_number)
 
     first = new_record(plan, 1)
     strategy.aggregate_train(1, [good(i, 1) for i in range(4)], first)
     assert first.rejected == []
 
     second = new_record(plan, 2)
-    vanished = _error_reply(13, 5, "Node Unavailable")
+    vanished = _errortrain_reply(13, 5, "Node Unavailable")
     strategy.aggregate_train(2, [*[good(i, 2) for i in range(3)], vanished], second)
     assert second.rejected == []  # hospital-d's SuperNode went away: missing, not rejected
     assert second.participants == sites[:3]
 
     third = new_record(plan, 3)
-    crashed = _error_reply(13, 0, "ClientApp raised: boom")
+    crashed = _errortrain_reply(13, 0, "ClientApp raised: boom")
     strategy.aggregate_train(3, [*[good(i, 3) for i in range(3)], crashed], third)
     (rejected,) = third.rejected
     assert rejected.site_id == "hospital-d"  # named by its site, not "node-13"

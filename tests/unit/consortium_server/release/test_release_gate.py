@@ -15,30 +15,26 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from concord_protocol.audit.heads import SignedTreeHead, decode_public_key, verify_tree_head
 from concord_protocol.client import ConsortiumClient
 from concord_protocol.contract import StudyContract
 from concord_protocol.release import model_sha256, signoff_message
 from concord_protocol.rounds import RoundRecord
 from consortium_server.audit.verify import verify_live
-from consortium_server.federation.blind_sum import blind_sum
 from consortium_server.federation.checkpoints import GlobalModel
 from consortium_server.release.service import store_final_aggregate
 from site_node.crypto import (
-    CkksCodec,
-    RoundInfo,
     SiteKeyPair,
-    expected_chunks,
-    public_context,
 )
 from site_node.federation.approvals import ApprovalStore
-from site_node.release import sign_off
-from tests.support.roster import site_keys
+from site_node.release import ReleaseError, check_on_record, sign_off
+from tests.support.roster import pin_all, site_keys
 from tests.support.runs import begin, federation_gate
-from tests.support.studies import relay_study_key, submit_and_approve
+from tests.support.studies import relay_study_key, signed_aggregate, submit_and_approve
 from tests.support.world import People, dataset_body, site_enrolment
 
 SITES = ("a", "b", "c")
-WEIGHTS = {"a": 100.0, "b": 200.0, "c": 300.0}
+WEIGHTS = {"a": 90.0, "b": 120.0, "c": 150.0}
 BASE = "/api/v1/studies/{}/release"
 
 
@@ -63,6 +59,13 @@ class World:
         token = self.people.node(site)["Authorization"].removeprefix("Bearer ")
         return ConsortiumClient("http://testserver", token, transport=self.client._transport)
 
+    def witnessed(self, api: ConsortiumClient) -> SignedTreeHead:
+        """The latest head, checked with the server's key as the site's witness does."""
+        body = api.request("GET", "/api/v1/audit/heads/latest")
+        head = SignedTreeHead.model_validate({k: body[k] for k in SignedTreeHead.model_fields})
+        verify_tree_head(head, decode_public_key(self.app.state.tree_head_signer.public_key_b64))
+        return head
+
     def sign_off(self, site: str, *, upload: bool = False) -> str:
         with self.api(site) as api:
             result = sign_off(
@@ -72,6 +75,7 @@ class World:
                 keys=self.keys[site],
                 store=self.stores[site],
                 upload=upload,
+                witnessed=self.witnessed(api),
             )
         return result.model_sha256
 
@@ -134,6 +138,7 @@ def world(client: TestClient, people: People, app: FastAPI, tmp_path: Path) -> W
     contract = StudyContract.model_validate(study["contract"])
     stores = {}
     for site in SITES:
+        pin_all(tmp_path / f"site-{site}", f"hospital-{site}", contract.site_ids)
         store = ApprovalStore(tmp_path / f"site-{site}")
         store.approve(study["id"], contract, study["contract_hash"])
         store.save_study_key(study["id"], secret, sender_id="hospital-a")
@@ -144,24 +149,17 @@ def world(client: TestClient, people: People, app: FastAPI, tmp_path: Path) -> W
 def _run(world: World) -> World:
     """Drive the study to ``completed`` through the internal API as its ServerApp would,
     every round with a real encrypted aggregate (the last one is what the release keeps)."""
-    secret, public = world.secret, public_context(world.secret)
-    codec = CkksCodec(secret)
     rng = np.random.default_rng(7)
     plan = begin(world.app, world.study["id"])
     gate = federation_gate(world.app, world.client, plan)
     for n in range(1, plan.rounds + 1):
-        info = RoundInfo(plan.study_id, plan.contract_hash, n, plan.num_params)
         vectors = {s: rng.normal(0, 0.1, plan.num_params) for s in SITES}
-        updates = {
-            f"hospital-{s}": codec.encode(vectors[s], weight=WEIGHTS[s], info=info).to_bytes_list()
-            for s in SITES
-        }
-        summed = blind_sum(
-            public,
-            updates,
-            expected=info,
-            expected_chunks=expected_chunks(plan.num_params, codec.chunk_size),
-            max_chunk_bytes=2 * 8192 * 8 * 2 + 8192,
+        model = signed_aggregate(
+            plan,
+            world.secret,
+            n,
+            {f"hospital-{s}": vectors[s] for s in SITES},
+            {f"hospital-{s}": int(WEIGHTS[s]) for s in SITES},
         )
         total = sum(WEIGHTS.values())
         weighted = np.sum([WEIGHTS[s] * vectors[s] for s in SITES], axis=0)
@@ -174,11 +172,10 @@ def _run(world: World) -> World:
             participants=[f"hospital-{s}" for s in SITES],
             sample_counts={f"hospital-{s}": int(WEIGHTS[s]) for s in SITES},
             epsilon={f"hospital-{s}": 0.75 * n for s in SITES},
-            aggregate_digest=summed.digest,
+            aggregate_digest=model.digest,
             total_weight=total,
             evaluation={"accuracy": 0.8 + 0.05 * n, "auc": 0.85 + 0.02 * n},
         )
-        model = GlobalModel(n, tuple(summed.to_bytes_list()), total, summed.digest)
         gate.report(record, model)
     assert (
         world.client.get(
@@ -277,6 +274,48 @@ def test_a_site_whose_hash_disagrees_blocks_the_release_and_is_recorded(complete
     assert w.client.get(f"{w.base}/model", headers=w.people.researcher).status_code == 409
     state = w.client.get(f"/api/v1/studies/{w.study['id']}", headers=w.people.researcher).json()
     assert state["state"] == "completed"
+
+
+def test_a_site_releases_only_the_aggregate_on_record_in_the_log_it_witnessed(
+    completed: World,
+) -> None:
+    """The server must point at the final round's ``round.completed`` entry, and the entry
+    must sit in a head the site witnessed, naming this aggregate's digest."""
+    w = completed
+    with w.api("b") as api:
+        aggregate = api.request("GET", f"{w.base}/aggregate")
+        head = w.witnessed(api)
+        check_on_record(api, w.study["id"], aggregate, witnessed=head)  # the honest case
+        round_1 = next(
+            i
+            for i, e in enumerate(audit_log_entries(w))
+            if e["action"] == "round.completed"
+            and e["object"]["id"] == w.study["id"]
+            and e["details"]["record"]["round_number"] == 1
+        )
+        cases = [
+            ({**aggregate, "audit_index": None}, head, "release.not_on_record"),
+            ({**aggregate, "audit_index": round_1}, head, "release.not_on_record"),
+            ({**aggregate, "digest": "00" * 32}, head, "release.not_on_record"),
+            (aggregate, None, "release.not_witnessed"),
+            (aggregate, head.model_copy(update={"tree_size": 1}), "release.not_witnessed"),
+            # A head whose root the entry's proof does not reach (a rewritten log).
+            (aggregate, head.model_copy(update={"root_hash": "ab" * 32}), "release.not_on_record"),
+        ]
+        for offered, witnessed, code in cases:
+            with pytest.raises(ReleaseError) as refused:
+                check_on_record(api, w.study["id"], offered, witnessed=witnessed)
+            assert refused.value.code == code, (offered.get("audit_index"), code)
+
+
+def audit_log_entries(w: World) -> list[dict[str, Any]]:
+    """Every audit entry, in log order (its index is its position)."""
+    log = w.app.state.audit_log
+    with w.app.state.sessionmaker() as session:
+        return [
+            log.get_entry(i, session=session).entry.model_dump(mode="json")
+            for i in range(log.size(session=session))
+        ]
 
 
 def test_a_missing_sign_off_is_refused(completed: World) -> None:

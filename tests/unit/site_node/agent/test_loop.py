@@ -79,8 +79,8 @@ def test_transient_api_errors_are_retried(world: World) -> None:
         ("peers", 3),
         ("sync", 1),
         ("keys", 1),
-        ("release", 1),
         ("witness", 1),
+        ("release", 1),
     ]
     assert site.store.get(contract_hash) is not None
 

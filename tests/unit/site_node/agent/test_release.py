@@ -22,6 +22,7 @@ def _completed_study(world: World, app: FastAPI) -> str:
         federation_gate(app, world.client, plan),
         [1.0] * plan.rounds,
         secret=key.secret_context,
+        signers={h.site_id: h.keys.signing_key for h in world.sites.values()},
     )
     assert world.study(study_id)["state"] == "completed"
     return study_id

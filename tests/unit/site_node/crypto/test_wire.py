@@ -113,7 +113,7 @@ def test_non_finite_update_is_refused_before_encrypting(codec: CkksCodec, bad: f
     vector = np.zeros(N_PARAMS)
     vector[9_000] = bad
     with pytest.raises(NonFiniteUpdateError) as exc:
-        codec.iter_encrypted_chunks(vector, weight=1, num_params=N_PARAMS)  # eager check
+        codec.iter_encrypted_chunks(vector, weight=1, info=round_info(N_PARAMS))  # eager check
     assert exc.value.code == "update.non_finite"
     assert "9000" in str(exc.value)
 
