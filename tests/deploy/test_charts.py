@@ -24,6 +24,8 @@ from tests.deploy.charts import (
 )
 
 KUBERNETES_VERSIONS = ["1.33.0", "1.37.0"]
+#: The SuperLink container's command: Concord's launcher, as processes.py runs it locally.
+LAUNCHER_COMMAND = ["python", "-m", "consortium_server.federation.superlink_launcher"]
 VALID = [(chart, name) for chart, names in VALID_VALUES.items() for name in names]
 INVALID = [(chart, name) for chart, names in INVALID_VALUES.items() for name in names]
 
@@ -128,7 +130,9 @@ def test_flower_processes_get_the_flower_environment(rendered: tuple[str, str, R
         c
         for _, spec in pod_specs(result)
         for c in spec["containers"]
-        if c["command"][0].startswith("flower-") or c["command"][:2] == ["site-node", "supernode"]
+        if c["command"][0].startswith("flower-")
+        or c["command"][:2] == ["site-node", "supernode"]
+        or c["command"] == LAUNCHER_COMMAND
     ]
     assert len(flower) == 1
     env = {e["name"]: e.get("value") for e in flower[0]["env"]}
@@ -188,6 +192,18 @@ def test_invalid_values_fail_with_the_schema_error(chart: str, name: str) -> Non
         (
             "server",
             "server-minimal.yaml",
+            {"federation": {"controlClientTls": {"certificate": "", "privateKey": ""}}},
+            "/federation/controlClientTls",
+        ),
+        (
+            "server",
+            "server-minimal.yaml",
+            {"superlink": {"controlPort": "9093"}},
+            "/superlink/controlPort",
+        ),
+        (
+            "server",
+            "server-minimal.yaml",
             {"federation": {"runLivenessSeconds": "30"}},
             "/federation/runLivenessSeconds",
         ),
@@ -201,6 +217,8 @@ def test_invalid_values_fail_with_the_schema_error(chart: str, name: str) -> Non
         "ingress-publishes-internal",
         "ingress-publishes-everything",
         "short-federation-token",
+        "no-control-client-certificate",
+        "control-port-as-string",
         "liveness-as-string",
     ],
 )
@@ -278,8 +296,14 @@ def test_server_runs_the_projects_commands(server_min: Rendered) -> None:
     job = server_min.get("Job", "-migrate-1")["spec"]["template"]["spec"]
     assert job["containers"][0]["command"] == ["consortium", "db", "upgrade"]
     superlink = server_min.get("Deployment", "superlink")["spec"]["template"]["spec"]
-    args = superlink["containers"][0]["args"]
-    assert superlink["containers"][0]["command"] == ["flower-superlink"]
+    container = superlink["containers"][0]
+    assert container["command"] == LAUNCHER_COMMAND
+    ours, flower = _launcher_args(container["args"])
+    assert ours == {
+        "--fleet-address": "0.0.0.0:9092",
+        "--control-address": "0.0.0.0:9093",
+        "--work-dir": "/run/concord-superlink/launcher",
+    }
     for flag in (
         "--ssl-ca-certfile",
         "--ssl-certfile",
@@ -287,13 +311,192 @@ def test_server_runs_the_projects_commands(server_min: Rendered) -> None:
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
         "--database",
+        "--superexec-auth-secret-file",
     ):
-        assert flag in args
-    assert "--insecure" not in args
-    assert args[args.index("--database") + 1].startswith("/var/lib/flower/")
-    mounts = {m["mountPath"]: m["name"] for m in superlink["containers"][0]["volumeMounts"]}
-    claim = {v["name"]: v for v in superlink["volumes"]}[mounts["/var/lib/flower"]]
-    assert "persistentVolumeClaim" in claim
+        assert flag in flower
+    assert "--insecure" not in flower
+    # The Runtime (ServerAppIo) API on loopback, in the pod only; Flower starts no SuperExec.
+    assert flower[flower.index("--host") + 1] == "127.0.0.1"
+    assert flower[flower.index("--port") + 1] == "9091"
+    assert flower[flower.index("--isolation") + 1] == "process"
+    secret = flower[flower.index("--superexec-auth-secret-file") + 1]
+    assert secret == "/run/concord-superlink/launcher/superexec.secret"
+    assert flower[flower.index("--database") + 1].startswith("/var/lib/flower/")
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in superlink["volumes"]}
+    assert "persistentVolumeClaim" in volumes[mounts["/var/lib/flower"]]
+    # The launcher's directory (deny stubs, the SuperExec secret): in memory, in this pod only.
+    assert volumes[mounts["/run/concord-superlink"]]["emptyDir"]["medium"] == "Memory"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"fleet": 9092, "control": 9093, "health": 9095}
+
+
+def _launcher_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The launcher's own options (before ``--``) and Flower's arguments (after it)."""
+    split = args.index("--")
+    ours = args[:split]
+    assert len(ours) % 2 == 0, ours
+    return dict(zip(ours[::2], ours[1::2], strict=True)), args[split + 1 :]
+
+
+def _flags(args: list[str]) -> list[str]:
+    return [a for a in args if a.startswith("--")]
+
+
+def test_superlink_runs_what_processes_py_runs_locally(
+    server_min: Rendered, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart's SuperLink command is the one ``start_superlink`` builds for the demo and
+    the tests: the same launcher options and Flower flags in the same order, the same files
+    (TLS, state, the SuperExec secret in the launcher's directory); the chart adds only the
+    gRPC health server its probes use."""
+    from consortium_server.federation import processes
+
+    captured: list[list[str]] = []
+
+    class CapturedError(Exception):
+        pass
+
+    def spawn(name: str, args: list[str], **_: Any) -> None:
+        captured.append(list(args))
+        raise CapturedError
+
+    monkeypatch.setattr(processes, "spawn", spawn)
+    tls = processes.TlsFiles(
+        ca_cert=tmp_path / "ca.pem",
+        server_cert=tmp_path / "server.pem",
+        server_key=tmp_path / "server.key",
+    )
+    with pytest.raises(CapturedError):
+        processes.start_superlink(tmp_path / "link", port=9092, tls=tls)
+    local = captured[0]
+    assert local[1:3] == LAUNCHER_COMMAND[1:]  # sys.executable -m <launcher>
+    local_ours, local_flower = _launcher_args(local[3:])
+
+    container = server_min.get("Deployment", "superlink")["spec"]["template"]["spec"]["containers"][
+        0
+    ]
+    ours, flower = _launcher_args(container["args"])
+    assert list(ours) == list(local_ours)
+    assert _flags(flower) == [*_flags(local_flower), "--health-server-address"]
+    # Same files: the TLS files by role, the SuperExec secret inside the launcher's --work-dir.
+    for flag, local_name, chart_name in (
+        ("--ssl-ca-certfile", "ca.pem", "ca.crt"),
+        ("--ssl-certfile", "server.pem", "tls.crt"),
+        ("--ssl-keyfile", "server.key", "tls.key"),
+    ):
+        assert local_flower[local_flower.index(flag) + 1].endswith(local_name)
+        assert flower[flower.index(flag) + 1] == f"/etc/concord/superlink-tls/{chart_name}"
+    for args, work_dir in ((local_flower, local_ours["--work-dir"]), (flower, ours["--work-dir"])):
+        secret = args[args.index("--superexec-auth-secret-file") + 1]
+        assert secret == f"{work_dir}/superexec.secret"
+        assert args[args.index("--isolation") + 1] == "process"
+        assert args[args.index("--host") + 1] == "127.0.0.1"
+
+
+def test_superlink_publishes_only_the_fleet_api(
+    server_min: Rendered, server_prod: Rendered
+) -> None:
+    api_pods = {
+        "app.kubernetes.io/name": "consortium-server",
+        "app.kubernetes.io/instance": "concord",
+        "app.kubernetes.io/component": "api",
+    }
+    for rendered in (server_min, server_prod):
+        public = rendered.get("Service", "superlink")["spec"]
+        assert [(p["port"], p["targetPort"]) for p in public["ports"]] == [(9092, "fleet")]
+        control = rendered.get("Service", "superlink-control")
+        assert control["metadata"]["name"] == "concord-consortium-server-superlink-control"
+        assert control["spec"]["type"] == "ClusterIP"
+        assert [(p["port"], p["targetPort"]) for p in control["spec"]["ports"]] == [
+            (9093, "control")
+        ]
+        assert control["spec"]["selector"] == public["selector"]
+        assert "annotations" not in control["metadata"]
+        link = rendered.get("NetworkPolicy", "superlink")["spec"]
+        rules = {p["port"]: rule for rule in link["ingress"] for p in rule["ports"]}
+        assert set(rules) == {9092, 9093, 9095}  # no rule for the Runtime API (loopback)
+        assert rules[9093] == {
+            "from": [{"podSelector": {"matchLabels": api_pods}}],
+            "ports": [{"port": 9093, "protocol": "TCP"}],
+        }
+        # The API pods dial the Control port; nothing of theirs needs the Fleet port.
+        assert all("podSelector" not in peer for peer in rules[9092].get("from", []))
+        api = rendered.get("NetworkPolicy", "consortium-server")["spec"]
+        to_link = [r for r in api["egress"] if "podSelector" in (r.get("to") or [{}])[0]]
+        assert [p["port"] for r in to_link for p in r["ports"]] == [9093]
+
+
+def test_superlink_ports_must_differ() -> None:
+    values = merge(load_values("server-minimal.yaml"), {"superlink": {"controlPort": 9092}})
+    with pytest.raises(helm_python.HelmRenderError, match="four different ports"):
+        render("server", values)
+
+
+def test_api_pods_hold_a_client_certificate_of_their_own(
+    server_min: Rendered, server_prod: Rendered
+) -> None:
+    for rendered, secret_name in (
+        (server_min, "concord-consortium-server-control-client-tls"),
+        (server_prod, "concord-control-client-tls"),
+    ):
+        api = _pod(rendered, "consortium-server")
+        container = api["spec"]["containers"][0]
+        env = _container_env(rendered, container)
+        cert = env["CONCORD_FEDERATION__CLIENT_CERTIFICATE"]
+        key = env["CONCORD_FEDERATION__CLIENT_PRIVATE_KEY"]
+        assert _mounted_file(api, container, cert) == (secret_name, "tls.crt", 0o440)
+        assert _mounted_file(api, container, key) == (secret_name, "tls.key", 0o440)
+        settings = rendered.get("ConfigMap", "-settings")["data"]
+        assert (settings["CONCORD_FEDERATION__CLIENT_CERTIFICATE"], key) == (cert, key)
+        # The API pods never mount the SuperLink's key; the SuperLink's pod never mounts
+        # the client certificate's Secret at all.
+        for volume in api["spec"]["volumes"]:
+            secret = volume.get("secret", {})
+            if secret.get("secretName") == _tls_secret(rendered):
+                assert [i["key"] for i in secret["items"]] == ["ca.crt"], volume
+        link = _pod(rendered, "superlink")
+        assert secret_name not in [
+            v.get("secret", {}).get("secretName") for v in link["spec"]["volumes"]
+        ]
+    # The chart's own Secret rolls the API pods when it changes.
+    annotations = _pod(server_min, "consortium-server")["metadata"]["annotations"]
+    assert annotations["checksum/control-client-tls"] == _checksum(
+        server_min, "secret-control-client-tls.yaml"
+    )
+    secret = server_min.get("Secret", "control-client-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    assert set(secret["stringData"]) == {"tls.crt", "tls.key"}
+
+
+def _tls_secret(rendered: Rendered) -> str:
+    link = _pod(rendered, "superlink")
+    return next(v for v in link["spec"]["volumes"] if v["name"] == "tls")["secret"]["secretName"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            {"federation": {"controlClientTls": {"existingSecret": "concord-superlink-tls"}}},
+            "must not be superlink.tls.existingSecret",
+        ),
+        (None, "must not be the SuperLink's private key"),
+    ],
+    ids=["same-secret", "same-key"],
+)
+def test_the_client_key_is_never_the_superlinks(
+    override: dict[str, Any] | None, message: str
+) -> None:
+    if override is None:
+        base = load_values("server-minimal.yaml")
+        key = base["superlink"]["tls"]["privateKey"]
+        override = {"federation": {"controlClientTls": {"privateKey": key}}}
+        values = merge(base, override)
+    else:
+        values = merge(load_values("server-production.yaml"), override)
+    with pytest.raises(helm_python.HelmRenderError, match=message):
+        render("server", values)
 
 
 def test_server_probes_hit_the_health_endpoints(server_min: Rendered) -> None:
@@ -316,6 +519,8 @@ def test_server_production_uses_existing_secrets(server_prod: Rendered) -> None:
     superlink = server_prod.get("Deployment", "superlink")["spec"]["template"]["spec"]
     tls = {v["name"]: v for v in superlink["volumes"]}["tls"]
     assert tls["secret"]["secretName"] == "concord-superlink-tls"
+    client = volumes["control-client-tls"]["secret"]
+    assert client["secretName"] == "concord-control-client-tls"
     assert api["containers"][0]["image"].endswith("@sha256:" + "0123456789abcdef" * 4)
     assert server_prod.get("Ingress")["spec"]["tls"][0]["hosts"] == ["concord.example.org"]
     paths = [p["path"] for p in server_prod.get("Ingress")["spec"]["rules"][0]["http"]["paths"]]
@@ -333,6 +538,7 @@ def test_server_minimal_creates_its_secrets(server_min: Rendered) -> None:
     names = sorted(s["metadata"]["name"] for s in server_min.all("Secret"))
     assert names == [
         "concord-consortium-server-audit-key",
+        "concord-consortium-server-control-client-tls",
         "concord-consortium-server-database",
         "concord-consortium-server-federation-token",
         "concord-consortium-server-superlink-tls",
@@ -346,7 +552,7 @@ def test_server_network_policies(server_prod: Rendered) -> None:
     assert api["policyTypes"] == ["Ingress", "Egress"]
     assert [p["port"] for p in api["ingress"][0]["ports"]] == [8600]
     egress_ports = {p["port"] for rule in api["egress"] for p in rule["ports"]}
-    assert egress_ports == {53, 9092, 5432, 443, 8443}
+    assert egress_ports == {53, 9093, 5432, 443, 8443}  # the SuperLink's Control port
     link = server_prod.get("NetworkPolicy", "superlink")["spec"]
     cidrs = [f["ipBlock"]["cidr"] for f in link["ingress"][0]["from"] if "ipBlock" in f]
     assert cidrs == ["198.51.100.0/24", "203.0.113.7/32"]
@@ -356,7 +562,7 @@ def test_server_network_policies(server_prod: Rendered) -> None:
 
 TOKEN_SECRET = "concord-consortium-server-federation-token"
 API_SERVICE_URL = "http://concord-consortium-server.concord.svc:80"
-SUPERLINK_ADDRESS = "concord-consortium-server-superlink.concord.svc:9092"
+SUPERLINK_ADDRESS = "concord-consortium-server-superlink-control.concord.svc:9093"
 REMOVED_SETTINGS = ("REPLICA_ID", "RUNS_DIR", "RUN_TIMEOUT_S", "LEASE_TTL_S")
 
 
@@ -457,7 +663,7 @@ def test_api_pods_reach_the_superlink_and_read_the_token(server_min: Rendered) -
     container = api["spec"]["containers"][0]
     env = _container_env(server_min, container)
     assert env["CONCORD_FEDERATION__SUPERLINK_ADDRESS"] == SUPERLINK_ADDRESS
-    link_service = server_min.get("Service", "superlink")
+    link_service = server_min.get("Service", "superlink-control")  # Control, not Fleet
     host, port = SUPERLINK_ADDRESS.split(":")
     assert host.split(".")[0] == link_service["metadata"]["name"]
     assert int(port) in [p["port"] for p in link_service["spec"]["ports"]]
@@ -633,6 +839,38 @@ def test_site_files_carry_datasets_and_policy(site_prod: Rendered) -> None:
     assert [d["id"] for d in datasets] == ["bc-tabular", "chest-ct"]
     assert set(data) == {"datasets.yaml", "policy.00-base.cedar", "policy.epsilon-cap.cedar"}
     assert site_prod.all("Secret") == []
+
+
+def test_site_policy_is_mounted_where_the_site_settings_point(
+    site_min: Rendered, site_prod: Rendered
+) -> None:
+    """sitePolicy: a ConfigMap of .cedar files, mounted as one directory in both containers,
+    named by CONCORD_SITE_POLICY_DIR; without it the variable is unset (the shipped
+    site-default applies) and no policy file is rendered."""
+    settings = site_prod.get("ConfigMap", "-settings")["data"]
+    policy_dir = settings["CONCORD_SITE_POLICY_DIR"]
+    assert policy_dir == "/etc/concord/site/policy"
+    spec = site_prod.get("Deployment")["spec"]["template"]["spec"]
+    volume = {v["name"]: v for v in spec["volumes"]}["site-files"]["configMap"]
+    assert volume["name"] == site_prod.get("ConfigMap", "-site")["metadata"]["name"]
+    for container in spec["containers"]:
+        mount = {m["name"]: m for m in container["volumeMounts"]}["site-files"]
+        assert mount["readOnly"] is True
+        files = {
+            f"{mount['mountPath']}/{i['path']}": i["key"]
+            for i in volume["items"]
+            if f"{mount['mountPath']}/{i['path']}".startswith(policy_dir + "/")
+        }
+        assert files == {
+            f"{policy_dir}/00-base.cedar": "policy.00-base.cedar",
+            f"{policy_dir}/epsilon-cap.cedar": "policy.epsilon-cap.cedar",
+        }, container["name"]
+        assert any(s["configMapRef"]["name"].endswith("-settings") for s in container["envFrom"]), (
+            container["name"]
+        )
+    # Not set: no directory named, no policy files (the site uses its shipped default).
+    assert "CONCORD_SITE_POLICY_DIR" not in site_min.get("ConfigMap", "-settings")["data"]
+    assert set(site_min.get("ConfigMap", "-site")["data"]) == {"datasets.yaml"}
 
 
 @pytest.mark.parametrize("values_file", ["site-minimal.yaml", "site-production.yaml"])

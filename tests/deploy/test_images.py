@@ -35,7 +35,8 @@ COMMANDS = {
         ["consortium", "--help"],
         ["consortium", "server", "--help"],
         ["consortium", "db", "upgrade", "--help"],
-        ["flower-superlink", "--help"],
+        ["python", "-m", "consortium_server.federation.superlink_launcher", "--help"],
+        ["flower-superlink", "--help"],  # the Flower install the launcher runs
     ],
     "site": [
         ["site-node", "--help"],

@@ -7,10 +7,15 @@ started as local processes, with a local directory standing in for each volume.
   rendered env builds ServerSettings that name the mounted federation token and SuperLink
   CA; the SuperLink pod's rendered env builds the ServerApp's settings (ServerAppSettings)
   on the same token, which the started server accepts on its internal API.
-- SuperLink and SuperNode: started with the rendered args and certificates made here;
-  the SuperNode authenticates with keys from `site-node keys init`.
+- SuperLink and SuperNode: the SuperLink container's rendered command (Concord's launcher:
+  Fleet, Control and the loopback Runtime API on separate listeners) started with
+  certificates made here; the API's rendered settings (address, CA, client certificate)
+  register the site's SuperNode key through the Control listener, which refuses a
+  connection without the client certificate and is not served on the Fleet port; the
+  SuperNode authenticates with keys from `site-node keys init`.
 - site agent: every CONCORD_SITE_* name is a SiteSettings field and the settings built
-  from the rendered env find the keys, state and datasets where the chart puts them.
+  from the rendered env find the keys, state, datasets and the site's own Cedar policy
+  (sitePolicy) where the chart puts them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import ipaddress
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -35,7 +41,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -227,7 +233,8 @@ def environ(env: dict[str, str]) -> Iterator[None]:
 
 
 def make_tls(directory: Path) -> dict[str, str]:
-    """A CA and a server certificate for localhost/127.0.0.1 (PEM strings)."""
+    """A CA, a server certificate for localhost/127.0.0.1 and the API's Control client
+    certificate (``client.crt``/``client.key``, clientAuth), PEM strings."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "concord test CA")])
@@ -259,13 +266,65 @@ def make_tls(directory: Path) -> dict[str, str]:
         )
         .sign(ca_key, hashes.SHA256())
     )
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "concord API")]))
+        .issuer_name(ca_name)
+        .public_key(client_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
+
+    def private(k: ec.EllipticCurvePrivateKey) -> str:
+        return k.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+
     return {
         "ca.crt": ca.public_bytes(pem).decode(),
         "tls.crt": cert.public_bytes(pem).decode(),
-        "tls.key": key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode(),
+        "tls.key": private(key),
+        "client.crt": client.public_bytes(pem).decode(),
+        "client.key": private(client_key),
+    }
+
+
+def tls_handshake(
+    port: int, ca_file: Path, cert: Path | None = None, key: Path | None = None
+) -> str:
+    """Complete a TLS 1.2 handshake with the listener on ``port`` (TLS 1.2: the server checks
+    the client certificate inside the handshake, not after it as in 1.3); ``""`` when it
+    succeeds, else the error."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key) if key else None)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1"):
+                return ""
+        except (ssl.SSLError, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+
+def tls_values(tls: dict[str, str]) -> dict[str, Any]:
+    """Chart values carrying ``tls`` inline: the SuperLink's and the API's client certificate."""
+    return {
+        "superlink": {
+            "tls": {
+                "certificate": tls["tls.crt"],
+                "privateKey": tls["tls.key"],
+                "caCertificate": tls["ca.crt"],
+            }
+        },
+        "federation": {
+            "controlClientTls": {"certificate": tls["client.crt"], "privateKey": tls["client.key"]}
+        },
     }
 
 
@@ -318,24 +377,20 @@ def test_server_commands_start_and_become_ready(
             values["database"]["existingSecretKey"]: postgres_url
         }
         external[values["audit"]["existingSecret"]] = {"audit-head-key.pem": head_key}
-        external[values["superlink"]["tls"]["existingSecret"]] = tls
+        external[values["superlink"]["tls"]["existingSecret"]] = {
+            k: tls[k] for k in ("tls.crt", "tls.key", "ca.crt")
+        }
+        external[values["federation"]["controlClientTls"]["existingSecret"]] = {
+            "tls.crt": tls["client.crt"],
+            "tls.key": tls["client.key"],
+        }
         external[values["federation"]["existingSecret"]] = {
             values["federation"]["existingSecretKey"]: "operator-made-" + uuid.uuid4().hex
         }
     else:
         values = merge(
-            values,
-            {
-                "database": {"url": postgres_url},
-                "audit": {"headKey": head_key},
-                "superlink": {
-                    "tls": {
-                        "certificate": tls["tls.crt"],
-                        "privateKey": tls["tls.key"],
-                        "caCertificate": tls["ca.crt"],
-                    }
-                },
-            },
+            merge(values, tls_values(tls)),
+            {"database": {"url": postgres_url}, "audit": {"headKey": head_key}},
         )
     if values.get("policies", {}).get("consortium"):
         # The override is mounted and read at start-up: it must be a valid policy set, so
@@ -377,12 +432,21 @@ def test_server_commands_start_and_become_ready(
     assert token_file.is_relative_to(tmp_path / "api" / "etc")  # on a mount, not the data dir
     assert token_file.stat().st_mode & 0o777 == 0o440
     api_token = load_token(token_file)  # the server's own check: not readable by others
-    link_service = rendered.get("Service", "superlink")
+    # The Control API through its own (ClusterIP) Service, with the mounted client certificate.
+    link_service = rendered.get("Service", "superlink-control")
     assert settings.federation.superlink_address == (
         f"{link_service['metadata']['name']}.concord.svc:{link_service['spec']['ports'][0]['port']}"
     )
     assert settings.federation.root_certificates is not None
     assert settings.federation.root_certificates.read_text() == tls["ca.crt"]
+    federation = settings.federation
+    assert federation.client_certificate is not None
+    assert federation.client_private_key is not None
+    assert federation.client_certificate.read_text() == tls["client.crt"]
+    assert federation.client_private_key.read_text() == tls["client.key"]
+    assert tls["tls.key"] not in {
+        p.read_text() for p in (tmp_path / "api").rglob("*") if p.is_file()
+    }  # the SuperLink's key is nowhere in the API pod
 
     # The ServerApp's settings, as the SuperLink's pod passes its env on to it: the same
     # token, and the API Service's in-cluster URL.
@@ -472,69 +536,125 @@ def site_keys(tmp_path: Path) -> Path:
     return keys
 
 
+def _launcher_argv(argv: list[str], replace: dict[str, str]) -> list[str]:
+    """``argv`` with the value after each flag in ``replace`` replaced (each found once)."""
+    out, found = [], []
+    for index, arg in enumerate(argv):
+        flag = argv[index - 1] if index else ""
+        if flag in replace:
+            found.append(flag)
+            arg = replace[flag]
+        out.append(arg)
+    assert sorted(found) == sorted(replace), found
+    return out
+
+
 def test_superlink_and_supernode_start_with_the_rendered_args(
     tmp_path: Path, site_keys: Path
 ) -> None:
+    from concord_protocol.processes import FlowerProcessError
+    from consortium_server.federation import control_client
+    from consortium_server.federation.control_client import ControlEndpoint
+    from consortium_server.federation.processes import register_supernode
+    from consortium_server.federation.runs import connect_superlink
+    from consortium_server.settings import ServerSettings
+
     tls = make_tls(tmp_path)
-    server_values = merge(
-        load_values("server-minimal.yaml"),
+    rendered = render("server", merge(load_values("server-minimal.yaml"), tls_values(tls)))
+    link = Pod(rendered, "Deployment", "superlink", tmp_path / "link")
+    container = link.container("superlink")
+    assert container["command"] == [
+        "python",
+        "-m",
+        "consortium_server.federation.superlink_launcher",
+    ]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    args = container["args"]
+    # The rendered listeners: Fleet and Control on every interface (the Services pick the
+    # ports), the Runtime API on loopback, the health server for the probes.
+    assert args[args.index("--fleet-address") + 1] == f"0.0.0.0:{ports['fleet']}"
+    assert args[args.index("--control-address") + 1] == f"0.0.0.0:{ports['control']}"
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    assert args[args.index("--health-server-address") + 1] == f"0.0.0.0:{ports['health']}"
+    fleet, control, runtime, health = free_port(), free_port(), free_port(), free_port()
+    argv = _launcher_argv(
+        link.argv(container),
         {
-            "superlink": {
-                "tls": {
-                    "certificate": tls["tls.crt"],
-                    "privateKey": tls["tls.key"],
-                    "caCertificate": tls["ca.crt"],
-                }
-            }
+            "--fleet-address": f"127.0.0.1:{fleet}",
+            "--control-address": f"127.0.0.1:{control}",
+            "--port": str(runtime),
+            "--health-server-address": f"127.0.0.1:{health}",
         },
     )
-    link = Pod(render("server", server_values), "Deployment", "superlink", tmp_path / "link")
-    container = link.container("superlink")
-    port, health = free_port(), free_port()
-    rendered_port = str(container["ports"][0]["containerPort"])
-    rendered_health = str(container["ports"][1]["containerPort"])
-    argv = []
-    for arg in link.argv(container):
-        if arg == rendered_port:
-            arg = str(port)
-        elif arg.endswith(f":{rendered_health}"):
-            arg = f"127.0.0.1:{health}"
-        elif arg == "0.0.0.0":
-            arg = "127.0.0.1"
-        argv.append(arg)
-    assert argv != link.argv(container)  # the ports were found and replaced
-    superlink = link.start("superlink", tmp_path / "superlink.log", args=argv)
+    log = tmp_path / "superlink.log"
+    superlink = link.start("superlink", log, args=argv)
     supernode: subprocess.Popen[bytes] | None = None
     try:
-        wait_for_port(port, superlink)
-        wait_for_port(health, superlink)
-        state = Path(link.local(container["args"][container["args"].index("--database") + 1]))
+        for port in (fleet, control, runtime, health):
+            wait_for_port(port, superlink)
+        state = Path(link.local(args[args.index("--database") + 1]))
         assert state.exists(), "the SuperLink keeps no state on its volume"
+        # The launcher made the SuperExec secret where the rendered args say, private.
+        secret = Path(link.local(args[args.index("--superexec-auth-secret-file") + 1]))
+        assert secret.stat().st_mode & 0o777 == 0o600
+        assert secret.parent.stat().st_mode & 0o777 == 0o700
+        started = log.read_text()
+        assert "control listener" in started
+        assert "client certificate required" in started
 
-        # The operator registers the site's SuperNode key (SuperNode authentication is on).
-        flwr_home = tmp_path / "flwr-home"
-        flwr_home.mkdir()
-        ca_file = tmp_path / "ca.crt"
-        ca_file.write_text(tls["ca.crt"])
-        (flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-            f'root-certificates = "{ca_file}"\n'
+        # The API, with the settings its pod is rendered with (the Control Service's
+        # address pointed at this machine), registers the site's SuperNode key.
+        api = Pod(rendered, "Deployment", "consortium-server", tmp_path / "api")
+        api_env = {
+            k: v
+            for k, v in api.process_env(api.container("api")).items()
+            if k.startswith("CONCORD_")
+        }
+        api_env["CONCORD_FEDERATION__SUPERLINK_ADDRESS"] = f"127.0.0.1:{control}"
+        with environ(api_env):
+            settings = ServerSettings()
+        handle = connect_superlink(settings)
+        assert handle is not None
+        assert handle.control is not None
+        assert handle.control.client_cert is not None
+        registered = register_supernode(handle, site_keys / "supernode.pub", name="hospital-a")
+        assert registered["success"] is True
+
+        # Without the client certificate (what every site holds: the CA) Control refuses
+        # the connection; the Fleet port does not serve Control at all.
+        ca_only = ControlEndpoint(address=f"127.0.0.1:{control}", ca_cert=handle.control.ca_cert)
+        with pytest.raises(FlowerProcessError, match="cannot reach"):
+            control_client.register_node(
+                ca_only, (site_keys / "supernode.pub").read_bytes(), name="outsider"
+            )
+        # ...in the TLS handshake, before any HTTP: the listener's alert says why.
+        # ...in the TLS handshake, before any HTTP; the API's certificate passes it.
+        ca, cert, key = (
+            handle.control.ca_cert,
+            handle.control.client_cert,
+            handle.control.client_key,
         )
-        registered = subprocess.run(
-            [str(BIN / "flwr"), "supernode", "register", str(site_keys / "supernode.pub"), "test"],
-            env={**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}:{os.environ['PATH']}"},
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
+        assert ca is not None
+        assert tls_handshake(control, ca) != ""
+        assert tls_handshake(control, ca, cert, key) == ""
+        assert tls_handshake(fleet, ca) == ""  # the Fleet listener: server TLS only
+        on_fleet = ControlEndpoint(
+            address=f"127.0.0.1:{fleet}",
+            ca_cert=handle.control.ca_cert,
+            client_cert=handle.control.client_cert,
+            client_key=handle.control.client_key,
         )
-        assert registered.returncode == 0, registered.stdout + registered.stderr
+        with pytest.raises(FlowerProcessError, match="answered 404"):
+            control_client.register_node(
+                on_fleet, (site_keys / "supernode.pub").read_bytes(), name="outsider"
+            )
+        assert superlink.poll() is None, log.read_text()
 
         site_values = merge(
             load_values("site-minimal.yaml"),
             {
                 "consortium": {
-                    "superlinkAddress": f"127.0.0.1:{port}",
+                    "superlinkAddress": f"127.0.0.1:{fleet}",
                     "caCertificate": tls["ca.crt"],
                 }
             },
@@ -554,21 +674,21 @@ def test_superlink_and_supernode_start_with_the_rendered_args(
         assert installed.returncode == 0, installed.stderr
         node_container = node.container("supernode")
         node_health = free_port()
-        argv = [
+        node_argv = [
             f"127.0.0.1:{node_health}" if a.startswith("0.0.0.0:") else a
             for a in node.argv(node_container)
         ]
         runtime_port = free_port()
         supernode = node.start(
-            "supernode", tmp_path / "supernode.log", args=[*argv, "--port", str(runtime_port)]
+            "supernode", tmp_path / "supernode.log", args=[*node_argv, "--port", str(runtime_port)]
         )
         deadline = time.monotonic() + 60
-        log = tmp_path / "supernode.log"
-        while "SuperNode ID" not in log.read_text() and time.monotonic() < deadline:
-            assert supernode.poll() is None, log.read_text()
+        node_log = tmp_path / "supernode.log"
+        while "SuperNode ID" not in node_log.read_text() and time.monotonic() < deadline:
+            assert supernode.poll() is None, node_log.read_text()
             time.sleep(0.5)
-        assert "SuperNode ID" in log.read_text(), log.read_text()
-        assert supernode.poll() is None, log.read_text()
+        assert "SuperNode ID" in node_log.read_text(), node_log.read_text()
+        assert supernode.poll() is None, node_log.read_text()
     finally:
         if supernode is not None:
             stop(supernode)
@@ -630,6 +750,37 @@ def test_site_agent_env_names_are_site_settings(tmp_path: Path, site_keys: Path)
     mount = values["data"]["mountPath"]
     assert all(str(c.path).startswith(mount + "/") for c in configs)
     assert settings.state_dir.is_dir()
+    # The site's own policy is the sitePolicy the chart mounted, and it is what the site
+    # evaluates (not the shipped default): the production values cap epsilon at 2.0.
+    from site_node.site_policy import site_engine
+
+    assert settings.policy_dir is not None
+    assert settings.policy_dir.is_relative_to(tmp_path / "site")
+    engine = site_engine(settings.policy_dir, site_id=settings.site_id)
+    assert engine.texts == values["sitePolicy"]
+    assert "site.epsilon-cap" in "\n".join(engine.texts.values())
+    assert engine.label == "site:hospital-b"
+
+
+def test_site_without_site_policy_uses_the_shipped_default(tmp_path: Path, site_keys: Path) -> None:
+    from site_node.settings import SiteSettings
+    from site_node.site_policy import site_engine
+
+    rendered = render("site", load_values("site-minimal.yaml"))
+    pod = Pod(
+        rendered,
+        "Deployment",
+        "",
+        tmp_path / "site",
+        {"hospital-a-site-keys": {"signing_key.pem": "", "exchange_key.pem": "", "supernode": ""}},
+    )
+    env = {k: pod.local(v) for k, v in pod.env(pod.container("agent")).items()}
+    with environ({k: v for k, v in env.items() if k.startswith("CONCORD_SITE_")}):
+        settings = SiteSettings()
+    assert settings.policy_dir is None
+    shipped = REPO_ROOT / "policies" / "site-default"
+    engine = site_engine(settings.policy_dir, site_id=settings.site_id)
+    assert engine.texts == {f.name: f.read_text() for f in sorted(shipped.glob("*.cedar"))}
 
 
 def test_site_agent_command_exists() -> None:

@@ -26,6 +26,11 @@ Names, labels and small shared fragments of the consortium-server chart.
 {{- printf "%s-superlink" (include "consortium-server.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* Name of the SuperLink's Control Service (ClusterIP: only the API pods dial it). */}}
+{{- define "consortium-server.superlinkControlName" -}}
+{{- printf "%s-control" (include "consortium-server.superlinkName" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{/* name-version of the chart, for the helm.sh/chart label. */}}
 {{- define "consortium-server.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
@@ -79,6 +84,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-tls" (include "consortium-server.superlinkName" .)) .Values.superlink.tls.existingSecret }}
 {{- end }}
 
+{{/* Secret holding the API's client certificate and key for the SuperLink's Control API. */}}
+{{- define "consortium-server.controlClientSecretName" -}}
+{{- default (printf "%s-control-client-tls" (include "consortium-server.fullname" .)) .Values.federation.controlClientTls.existingSecret }}
+{{- end }}
+
 {{/* Secret holding the federation token (the ServerApp's credential on the internal API). */}}
 {{- define "consortium-server.federationSecretName" -}}
 {{- default (printf "%s-federation-token" (include "consortium-server.fullname" .)) .Values.federation.existingSecret }}
@@ -92,6 +102,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* Where the API pods mount the SuperLink's CA certificate (ca.crt of its TLS Secret only). */}}
 {{- define "consortium-server.superlinkCaFile" -}}
 /etc/concord/superlink-ca/ca.crt
+{{- end }}
+
+{{/* Where the API pods mount their Control client certificate and key (tls.crt, tls.key). */}}
+{{- define "consortium-server.controlClientCertFile" -}}
+/etc/concord/control-client/tls.crt
+{{- end }}
+{{- define "consortium-server.controlClientKeyFile" -}}
+/etc/concord/control-client/tls.key
+{{- end }}
+
+{{/*
+The launcher's private directory in the SuperLink's pod (an in-memory emptyDir): deny stubs
+and the SuperExec secret, which Flower and the ServerApp executor (the launcher's child)
+share and nothing else holds. processes.py uses <work dir>/launcher the same way.
+*/}}
+{{- define "consortium-server.launcherDir" -}}
+/run/concord-superlink/launcher
 {{- end }}
 
 {{/*
@@ -130,9 +157,9 @@ template`; after replacing such a Secret, `helm upgrade` or a rollout restart ro
 {{- end }}
 {{- end }}
 
-{{/* host:port where the API reaches the SuperLink's Control API (default: its Service). */}}
+{{/* host:port where the API reaches the SuperLink's Control API (default: its Control Service). */}}
 {{- define "consortium-server.superlinkAddress" -}}
-{{- default (printf "%s.%s.svc:%d" (include "consortium-server.superlinkName" .) .Release.Namespace (int .Values.superlink.port)) .Values.federation.superlinkAddress }}
+{{- default (printf "%s.%s.svc:%d" (include "consortium-server.superlinkControlName" .) .Release.Namespace (int .Values.superlink.controlPort)) .Values.federation.superlinkAddress }}
 {{- end }}
 
 {{/* The API's in-cluster URL, which the ServerApp (in the SuperLink's pod) reports rounds to. */}}
