@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 
 from benchmarks.apps.records import read_outcome
+from concord_protocol.contributions import AggregateManifest
 from concord_protocol.processes import FLOWER_ENV
-from concord_protocol.wire.format import EncodedUpdate
-from site_node.crypto.codecs import CkksCodec
+from concord_protocol.wire.format import CKKS_TAG_SLOTS, EncodedUpdate
+from consortium_server.federation.checkpoints import GlobalModel
+from site_node.crypto.codecs import CkksCodec, ListedSum
 from site_node.federation.approvals import ApprovalStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -71,12 +73,17 @@ ROUND_FIELDS = {
 }
 
 
-def _decrypt(state_dir: Path, blobs: tuple[bytes, ...], num_params: int, total: float) -> object:
+def _decrypt(state_dir: Path, model: GlobalModel, num_params: int) -> object:
+    """Open the final aggregate as that site does: its own key, the tags checked against
+    the sites the manifest lists."""
     key = ApprovalStore(state_dir).study_key(STUDY_ID)
     assert key is not None, f"no study key in {state_dir}"
-    update = EncodedUpdate.from_bytes_list(list(blobs))
-    return CkksCodec(key.secret_context).decrypt_aggregate(
-        update.chunks, num_params=num_params, total_weight=total
+    update = EncodedUpdate.from_bytes_list(list(model.blobs))
+    listed = ListedSum(
+        update.header.round_info(), AggregateManifest.from_json(model.manifest).sites
+    )
+    return CkksCodec(key.secret_context, tag_slots=CKKS_TAG_SLOTS).decrypt_aggregate(
+        update.chunks, num_params=num_params, total_weight=model.total_weight, listed=listed
     )
 
 
@@ -133,12 +140,9 @@ def test_quick_scale_run_aggregates_ten_simulated_sites(tmp_path: Path) -> None:
     final = outcome.final_model
     assert final is not None
     assert final.digest == run["final_model"]["digest"]
-    first = _decrypt(
-        run_dir / "sites" / "site-000" / "state", final.blobs, run["params"], final.total_weight
-    )
-    last = _decrypt(
-        run_dir / "sites" / "site-009" / "state", final.blobs, run["params"], final.total_weight
-    )
+    assert len(AggregateManifest.from_json(final.manifest).sites) == 10
+    first = _decrypt(run_dir / "sites" / "site-000" / "state", final, run["params"])
+    last = _decrypt(run_dir / "sites" / "site-009" / "state", final, run["params"])
     assert isinstance(first, np.ndarray)
     assert first.shape == (run["params"],)
     assert np.isfinite(first).all()
