@@ -802,7 +802,21 @@ def test_site_runs_the_agent_and_the_supernode(site_prod: Rendered) -> None:
     assert args[args.index("--superlink") + 1] == "fl.example.org:9092"
     assert "--insecure" not in args
     assert args[args.index("--auth-supernode-private-key") + 1].endswith("/keys/supernode")
-    assert args[args.index("--node-config") + 1] == 'site-id="hospital-b" max-threads=4'
+    # The ClientApp's settings come from the node config (site_node/federation/clientapp.py):
+    # the same site, state dir and datasets file as the agent's settings, then the extras.
+    from flwr.common.config import parse_config_args  # Flower's own parser of the flag
+
+    node_config = parse_config_args([args[args.index("--node-config") + 1]])
+    settings = site_prod.get("ConfigMap", "-settings")["data"]
+    assert node_config == {
+        "site-id": settings["CONCORD_SITE_SITE_ID"],
+        "state-dir": settings["CONCORD_SITE_STATE_DIR"],
+        "datasets-file": settings["CONCORD_SITE_DATASETS_FILE"],
+        "max-threads": 4,
+    }
+    # The ClientAppIo API stays on loopback, on the port the values name.
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    assert args[args.index("--port") + 1] == "9094"
 
 
 def test_site_data_is_read_only(site_min: Rendered, site_prod: Rendered) -> None:

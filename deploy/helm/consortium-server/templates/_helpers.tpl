@@ -214,3 +214,70 @@ seccompProfile:
 - name: HOME
   value: /tmp
 {{- end }}
+
+{{/*
+The extra CA bundle (caBundle): an init container appends it to the image's system bundle in
+an in-memory volume; SSL_CERT_FILE and REQUESTS_CA_BUNDLE (httpx, requests) name the result.
+Each fragment renders nothing when caBundle is unset.
+*/}}
+{{- define "consortium-server.caBundleEnabled" -}}
+{{- if or .Values.caBundle.certificates .Values.caBundle.existingConfigMap }}true{{ end }}
+{{- end }}
+{{- define "consortium-server.caBundleConfigMapName" -}}
+{{- default (printf "%s-ca-bundle" (include "consortium-server.fullname" .)) .Values.caBundle.existingConfigMap }}
+{{- end }}
+{{- define "consortium-server.caBundleInitContainer" -}}
+{{- if include "consortium-server.caBundleEnabled" . }}
+- name: install-ca-bundle
+  image: {{ include "consortium-server.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command:
+    - sh
+    - -c
+    - cat /etc/ssl/certs/ca-certificates.crt /etc/concord/ca-bundle-extra/ca-bundle.crt > /etc/concord/ca-bundle/ca-bundle.crt
+  securityContext:
+    {{- include "consortium-server.containerSecurityContext" . | nindent 4 }}
+  resources:
+    requests:
+      cpu: 10m
+      memory: 16Mi
+    limits:
+      cpu: 100m
+      memory: 64Mi
+  volumeMounts:
+    - name: ca-bundle-extra
+      mountPath: /etc/concord/ca-bundle-extra
+      readOnly: true
+    - name: ca-bundle
+      mountPath: /etc/concord/ca-bundle
+{{- end }}
+{{- end }}
+{{- define "consortium-server.caBundleEnv" -}}
+{{- if include "consortium-server.caBundleEnabled" . }}
+- name: SSL_CERT_FILE
+  value: /etc/concord/ca-bundle/ca-bundle.crt
+- name: REQUESTS_CA_BUNDLE
+  value: /etc/concord/ca-bundle/ca-bundle.crt
+{{- end }}
+{{- end }}
+{{- define "consortium-server.caBundleMount" -}}
+{{- if include "consortium-server.caBundleEnabled" . }}
+- name: ca-bundle
+  mountPath: /etc/concord/ca-bundle
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- define "consortium-server.caBundleVolumes" -}}
+{{- if include "consortium-server.caBundleEnabled" . }}
+- name: ca-bundle-extra
+  configMap:
+    name: {{ include "consortium-server.caBundleConfigMapName" . }}
+    items:
+      - key: {{ .Values.caBundle.existingConfigMapKey }}
+        path: ca-bundle.crt
+- name: ca-bundle
+  emptyDir:
+    medium: Memory
+    sizeLimit: 4Mi
+{{- end }}
+{{- end }}

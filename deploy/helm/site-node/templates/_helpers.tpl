@@ -133,4 +133,72 @@ seccompProfile:
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- include "site-node.caBundleMount" . }}
+{{- end }}
+
+{{/*
+The extra CA bundle (caBundle): an init container appends it to the image's system bundle in
+an in-memory volume; SSL_CERT_FILE and REQUESTS_CA_BUNDLE (httpx, requests) name the result.
+Each fragment renders nothing when caBundle is unset.
+*/}}
+{{- define "site-node.caBundleEnabled" -}}
+{{- if or .Values.caBundle.certificates .Values.caBundle.existingConfigMap }}true{{ end }}
+{{- end }}
+{{- define "site-node.caBundleConfigMapName" -}}
+{{- default (printf "%s-ca-bundle" (include "site-node.fullname" .)) .Values.caBundle.existingConfigMap }}
+{{- end }}
+{{- define "site-node.caBundleInitContainer" -}}
+{{- if include "site-node.caBundleEnabled" . }}
+- name: install-ca-bundle
+  image: {{ include "site-node.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command:
+    - sh
+    - -c
+    - cat /etc/ssl/certs/ca-certificates.crt /etc/concord/ca-bundle-extra/ca-bundle.crt > /etc/concord/ca-bundle/ca-bundle.crt
+  securityContext:
+    {{- include "site-node.containerSecurityContext" . | nindent 4 }}
+  resources:
+    requests:
+      cpu: 10m
+      memory: 16Mi
+    limits:
+      cpu: 100m
+      memory: 64Mi
+  volumeMounts:
+    - name: ca-bundle-extra
+      mountPath: /etc/concord/ca-bundle-extra
+      readOnly: true
+    - name: ca-bundle
+      mountPath: /etc/concord/ca-bundle
+{{- end }}
+{{- end }}
+{{- define "site-node.caBundleEnv" -}}
+{{- if include "site-node.caBundleEnabled" . }}
+- name: SSL_CERT_FILE
+  value: /etc/concord/ca-bundle/ca-bundle.crt
+- name: REQUESTS_CA_BUNDLE
+  value: /etc/concord/ca-bundle/ca-bundle.crt
+{{- end }}
+{{- end }}
+{{- define "site-node.caBundleMount" -}}
+{{- if include "site-node.caBundleEnabled" . }}
+- name: ca-bundle
+  mountPath: /etc/concord/ca-bundle
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- define "site-node.caBundleVolumes" -}}
+{{- if include "site-node.caBundleEnabled" . }}
+- name: ca-bundle-extra
+  configMap:
+    name: {{ include "site-node.caBundleConfigMapName" . }}
+    items:
+      - key: {{ .Values.caBundle.existingConfigMapKey }}
+        path: ca-bundle.crt
+- name: ca-bundle
+  emptyDir:
+    medium: Memory
+    sizeLimit: 4Mi
+{{- end }}
 {{- end }}
