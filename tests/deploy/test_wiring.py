@@ -20,296 +20,41 @@ started as local processes, with a local directory standing in for each volume.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import os
-import signal
-import socket
-import ssl
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from pydantic import BaseModel
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.deploy.charts import Rendered, load_values, merge, render
+from tests.deploy.charts import load_values, merge, render
+from tests.deploy.cluster import (
+    BIN,
+    REPO_ROOT,
+    Pod,
+    ed25519_pem,
+    environ,
+    free_port,
+    make_tls,
+    settings_fields,
+    stop,
+    tls_handshake,
+    wait_for_port,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-BIN = Path(sys.executable).parent
-REPO_ROOT = Path(__file__).resolve().parents[2]
-IMAGE_POLICIES = "/opt/concord/share/policies"
 POSTGRES_ADMIN_URL = os.environ.get("CONCORD_TEST_POSTGRES_URL", "")
 
 
-# --- helpers -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"exited with {process.returncode}"
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    pytest.fail(f"nothing listens on {port} after {timeout}s")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-class Pod:
-    """A rendered pod spec run on this machine: each volume mount is a directory under
-    ``root`` at the mount path (so nested mounts nest), filled from the rendered
-    ConfigMaps and Secrets (or ``external`` ones, for existingSecret values)."""
-
-    def __init__(
-        self,
-        rendered: Rendered,
-        kind: str,
-        suffix: str,
-        root: Path,
-        external: dict[str, dict[str, str]] | None = None,
-        data_dirs: dict[str, Path] | None = None,
-    ) -> None:
-        self.rendered = rendered
-        self.spec = rendered.get(kind, suffix)["spec"]["template"]["spec"]
-        self.root = root
-        self.external = external or {}
-        self.substitutions: dict[str, str] = {}
-        volumes = {v["name"]: v for v in self.spec["volumes"]}
-        mounts: dict[str, str] = {}
-        for container in self.spec.get("initContainers", []) + self.spec["containers"]:
-            for mount in container.get("volumeMounts", []):
-                assert mounts.setdefault(mount["mountPath"], mount["name"]) == mount["name"]
-        for path in sorted(mounts):
-            local = root / path.lstrip("/")
-            local.mkdir(parents=True, exist_ok=True)
-            self._fill(volumes[mounts[path]], local, (data_dirs or {}).get(mounts[path]))
-        # Longest first, so nested mounts win.
-        for path in sorted(mounts, key=len, reverse=True):
-            self.substitutions[path] = str(root / path.lstrip("/"))
-        # What the images bake in (Dockerfiles: COPY policies /opt/concord/share/policies).
-        self.substitutions.setdefault(IMAGE_POLICIES, str(REPO_ROOT / "policies"))
-
-    def _source(self, kind: str, name: str) -> dict[str, str]:
-        if name in self.external:
-            return self.external[name]
-        found = [d for d in self.rendered.all(kind) if d["metadata"]["name"] == name]
-        assert found, f"{kind} {name} is neither rendered nor given"
-        return dict(found[0].get("data") or found[0].get("stringData") or {})
-
-    def _fill(self, volume: dict[str, Any], local: Path, data_dir: Path | None) -> None:
-        for kind, key, name_key in (
-            ("Secret", "secret", "secretName"),
-            ("ConfigMap", "configMap", "name"),
-        ):
-            if key in volume:
-                content = self._source(kind, volume[key][name_key])
-                for item in volume[key]["items"]:
-                    target = local / item["path"]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_text(content[item["key"]])
-                    # What the kubelet leaves with fsGroup: the volume's mode, made
-                    # readable by the group (so 0400 and 0440 both end up 0440).
-                    target.chmod(volume[key].get("defaultMode", 0o644) | 0o440)
-        if data_dir is not None:
-            local.rmdir()
-            local.symlink_to(data_dir)
-
-    def local(self, value: str) -> str:
-        for path, local in self.substitutions.items():
-            if value == path or value.startswith(path + "/"):
-                return local + value[len(path) :]
-        return value
-
-    def container(self, name: str) -> dict[str, Any]:
-        every = self.spec.get("initContainers", []) + self.spec["containers"]
-        return next(c for c in every if c["name"] == name)
-
-    def env(self, container: dict[str, Any]) -> dict[str, str]:
-        env: dict[str, str] = {}
-        for source in container.get("envFrom", []):
-            env.update(self._source("ConfigMap", source["configMapRef"]["name"]))
-        for item in container.get("env", []):
-            if "value" in item:
-                env[item["name"]] = item["value"]
-            elif "fieldRef" in item["valueFrom"]:  # the downward API: what the kubelet sets
-                field = item["valueFrom"]["fieldRef"]["fieldPath"]
-                assert field == "metadata.name", field
-                env[item["name"]] = "wiring-pod-0"
-            else:
-                ref = item["valueFrom"]["secretKeyRef"]
-                env[item["name"]] = self._source("Secret", ref["name"])[ref["key"]]
-        return env
-
-    def argv(self, container: dict[str, Any]) -> list[str]:
-        return [self.local(a) for a in container["command"] + container.get("args", [])]
-
-    def process_env(self, container: dict[str, Any], **overrides: str) -> dict[str, str]:
-        env = {k: self.local(v) for k, v in self.env(container).items()}
-        env.update(overrides)
-        if env.get("HOME", "").startswith(str(self.root)):
-            Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
-        return {**os.environ, **env, "PATH": f"{BIN}:{os.environ['PATH']}"}
-
-    def run(self, name: str, **overrides: str) -> subprocess.CompletedProcess[str]:
-        container = self.container(name)
-        return subprocess.run(
-            self.argv(container),
-            env=self.process_env(container, **overrides),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-
-    def start(
-        self, name: str, log: Path, args: list[str] | None = None, **overrides: str
-    ) -> subprocess.Popen[bytes]:
-        container = self.container(name)
-        return subprocess.Popen(
-            args or self.argv(container),
-            env=self.process_env(container, **overrides),
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def settings_fields(model: type[BaseModel], prefix: str, delimiter: str = "__") -> set[str]:
-    """Every environment name a pydantic-settings model reads (nested with ``__``)."""
-    names = set()
-    for field, info in model.model_fields.items():
-        name = f"{prefix}{field}".upper()
-        names.add(name)
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            names |= settings_fields(annotation, f"{name}{delimiter}")
-    return names
-
-
-@contextmanager
-def environ(env: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` holding ``env`` while the block runs (settings read nothing else)."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def make_tls(directory: Path) -> dict[str, str]:
-    """A CA, a server certificate for localhost/127.0.0.1 and the API's Control client
-    certificate (``client.crt``/``client.key``, clientAuth), PEM strings."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "concord test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    client = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "concord API")]))
-        .issuer_name(ca_name)
-        .public_key(client_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-
-    def private(k: ec.EllipticCurvePrivateKey) -> str:
-        return k.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode()
-
-    return {
-        "ca.crt": ca.public_bytes(pem).decode(),
-        "tls.crt": cert.public_bytes(pem).decode(),
-        "tls.key": private(key),
-        "client.crt": client.public_bytes(pem).decode(),
-        "client.key": private(client_key),
-    }
-
-
-def tls_handshake(
-    port: int, ca_file: Path, cert: Path | None = None, key: Path | None = None
-) -> str:
-    """Complete a TLS 1.2 handshake with the listener on ``port`` (TLS 1.2: the server checks
-    the client certificate inside the handshake, not after it as in 1.3); ``""`` when it
-    succeeds, else the error."""
-    context = ssl.create_default_context(cafile=str(ca_file))
-    context.maximum_version = ssl.TLSVersion.TLSv1_2
-    if cert is not None:
-        context.load_cert_chain(str(cert), str(key) if key else None)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        try:
-            with context.wrap_socket(raw, server_hostname="127.0.0.1"):
-                return ""
-        except (ssl.SSLError, OSError) as exc:
-            return f"{type(exc).__name__}: {exc}"
+# --- helpers ---------------------------------------------------------------------------
 
 
 def tls_values(tls: dict[str, str]) -> dict[str, Any]:
@@ -326,18 +71,6 @@ def tls_values(tls: dict[str, str]) -> dict[str, Any]:
             "controlClientTls": {"certificate": tls["client.crt"], "privateKey": tls["client.key"]}
         },
     }
-
-
-def ed25519_pem() -> str:
-    return (
-        ed25519.Ed25519PrivateKey.generate()
-        .private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        .decode()
-    )
 
 
 # --- the consortium server ---------------------------------------------------------------

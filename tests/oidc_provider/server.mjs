@@ -16,6 +16,10 @@
 // Usage:
 //   node server.mjs --clients clients.json [--port 0] [--host 127.0.0.1] [--realm consortium]
 //                   [--audience concord-api] [--access-token-ttl 300] [--exit-on-stdin-close]
+//                   [--tls-cert cert.pem --tls-key key.pem]
+//
+// With --tls-cert and --tls-key it serves HTTPS (as Keycloak does in production) and the
+// issuer is https://...
 //
 // clients.json is either a list of clients or {"clients": [...]}; each client is
 //   {"client_id": "...", "client_secret": "...", "roles": ["researcher"],
@@ -29,6 +33,7 @@
 import * as crypto from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import * as http from 'node:http';
+import * as https from 'node:https';
 import { parseArgs } from 'node:util';
 
 import Provider from 'oidc-provider';
@@ -50,10 +55,15 @@ function parseOptions() {
       clients: { type: 'string' },
       'access-token-ttl': { type: 'string', default: '300' },
       'exit-on-stdin-close': { type: 'boolean', default: false },
+      'tls-cert': { type: 'string' },
+      'tls-key': { type: 'string' },
     },
     strict: true,
   });
   if (!values.clients) fail('--clients <file.json> is required');
+  if (Boolean(values['tls-cert']) !== Boolean(values['tls-key'])) {
+    fail('--tls-cert and --tls-key go together');
+  }
   const port = Number(values.port);
   const ttl = Number(values['access-token-ttl']);
   if (!Number.isInteger(port) || port < 0 || port > 65535) fail(`bad --port ${values.port}`);
@@ -189,11 +199,17 @@ function main() {
   const realmPath = `/realms/${options.realm}`;
   let handle = (_req, res) => json(res, 503, { error: 'starting' });
 
-  const server = http.createServer((req, res) => handle(req, res));
+  const tls = options['tls-cert']
+    ? { cert: readFileSync(options['tls-cert']), key: readFileSync(options['tls-key']) }
+    : null;
+  const scheme = tls ? 'https' : 'http';
+  const server = tls
+    ? https.createServer(tls, (req, res) => handle(req, res))
+    : http.createServer((req, res) => handle(req, res));
   server.on('error', (error) => fail(`cannot listen: ${error.message}`));
   server.listen(options.port, options.host, () => {
     const { port } = server.address();
-    const issuer = `http://${options.host}:${port}${realmPath}`;
+    const issuer = `${scheme}://${options.host}:${port}${realmPath}`;
     const provider = buildProvider({ issuer, audience: options.audience, clients, key });
     const callback = provider.callback();
     const realmInfo = {

@@ -86,11 +86,12 @@ class OidcProvider:
     clients: dict[str, OidcClient]
     process: subprocess.Popen[str] = field(repr=False)
     stderr_path: Path = field(repr=False)
+    scheme: str = "http"
 
     @property
     def server_url(self) -> str:
         """Base URL, as given to ``KeycloakOpenID(server_url=...)``."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def stderr(self) -> str:
         """What the provider wrote to stderr so far (for failure messages)."""
@@ -147,11 +148,13 @@ def start_oidc_provider(
     audience: str = "concord-api",
     access_token_ttl: int = 300,
     startup_timeout_s: float = 30.0,
+    tls: tuple[Path, Path] | None = None,
 ) -> OidcProvider:
     """Start the provider and wait until it is listening. Call ``.stop()`` when done.
 
     Prefer :func:`running_oidc_provider`, which stops it for you. ``work_dir`` holds the
     clients file and the provider's stderr log (a fresh temporary directory by default).
+    ``tls``: (certificate, key) PEM files; the provider then serves HTTPS.
     """
     node = _check_installed()
     if not clients:
@@ -183,6 +186,8 @@ def start_oidc_provider(
         # If this Python process dies without cleaning up, the closed pipe stops node.
         "--exit-on-stdin-close",
     ]
+    if tls is not None:
+        command += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
     with stderr_path.open("w") as stderr:
         process = subprocess.Popen(
             command,
@@ -225,6 +230,7 @@ def start_oidc_provider(
                     clients=by_id,
                     process=process,
                     stderr_path=stderr_path,
+                    scheme="https" if tls is not None else "http",
                 )
     except BaseException as error:
         _stop(process)
@@ -242,6 +248,7 @@ def running_oidc_provider(
     realm: str = "consortium",
     audience: str = "concord-api",
     access_token_ttl: int = 300,
+    tls: tuple[Path, Path] | None = None,
 ) -> Iterator[OidcProvider]:
     """Context manager around :func:`start_oidc_provider` that always stops the process."""
     provider = start_oidc_provider(
@@ -250,6 +257,7 @@ def running_oidc_provider(
         realm=realm,
         audience=audience,
         access_token_ttl=access_token_ttl,
+        tls=tls,
     )
     try:
         yield provider
