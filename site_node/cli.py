@@ -129,6 +129,27 @@ def run(
     raise typer.Exit(status)
 
 
+@app.command("agent-health")
+def agent_health(
+    max_age_s: Annotated[
+        float,
+        typer.Option(help="Fail when the agent's last pass finished longer ago than this."),
+    ] = 900.0,
+) -> None:
+    """Exit 0 if the site agent finished a pass within --max-age-s (its heartbeat in the
+    state dir), 1 otherwise: the agent container's probes (docs/hospital-it.md)."""
+    from site_node.agent.heartbeat import age_s
+
+    age = age_s(SiteSettings().state_dir)
+    if age is None:
+        err.print("[red]unhealthy:[/] the agent has not finished a pass yet")
+        raise typer.Exit(1)
+    if age > max_age_s:
+        err.print(f"[red]unhealthy:[/] the agent's last pass finished {age:.0f} s ago")
+        raise typer.Exit(1)
+    console.print(f"ok: last pass {age:.0f} s ago")
+
+
 @app.command(
     "supernode",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -49,6 +49,7 @@ import httpx
 
 from concord_protocol.client import ApiError, ConsortiumClient, TokenProvider
 from concord_protocol.logs import JsonFormatter
+from site_node.agent.heartbeat import beat
 from site_node.agent.key_exchange import KeyResult, exchange_keys
 from site_node.agent.release import ReleaseResult, sign_off_completed
 from site_node.agent.sync import AgentError, SyncResult, is_transient, sync_approvals
@@ -360,6 +361,7 @@ class SiteAgent:
         failures = 0
         while not self.stopping:
             report = self.run_pass()
+            beat(self.state_dir)
             failures = failures + 1 if report.transient_failure else 0
             delay = poll_interval_s
             if failures:

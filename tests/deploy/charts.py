@@ -87,11 +87,11 @@ class Rendered:
         return [d for d in self.docs() if d["kind"] == kind]
 
 
-def render(chart: str, values: dict[str, Any]) -> Rendered:
+def render(chart: str, values: dict[str, Any], *, release: str | None = None) -> Rendered:
     """Render ``chart`` (``server`` or ``site``) as ``helm install`` would (no cluster)."""
     loaded = helm_python.Chart.load(str(CHART_OF[chart]))
     templates = loaded.render(
-        values, name=RELEASE[chart], namespace=NAMESPACE, revision=1, is_install=True
+        values, name=release or RELEASE[chart], namespace=NAMESPACE, revision=1, is_install=True
     )
     return Rendered(templates)
 

@@ -3,21 +3,26 @@
 No Kubernetes cluster can run here, so the deployment tests play the kubelet, kube-proxy and
 the ingress controller, and nothing else:
 
-- **Pod**: a rendered pod spec. Each volume mount is a directory under the pod's own root at
-  the mount path (nested mounts nest), filled from the rendered ConfigMaps and Secrets (or
-  ``external`` ones: what an operator creates with ``kubectl create secret``). A
-  PersistentVolumeClaim is one directory per claim name in the :class:`Cluster` (so two pods
-  share a volume only when the chart gives them the same claim); hostPath volumes are given
-  as ``data_dirs``. Every path the containers name under a mount point (in command, args and
-  env, also inside a shell command line) is rewritten to the local directory.
+- **Pod** (in a :class:`Cluster`): a rendered pod spec. Each container process runs in a
+  mount namespace of its own (``unshare --mount``, as root) where every volume it mounts is
+  a bind mount *at its mount path*, read-only where the manifest says: ConfigMaps and
+  Secrets as files (from the rendered objects, or ``external`` ones: what an operator
+  creates with ``kubectl create secret``), emptyDirs as fresh directories, one directory per
+  PersistentVolumeClaim name (so two pods share a volume only when the chart gives them the
+  same claim), hostPath volumes from ``data_dirs``. Paths are never rewritten: a path inside
+  a file (a datasets list) means what it means in the container. The image's own files
+  (the shipped policies) are bound where the Dockerfiles put them.
 - **Network namespaces**: every port a pod listens on (its containerPorts, ``--port`` values,
-  ``*PORT`` env values) gets a free loopback port of its own, as the pod's own network
-  namespace would give it; ``0.0.0.0:P`` / ``127.0.0.1:P`` in its args become that port.
+  ``--*-address`` and ``0.0.0.0:P`` values, ``*PORT`` env values) gets a free loopback port of
+  its own, as the pod's own network namespace would give it.
 - **Services**: ``<name>.<namespace>.svc[.cluster.local]:<port>`` in args and env becomes the
   loopback port of the selected pod's target port, through a round-robin TCP proxy when the
   Service selects several pods (kube-proxy).
 - **Environment**: a container gets its rendered env and the image's ENV (as in
   deploy/docker/*.Dockerfile), never this test process's environment.
+
+Without a cluster (the older wiring tests) a Pod rewrites mount paths to directories under
+its root instead, and runs with this process's environment.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import ipaddress
 import itertools
 import os
 import re
+import shlex
 import signal
 import socket
 import ssl
@@ -130,28 +136,56 @@ class Pod:
         self.external = external or {}
         self.cluster = cluster
         self.substitutions: dict[str, str] = {}
+        #: Where each mount path's files are on this machine.
+        self.sources: dict[str, Path] = {}
         volumes = {v["name"]: v for v in self.spec["volumes"]}
         mounts: dict[str, str] = {}
         for container in self.containers():
             for mount in container.get("volumeMounts", []):
                 assert mounts.setdefault(mount["mountPath"], mount["name"]) == mount["name"]
         for path in sorted(mounts):
-            local = root / path.lstrip("/")
+            local = root / "volumes" / path.lstrip("/") if cluster else root / path.lstrip("/")
             local.mkdir(parents=True, exist_ok=True)
             volume = volumes[mounts[path]]
             shared = (data_dirs or {}).get(mounts[path])
             if shared is None and "persistentVolumeClaim" in volume and cluster is not None:
                 shared = cluster.claim(volume["persistentVolumeClaim"]["claimName"])
-            self._fill(volume, local, shared)
+            self._fill(volume, local, None if cluster else shared)
+            self.sources[path] = shared if (shared is not None and cluster) else local
         # Longest first, so nested mounts win.
         for path in sorted(mounts, key=len, reverse=True):
             self.substitutions[path] = str(root / path.lstrip("/"))
         # What the images bake in (Dockerfiles: COPY policies /opt/concord/share/policies).
         self.substitutions.setdefault(IMAGE_POLICIES, str(REPO_ROOT / "policies"))
         self.ports: dict[int, int] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
         if cluster is not None:
+            self.substitutions = {}  # paths stay as rendered: each process gets its mounts
             for port in sorted(self._listen_ports()):
                 self.ports[port] = free_port()
+
+    def host_path(self, path: str) -> Path:
+        """Where a path inside the pod's volumes is on this machine (for the test's reads)."""
+        for mount in sorted(self.sources, key=len, reverse=True):
+            if path == mount or path.startswith(mount + "/"):
+                return self.sources[mount] / path[len(mount) :].lstrip("/")
+        raise KeyError(f"{path} is on no volume of {self.name}")
+
+    def _namespaced(self, container: dict[str, Any], argv: list[str]) -> list[str]:
+        """``argv`` in a mount namespace of its own holding the container's volumes at their
+        mount paths (bind mounts; read-only where the manifest says) and the image's files."""
+        binds = [(str(REPO_ROOT / "policies"), IMAGE_POLICIES, True)]
+        for mount in container.get("volumeMounts", []):
+            source = self.sources[mount["mountPath"]]
+            binds.append((str(source), mount["mountPath"], bool(mount.get("readOnly"))))
+        steps = []
+        for source, target, read_only in sorted(binds, key=lambda b: b[1].count("/")):
+            src, dst = shlex.quote(source), shlex.quote(target)
+            steps.append(f"mkdir -p {dst} && mount --bind {src} {dst}")
+            if read_only:
+                steps.append(f"mount -o remount,bind,ro {dst}")
+        script = " && ".join([*steps, 'exec "$@"'])
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "pod", *argv]
 
     def containers(self) -> list[dict[str, Any]]:
         return list(self.spec.get("initContainers", [])) + list(self.spec["containers"])
@@ -161,10 +195,13 @@ class Pod:
         for container in self.containers():
             ports |= {int(p["containerPort"]) for p in container.get("ports", [])}
             argv = container.get("command", []) + container.get("args", [])
-            for flag, value in itertools.pairwise(argv):
+            for flag, value in itertools.pairwise(["", *argv]):
+                # Where it binds: --port, an --*-address flag, or any 0.0.0.0:P (never a
+                # peer it dials, such as --superlink 127.0.0.1:P).
                 if flag == "--port":
                     ports.add(int(value))
-                ports |= {int(p) for p in _LISTEN.findall(value)}
+                elif flag.endswith("-address") or value.startswith("0.0.0.0:"):
+                    ports |= {int(p) for p in _LISTEN.findall(value)}
             for item in container.get("env", []):
                 if item["name"].endswith("PORT") and str(item.get("value", "")).isdigit():
                     ports.add(int(item["value"]))
@@ -218,6 +255,8 @@ class Pod:
                 lambda m: f"127.0.0.1:{self.ports[int(m[1])]}" if int(m[1]) in self.ports else m[0],
                 value,
             )
+        if not self.substitutions:
+            return value
         # One pass, longest mount first: a local path is never rewritten again.
         paths = "|".join(re.escape(p) for p in sorted(self.substitutions, key=len, reverse=True))
         pattern = rf"(?<![\w./-])({paths})(?=/|\s|$|[\"'])"
@@ -272,8 +311,11 @@ class Pod:
         """Run container ``name`` to completion (an init container, a Job, or ``args`` as a
         ``kubectl exec`` in its environment)."""
         container = self.container(name)
+        argv = args or self.argv(container)
+        if self.cluster is not None:
+            argv = self._namespaced(container, argv)
         return subprocess.run(
-            args or self.argv(container),
+            argv,
             env=self.process_env(container, **overrides),
             capture_output=True,
             text=True,
@@ -294,13 +336,17 @@ class Pod:
         self, name: str, log: Path, args: list[str] | None = None, **overrides: str
     ) -> subprocess.Popen[bytes]:
         container = self.container(name)
+        argv = args or self.argv(container)
+        if self.cluster is not None:
+            argv = self._namespaced(container, argv)
         process = subprocess.Popen(
-            args or self.argv(container),
+            argv,
             env=self.process_env(container, **overrides),
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        self.processes[name] = process
         if self.cluster is not None:
             self.cluster.processes.append(process)
         return process

@@ -212,7 +212,7 @@ def test_server_commands_start_and_become_ready(
     # The API pods wait: `consortium db current` fails until the Job has migrated.
     before = pod.run("wait-for-migrations")
     assert before.returncode == 1, before.stdout + before.stderr
-    job = Pod(rendered, "Job", "-migrate-1", tmp_path / "job", external)
+    job = Pod(rendered, "Job", "-migrate", tmp_path / "job", external)
     migrated = job.run("migrate")
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
     assert "database at revision" in migrated.stdout

@@ -60,18 +60,65 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* The image reference: repository:tag, or repository@digest when a digest is pinned. */}}
+{{/*
+The image reference: repository:tag, or repository@digest when a digest is pinned. With
+global.imageRegistry (a mirror), the repository's own registry host (a first path segment
+with a dot or a colon, or localhost) is replaced by it and the path is kept.
+*/}}
 {{- define "consortium-server.image" -}}
+{{- $repository := .Values.image.repository }}
+{{- with (dig "imageRegistry" "" (.Values.global | default dict)) }}
+{{- $parts := splitList "/" $repository }}
+{{- $first := first $parts }}
+{{- if and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) }}
+{{- $repository = rest $parts | join "/" }}
+{{- end }}
+{{- $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}
+{{- end }}
 {{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- printf "%s:%s" $repository .Values.image.tag }}
+{{- end }}
+{{- end }}
+
+{{/* imagePullSecrets of every pod: the chart's and global.imagePullSecrets (names or {name}). */}}
+{{- define "consortium-server.imagePullSecrets" -}}
+{{- $names := list }}
+{{- range .Values.imagePullSecrets }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- range (dig "imagePullSecrets" list (.Values.global | default dict)) }}
+{{- if kindIs "string" . }}
+{{- $names = append $names . }}
+{{- else }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- end }}
+{{- with ($names | compact | uniq) }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
 {{- end }}
 {{- end }}
 
 {{/* Secret holding the database URL. */}}
 {{- define "consortium-server.databaseSecretName" -}}
 {{- default (printf "%s-database" (include "consortium-server.fullname" .)) .Values.database.existingSecret }}
+{{- end }}
+
+{{/*
+The Secret whose data the API pods' database checksum follows: none of ours with
+database.existingSecret (yours) or database.host (your password Secret).
+*/}}
+{{- define "consortium-server.databaseExistingSecret" -}}
+{{- .Values.database.existingSecret | default (ternary .Values.database.passwordSecret.name "" (not (empty .Values.database.host))) }}
+{{- end }}
+
+{{/* Name of the migration hook's Job, and of the hook's ServiceAccount and Secret. */}}
+{{- define "consortium-server.migrateName" -}}
+{{- include "consortium-server.fullname" . | trunc 45 | trimSuffix "-" }}-migrate
 {{- end }}
 
 {{/* Secret holding the tree-head signing key. */}}
@@ -147,13 +194,23 @@ rendered text. An existingSecret: its data as lookup finds it (nothing under `he
 template`; after replacing such a Secret, `helm upgrade` or a rollout restart rolls the pods).
 */}}
 {{- define "consortium-server.secretChecksum" -}}
+{{- include "consortium-server.objectChecksum" (list (index . 0) "Secret" (index . 1) (index . 2)) }}
+{{- end }}
+
+{{/* The same for a ConfigMap: (list $ "template-file.yaml" existingConfigMapName). */}}
+{{- define "consortium-server.configMapChecksum" -}}
+{{- include "consortium-server.objectChecksum" (list (index . 0) "ConfigMap" (index . 1) (index . 2)) }}
+{{- end }}
+
+{{/* (list $ kind "template-file.yaml" existingName): behind both checksums above. */}}
+{{- define "consortium-server.objectChecksum" -}}
 {{- $root := index . 0 }}
-{{- $existing := index . 2 }}
+{{- $existing := index . 3 }}
 {{- if $existing }}
-{{- $secret := lookup "v1" "Secret" $root.Release.Namespace $existing }}
-{{- dig "data" dict ($secret | default dict) | toJson | sha256sum }}
+{{- $object := lookup "v1" (index . 1) $root.Release.Namespace $existing }}
+{{- dig "data" dict ($object | default dict) | toJson | sha256sum }}
 {{- else }}
-{{- include (print $root.Template.BasePath "/" (index . 1)) $root | sha256sum }}
+{{- include (print $root.Template.BasePath "/" (index . 2)) $root | sha256sum }}
 {{- end }}
 {{- end }}
 
@@ -167,12 +224,18 @@ template`; after replacing such a Secret, `helm upgrade` or a rollout restart ro
 {{- printf "http://%s.%s.svc:%d" (include "consortium-server.fullname" .) .Release.Namespace (int .Values.server.service.port) }}
 {{- end }}
 
-{{/* Pod-level securityContext shared by every pod. */}}
+{{/* Pod-level securityContext shared by every pod (a null id is left to the platform). */}}
 {{- define "consortium-server.podSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: {{ .Values.podSecurityContext.runAsUser }}
-runAsGroup: {{ .Values.podSecurityContext.runAsGroup }}
-fsGroup: {{ .Values.podSecurityContext.fsGroup }}
+{{- with .Values.podSecurityContext.runAsUser }}
+runAsUser: {{ . }}
+{{- end }}
+{{- with .Values.podSecurityContext.runAsGroup }}
+runAsGroup: {{ . }}
+{{- end }}
+{{- with .Values.podSecurityContext.fsGroup }}
+fsGroup: {{ . }}
+{{- end }}
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
@@ -206,13 +269,46 @@ seccompProfile:
 
 {{/* Environment of the API server and the migration Job (settings ConfigMap + DB URL). */}}
 {{- define "consortium-server.serverEnv" -}}
+{{ include "consortium-server.databaseEnv" (list . (include "consortium-server.databaseSecretName" .)) }}
+- name: HOME
+  value: /tmp
+{{- end }}
+
+{{/*
+CONCORD_DATABASE__URL. database.url or database.existingSecret: from that Secret (argument:
+the Secret's name, which the migration hook replaces by its own). database.host: composed
+from the parts, without the password, which PGPASSWORD carries from database.passwordSecret
+(libpq reads it when the URL has none, so the password needs no URL escaping).
+*/}}
+{{- define "consortium-server.databaseEnv" -}}
+{{- $root := index . 0 }}
+{{- $db := $root.Values.database }}
+{{- if $db.host }}
+- name: PGPASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $db.passwordSecret.name }}
+      key: {{ $db.passwordSecret.key }}
+- name: CONCORD_DATABASE__URL
+  value: {{ include "consortium-server.databaseUrl" $root | quote }}
+{{- else }}
 - name: CONCORD_DATABASE__URL
   valueFrom:
     secretKeyRef:
-      name: {{ include "consortium-server.databaseSecretName" . }}
-      key: {{ .Values.database.existingSecretKey }}
-- name: HOME
-  value: /tmp
+      name: {{ index . 1 }}
+      key: {{ $db.existingSecretKey }}
+{{- end }}
+{{- end }}
+
+{{/* The URL composed from database.host/port/name/user/parameters (no password in it). */}}
+{{- define "consortium-server.databaseUrl" -}}
+{{- $db := .Values.database }}
+{{- $query := list }}
+{{- range $key, $value := $db.parameters }}
+{{- $query = append $query (printf "%s=%s" (urlquery $key) (urlquery (toString $value))) }}
+{{- end }}
+{{- printf "postgresql+psycopg://%s@%s:%d/%s" (urlquery $db.user) $db.host (int $db.port) (urlquery $db.name) }}
+{{- with $query }}?{{ join "&" . }}{{ end }}
 {{- end }}
 
 {{/*
@@ -280,4 +376,115 @@ Each fragment renders nothing when caBundle is unset.
     medium: Memory
     sizeLimit: 4Mi
 {{- end }}
+{{- end }}
+
+{{/*
+A pod template's metadata: the chart's labels (with app.kubernetes.io/component) over
+podLabels and the component's own podLabels (the chart's win: selectors depend on them);
+the given annotations (checksums) over the component's podAnnotations and podAnnotations.
+Arguments: (list $ component componentLabels annotations componentAnnotations).
+*/}}
+{{- define "consortium-server.podMetadata" -}}
+{{- $root := index . 0 }}
+{{- $chart := fromYaml (include "consortium-server.labels" $root) }}
+{{- $_ := set $chart "app.kubernetes.io/component" (index . 1) }}
+{{- $labels := merge (dict) $chart ((index . 2) | default dict) ($root.Values.podLabels | default dict) }}
+{{- $annotations := merge (dict) ((index . 3) | default dict) ((index . 4) | default dict) ($root.Values.podAnnotations | default dict) -}}
+labels:
+  {{- toYaml $labels | nindent 2 }}
+{{- with $annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+proxy: HTTP_PROXY, HTTPS_PROXY and NO_PROXY (and their lowercase forms, which gRPC and
+most libraries read) for containers that talk outward. NO_PROXY always adds loopback and
+the cluster's own names (.svc, .cluster.local, the SuperLink's Control address), which
+must never go through the proxy. Nothing when neither proxy is set.
+*/}}
+{{- define "consortium-server.proxyEnv" -}}
+{{- $proxy := .Values.proxy }}
+{{- if or $proxy.httpProxy $proxy.httpsProxy }}
+{{- $link := include "consortium-server.superlinkAddress" . | splitList ":" | first }}
+{{- $no := concat (splitList "," ($proxy.noProxy | default "")) (list "localhost" "127.0.0.1" "::1" ".svc" ".cluster.local" $link) }}
+{{- $noProxy := $no | compact | uniq | join "," | replace " " "" }}
+{{- range $name, $value := dict "HTTP_PROXY" $proxy.httpProxy "HTTPS_PROXY" $proxy.httpsProxy "NO_PROXY" $noProxy }}
+{{- if $value }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+- name: {{ lower $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The DNS egress rule of both NetworkPolicies (networkPolicy.dns). */}}
+{{- define "consortium-server.dnsEgress" -}}
+{{- $dns := .Values.networkPolicy.dns -}}
+- ports:
+    {{- range $dns.ports }}
+    - port: {{ . }}
+      protocol: UDP
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- if or $dns.namespace $dns.podSelector }}
+  to:
+    - namespaceSelector:
+        {{- if $dns.namespace }}
+        matchLabels:
+          kubernetes.io/metadata.name: {{ $dns.namespace }}
+        {{- else }} {}
+        {{- end }}
+      {{- with $dns.podSelector }}
+      podSelector:
+        matchLabels:
+          {{- toYaml . | nindent 10 }}
+      {{- end }}
+  {{- end }}
+{{- end }}
+
+{{/*
+The API server's settings (CONCORD_* variables, the data of the -settings ConfigMap; the
+migration hook Job renders them as its env, since it runs before that ConfigMap exists).
+*/}}
+{{- define "consortium-server.settingsData" -}}
+CONCORD_ENVIRONMENT: {{ .Values.environment | quote }}
+CONCORD_DATA_DIR: /var/lib/concord
+CONCORD_LOG_LEVEL: {{ .Values.logLevel | quote }}
+CONCORD_LOG_JSON: {{ .Values.logJson | quote }}
+CONCORD_API__HOST: "0.0.0.0"
+CONCORD_API__PORT: {{ .Values.server.port | quote }}
+{{- with .Values.server.publicUrl }}
+CONCORD_API__PUBLIC_URL: {{ . | quote }}
+{{- end }}
+CONCORD_API__MAX_BODY_BYTES: {{ .Values.server.maxBodyBytes | int64 | quote }}
+CONCORD_API__MAX_KEY_BODY_BYTES: {{ .Values.server.maxKeyBodyBytes | int64 | quote }}
+CONCORD_DATABASE__POOL_SIZE: {{ .Values.database.poolSize | quote }}
+CONCORD_DATABASE__AUTO_MIGRATE: {{ not .Values.migrations.enabled | quote }}
+CONCORD_IDENTITY__MODE: keycloak
+CONCORD_IDENTITY__KEYCLOAK_URL: {{ .Values.identity.keycloakUrl | quote }}
+CONCORD_IDENTITY__KEYCLOAK_REALM: {{ .Values.identity.realm | quote }}
+{{- with .Values.identity.issuer }}
+CONCORD_IDENTITY__KEYCLOAK_ISSUER: {{ . | quote }}
+{{- end }}
+CONCORD_IDENTITY__KEYCLOAK_VERIFY_TLS: {{ .Values.identity.verifyTls | quote }}
+CONCORD_IDENTITY__AUDIENCE: {{ .Values.identity.audience | quote }}
+CONCORD_IDENTITY__ORGANISATION_CLAIM: {{ .Values.identity.organisationClaim | quote }}
+CONCORD_AUDIT__WITNESS_QUORUM: {{ .Values.audit.witnessQuorum | quote }}
+CONCORD_POLICY__DIRECTORY: {{ ternary "/etc/concord/policies" "/opt/concord/share/policies" (not (empty .Values.policies.consortium)) | quote }}
+CONCORD_POLICY__MEMBER_ORGANISATIONS: {{ .Values.policies.memberOrganisations | toJson | quote }}
+CONCORD_STUDIES__APPROVAL_WINDOW_DAYS: {{ .Values.studies.approvalWindowDays | quote }}
+CONCORD_FEDERATION__SUPERLINK_ADDRESS: {{ include "consortium-server.superlinkAddress" . | quote }}
+CONCORD_FEDERATION__ROOT_CERTIFICATES: {{ include "consortium-server.superlinkCaFile" . | quote }}
+CONCORD_FEDERATION__CLIENT_CERTIFICATE: {{ include "consortium-server.controlClientCertFile" . | quote }}
+CONCORD_FEDERATION__CLIENT_PRIVATE_KEY: {{ include "consortium-server.controlClientKeyFile" . | quote }}
+CONCORD_FEDERATION__SERVERAPP_TOKEN_FILE: {{ include "consortium-server.federationTokenFile" . | quote }}
+CONCORD_FEDERATION__REGISTER_SUPERNODES: {{ .Values.federation.registerSupernodes | quote }}
+CONCORD_FEDERATION__RESUME_ON_START: {{ .Values.federation.resumeOnStart | quote }}
+CONCORD_FEDERATION__RUN_LIVENESS_S: {{ .Values.federation.runLivenessSeconds | quote }}
+CONCORD_FEDERATION__MAX_RESTARTS: {{ .Values.federation.maxRestarts | int | quote }}
 {{- end }}

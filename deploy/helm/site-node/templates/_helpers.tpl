@@ -50,12 +50,46 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* The image reference: repository:tag, or repository@digest when a digest is pinned. */}}
+{{/*
+The image reference: repository:tag, or repository@digest when a digest is pinned. With
+global.imageRegistry (a mirror), the repository's own registry host (a first path segment
+with a dot or a colon, or localhost) is replaced by it and the path is kept.
+*/}}
 {{- define "site-node.image" -}}
+{{- $repository := .Values.image.repository }}
+{{- with (dig "imageRegistry" "" (.Values.global | default dict)) }}
+{{- $parts := splitList "/" $repository }}
+{{- $first := first $parts }}
+{{- if and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) }}
+{{- $repository = rest $parts | join "/" }}
+{{- end }}
+{{- $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}
+{{- end }}
 {{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- printf "%s:%s" $repository .Values.image.tag }}
+{{- end }}
+{{- end }}
+
+{{/* imagePullSecrets of every pod: the chart's and global.imagePullSecrets (names or {name}). */}}
+{{- define "site-node.imagePullSecrets" -}}
+{{- $names := list }}
+{{- range .Values.imagePullSecrets }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- range (dig "imagePullSecrets" list (.Values.global | default dict)) }}
+{{- if kindIs "string" . }}
+{{- $names = append $names . }}
+{{- else }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- end }}
+{{- with ($names | compact | uniq) }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -69,12 +103,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-credentials" (include "site-node.fullname" .)) .Values.credentials.existingSecret }}
 {{- end }}
 
-{{/* Pod-level securityContext shared by every pod. */}}
+{{/* Pod-level securityContext shared by every pod (a null id is left to the platform). */}}
 {{- define "site-node.podSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: {{ .Values.podSecurityContext.runAsUser }}
-runAsGroup: {{ .Values.podSecurityContext.runAsGroup }}
-fsGroup: {{ .Values.podSecurityContext.fsGroup }}
+{{- with .Values.podSecurityContext.runAsUser }}
+runAsUser: {{ . }}
+{{- end }}
+{{- with .Values.podSecurityContext.runAsGroup }}
+runAsGroup: {{ . }}
+{{- end }}
+{{- with .Values.podSecurityContext.fsGroup }}
+fsGroup: {{ . }}
+{{- end }}
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
@@ -201,4 +241,100 @@ Each fragment renders nothing when caBundle is unset.
     medium: Memory
     sizeLimit: 4Mi
 {{- end }}
+{{- end }}
+
+{{/*
+A pod's metadata: the chart's labels over podLabels (the chart's win: the selector depends
+on them); the given annotations (checksums, hooks) over podAnnotations.
+Arguments: (list $ extraLabels annotations).
+*/}}
+{{- define "site-node.podMetadata" -}}
+{{- $root := index . 0 }}
+{{- $labels := merge (dict) (fromYaml (include "site-node.labels" $root)) ((index . 1) | default dict) ($root.Values.podLabels | default dict) }}
+{{- $annotations := merge (dict) ((index . 2) | default dict) ($root.Values.podAnnotations | default dict) -}}
+labels:
+  {{- toYaml $labels | nindent 2 }}
+{{- with $annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checksum of a ConfigMap or Secret the pod reads, for a pod annotation that rolls it when it
+changes. Arguments: (list $ kind "template-file.yaml" existingName). The chart's own object:
+its rendered text. An existing one: its data as lookup finds it (nothing under `helm
+template`; after replacing such an object, `helm upgrade` or a rollout restart rolls the pod).
+*/}}
+{{- define "site-node.checksum" -}}
+{{- $root := index . 0 }}
+{{- $existing := index . 3 }}
+{{- if $existing }}
+{{- $object := lookup "v1" (index . 1) $root.Release.Namespace $existing }}
+{{- dig "data" dict ($object | default dict) | toJson | sha256sum }}
+{{- else }}
+{{- include (print $root.Template.BasePath "/" (index . 2)) $root | sha256sum }}
+{{- end }}
+{{- end }}
+
+{{/*
+proxy: HTTP_PROXY, HTTPS_PROXY and NO_PROXY (and their lowercase forms, which gRPC and
+most libraries read) for the containers that talk to the consortium. NO_PROXY always adds
+loopback (the SuperNode's ClientAppIo API is on 127.0.0.1) and the cluster's own names.
+Nothing when neither proxy is set.
+*/}}
+{{- define "site-node.proxyEnv" -}}
+{{- $proxy := .Values.proxy }}
+{{- if or $proxy.httpProxy $proxy.httpsProxy }}
+{{- $no := concat (splitList "," ($proxy.noProxy | default "")) (list "localhost" "127.0.0.1" "::1" ".svc" ".cluster.local") }}
+{{- $noProxy := $no | compact | uniq | join "," | replace " " "" }}
+{{- range $name, $value := dict "HTTP_PROXY" $proxy.httpProxy "HTTPS_PROXY" $proxy.httpsProxy "NO_PROXY" $noProxy }}
+{{- if $value }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+- name: {{ lower $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The agent's exec probe: its settings (the container's env: the -settings ConfigMap and the
+client secret) load and pass the production checks. `site-node run` serves no port and
+writes no heartbeat file, so this is the most a probe can check without a code change.
+*/}}
+{{- /* The agent's probes: its heartbeat (a pass finished within the limit). The limit
+covers a poll interval, the longest back-off (300 s) and a slow pass (600 s). */ -}}
+{{- define "site-node.agentProbeCommand" -}}
+- site-node
+- agent-health
+- --max-age-s
+- {{ add (int (ceil .Values.agent.pollIntervalSeconds)) 900 | quote }}
+{{- end }}
+
+{{/* The DNS egress rule of the NetworkPolicy (networkPolicy.dns). */}}
+{{- define "site-node.dnsEgress" -}}
+{{- $dns := .Values.networkPolicy.dns -}}
+- ports:
+    {{- range $dns.ports }}
+    - port: {{ . }}
+      protocol: UDP
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- if or $dns.namespace $dns.podSelector }}
+  to:
+    - namespaceSelector:
+        {{- if $dns.namespace }}
+        matchLabels:
+          kubernetes.io/metadata.name: {{ $dns.namespace }}
+        {{- else }} {}
+        {{- end }}
+      {{- with $dns.podSelector }}
+      podSelector:
+        matchLabels:
+          {{- toYaml . | nindent 10 }}
+      {{- end }}
+  {{- end }}
 {{- end }}

@@ -18,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from typer.testing import CliRunner
 
+from site_node.agent.heartbeat import age_s
 from site_node.agent.loop import run_agent
 from site_node.cli import app as cli
 from site_node.settings import SiteSettings
@@ -117,6 +118,7 @@ def test_sigterm_stops_the_loop_cleanly(world: World, monkeypatch: pytest.Monkey
     for name, value in _agent_env(world, "b", "http://testserver").items():
         monkeypatch.setenv(name, value)
     settings = SiteSettings()
+    assert age_s(settings.state_dir) is None  # no pass yet: the probes fail
     early: list[int] = []
 
     def too_early(signum: int, _frame: object) -> None:  # pytest must survive a slow start
@@ -137,6 +139,10 @@ def test_sigterm_stops_the_loop_cleanly(world: World, monkeypatch: pytest.Monkey
     assert time.monotonic() - started < 10
     passes = [p for m, p, _ in world.sites["b"].transport.requests if p == "/api/v1/studies"]
     assert len(passes) >= 2  # it looped at the 0.2 s interval until the signal
+    # Every pass left its heartbeat, which the container's probes read.
+    age = age_s(settings.state_dir)
+    assert age is not None
+    assert age < 10
 
 
 @pytest.fixture
