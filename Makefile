@@ -19,6 +19,9 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export CONCORD_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
 PYTEST_ARGS ?=
+# checkov (tests/deploy/test_checkov.py) in a venv of its own: its pins clash with ours.
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_VERSION ?= 3.3.30
 DEMO_ARGS ?=
 
 .PHONY: help install demo test check lint format pytest test-fast clean
@@ -39,7 +42,13 @@ tests/oidc_provider/node_modules/.stamp: tests/oidc_provider/package-lock.json
 	cd tests/oidc_provider && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(VENV)/.stamp-python tests/oidc_provider/node_modules/.stamp ## Create the venv and install everything
+$(CHECKOV_VENV)/.stamp-checkov: Makefile
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install -q checkov==$(CHECKOV_VERSION)
+	touch $@
+
+install: $(VENV)/.stamp-python tests/oidc_provider/node_modules/.stamp $(CHECKOV_VENV)/.stamp-checkov ## Create the venvs and install everything
 
 demo: $(VENV)/.stamp-python ## A whole study across three local hospitals (embedded defaults)
 	$(BIN)/consortium demo $(DEMO_ARGS)
@@ -53,6 +62,7 @@ check: install ## Lint (ruff), type-check (mypy) and check the import contracts 
 test: check ## Lint, type-check, then every test on SQLite and PostgreSQL
 	bash scripts/ensure-postgres.sh
 	bash scripts/ensure-chromium.sh
+	bash scripts/ensure-tini.sh
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: install ## Tests without the slow, integration and PostgreSQL tiers

@@ -404,6 +404,63 @@ class TcpProxy:
             self.listener.close()
 
 
+class ConnectProxy:
+    """A hospital's egress proxy: HTTP ``CONNECT host:port`` tunnels only (all of Concord's
+    outbound traffic is TLS), with its own name resolution: ``hosts`` maps the consortium's
+    public names to loopback, which nothing else here can resolve. ``tunnels`` records every
+    ``host:port`` it opened, so a test can tell traffic went through it."""
+
+    def __init__(self, hosts: dict[str, str]) -> None:
+        self.hosts = hosts
+        self.tunnels: list[str] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 16384:
+                chunk = client.recv(4096)
+                if not chunk:
+                    client.close()
+                    return
+                head += chunk
+            request, _, rest = head.partition(b"\r\n\r\n")
+            method, target, _ = request.split(b"\r\n", 1)[0].decode().split(" ", 2)
+            host, _, port = target.rpartition(":")
+            if method != "CONNECT" or host not in self.hosts:
+                client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                client.close()
+                return
+            upstream = socket.create_connection((self.hosts[host], int(port)), timeout=5)
+            upstream.settimeout(None)
+            self.tunnels.append(target)
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if rest:
+                upstream.sendall(rest)
+            threading.Thread(target=_pipe, args=(upstream, client), daemon=True).start()
+            _pipe(client, upstream)
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                client.close()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.listener.close()
+
+
 def _pipe(source: socket.socket, sink: socket.socket) -> None:
     try:
         while data := source.recv(65536):
@@ -578,12 +635,13 @@ class CertificateAuthority:
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
             )
         else:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
+            names: list[x509.GeneralName] = [
+                x509.DNSName("localhost"),
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            ]
+            if "." in common_name:  # a public name (reached through a proxy that resolves it)
+                names.append(x509.DNSName(common_name))
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         return cert.public_bytes(_PEM).decode(), _private_pem(key)
 

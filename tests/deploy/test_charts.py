@@ -25,7 +25,9 @@ from tests.deploy.charts import (
 
 KUBERNETES_VERSIONS = ["1.33.0", "1.37.0"]
 #: The SuperLink container's command: Concord's launcher, as processes.py runs it locally.
-LAUNCHER_COMMAND = ["python", "-m", "consortium_server.federation.superlink_launcher"]
+#: The images' init (PID 1), which every long-running container's command starts with.
+TINI = ["tini", "-g", "--"]
+LAUNCHER_COMMAND = [*TINI, "python", "-m", "consortium_server.federation.superlink_launcher"]
 VALID = [(chart, name) for chart, names in VALID_VALUES.items() for name in names]
 INVALID = [(chart, name) for chart, names in INVALID_VALUES.items() for name in names]
 
@@ -130,9 +132,8 @@ def test_flower_processes_get_the_flower_environment(rendered: tuple[str, str, R
         c
         for _, spec in pod_specs(result)
         for c in spec["containers"]
-        if c["command"][0].startswith("flower-")
-        or c["command"][:2] == ["site-node", "supernode"]
-        or c["command"] == LAUNCHER_COMMAND
+        if c["command"][:3] == TINI
+        and (c["command"][3:5] == ["site-node", "supernode"] or c["command"] == LAUNCHER_COMMAND)
     ]
     assert len(flower) == 1
     env = {e["name"]: e.get("value") for e in flower[0]["env"]}
@@ -296,7 +297,7 @@ def test_every_value_is_commented_starting_with_its_name() -> None:
 
 def test_server_runs_the_projects_commands(server_min: Rendered) -> None:
     api = server_min.get("Deployment", "consortium-server")["spec"]["template"]["spec"]
-    assert api["containers"][0]["command"] == ["consortium", "server"]
+    assert api["containers"][0]["command"] == ["tini", "-g", "--", "consortium", "server"]
     assert [c["command"][:3] for c in api["initContainers"]] == [
         ["install", "-m", "0600"],
         ["consortium", "db", "current"],
@@ -378,7 +379,7 @@ def test_superlink_runs_what_processes_py_runs_locally(
     with pytest.raises(CapturedError):
         processes.start_superlink(tmp_path / "link", port=9092, tls=tls)
     local = captured[0]
-    assert local[1:3] == LAUNCHER_COMMAND[1:]  # sys.executable -m <launcher>
+    assert local[1:3] == LAUNCHER_COMMAND[len(TINI) + 1 :]  # sys.executable -m <launcher>
     local_ours, local_flower = _launcher_args(local[3:])
 
     container = server_min.get("Deployment", "superlink")["spec"]["template"]["spec"]["containers"][
@@ -797,10 +798,13 @@ def test_notes_explain_the_round_reports_and_token_rotation(
 def test_site_runs_the_agent_and_the_supernode(site_prod: Rendered) -> None:
     spec = site_prod.get("Deployment")["spec"]["template"]["spec"]
     containers = {c["name"]: c for c in spec["containers"]}
-    assert containers["agent"]["command"] == ["site-node", "run"]
+    assert containers["agent"]["command"] == ["tini", "-g", "--", "site-node", "run"]
     supernode = containers["supernode"]
     # The site's guarded ClientApp runner, then flower-supernode with the args.
     assert supernode["command"] == [
+        "tini",
+        "-g",
+        "--",
         "site-node",
         "supernode",
         "--socket",

@@ -12,9 +12,13 @@ or variable of a container:
 
 - the Secrets and ConfigMaps the values name as ``existingSecret`` / ``existingConfigMap``
   (database URL, audit key, TLS material, federation token, site keys, client secrets, CAs);
-- values known only at run time: the loopback URLs of Keycloak (the Keycloak-shaped
+- values known only at run time: the ports of Keycloak (the Keycloak-shaped
   ``oidc-provider``, over HTTPS), of the Ingress (a TLS-terminating proxy in front of the API
-  Service) and of the SuperLink's Fleet port, and the operator's audit-head public key;
+  Service) and of the SuperLink's Fleet port, each hospital's egress proxy (an HTTP CONNECT
+  proxy, the only way a site resolves and reaches the consortium's public names), and the
+  operator's audit-head public key;
+- hospital C's values ask for a GPU (``nvidia.com/gpu``, ``runtimeClassName``); there is no
+  GPU here, so its pod runs the same code on the CPU, as it would on a node without one;
 - what people do: hospital IT creates keys (``site-node keys init``) and sends the
   enrolment, the operator enrols (``consortium site enrol``), stewards publish their
   datasets and approve in the agent's container (``site-node ... `` as with ``kubectl
@@ -53,6 +57,7 @@ from tests.deploy.cluster import (
     IMAGE_ENV,
     CertificateAuthority,
     Cluster,
+    ConnectProxy,
     Pod,
     TcpProxy,
     ed25519_pem,
@@ -65,6 +70,12 @@ POSTGRES_ADMIN_URL = os.environ.get("CONCORD_TEST_POSTGRES_URL", "")
 E2E = VALUES / "e2e"
 SITES = ("a", "b", "c")
 RESEARCHER_ORG = "University of Leiden"
+#: The consortium's public names, as the operator sends them to the hospitals.
+PUBLIC_NAMES = (
+    "concord.consortium.example",
+    "keycloak.consortium.example",
+    "fl.consortium.example",
+)
 
 
 # --- what the operator and the hospitals have ---------------------------------------------
@@ -263,7 +274,7 @@ def test_a_study_trains_and_releases_on_the_rendered_charts(
     federation_ca = CertificateAuthority("consortium federation CA")  # SuperLink, Control
     ca_file = tmp_path / "web-ca.pem"
     ca_file.write_text(web_ca.pem)
-    keycloak_cert, keycloak_key = web_ca.issue("keycloak")
+    keycloak_cert, keycloak_key = web_ca.issue("keycloak.consortium.example")
     (tmp_path / "keycloak.crt").write_text(keycloak_cert)
     (tmp_path / "keycloak.key").write_text(keycloak_key)
 
@@ -366,6 +377,7 @@ def run_study(
 
     # --- each hospital: keys, enrolment, `helm install` of its site chart -------------------
     sites: dict[str, Pod] = {}
+    proxies: dict[str, ConnectProxy] = {}
     for index, x in enumerate(SITES):
         site_id, organisation = f"hospital-{x}", f"Hospital {x.upper()}"
         keys = tmp_path / f"keys-{x}"
@@ -403,15 +415,21 @@ def run_study(
 
         data = tmp_path / f"data-{x}"
         write_site_data(data, index)
+        # The hospital reaches the consortium only through its egress proxy, which alone
+        # resolves the consortium's public names (here: to the loopback ports above).
+        proxy = ConnectProxy(dict.fromkeys(PUBLIC_NAMES, "127.0.0.1"))
+        cluster.proxies.append(proxy)
+        proxies[x] = proxy
         site_values = merge(
             e2e_values(f"site-{x}.yaml"),
             {
                 "consortium": {
-                    "apiUrl": public_url,
-                    "tokenUrl": keycloak.server_url,
-                    "superlinkAddress": f"127.0.0.1:{link.port('fleet')}",
+                    "apiUrl": f"https://concord.consortium.example:{ingress.port}",
+                    "tokenUrl": f"https://keycloak.consortium.example:{keycloak.port}",
+                    "superlinkAddress": f"fl.consortium.example:{link.port('fleet')}",
                     "auditHeadKey": head_public,
-                }
+                },
+                "proxy": {"httpProxy": proxy.url, "httpsProxy": proxy.url},
             },
         )
         external = {
@@ -574,6 +592,12 @@ def run_study(
     assert "OK" in out or "ok" in out.lower(), out
     entries = researcher("GET", "/api/v1/audit/heads/latest")["tree_size"]
     assert entries > 10
+
+    # Every hospital's traffic went through its proxy: the API and Keycloak (httpx) and the
+    # SuperLink (gRPC), by the public names.
+    for x, proxy in proxies.items():
+        hosts = {tunnel.rpartition(":")[0] for tunnel in proxy.tunnels}
+        assert hosts == set(PUBLIC_NAMES), (x, proxy.tunnels)
 
     # Both API replicas served the study (the Service spread the requests).
     for api in apis:

@@ -297,6 +297,9 @@ def test_superlink_and_supernode_start_with_the_rendered_args(
     link = Pod(rendered, "Deployment", "superlink", tmp_path / "link")
     container = link.container("superlink")
     assert container["command"] == [
+        "tini",
+        "-g",
+        "--",
         "python",
         "-m",
         "consortium_server.federation.superlink_launcher",
