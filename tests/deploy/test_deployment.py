@@ -24,7 +24,9 @@ or variable of a container:
   datasets and approve in the agent's container (``site-node ... `` as with ``kubectl
   exec``), IT teams pin each other's fingerprints, the researcher submits and starts the
   study and releases the model through the API, the compliance officer verifies the audit
-  log (``consortium audit verify --server-key``).
+  log (``consortium audit verify --server-key``);
+- a failure: one of the two API replicas is killed once round 1 runs, and the study
+  completes through the other (high availability with what the chart declares).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import csv
 import hashlib
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import tempfile
@@ -560,6 +563,18 @@ def run_study(
     # --- the study runs through the SuperLink of the chart, and is released ----------------
     researcher("POST", f"/api/v1/studies/{study_id}/run")
 
+    # High availability as the chart declares it: once round 1 runs, one API replica
+    # crashes (SIGKILL, like a lost node); the study goes on through the other.
+    def training() -> bool:
+        current = researcher("GET", f"/api/v1/studies/{study_id}")
+        assert current["state"] not in ("failed", "aborted"), current
+        return int(current["current_round"]) >= 1
+
+    wait_for("round 1 to start", training, timeout=300, interval=1)
+    crashed = apis[0].processes["api"]
+    os.killpg(crashed.pid, signal.SIGKILL)
+    crashed.wait(timeout=30)
+
     def ended() -> dict[str, Any] | None:
         current = researcher("GET", f"/api/v1/studies/{study_id}")
         return current if current["state"] in ("completed", "failed", "aborted") else None
@@ -599,9 +614,11 @@ def run_study(
         hosts = {tunnel.rpartition(":")[0] for tunnel in proxy.tunnels}
         assert hosts == set(PUBLIC_NAMES), (x, proxy.tunnels)
 
-    # Both API replicas served the study (the Service spread the requests).
+    # Both API replicas served the study (the Service spread the requests), the second
+    # alone after the first crashed.
     for api in apis:
         assert "/api/v1/" in log_of(api, "api", cluster), f"{api.name} served nothing"
+    assert apis[0].processes["api"].returncode == -signal.SIGKILL
 
 
 def _listening(port: int) -> bool:
