@@ -62,6 +62,12 @@ class SiteSettings(BaseSettings):
     realm: str = Field(default="consortium", description="OIDC realm.")
     client_id: str | None = Field(default=None, description="This site's OIDC client id.")
     client_secret: SecretStr | None = Field(default=None, description="Its client secret.")
+    client_secret_file: Path | None = Field(
+        default=None,
+        description="A file holding the client secret (the Helm chart mounts its Secret "
+        "there, so the secret is in no process's environment); read once at start. Set "
+        "this or client_secret, not both.",
+    )
     datasets_file: Path | None = Field(
         default=None, description="YAML list of local datasets (see docs/hospital-it.md)."
     )
@@ -89,6 +95,27 @@ class SiteSettings(BaseSettings):
             "Unset: the agent trusts the first key it sees and pins it in state_dir."
         ),
     )
+
+    @model_validator(mode="after")
+    def _read_client_secret_file(self) -> Self:
+        if self.client_secret_file is None:
+            return self
+        if self.client_secret is not None:
+            raise ValueError(
+                "client_secret and client_secret_file are both set; unset one of "
+                "CONCORD_SITE_CLIENT_SECRET and CONCORD_SITE_CLIENT_SECRET_FILE"
+            )
+        try:
+            secret = self.client_secret_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(
+                f"client_secret_file {str(self.client_secret_file)!r} cannot be read "
+                f"({exc.strerror}); mount the site's client secret there"
+            ) from None
+        if not secret:
+            raise ValueError(f"client_secret_file {str(self.client_secret_file)!r} is empty")
+        self.client_secret = SecretStr(secret)
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Self:

@@ -182,7 +182,7 @@ def whoami() -> None:
 def site_enrol(
     path: Annotated[
         Path,
-        typer.Argument(help="Enrolment (YAML/JSON), e.g. from `site-node keys show --enrolment`."),
+        typer.Argument(help="Enrolment (YAML/JSON), e.g. from `site-node keys enrolment`."),
     ],
 ) -> None:
     """Enrol a hospital with its public keys."""

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["HEARTBEAT_FILE", "age_s", "beat"]
+__all__ = ["HEARTBEAT_FILE", "age_s", "beat", "clear"]
 
 #: The heartbeat's path under the site's state dir.
 HEARTBEAT_FILE = Path("agent") / "heartbeat"
@@ -25,6 +25,11 @@ def beat(state_dir: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(f"{time.time():.3f}\n")
     os.replace(tmp, path)
+
+
+def clear(state_dir: Path) -> None:
+    """Forget the last run's heartbeat (the state dir outlives the container)."""
+    (state_dir / HEARTBEAT_FILE).unlink(missing_ok=True)
 
 
 def age_s(state_dir: Path) -> float | None:

@@ -49,7 +49,7 @@ import httpx
 
 from concord_protocol.client import ApiError, ConsortiumClient, TokenProvider
 from concord_protocol.logs import JsonFormatter
-from site_node.agent.heartbeat import beat
+from site_node.agent.heartbeat import beat, clear
 from site_node.agent.key_exchange import KeyResult, exchange_keys
 from site_node.agent.release import ReleaseResult, sign_off_completed
 from site_node.agent.sync import AgentError, SyncResult, is_transient, sync_approvals
@@ -359,6 +359,7 @@ class SiteAgent:
     def run_forever(self, *, poll_interval_s: float, max_backoff_s: float = 300.0) -> None:
         """Run passes until :meth:`stop`; back off after passes that failed transiently."""
         failures = 0
+        clear(self.state_dir)  # a restarted agent is healthy after its own first pass
         while not self.stopping:
             report = self.run_pass()
             beat(self.state_dir)

@@ -355,16 +355,12 @@ class Pod:
 # --- the cluster: Services, claims, proxies ------------------------------------------------
 
 
-class TcpProxy:
-    """A loopback TCP listener that forwards each connection to one of ``backends`` in turn
-    (kube-proxy's round robin), optionally terminating TLS first (the ingress controller)."""
+class _Listener:
+    """A loopback listener serving each connection on a thread of its own (``_serve``)."""
 
-    def __init__(self, backends: list[int], *, tls: ssl.SSLContext | None = None) -> None:
-        self.backends = backends
-        self.tls = tls
+    def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
-        self._turn = itertools.count()
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -375,6 +371,25 @@ class TcpProxy:
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.listener.close()
+
+
+class TcpProxy(_Listener):
+    """A loopback TCP listener that forwards each connection to one of ``backends`` in turn
+    (kube-proxy's round robin), optionally terminating TLS first (the ingress controller)."""
+
+    def __init__(self, backends: list[int], *, tls: ssl.SSLContext | None = None) -> None:
+        self.backends = backends
+        self.tls = tls
+        self._turn = itertools.count()
+        super().__init__()
 
     def _serve(self, client: socket.socket) -> None:
         try:
@@ -398,13 +413,8 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 client.close()
 
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self.listener.close()
 
-
-class ConnectProxy:
+class ConnectProxy(_Listener):
     """A hospital's egress proxy: HTTP ``CONNECT host:port`` tunnels only (all of Concord's
     outbound traffic is TLS), with its own name resolution: ``hosts`` maps the consortium's
     public names to loopback, which nothing else here can resolve. ``tunnels`` records every
@@ -413,19 +423,8 @@ class ConnectProxy:
     def __init__(self, hosts: dict[str, str]) -> None:
         self.hosts = hosts
         self.tunnels: list[str] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
+        super().__init__()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
         try:
@@ -454,11 +453,6 @@ class ConnectProxy:
         except (OSError, ValueError):
             with contextlib.suppress(OSError):
                 client.close()
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self.listener.close()
 
 
 def _pipe(source: socket.socket, sink: socket.socket) -> None:

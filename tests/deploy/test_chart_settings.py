@@ -956,13 +956,20 @@ def test_site_helm_test_pod_checks_the_consortium_with_the_release_settings() ->
     assert spec["automountServiceAccountToken"] is False
     item = spec["containers"][0]
     assert [s["configMapRef"]["name"] for s in item["envFrom"]] == ["hospital-site-node-settings"]
-    assert env(item)["CONCORD_SITE_CLIENT_SECRET"] == {
-        "secretKeyRef": {"name": "hospital-site-node-credentials", "key": "client-secret"}
+    # The client secret is a file on the Secret's volume, in no environment variable.
+    assert "CONCORD_SITE_CLIENT_SECRET" not in env(item)
+    secret_file = env(item)["CONCORD_SITE_CLIENT_SECRET_FILE"]
+    mount = {m["name"]: m for m in item["volumeMounts"]}["credentials"]
+    assert secret_file.startswith(mount["mountPath"] + "/")
+    assert volumes(test_pod)["credentials"]["secret"] == {
+        "secretName": "hospital-site-node-credentials",
+        "defaultMode": 0o440,
+        "items": [{"key": "client-secret", "path": secret_file.rsplit("/", 1)[1]}],
     }
     assert env(item)["SSL_CERT_FILE"] == "/etc/concord/ca-bundle/ca-bundle.crt"
     assert [c["name"] for c in spec["initContainers"]] == ["install-ca-bundle"]
     # Read-only and light: no keys, state or data.
-    assert set(volumes(test_pod)) == {"tmp", "ca-bundle", "ca-bundle-extra"}
+    assert set(volumes(test_pod)) == {"tmp", "credentials", "ca-bundle", "ca-bundle-extra"}
     # The site's NetworkPolicy selects it too: egress to DNS and the consortium only.
     selector = rendered.get("NetworkPolicy")["spec"]["podSelector"]["matchLabels"]
     assert selector.items() <= test_pod["metadata"]["labels"].items()

@@ -40,9 +40,8 @@ import signal
 import ssl
 import subprocess
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +50,6 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from tests.deploy.charts import VALUES, merge, render
 from tests.deploy.cluster import (
@@ -65,11 +62,11 @@ from tests.deploy.cluster import (
     TcpProxy,
     ed25519_pem,
 )
+from tests.support.drills import wait_for
 from tests.support.oidc_provider import OidcClient, OidcProvider, running_oidc_provider
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.postgres]
 
-POSTGRES_ADMIN_URL = os.environ.get("CONCORD_TEST_POSTGRES_URL", "")
 E2E = VALUES / "e2e"
 SITES = ("a", "b", "c")
 RESEARCHER_ORG = "University of Leiden"
@@ -158,16 +155,6 @@ def governance(dataset_id: str, site_id: str, organisation: str) -> dict[str, An
     }
 
 
-def wait_for(what: str, check: Callable[[], Any], *, timeout: float, interval: float = 1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def ok(result: subprocess.CompletedProcess[str], what: str) -> str:
     assert result.returncode == 0, (
         f"{what} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
@@ -220,22 +207,6 @@ class Api:
             f"{method} {path}: {response.status_code} {response.text}"
         )
         return response.json() if "json" in response.headers.get("content-type", "") else response
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    if not POSTGRES_ADMIN_URL:
-        pytest.fail("CONCORD_TEST_POSTGRES_URL is not set (the Makefile sets it)")
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"concord_e2e_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture

@@ -20,19 +20,15 @@ started as local processes, with a local directory standing in for each volume.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from tests.deploy.charts import load_values, merge, render
 from tests.deploy.cluster import (
@@ -50,8 +46,6 @@ from tests.deploy.cluster import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-POSTGRES_ADMIN_URL = os.environ.get("CONCORD_TEST_POSTGRES_URL", "")
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -74,22 +68,6 @@ def tls_values(tls: dict[str, str]) -> dict[str, Any]:
 
 
 # --- the consortium server ---------------------------------------------------------------
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    if not POSTGRES_ADMIN_URL:
-        pytest.fail("CONCORD_TEST_POSTGRES_URL is not set (the Makefile sets it)")
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"concord_helm_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.mark.parametrize("values_file", ["server-minimal.yaml", "server-production.yaml"])

@@ -148,3 +148,35 @@ def test_the_supernode_process_refuses_to_start_without_tls(tmp_path: Path) -> N
     assert "--insecure connects to the SuperLink without TLS" in done.stderr
     assert "--root-certificates is missing" in done.stderr
     assert not (tmp_path / "state").exists()  # flower-supernode was never started
+
+
+def test_the_client_secret_can_come_from_a_mounted_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "client-secret"
+    secret.write_text("from-the-volume\n")  # as `kubectl create secret --from-file` leaves it
+    monkeypatch.setenv("CONCORD_SITE_CLIENT_SECRET_FILE", str(secret))
+    fields = {k: v for k, v in SAFE.items() if k != "client_secret"}
+    settings = SiteSettings(**fields)  # type: ignore[arg-type]
+    assert settings.client_secret is not None
+    assert settings.client_secret.get_secret_value() == "from-the-volume"
+
+
+@pytest.mark.parametrize(
+    ("content", "both", "message"),
+    [
+        (None, False, "cannot be read"),
+        ("  \n", False, "is empty"),
+        ("from-the-volume", True, "both set"),
+    ],
+    ids=["missing", "empty", "both"],
+)
+def test_a_client_secret_file_that_cannot_serve_is_refused(
+    tmp_path: Path, content: str | None, both: bool, message: str
+) -> None:
+    secret = tmp_path / "client-secret"
+    if content is not None:
+        secret.write_text(content)
+    fields = {k: v for k, v in SAFE.items() if both or k != "client_secret"}
+    with pytest.raises(ValidationError, match=message):
+        SiteSettings(client_secret_file=secret, **fields)  # type: ignore[arg-type]

@@ -146,13 +146,26 @@ seccompProfile:
   value: /tmp
 {{- end }}
 
-{{/* Environment of both containers: the site settings (ConfigMap) and the client secret. */}}
-{{- define "site-node.siteEnv" -}}
-- name: CONCORD_SITE_CLIENT_SECRET
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "site-node.credentialsSecretName" . }}
-      key: {{ .Values.credentials.existingSecretKey }}
+{{/* The client secret, for the containers that talk to the consortium API (the agent and
+the helm test pod; never the SuperNode, which does not): a file on a Secret volume, never an
+environment variable (which every child process would inherit). */}}
+{{- define "site-node.credentialsEnv" -}}
+- name: CONCORD_SITE_CLIENT_SECRET_FILE
+  value: /etc/concord/site-credentials/client-secret
+{{- end }}
+{{- define "site-node.credentialsMount" -}}
+- name: credentials
+  mountPath: /etc/concord/site-credentials
+  readOnly: true
+{{- end }}
+{{- define "site-node.credentialsVolume" -}}
+- name: credentials
+  secret:
+    secretName: {{ include "site-node.credentialsSecretName" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.credentials.existingSecretKey }}
+        path: client-secret
 {{- end }}
 
 {{/* Mounts shared by the agent and the SuperNode. */}}
@@ -299,11 +312,6 @@ Nothing when neither proxy is set.
 {{- end }}
 {{- end }}
 
-{{/*
-The agent's exec probe: its settings (the container's env: the -settings ConfigMap and the
-client secret) load and pass the production checks. `site-node run` serves no port and
-writes no heartbeat file, so this is the most a probe can check without a code change.
-*/}}
 {{- /* The agent's probes: its heartbeat (a pass finished within the limit). The limit
 covers a poll interval, the longest back-off (300 s) and a slow pass (600 s). */ -}}
 {{- define "site-node.agentProbeCommand" -}}
