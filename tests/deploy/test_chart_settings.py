@@ -1455,7 +1455,11 @@ def test_site_pins_the_audit_head_key(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in data.items():
         monkeypatch.setenv(key, value)
     assert SiteSettings().server_head_key == HEAD_KEY
-    assert "CONCORD_SITE_SERVER_HEAD_KEY" not in site().get("ConfigMap", "-settings")["data"]
+    # Production refuses to render without it (no trust on first use); development may.
+    with pytest.raises(helm_python.HelmRenderError, match="auditHeadKey is required"):
+        site({"consortium": {"auditHeadKey": ""}})
+    development = site({"environment": "development", "consortium": {"auditHeadKey": ""}})
+    assert "CONCORD_SITE_SERVER_HEAD_KEY" not in development.get("ConfigMap", "-settings")["data"]
     refused("site", {"consortium": {"auditHeadKey": "not-base64"}}, "/consortium/auditHeadKey")
     refused("site", {"consortium": {"auditHeadKey": 44}}, "/consortium/auditHeadKey")
 
