@@ -4,11 +4,12 @@ A :class:`DpTrainer` is built once per (study, dataset) from the study's ``Priva
 (target epsilon, delta, clipping norm), its ``TrainingSpec`` (rounds, local epochs, batch
 size) and the local dataset size. It fixes the plan for the whole study up front:
 
-* ``sample_rate`` ``q = 1 / ceil(n / batch_size)``: the rate Opacus itself derives from a
-  data loader of that batch size (``1 / len(loader)``), equal to ``batch_size / n`` when the
-  batch size divides ``n``. Using Opacus' own figure keeps our accounting identical to the
-  steps its optimizer hook records.
-* ``steps_per_round = local_epochs * ceil(n / batch_size)``; total steps = ``rounds *
+* ``steps_per_epoch`` and ``sample_rate``: exactly what Opacus executes and records for a data
+  loader of ``ceil(n / batch_size)`` batches (:func:`concord_protocol.dp_plan.step_plan`:
+  ``int(1 / (1 / k))`` steps, which is ``k - 1`` for some ``k``, each accounted at
+  ``1 / steps``). Using Opacus' own figures keeps our accounting identical to the steps its
+  optimizer hook records, for every dataset size.
+* ``steps_per_round = local_epochs * steps_per_epoch``; total steps = ``rounds *
   steps_per_round``.
 * ``noise_multiplier``: ``opacus.accountants.utils.get_noise_multiplier`` for the target
   (epsilon, delta) over the total steps, with the PRV accountant by default (``"rdp"`` is
@@ -49,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from concord_protocol.contract import PrivacySpec, TrainingSpec
+from concord_protocol.dp_plan import step_plan
 from site_node.errors import (
     AccountantStateError,
     DatasetMismatchError,
@@ -193,8 +195,9 @@ class DpTrainer:
             raise PrivacyConfigurationError(f"unknown accountant {accountant!r}")
         if num_samples < 1:
             raise PrivacyConfigurationError("DP training needs at least one record")
-        steps_per_epoch = math.ceil(num_samples / training.batch_size)
-        sample_rate = 1.0 / steps_per_epoch
+        steps = step_plan(num_samples, training.batch_size)
+        steps_per_epoch, sample_rate = steps.steps_per_epoch, steps.sample_rate
+        self._loader_batches = steps.loader_batches
         steps_per_round = training.local_epochs * steps_per_epoch
         if noise_multiplier is None:
             try:
@@ -299,11 +302,11 @@ class DpTrainer:
         """
         self.check_round_allowed()
         n = len(data_loader.dataset)  # type: ignore[arg-type]
-        if n != self.plan.num_samples or len(data_loader) != self.plan.steps_per_epoch:
+        if n != self.plan.num_samples or len(data_loader) != self._loader_batches:
             raise DatasetMismatchError(
                 f"this DP plan is for {self.plan.num_samples} records in batches of "
                 f"{self.plan.batch_size}; the data loader has {n} records in "
-                f"{len(data_loader)} batches",
+                f"{len(data_loader)} batches (expected {self._loader_batches})",
                 hint="build the DpTrainer with the size of the training split you train on",
             )
         with warnings.catch_warnings():
@@ -320,6 +323,12 @@ class DpTrainer:
             max_grad_norm=self.plan.max_grad_norm,
             poisson_sampling=True,
         )
+        if len(private_loader) != self.plan.steps_per_epoch:  # pragma: no cover - Opacus changed
+            private_module.cleanup()
+            raise PrivacyConfigurationError(
+                f"Opacus plans {len(private_loader)} steps per epoch, this plan "
+                f"{self.plan.steps_per_epoch}: the accounting would not match the training"
+            )
         try:
             yield PrivateRound(private_module, private_optimizer, private_loader)
         finally:

@@ -169,3 +169,38 @@ def test_noise_multiplier_is_searched_for_the_whole_study() -> None:
         final = accountant.get_epsilon(delta=1e-5)
     assert 2.9 < final <= 3.0
     assert trainer.rounds_remaining() == 20
+
+
+def test_a_plan_where_opacus_takes_k_minus_1_steps_trains_and_reloads_every_round(
+    tmp_path: Path,
+) -> None:
+    """n = 186, batch 2: 93 loader batches, which Opacus runs as 92 steps at rate 1/92.
+
+    The plan is Opacus' plan, so each round is charged exactly its steps, the state
+    reloads between rounds, and the last round of the study is allowed.
+    """
+    n, training = 186, TrainingSpec(rounds=2, local_epochs=1, batch_size=2, learning_rate=0.1)
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.arange(n) % 2
+    data = LocalDataset(
+        features=torch.randn(n, 4, generator=gen) + labels[:, None].float(),
+        labels=labels,
+        num_classes=2,
+        modality="tabular",
+    )
+    privacy = PrivacySpec(epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
+    trainer = DpTrainer(privacy, training, num_samples=n)
+    assert (trainer.plan.steps_per_epoch, trainer.plan.sample_rate) == (92, 1 / 92)
+    path = tmp_path / "dp.json"
+    model = build_model(MLP, input_shape=(4,), num_classes=2, seed=0)
+    for round_number in (1, 2):
+        result = train_round(model, data, training, dp=trainer, seed=round_number)
+        assert result.steps == 92
+        assert trainer.steps_taken == 92 * round_number
+        assert trainer.history == ((trainer.noise_multiplier, 1 / 92, 92 * round_number),)
+        trainer.save(path)
+        trainer = DpTrainer.load(path, privacy=privacy, training=training, num_samples=n)
+    assert trainer.rounds_completed == 2
+    assert trainer.epsilon_spent() <= privacy.epsilon + 1e-9
+    with pytest.raises(PrivacyBudgetExhaustedError):
+        trainer.check_round_allowed()
