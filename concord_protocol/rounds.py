@@ -7,8 +7,10 @@ stores it as the details of the ``round.completed`` / ``round.failed`` entry
 reports read it back from those entries. Nothing else reshapes a round.
 
 Epsilon is the site accountant's value for the whole study so far (cumulative, per site);
-``None`` means the site reported nothing usable. ``rejected`` lists replies that were
-dropped, each with its site (or ``node-<id>``), a stable reason and a detail.
+``None`` means the site reported nothing usable. ``spend`` holds each site's signed spend
+report, from every reply of the site's node, summed or not: the ledger charges those.
+``rejected`` lists replies that were dropped, each with its site (or ``node-<id>``), a
+stable reason and a detail.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "RoundAuditDetails",
     "RoundRecord",
     "RoundStatus",
+    "SiteSpend",
 ]
 
 RoundStatus = Literal["running", "aggregated", "failed"]
@@ -48,6 +51,23 @@ class RejectedReply(BaseModel):
         return self.model_dump(mode="json")
 
 
+class SiteSpend(BaseModel):
+    """A site's verified spend report for the round (see :mod:`concord_protocol.spend_reports`).
+
+    Taken from every train reply that came from the site's enrolled node with a report its
+    key signed, whether or not the update was summed: the site spent once it trained.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: NonNegativeInt
+    num_samples: NonNegativeInt
+
+
 class RoundRecord(BaseModel):
     """What happened in one round of a study (JSON-ready; no values, no tensors)."""
 
@@ -69,6 +89,10 @@ class RoundRecord(BaseModel):
     participants: list[SiteId] = Field(default_factory=list)
     sample_counts: dict[SiteId, NonNegativeInt] = Field(default_factory=dict)
     epsilon: dict[SiteId, float | None] = Field(default_factory=dict)
+    #: Every site's verified spend report this round (accepted or rejected reply alike).
+    spend: dict[SiteId, SiteSpend] = Field(default_factory=dict)
+    #: Sites whose reply came from their node without a usable signed spend report, and why.
+    spend_problems: dict[SiteId, str] = Field(default_factory=dict)
     site_digests: dict[SiteId, str] = Field(default_factory=dict)
     aggregate_digest: str | None = None
     total_weight: NonNegativeFloat = 0.0
@@ -102,8 +126,9 @@ class RoundAuditDetails(BaseModel):
 
     ``record`` is the round as the federation reported it; ``charged_epsilon`` what the
     ledger charged for it, per **dataset**: the study's cumulative epsilon on that dataset
-    after this round (as a decimal string), for aggregated rounds; ``overcharged`` the
-    charges the ledger refused.
+    after this round (as a decimal string), for every round a site trained in, from its
+    signed spend report; ``overcharged`` is kept only to read entries written before
+    overspends were charged (the charges the ledger then refused).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -111,3 +136,9 @@ class RoundAuditDetails(BaseModel):
     record: RoundRecord
     charged_epsilon: dict[str, str] = Field(default_factory=dict)
     overcharged: list[str] = Field(default_factory=list)
+    #: Per dataset, epsilon charged beyond the study's reservation (it blocks the release).
+    overspent: dict[str, str] = Field(default_factory=dict)
+    #: Per site, the ledger's own recomputation of the cumulative epsilon (decimal string).
+    recomputed_epsilon: dict[str, str] = Field(default_factory=dict)
+    #: Site reports the ledger refused (negative, falling, missing, off-plan) or disputed.
+    refused_reports: list[str] = Field(default_factory=list)

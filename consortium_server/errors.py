@@ -84,8 +84,14 @@ CATALOGUE: dict[str, CatalogueEntry] = {
     "policy.version_not_found": CatalogueEntry(404, "No such policy version."),
     "policy.not_published": CatalogueEntry(503, "No policy set has been published yet."),
     "budget.exceeded": CatalogueEntry(409, "A dataset's privacy budget would be exceeded."),
-    "budget.overcharge": CatalogueEntry(
-        409, "The charge exceeds what is left of the study's budget reservation."
+    "budget.report_invalid": CatalogueEntry(
+        422, "A site's reported epsilon is negative or not a finite number."
+    ),
+    "budget.report_fell": CatalogueEntry(
+        409, "A site's cumulative epsilon fell below what the ledger already charged."
+    ),
+    "release.budget_overspent": CatalogueEntry(
+        409, "The study spent more privacy budget than it reserved; it cannot be released."
     ),
     "budget.not_reserved": CatalogueEntry(
         409, "The study has no open budget reservation on this dataset."

@@ -97,7 +97,7 @@ def fit(runtime: SiteRuntime, msg: Message, context: Context) -> Message:
         raise FederationError("round content names another study", code="contract.content_mismatch")
     t0 = time.perf_counter()
     arrays = parameters_to_ndarrays(fitins.parameters)
-    model, result = runtime.train_locally(lambda n: _start_vector(arrays, n))
+    model, result, _dp = runtime.train_locally(lambda n: _start_vector(arrays, n))
     vector = flatten(model)
     clip = _clipping_range(context)
     clipped = int(np.count_nonzero(np.abs(vector) > clip)) if clip > 0 else 0

@@ -4,8 +4,10 @@ and dataset.
 Amounts are integers, so sums are exact on SQLite and PostgreSQL alike: epsilon in units
 of 1e-6 (``EPSILON_UNIT``), delta in units of 1e-12 (``DELTA_UNIT``). The service converts
 to and from :class:`~decimal.Decimal`. Check constraints hold the ledger invariant in the
-database itself: ``spent + reserved <= cap`` on every account and
-``charged + released <= reserved`` on every line.
+database itself: ``spent + reserved <= cap + overspent`` on every account and
+``charged - overspent + released <= reserved`` on every line. ``overspent`` is what sites
+really spent beyond a study's reservation: the ledger records it rather than losing it, so
+an overspent account shows a negative remaining budget until its cap is raised.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ class BudgetAccount(Base):
     __tablename__ = "budget_accounts"
     __table_args__ = (
         CheckConstraint(
-            "epsilon_spent >= 0 AND epsilon_reserved >= 0 "
-            "AND epsilon_spent + epsilon_reserved <= epsilon_cap",
+            "epsilon_spent >= 0 AND epsilon_reserved >= 0 AND epsilon_overspent >= 0 "
+            "AND epsilon_spent + epsilon_reserved <= epsilon_cap + epsilon_overspent",
             name="epsilon_within_cap",
         ),
         CheckConstraint(
@@ -47,6 +49,8 @@ class BudgetAccount(Base):
     epsilon_cap: Mapped[int] = mapped_column(BigInteger)
     epsilon_spent: Mapped[int] = mapped_column(BigInteger, default=0)
     epsilon_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: Epsilon spent beyond reservations (sum of the lines' overspends).
+    epsilon_overspent: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     delta_cap: Mapped[int] = mapped_column(BigInteger)
     delta_spent: Mapped[int] = mapped_column(BigInteger, default=0)
     delta_reserved: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -65,8 +69,8 @@ class BudgetLine(Base):
     __table_args__ = (
         UniqueConstraint("study_id", "dataset_id"),
         CheckConstraint(
-            "epsilon_charged >= 0 AND epsilon_released >= 0 "
-            "AND epsilon_charged + epsilon_released <= epsilon_reserved",
+            "epsilon_charged >= 0 AND epsilon_released >= 0 AND epsilon_overspent >= 0 "
+            "AND epsilon_charged - epsilon_overspent + epsilon_released <= epsilon_reserved",
             name="epsilon_within_reservation",
         ),
         CheckConstraint(
@@ -83,6 +87,8 @@ class BudgetLine(Base):
     epsilon_reserved: Mapped[int] = mapped_column(BigInteger)
     epsilon_charged: Mapped[int] = mapped_column(BigInteger, default=0)
     epsilon_released: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: Part of ``epsilon_charged`` beyond the reservation: flags the study, blocks release.
+    epsilon_overspent: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     delta_reserved: Mapped[int] = mapped_column(BigInteger)
     delta_charged: Mapped[int] = mapped_column(BigInteger, default=0)
     delta_released: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -13,10 +13,15 @@ Life of a study's budget:
    budget (``cap - spent - reserved``) is refused with :class:`BudgetExceededError`,
    whose message gives the numbers for every dataset short of budget.
 2. :func:`charge` (or :func:`charge_cumulative`) after each round: what the site's
-   accountant reports moves from reserved to spent. A charge can never exceed what is left
-   of the reservation (:class:`BudgetOverchargeError`): the site must stop training before
-   that. The study's delta is charged in full with the first charge (a DP guarantee holds
-   at the declared delta whatever the number of rounds).
+   accountant reports moves from reserved to spent. **Everything reported is charged**: a
+   charge beyond what is left of the reservation is recorded as an *overspend*
+   (``epsilon_overspent`` on the line and the account), which flags the study and blocks
+   its release; the dataset's remaining budget goes negative, so no further study can
+   reserve on it until its cap is raised. A negative or non-finite report is refused
+   (:class:`BudgetReportError`, ``budget.report_invalid``), and so is a cumulative figure
+   below what is already charged (``budget.report_fell``): the caller audits both. The
+   study's delta is charged in full with the first charge (a DP guarantee holds at the
+   declared delta whatever the number of rounds).
 3. :func:`release` when the study completes, fails or is aborted: what was reserved but
    not charged goes back to the dataset.
 
@@ -64,11 +69,12 @@ from consortium_server.errors import (
 __all__ = [
     "BudgetExceededError",
     "BudgetLineView",
-    "BudgetOverchargeError",
+    "BudgetReportError",
     "BudgetView",
     "charge",
     "charge_cumulative",
     "open_account",
+    "overspent",
     "release",
     "remaining_epsilon",
     "reservation_remaining",
@@ -90,10 +96,12 @@ class BudgetExceededError(ConflictError):
     code = "budget.exceeded"
 
 
-class BudgetOverchargeError(ConflictError):
-    """A charge larger than what is left of the study's reservation (``budget.overcharge``)."""
+class BudgetReportError(ConflictError):
+    """A site's report the ledger cannot charge: negative or not finite
+    (``budget.report_invalid``), or a cumulative figure below what is already charged
+    (``budget.report_fell``). Nothing is charged; the caller records an audit entry."""
 
-    code = "budget.overcharge"
+    code = "budget.report_fell"
 
 
 # --------------------------------------------------------------------------- units
@@ -132,6 +140,7 @@ class BudgetLineView:
     epsilon_charged: Decimal
     epsilon_released: Decimal
     epsilon_outstanding: Decimal
+    epsilon_overspent: Decimal
     delta_reserved: Decimal
     delta_charged: Decimal
     delta_released: Decimal
@@ -155,6 +164,7 @@ class BudgetView:
     epsilon_spent: Decimal
     epsilon_reserved: Decimal
     epsilon_remaining: Decimal
+    epsilon_overspent: Decimal
     delta_cap: Decimal
     delta_spent: Decimal
     delta_reserved: Decimal
@@ -186,6 +196,7 @@ def _view(account: BudgetAccount, lines: Iterable[BudgetLine]) -> BudgetView:
         epsilon_remaining=_eps(
             account.epsilon_cap - account.epsilon_spent - account.epsilon_reserved
         ),
+        epsilon_overspent=_eps(account.epsilon_overspent or 0),
         delta_cap=_delta(account.delta_cap),
         delta_spent=_delta(account.delta_spent),
         delta_reserved=_delta(account.delta_reserved),
@@ -202,6 +213,7 @@ def _line_view(line: BudgetLine) -> BudgetLineView:
         epsilon_charged=_eps(line.epsilon_charged),
         epsilon_released=_eps(line.epsilon_released),
         epsilon_outstanding=_eps(_outstanding(line)),
+        epsilon_overspent=_eps(line.epsilon_overspent or 0),
         delta_reserved=_delta(line.delta_reserved),
         delta_charged=_delta(line.delta_charged),
         delta_released=_delta(line.delta_released),
@@ -213,7 +225,8 @@ def _line_view(line: BudgetLine) -> BudgetLineView:
 
 
 def _outstanding(line: BudgetLine) -> int:
-    return line.epsilon_reserved - line.epsilon_charged - line.epsilon_released
+    charged_within = line.epsilon_charged - (line.epsilon_overspent or 0)
+    return line.epsilon_reserved - charged_within - line.epsilon_released
 
 
 def _delta_outstanding(line: BudgetLine) -> int:
@@ -253,6 +266,7 @@ def _insert_missing_accounts(session: Session, dataset_ids: Sequence[str]) -> No
             "delta_cap": _units(row.delta_budget, DELTA_UNIT, up=False),
             "epsilon_spent": 0,
             "epsilon_reserved": 0,
+            "epsilon_overspent": 0,
             "delta_spent": 0,
             "delta_reserved": 0,
             "created_at": utcnow(),
@@ -313,6 +327,7 @@ def open_account(
             delta_cap=_units(delta_cap, DELTA_UNIT, up=False),
             epsilon_spent=0,
             epsilon_reserved=0,
+            epsilon_overspent=0,
             delta_spent=0,
             delta_reserved=0,
         )
@@ -403,6 +418,7 @@ def reserve(
             epsilon_reserved=eps,
             epsilon_charged=0,
             epsilon_released=0,
+            epsilon_overspent=0,
             delta_reserved=dlt,
             delta_charged=0,
             delta_released=0,
@@ -428,42 +444,43 @@ def _open_line(
     return accounts[dataset_id], lines[0]
 
 
+def _report_units(epsilon: Amount, study_id: str, dataset_id: str) -> int:
+    try:
+        amount = epsilon if isinstance(epsilon, Decimal) else Decimal(str(epsilon))
+    except ArithmeticError:
+        amount = Decimal("NaN")
+    if not amount.is_finite() or amount < 0:
+        raise BudgetReportError(
+            f"study {study_id} on dataset {dataset_id}: the reported epsilon {epsilon!r} is "
+            "negative or not a finite number; nothing was charged",
+            code="budget.report_invalid",
+            details=[{"study_id": study_id, "dataset_id": dataset_id, "reported": str(epsilon)}],
+        )
+    return _units(amount, EPSILON_UNIT, up=True)
+
+
 def charge(session: Session, study_id: str, dataset_id: str, epsilon: Amount) -> BudgetLineView:
     """Charge ``epsilon`` (this round's spend) to the study's reservation on the dataset.
 
-    Moves it from reserved to spent; the first charge also moves the study's delta.
-    Raises :class:`BudgetOverchargeError` if ``epsilon`` exceeds what is left of the
-    reservation (nothing is charged then), ``budget.not_reserved`` without an open one.
+    Moves it from reserved to spent; the first charge also moves the study's delta. What
+    exceeds the reservation left is charged too, as an overspend (``epsilon_overspent``):
+    the caller flags the study. Raises :class:`BudgetReportError` for a negative or
+    non-finite amount, ``budget.not_reserved`` without an open reservation.
     """
-    eps = _units(epsilon, EPSILON_UNIT, up=True)
-    if eps < 0:
-        raise InvalidRequestError(
-            f"a charge cannot be negative ({epsilon})", code="request.invalid"
-        )
+    eps = _report_units(epsilon, study_id, dataset_id)
     account, line = _open_line(session, study_id, dataset_id)
-    left = _outstanding(line)
-    if eps > left:
-        raise BudgetOverchargeError(
-            f"study {study_id} on dataset {dataset_id}: charge ε={_show(_eps(eps))} exceeds "
-            f"the reservation left ε={_show(_eps(left))} (reserved "
-            f"{_show(_eps(line.epsilon_reserved))}, charged {_show(_eps(line.epsilon_charged))})",
-            details=[
-                {
-                    "study_id": study_id,
-                    "dataset_id": dataset_id,
-                    "charge_epsilon": _show(_eps(eps)),
-                    "outstanding_epsilon": _show(_eps(left)),
-                }
-            ],
-        )
+    within = min(eps, _outstanding(line))
+    beyond = eps - within
     delta_now = _delta_outstanding(line) if line.charges == 0 else 0
     now = utcnow()
     line.epsilon_charged += eps
+    line.epsilon_overspent = (line.epsilon_overspent or 0) + beyond
     line.delta_charged += delta_now
     line.charges += 1
     line.last_charged_at = now
-    account.epsilon_reserved -= eps
+    account.epsilon_reserved -= within
     account.epsilon_spent += eps
+    account.epsilon_overspent = (account.epsilon_overspent or 0) + beyond
     account.delta_reserved -= delta_now
     account.delta_spent += delta_now
     account.updated_at = now
@@ -477,16 +494,37 @@ def charge_cumulative(
     """Charge up to the accountant's cumulative epsilon for the study on this dataset.
 
     Sites report the epsilon their accountant computes for the whole study so far; this
-    charges the increase over what is already charged (nothing if it did not grow).
+    charges the increase over what is already charged (overspend included). A total below
+    what is charged is refused (``budget.report_fell``): an accountant's cumulative epsilon
+    never falls, so the report is wrong, and nothing is given back.
     """
-    total = _units(total_epsilon, EPSILON_UNIT, up=True)
-    charged = session.scalar(
-        select(BudgetLine.epsilon_charged).where(
-            BudgetLine.study_id == study_id, BudgetLine.dataset_id == dataset_id
+    total = _report_units(total_epsilon, study_id, dataset_id)
+    _account, line = _open_line(session, study_id, dataset_id)
+    if total < line.epsilon_charged:
+        raise BudgetReportError(
+            f"study {study_id} on dataset {dataset_id}: the reported cumulative epsilon "
+            f"{_show(_eps(total))} is below the {_show(_eps(line.epsilon_charged))} already "
+            "charged; nothing was changed",
+            code="budget.report_fell",
+            details=[
+                {
+                    "study_id": study_id,
+                    "dataset_id": dataset_id,
+                    "reported": _show(_eps(total)),
+                    "charged": _show(_eps(line.epsilon_charged)),
+                }
+            ],
         )
-    )
-    increase = max(0, total - (charged or 0))
-    return charge(session, study_id, dataset_id, _eps(increase))
+    return charge(session, study_id, dataset_id, _eps(total - line.epsilon_charged))
+
+
+def overspent(session: Session, study_id: str) -> dict[str, Decimal]:
+    """Dataset id -> epsilon the study charged beyond its reservation (overspent lines only)."""
+    return {
+        line.dataset_id: _eps(line.epsilon_overspent)
+        for line in session.scalars(select(BudgetLine).where(BudgetLine.study_id == study_id))
+        if line.epsilon_overspent
+    }
 
 
 def release(session: Session, study_id: str) -> list[BudgetLineView]:
@@ -535,6 +573,7 @@ def show(session: Session, dataset_id: str) -> BudgetView:
             delta_cap=_units(dataset.delta_budget, DELTA_UNIT, up=False),
             epsilon_spent=0,
             epsilon_reserved=0,
+            epsilon_overspent=0,
             delta_spent=0,
             delta_reserved=0,
         )

@@ -5,10 +5,11 @@ round's policy, opens the study's first run attempt and builds the :class:`RunPl
 round the ServerApp reports passes the round gate
 (:mod:`consortium_server.federation.round_gate`), which calls :func:`record_round`: an
 audit entry (``round.completed`` or ``round.failed``, whose details are the round's
-:class:`~concord_protocol.rounds.RoundRecord` and what the ledger charged) and, for an
-aggregated round, the sites' cumulative epsilon charged to the ledger on each of their
-datasets. :func:`finish_run` moves the study to ``completed`` (keeping the final aggregate
-for the release gate) or ``failed``, and returns the unused reservation.
+:class:`~concord_protocol.rounds.RoundRecord` and what the ledger charged) and, for every
+round, aggregated or not, the sites' signed cumulative epsilon checked, recomputed and
+charged to the ledger on each of their datasets. :func:`finish_run` moves the study to
+``completed`` (keeping the final aggregate for the release gate) or ``failed``, and returns
+the unused reservation.
 :func:`resume_run` audits a restart after the last recorded round and checks that round's
 policy again.
 
@@ -32,7 +33,8 @@ from concord_protocol.rounds import RoundAuditDetails, RoundRecord
 from consortium_server.audit.log import AuditLog
 from consortium_server.audit.recorder import AuditRecorder
 from consortium_server.budgets import service as budgets
-from consortium_server.budgets.service import BudgetOverchargeError
+from consortium_server.budgets.accountant import check_report
+from consortium_server.budgets.service import BudgetReportError
 from consortium_server.datasets.service import get_datasets
 from consortium_server.errors import (
     ConflictError,
@@ -294,14 +296,52 @@ def resume_run(
     return plan
 
 
-def record_round(session: Session, record: RoundRecord, *, log: AuditLog) -> None:
-    """Audit one round and charge the sites' epsilon to the ledger.
+def _site_totals(
+    contract: StudyContract, record: RoundRecord
+) -> tuple[dict[str, float], dict[str, str], list[str]]:
+    """Per site: the cumulative epsilon to charge, the ledger's recomputation, and the
+    reports refused or disputed (each a sentence for the audit entry).
 
-    Each site reports its accountant's epsilon for the whole study so far; it is charged,
-    as an increase, to every dataset of that site in the study. A charge beyond the
-    reservation is refused by the ledger and recorded as a failed charge (the round stays
-    audited; the study is failed by :func:`finish_run`). A round already on record is not
-    recorded again.
+    A verified spend report is checked and recomputed by the ledger's own accountant
+    (:func:`consortium_server.budgets.accountant.check_report`): it is charged as reported,
+    or at the recomputed figure when that is higher beyond the tolerance. A site whose node
+    replied without a usable signed report is charged the study's whole target epsilon,
+    the most its plan lets it spend: the ledger cannot know less, so it assumes the most.
+    """
+    totals: dict[str, float] = {}
+    recomputed: dict[str, str] = {}
+    refused: list[str] = []
+    for site_id, spend in sorted(record.spend.items()):
+        check = check_report(contract, site_id, spend)
+        totals[site_id] = check.charge
+        if check.recomputed is not None:
+            recomputed[site_id] = f"{check.recomputed:.6f}"
+        if check.problem:
+            refused.append(
+                f"{site_id}: report of epsilon {spend.epsilon:.6f} refused ({check.problem}); "
+                f"charged {check.charge:.6f}"
+            )
+    for site_id, problem in sorted(record.spend_problems.items()):
+        if site_id in totals:
+            continue
+        totals[site_id] = float(contract.privacy.epsilon)
+        refused.append(
+            f"{site_id}: no usable spend report ({problem}); charged the study's whole "
+            f"target epsilon {contract.privacy.epsilon:g}"
+        )
+    return totals, recomputed, refused
+
+
+def record_round(session: Session, record: RoundRecord, *, log: AuditLog) -> None:
+    """Audit one round and charge the sites' spend to the ledger, whatever its status.
+
+    Each site that trained reports its accountant's epsilon for the whole study so far in
+    a signed spend report, also when its update was rejected or the round failed; it is
+    charged, as an increase, to every dataset of that site in the study. Everything is
+    charged: what exceeds the reservation is an overspend (audited as ``budget.overspent``;
+    it blocks the release). Refused and disputed reports, and reports below what is
+    already charged, are audited as ``budget.report_refused``. A round already on record
+    is not recorded again.
     """
     study = session.get(Study, record.study_id, with_for_update=True)
     if study is None:
@@ -311,31 +351,58 @@ def record_round(session: Session, record: RoundRecord, *, log: AuditLog) -> Non
     contract = StudyContract.model_validate(study.contract)
     datasets, _ = get_datasets(session, contract.datasets)
     charged: dict[str, str] = {}
-    overcharged: list[str] = []
-    if record.status == "aggregated":
-        for site_id, epsilon in sorted(record.epsilon.items()):
-            if epsilon is None:
+    overspent: dict[str, str] = {}
+    totals, recomputed, refused = _site_totals(contract, record)
+    for site_id, total in sorted(totals.items()):
+        for dataset in (d for d in datasets if d.site_id == site_id):
+            try:
+                with session.begin_nested():
+                    line = budgets.charge_cumulative(session, study.id, dataset.id, total)
+            except BudgetReportError as exc:
+                refused.append(f"{site_id}: {exc.message}")
                 continue
-            for dataset in (d for d in datasets if d.site_id == site_id):
-                try:
-                    with session.begin_nested():
-                        budgets.charge_cumulative(session, study.id, dataset.id, epsilon)
-                    charged[dataset.id] = f"{epsilon:.6f}"
-                except BudgetOverchargeError as exc:
-                    overcharged.append(exc.message)
+            charged[dataset.id] = f"{total:.6f}"
+            if line.epsilon_overspent > 0:
+                overspent[dataset.id] = str(line.epsilon_overspent)
+    if record.status == "aggregated":
         study.current_round = record.round_number
-    details = RoundAuditDetails(record=record, charged_epsilon=charged, overcharged=overcharged)
-    _recorder(session, log, None).record(
+    details = RoundAuditDetails(
+        record=record,
+        charged_epsilon=charged,
+        overspent=overspent,
+        recomputed_epsilon=recomputed,
+        refused_reports=refused,
+    )
+    recorder = _recorder(session, log, None)
+    recorder.record(
         "round.completed" if record.status == "aggregated" else "round.failed",
         object_type="study",
         object_id=study.id,
         outcome=Outcome.SUCCESS
-        if record.status == "aggregated" and not overcharged
+        if record.status == "aggregated" and not overspent
         else Outcome.FAILURE,
         purpose=contract.purpose.value,
         contract_hash=study.contract_hash,
         details=details.model_dump(mode="json"),
     )
+    if refused:
+        recorder.record(
+            "budget.report_refused",
+            object_type="study",
+            object_id=study.id,
+            outcome=Outcome.FAILURE,
+            contract_hash=study.contract_hash,
+            details={"round": record.round_number, "reports": refused},
+        )
+    if overspent:
+        recorder.record(
+            "budget.overspent",
+            object_type="study",
+            object_id=study.id,
+            outcome=Outcome.FAILURE,
+            contract_hash=study.contract_hash,
+            details={"round": record.round_number, "overspent": overspent},
+        )
     session.flush()
 
 

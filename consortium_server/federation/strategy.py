@@ -30,8 +30,9 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from concord_protocol.contributions import AggregateManifest, ManifestError, SignedContribution
-from concord_protocol.rounds import RejectedReply, RoundRecord
+from concord_protocol.rounds import RejectedReply, RoundRecord, SiteSpend
 from concord_protocol.site_keys import SignatureError
+from concord_protocol.spend_reports import SignedSpendReport, SpendReportError
 from concord_protocol.wire.ckks import context_info, load_context
 from concord_protocol.wire.format import (
     CKKS_TAG_SLOTS,
@@ -98,6 +99,9 @@ class BlindAggregationStrategy:
         self.plan = plan
         #: Which site each SuperNode spoke for in earlier valid replies (to name errors).
         self.node_sites: dict[int, str] = {}
+        #: This round's verified spend reports and unusable ones, per site (reset per round).
+        self._spend: dict[str, SiteSpend] = {}
+        self._spend_problems: dict[str, str] = {}
         if plan.public_context is not None:
             info = context_info(load_context(plan.public_context, require_secret=False))
             self.chunk_size = info.slot_count
@@ -179,6 +183,14 @@ class BlindAggregationStrategy:
                 _reject(label, WRONG_NODE, f"node {node} is not {site_id}'s enrolled SuperNode")
             )
             return None
+        # The site trained (and spent) once its node replies: its signed spend report is
+        # charged whatever becomes of the update below.
+        self._note_spend(
+            round_number,
+            site_id,
+            str(site_rec.get("spend-report", "")),
+            node_verified=bool(enrolled),
+        )
         if site_id in seen_sites:
             rejected.append(_reject(site_id, DUPLICATE_SITE, f"second reply from node {node}"))
             return None
@@ -228,6 +240,61 @@ class BlindAggregationStrategy:
         )
         return reply, blobs
 
+    def _note_spend(
+        self, round_number: int, site_id: str, text: str, *, node_verified: bool
+    ) -> None:
+        """Keep the site's spend report for the ledger when it checks out (the first one of
+        the round wins), else why it does not. A missing or bad report is noted only from
+        the site's enrolled node (the ledger charges the site's whole study target for it):
+        an unverified sender must not be able to spend a hospital's budget."""
+        if site_id in self._spend:
+            return
+        problem = self._spend_problem(round_number, site_id, text)
+        if problem is None:
+            self._spend_problems.pop(site_id, None)
+        elif node_verified:
+            self._spend_problems[site_id] = problem
+
+    def _spend_problem(self, round_number: int, site_id: str, text: str) -> str | None:
+        """Record the reply's spend report if it checks out (None), else say why not."""
+        if not text:
+            return "the reply carries no spend report"
+        try:
+            signed = SignedSpendReport.from_json(text)
+        except SpendReportError:
+            return "the spend report does not parse"
+        r, p = signed.report, self.plan
+        wrong = [
+            name
+            for name, ok in (
+                ("study", r.study_id == p.study_id),
+                ("contract hash", r.contract_hash == p.contract_hash),
+                ("run attempt", r.attempt == p.attempt),
+                ("round", r.round_number == round_number),
+                ("site", r.site_id == site_id),
+            )
+            if not ok
+        ]
+        if wrong:
+            return f"the spend report names another {', '.join(wrong)}"
+        if p.peers:
+            peer = p.peer(site_id)
+            try:
+                if peer is None:
+                    raise SignatureError("the plan holds no key for the site")
+                signed.verify(peer.signing_public_key)
+            except SignatureError as exc:
+                return f"the spend report: {exc.message}"
+        self._spend[site_id] = SiteSpend(
+            epsilon=r.epsilon,
+            delta=r.delta,
+            noise_multiplier=r.noise_multiplier,
+            sample_rate=r.sample_rate,
+            steps=r.steps,
+            num_samples=r.num_samples,
+        )
+        return None
+
     def _contribution(
         self, round_number: int, site_id: str, weight: int, blobs: Sequence[bytes], text: str
     ) -> SignedContribution | RejectedReply:
@@ -275,6 +342,7 @@ class BlindAggregationStrategy:
         rejected: list[RejectedReply] = []
         seen: set[str] = set()
         screened: dict[str, tuple[SiteReply, list[bytes]]] = {}
+        self._spend, self._spend_problems = {}, {}
         for msg in replies:
             screened_reply = self._screen_reply(round_number, msg, seen, rejected)
             if screened_reply is not None:
@@ -342,6 +410,8 @@ class BlindAggregationStrategy:
         record.participants = sorted(accepted)
         record.sample_counts = {s: screened[s][0].num_examples for s in record.participants}
         record.epsilon = {s: screened[s][0].epsilon for s in record.participants}
+        record.spend = dict(sorted(self._spend.items()))
+        record.spend_problems = dict(sorted(self._spend_problems.items()))
         record.site_train_seconds = {s: r.train_seconds for s, (r, _) in screened.items()}
         record.site_encrypt_seconds = {s: r.encrypt_seconds for s, (r, _) in screened.items()}
         record.rejected = rejected

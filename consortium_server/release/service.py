@@ -42,6 +42,7 @@ from concord_protocol.principals import Principal
 from concord_protocol.release import model_sha256, signoff_message
 from concord_protocol.wire.format import EncodedUpdate
 from consortium_server.audit.models import AuditLeaf
+from consortium_server.budgets import service as budgets
 from consortium_server.datasets.service import get_datasets
 from consortium_server.db.base import utcnow
 from consortium_server.errors import (
@@ -377,6 +378,7 @@ _PRIORITY = (
     "release.hash_mismatch",
     "release.signoffs_missing",
     "release.model_missing",
+    "release.budget_overspent",
     "policy.denied",
 )
 
@@ -441,7 +443,9 @@ def check_release_gate(
 
     Checks the state, the stored aggregate, that every study site signed off and all on
     one hash (a disagreement is ``release.hash_mismatch``, naming each site and its hash),
-    the uploaded model, and the consortium policy (``ReleaseModel``). Changes nothing.
+    the uploaded model, that the study spent no more privacy budget than it reserved
+    (``release.budget_overspent``), and the consortium policy (``ReleaseModel``). Changes
+    nothing.
     """
     check = ReleaseCheck()
     sites = study_site_ids(study)
@@ -490,6 +494,16 @@ def check_release_gate(
                 "No uploaded model matches the signed-off hash."
                 if model is not None
                 else "No site has uploaded the decrypted model yet.",
+            )
+        )
+    over = budgets.overspent(session, study.id)
+    if over:
+        named = ", ".join(f"{dataset} by ε={amount}" for dataset, amount in sorted(over.items()))
+        check.problems.append(
+            ReleaseProblem(
+                "release.budget_overspent",
+                f"The study spent more privacy budget than it reserved ({named}): the released "
+                "model would not be covered by the approved guarantee.",
             )
         )
     decision = _policy_decision(session, policy, study, requester, len(signoffs))

@@ -14,8 +14,9 @@ its manifest of signed contributions, this site's own contribution in it, its in
 tags), or build the contract's model from its fixed seed in round 1; train with Opacus
 DP-SGD, multiply by the local sample count and encrypt with the study's CKKS key, tagged as
 this site's contribution; reply the ciphertexts, plain metadata (sample count, epsilon
-spent, timings) and the contribution signed with the site's key (study, contract, run,
-round, update digest, weight). evaluate: check and decrypt the round's new aggregate the
+spent, the accountant's plan, timings), the contribution signed with the site's key (study,
+contract, run, round, update digest, weight) and the signed spend report the ledger charges
+(:mod:`concord_protocol.spend_reports`). evaluate: check and decrypt the round's new aggregate the
 same way and score it on the local test split, once per round. The training loss is not
 sent (not privatised). Logs carry counts and codes only.
 """
@@ -40,6 +41,7 @@ from torch import nn
 from concord_protocol.contract import StudyContract
 from concord_protocol.contributions import Contribution, sign_contribution
 from concord_protocol.errors import CryptoError
+from concord_protocol.spend_reports import SpendReport, sign_spend_report
 from concord_protocol.wire.format import CKKS_TAG_SLOTS, RoundInfo, UpdateHeader, sha256_hex
 from concord_protocol.wire.messages import (
     REC_CONFIG,
@@ -213,7 +215,7 @@ class SiteRuntime:
 
     def train_locally(
         self, start: Callable[[int], npt.NDArray[np.float64] | None]
-    ) -> tuple[nn.Module, TrainResult]:
+    ) -> tuple[nn.Module, TrainResult, DpTrainer]:
         """One local round: the contract's model from ``start(num_params)`` (``None``: the
         seeded initial weights), trained with DP-SGD on the train split; the study's
         accountant state at this site is loaded before and saved after."""
@@ -228,19 +230,45 @@ class SiteRuntime:
             dp = DpTrainer.load(dp_path, privacy=privacy, training=training, num_samples=len(data))
         else:
             dp = DpTrainer(privacy, training, num_samples=len(data))
-        result = train_round(model, data, training, dp=dp)
-        dp.save(dp_path)
-        return model, result
+        try:
+            result = train_round(model, data, training, dp=dp)
+        finally:
+            dp.save(dp_path)  # steps taken are spent, also when the round raised
+        return model, result, dp
 
-    def site_record(self, contribution: str = "") -> ConfigRecord:
-        """The plain identity part of every reply (and a train reply's signed contribution)."""
+    def site_record(self, contribution: str = "", spend_report: str = "") -> ConfigRecord:
+        """The plain identity part of every reply (and a train reply's signed contribution
+        and spend report)."""
         record: dict[str, Any] = {
             "site-id": str(self.settings.site_id),
             "key-fingerprint": self.key_fingerprint,
         }
         if contribution:
             record["contribution"] = contribution
+        if spend_report:
+            record["spend-report"] = spend_report
         return ConfigRecord(record)
+
+    def spend_report(self, round_number: int, metrics: dict[str, Any]) -> str:
+        """This site's signed spend report after ``round_number`` (JSON; ``""`` for a
+        cached reply of an older version that lacks the accountant's figures)."""
+        try:
+            report = SpendReport(
+                study_id=self.study_id,
+                contract_hash=self.contract_hash,
+                attempt=self.attempt,
+                round_number=round_number,
+                site_id=str(self.settings.site_id),
+                epsilon=float(metrics["epsilon"]),
+                delta=float(self.contract.privacy.delta),
+                noise_multiplier=float(metrics["noise-multiplier"]),
+                sample_rate=float(metrics["sample-rate"]),
+                steps=int(metrics["steps-total"]),
+                num_samples=int(metrics["num-examples"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return ""
+        return sign_spend_report(report, self.signing_key).to_json()
 
     def sign(self, round_number: int, update_digest: str, weight: int) -> str:
         """This site's signed contribution to ``round_number`` (JSON)."""
@@ -341,7 +369,8 @@ def _train(msg: Message, context: Context) -> Message:
     timely = time.monotonic() - received <= runtime.contract.federation.round_timeout_s / 2
     runtime.ledger.record_contribution(round_number, digest, timely=timely)
     signed = runtime.sign(round_number, digest, int(metrics["num-examples"]))
-    return _train_reply(msg, runtime, blobs, metrics, signed)
+    spend = runtime.spend_report(round_number, metrics)
+    return _train_reply(msg, runtime, blobs, metrics, signed, spend)
 
 
 def _start_from(
@@ -362,7 +391,7 @@ def _train_fresh(
 ) -> tuple[tuple[bytes, ...], dict[str, Any]]:
     """Train the round with DP and encrypt the weighted update: its blobs and metrics."""
     t0 = time.perf_counter()
-    model, result = runtime.train_locally(lambda n: _start_from(previous, n))
+    model, result, dp = runtime.train_locally(lambda n: _start_from(previous, n))
     n_params = num_parameters(model)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -386,6 +415,9 @@ def _train_fresh(
     metrics: dict[str, Any] = {
         "num-examples": int(result.num_samples),
         "epsilon": float(result.epsilon_spent if result.epsilon_spent is not None else -1.0),
+        "noise-multiplier": float(dp.noise_multiplier),
+        "sample-rate": float(dp.sample_rate),
+        "steps-total": int(dp.steps_taken),
         "train-seconds": train_s,
         "encrypt-seconds": encrypt_s,
     }
@@ -415,12 +447,13 @@ def _train_reply(
     blobs: tuple[bytes, ...],
     metrics: dict[str, Any],
     contribution: str,
+    spend_report: str,
 ) -> Message:
     content = RecordDict(
         {
             REC_UPDATE: blobs_to_arrays(blobs),
             REC_METRICS: MetricRecord(metrics),
-            REC_SITE: runtime.site_record(contribution),
+            REC_SITE: runtime.site_record(contribution, spend_report),
         }
     )
     return Message(content, reply_to=msg)

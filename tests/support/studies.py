@@ -15,8 +15,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from concord_protocol.contract import StudyContract
 from concord_protocol.contributions import AggregateManifest, Contribution, sign_contribution
-from concord_protocol.rounds import RoundRecord
+from concord_protocol.dp_plan import step_plan
+from concord_protocol.rounds import RoundRecord, SiteSpend
 from concord_protocol.wire.format import CKKS_TAG_SLOTS
 from consortium_server.federation.checkpoints import GlobalModel
 from consortium_server.federation.models import StudyKeyRelay
@@ -95,8 +97,32 @@ def audit_actions(app: FastAPI, study_id: str) -> list[str]:
     return [e.action for e in entries if e.object.id == study_id]
 
 
+def on_plan_spend(contract: StudyContract, n: int, epsilon: float, num_samples: int) -> SiteSpend:
+    """A verified spend report after round ``n`` that is on ``contract``'s plan: the steps
+    of ``n`` rounds at the plan's sample rate, with noise so large that the ledger's own
+    recomputation stays below any reported ``epsilon`` (so the report stands as reported)."""
+    training = contract.training
+    steps = step_plan(num_samples, training.batch_size)
+    return SiteSpend(
+        epsilon=epsilon,
+        delta=contract.privacy.delta,
+        noise_multiplier=50.0,
+        sample_rate=steps.sample_rate,
+        steps=n * steps.steps_per_epoch * training.local_epochs,
+        num_samples=num_samples,
+    )
+
+
+def site_spend(plan: RunPlan, n: int, epsilon: float, num_samples: int) -> SiteSpend:
+    """:func:`on_plan_spend` for the study of ``plan``."""
+    return on_plan_spend(plan.contract, n, epsilon, num_samples)
+
+
 def round_record(plan: RunPlan, n: int, epsilon: float, status: str = "aggregated") -> RoundRecord:
-    """A round's record as the ServerApp would write it (three sites, or two when failed)."""
+    """A round's record as the ServerApp would write it (three sites, or two when failed);
+    every site that replied has its spend report in it."""
+    replied = list(SITES) if status == "aggregated" else ["hospital-a", "hospital-b"]
+    counts = {s: 100 + i for i, s in enumerate(SITES)}
     return RoundRecord(
         study_id=plan.study_id,
         contract_hash=plan.contract_hash,
@@ -105,6 +131,7 @@ def round_record(plan: RunPlan, n: int, epsilon: float, status: str = "aggregate
         participants=list(SITES) if status == "aggregated" else ["hospital-a", "hospital-b"],
         sample_counts={s: 100 + i for i, s in enumerate(SITES)},
         epsilon={s: epsilon for s in SITES},
+        spend={s: site_spend(plan, n, epsilon, counts[s]) for s in replied},
         site_digests={s: "ab" * 32 for s in SITES},
         aggregate_digest="cd" * 32 if status == "aggregated" else None,
         missing_sites=[] if status == "aggregated" else ["hospital-c"],

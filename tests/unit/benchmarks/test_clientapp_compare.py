@@ -133,9 +133,14 @@ def test_default_train_reply_is_concords_encrypted_update(tmp_path: Path) -> Non
     assert set(reply.content.metric_records["metrics"].keys()) == {
         "num-examples",
         "epsilon",
+        "noise-multiplier",
+        "sample-rate",
+        "steps-total",
         "train-seconds",
         "encrypt-seconds",
     }
+    site = reply.content.config_records["site"]
+    assert {"contribution", "spend-report"} <= set(site.keys())
     assert RECORD_KEY_STATE not in context.state.config_records
 
 

@@ -12,10 +12,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from consortium_server.budgets.models import BudgetAccount
 from consortium_server.budgets.service import (
     BudgetExceededError,
-    BudgetOverchargeError,
+    BudgetReportError,
     charge,
     charge_cumulative,
     open_account,
+    overspent,
     release,
     remaining_epsilon,
     reservation_remaining,
@@ -118,25 +119,73 @@ def test_reservation_is_all_or_nothing(factory: Factory, make_datasets: MakeData
             assert (view.epsilon_reserved, view.lines) == (0, [])
 
 
-def test_a_charge_never_exceeds_the_reservation(
+def test_a_charge_beyond_the_reservation_is_charged_as_an_overspend(
+    factory: Factory, make_datasets: MakeDatasets
+) -> None:
+    """The ledger records what was spent: beyond the reservation too, as an overspend that
+    drives the dataset's remaining budget negative and is not given back at release."""
+    (a,) = make_datasets(a=10.0)
+    with session_scope(factory) as session:
+        reserve(session, "s1", [a], 2.0, 1e-6)
+        charge(session, "s1", a, 1.5)
+        line = charge(session, "s1", a, 0.6)
+        assert (line.epsilon_charged, line.epsilon_overspent) == (Decimal("2.1"), Decimal("0.1"))
+        assert line.epsilon_outstanding == 0
+        assert overspent(session, "s1") == {a: Decimal("0.1")}
+    with session_scope(factory) as session:
+        view = show(session, a)
+        assert (view.epsilon_spent, view.epsilon_reserved) == (Decimal("2.1"), 0)
+        assert view.epsilon_overspent == Decimal("0.1")
+        # The accountant reports a cumulative epsilon: only the increase is charged.
+        assert charge_cumulative(session, "s1", a, 2.5).epsilon_charged == Decimal("2.5")
+        assert show(session, a).epsilon_overspent == Decimal("0.5")
+        (released,) = release(session, "s1")
+        assert released.epsilon_released == 0
+        assert show(session, a).epsilon_remaining == Decimal("7.5")
+
+
+def test_a_site_fully_overspending_a_small_budget_drives_remaining_negative(
+    factory: Factory, make_datasets: MakeDatasets
+) -> None:
+    (a,) = make_datasets(a=1.0)
+    with session_scope(factory) as session:
+        reserve(session, "s1", [a], 1.0, 1e-6)
+        charge_cumulative(session, "s1", a, 1.75)
+        view = show(session, a)
+        assert view.epsilon_spent == Decimal("1.75")
+        assert view.epsilon_remaining == Decimal("-0.75")
+        with pytest.raises(BudgetExceededError):
+            reserve(session, "s2", [a], 0.1, 1e-6)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "-1", "NaN"])
+def test_a_negative_or_non_finite_report_is_refused_and_changes_nothing(
+    factory: Factory, make_datasets: MakeDatasets, bad: object
+) -> None:
+    (a,) = make_datasets(a=10.0)
+    with session_scope(factory) as session:
+        reserve(session, "s1", [a], 2.0, 1e-6)
+        charge(session, "s1", a, 0.5)
+    for operation in (charge, charge_cumulative):
+        with session_scope(factory) as session, pytest.raises(BudgetReportError) as caught:
+            operation(session, "s1", a, bad)  # type: ignore[arg-type]
+        assert caught.value.code == "budget.report_invalid"
+    with session_scope(factory) as session:
+        assert show(session, a).epsilon_spent == Decimal("0.5")
+
+
+def test_a_falling_cumulative_report_is_refused(
     factory: Factory, make_datasets: MakeDatasets
 ) -> None:
     (a,) = make_datasets(a=10.0)
     with session_scope(factory) as session:
         reserve(session, "s1", [a], 2.0, 1e-6)
-        charge(session, "s1", a, 1.5)
-    with session_scope(factory) as session, pytest.raises(BudgetOverchargeError) as caught:
-        charge(session, "s1", a, 0.6)
-    assert "charge ε=0.6 exceeds the reservation left ε=0.5 (reserved 2.0, charged 1.5)" in str(
-        caught.value
-    )
-    with session_scope(factory) as session:
-        assert show(session, a).epsilon_spent == Decimal("1.5")
-        # The accountant reports a cumulative epsilon: only the increase is charged.
-        assert charge_cumulative(session, "s1", a, 1.8).epsilon_charged == Decimal("1.8")
-        assert charge_cumulative(session, "s1", a, 1.7).epsilon_charged == Decimal("1.8")
-        with pytest.raises(BudgetOverchargeError):
-            charge_cumulative(session, "s1", a, 2.1)
+        charge_cumulative(session, "s1", a, 1.2)
+        assert charge_cumulative(session, "s1", a, 1.2).epsilon_charged == Decimal("1.2")
+        with pytest.raises(BudgetReportError, match=r"1\.1 is below the 1\.2") as caught:
+            charge_cumulative(session, "s1", a, 1.1)
+        assert caught.value.code == "budget.report_fell"
+        assert show(session, a).epsilon_spent == Decimal("1.2")
 
 
 def test_charges_need_an_open_reservation(factory: Factory, make_datasets: MakeDatasets) -> None:

@@ -81,7 +81,21 @@ class Model:
 
     def held(self, d: int) -> Decimal:
         return sum(
-            (v.reserved - v.charged for (_, dd), v in self.lines.items() if dd == d and v.open),
+            (
+                max(Decimal(0), v.reserved - v.charged)
+                for (_, dd), v in self.lines.items()
+                if dd == d and v.open
+            ),
+            Decimal(0),
+        )
+
+    def overspent(self, d: int) -> Decimal:
+        return sum(
+            (
+                max(Decimal(0), v.charged - v.reserved)
+                for (_, dd), v in self.lines.items()
+                if dd == d
+            ),
             Decimal(0),
         )
 
@@ -91,15 +105,16 @@ class Model:
             if any((op.study, d) in self.lines for d in op.datasets):
                 return False
             if any(self.spent(d) + self.held(d) + op.epsilon > CAPS[d] for d in op.datasets):
+                # An overspent dataset has a negative remaining budget: nothing more fits.
                 return False
             for d in op.datasets:
                 self.lines[(op.study, d)] = Line(op.epsilon)
             return True
         if op.kind == "charge":
             line = self.lines.get((op.study, op.datasets[0]))
-            if line is None or not line.open or line.charged + op.epsilon > line.reserved:
+            if line is None or not line.open:
                 return False
-            line.charged += op.epsilon
+            line.charged += op.epsilon  # beyond the reservation too: an overspend
             return True
         for (study, _), line in self.lines.items():
             if study == op.study:
@@ -111,14 +126,21 @@ def _check_invariant(factory: Factory, dataset_ids: list[str], model: Model) -> 
     with session_scope(factory) as session:
         for index, dataset_id in enumerate(dataset_ids):
             view = show(session, dataset_id)
-            assert view.epsilon_spent + view.epsilon_reserved <= view.epsilon_cap
+            assert (
+                view.epsilon_spent + view.epsilon_reserved
+                <= view.epsilon_cap + view.epsilon_overspent
+            )
+            assert view.epsilon_overspent == model.overspent(index)
             assert view.epsilon_cap == CAPS[index]
             assert view.epsilon_spent == sum((line.epsilon_charged for line in view.lines), 0)
             assert view.epsilon_reserved == sum(
                 (line.epsilon_outstanding for line in view.lines if line.open), 0
             )
             for line in view.lines:
-                assert line.epsilon_charged + line.epsilon_released <= line.epsilon_reserved
+                assert (
+                    line.epsilon_charged - line.epsilon_overspent + line.epsilon_released
+                    <= line.epsilon_reserved
+                )
             assert view.epsilon_spent == model.spent(index)
             assert view.epsilon_reserved == model.held(index)
 

@@ -4,19 +4,29 @@ before the verdict, the unused reservation returned."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from concord_protocol.rounds import RoundAuditDetails
+from concord_protocol.rounds import RoundAuditDetails, RoundRecord
 from consortium_server.audit.verify import verify_live
 from consortium_server.budgets import service as budgets
+from consortium_server.budgets.accountant import pld_epsilon
 from consortium_server.errors import ConflictError
 from consortium_server.federation.coordinator import begin_run
+from consortium_server.federation.plan import RunPlan
 from tests.support.runs import begin, federation_gate, synthetic_run
-from tests.support.studies import SITES, audit_actions, relay_study_key, submit_and_approve
+from tests.support.studies import (
+    SITES,
+    audit_actions,
+    relay_study_key,
+    round_record,
+    site_spend,
+    submit_and_approve,
+)
 from tests.support.world import People, study_contract
 
 
@@ -99,23 +109,92 @@ def test_failed_round_fails_the_study_and_returns_the_reservation(
     assert final["state"] == "failed"
     assert "minimum is 3" in str(final["state_reason"])
     assert final["current_round"] == 1
+    # The failed round is charged too: hospital-b trained in it and reported 1.5;
+    # hospital-c did not reply in round 2 and stays at round 1's 1.0.
     budget = _budget(app, "bc-b")
-    assert float(budget.epsilon_spent) == pytest.approx(1.0)
+    assert float(budget.epsilon_spent) == pytest.approx(1.5)
     assert float(budget.epsilon_reserved) == 0
+    assert float(_budget(app, "bc-c").epsilon_spent) == pytest.approx(1.0)
     assert "round.failed" in audit_actions(app, study["id"])
 
 
-def test_a_site_reporting_more_than_reserved_is_not_charged(
+def test_a_site_reporting_more_than_reserved_is_charged_as_an_overspend_that_blocks_release(
     client: TestClient, consortium: People, app: FastAPI
 ) -> None:
     study = submit_and_approve(client, consortium, training={"rounds": 1})  # epsilon 3.0
     secret = relay_study_key(app, study)
     plan = begin(app, study["id"])
     synthetic_run(federation_gate(app, client, plan), [4.0], secret=secret)
-    assert float(_budget(app, "bc-a").epsilon_spent) == 0
+    budget = _budget(app, "bc-a")
+    assert float(budget.epsilon_spent) == pytest.approx(4.0)
+    assert float(budget.epsilon_overspent) == pytest.approx(1.0)
     (details,) = _round_entries(app)
-    assert details.overcharged
-    assert details.charged_epsilon == {}
+    assert details.charged_epsilon == {d: "4.000000" for d in ("bc-a", "bc-b", "bc-c")}
+    assert details.overspent == {d: "1" for d in ("bc-a", "bc-b", "bc-c")}
+    assert "budget.overspent" in audit_actions(app, study["id"])
+    with app.state.sessionmaker() as session:
+        assert budgets.overspent(session, study["id"]) == {
+            d: Decimal("1") for d in ("bc-a", "bc-b", "bc-c")
+        }
+
+
+def _report_round(app: FastAPI, client: TestClient, plan: RunPlan, record: RoundRecord) -> None:
+    gate = federation_gate(app, client, plan)
+    gate.report(record, None)
+
+
+def test_falling_missing_and_under_reported_spend_is_refused_audited_and_never_under_charged(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    """Round 1 is charged as reported. Round 2: hospital-a reports less than before
+    (refused, nothing given back), hospital-b sends no signed report (charged the study's
+    whole target), hospital-c reports 0.01 for a history whose epsilon the ledger's own
+    accountant puts far higher (charged the recomputed figure)."""
+    study = submit_and_approve(client, consortium)  # epsilon 3.0, 3 rounds
+    secret = relay_study_key(app, study)
+    plan = begin(app, study["id"])
+    synthetic_run(federation_gate(app, client, plan), [1.0], secret=secret)
+    record = round_record(plan, 2, 0.5, "failed")
+    record.spend = {
+        "hospital-a": site_spend(plan, 2, 0.5, 100),
+        "hospital-c": site_spend(plan, 2, 0.01, 102).model_copy(update={"noise_multiplier": 1.2}),
+    }
+    record.spend_problems = {"hospital-b": "the reply carries no spend report"}
+    _report_round(app, client, plan, record)
+    assert float(_budget(app, "bc-a").epsilon_spent) == pytest.approx(1.0)
+    assert float(_budget(app, "bc-b").epsilon_spent) == pytest.approx(3.0)
+    recomputed = pld_epsilon(1.2, 0.5, 4, 1e-5)
+    assert recomputed > 1.0
+    assert float(_budget(app, "bc-c").epsilon_spent) == pytest.approx(recomputed, abs=1e-5)
+    details = _round_entries(app)[-1]
+    refused = " | ".join(details.refused_reports)
+    assert "hospital-a: study" in refused
+    assert "below the 1.0 already charged" in refused
+    assert "hospital-b: no usable spend report" in refused
+    assert "hospital-c: report of epsilon 0.010000 refused" in refused
+    assert "below the ledger's recomputed" in refused
+    assert details.recomputed_epsilon["hospital-c"] == f"{recomputed:.6f}"
+    assert "budget.report_refused" in audit_actions(app, study["id"])
+
+
+def test_an_off_plan_spend_report_is_refused(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    """A report at another sample rate, or more steps than the contract's rounds, is not
+    the contract's plan: refused, and charged no less than the ledger recomputes."""
+    study = submit_and_approve(client, consortium)
+    relay_study_key(app, study)
+    plan = begin(app, study["id"])
+    record = round_record(plan, 1, 0.2, "failed")
+    record.spend = {
+        "hospital-a": site_spend(plan, 1, 0.2, 100).model_copy(update={"sample_rate": 0.25}),
+        "hospital-b": site_spend(plan, 1, 0.2, 101).model_copy(update={"steps": 2 * 4}),
+    }
+    _report_round(app, client, plan, record)
+    refused = " | ".join(_round_entries(app)[-1].refused_reports)
+    assert "sample rate 0.25 is not the plan's 0.5" in refused
+    assert "8 steps are not a whole number of rounds of 2 steps, up to 3 rounds" in refused
+    assert float(_budget(app, "bc-a").epsilon_spent) == pytest.approx(0.2)
 
 
 def test_only_approved_studies_with_relayed_keys_start(

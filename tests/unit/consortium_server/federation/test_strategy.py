@@ -16,6 +16,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 
 from concord_protocol.contributions import AggregateManifest
+from concord_protocol.dp_plan import step_plan
 from concord_protocol.wire.format import CKKS_TAG_SLOTS
 from consortium_server.federation.plan import RunPlan, SitePeer
 from consortium_server.federation.records import RoundFailedError, new_record
@@ -79,6 +80,17 @@ def test_dp_he_rounds_in_process_with_the_real_clientapp(tmp_path: Path) -> None
         assert sum(record.sample_counts.values()) == record.total_weight
         assert 0.5 < record.evaluation["accuracy"] <= 1.0
         assert record.as_record()["aggregate_digest"] == record.aggregate_digest
+        # Each site's signed spend report states its accountant's history: the epsilon it
+        # reports, at the plan's sample rate, after whole rounds of steps.
+        assert set(record.spend) == set(record.participants)
+        assert record.spend_problems == {}
+        for site, spend in record.spend.items():
+            plan_steps = step_plan(spend.num_samples, contract.training.batch_size)
+            assert spend.epsilon == record.epsilon[site]
+            assert spend.sample_rate == plan_steps.sample_rate
+            per_round = plan_steps.steps_per_epoch * contract.training.local_epochs
+            assert spend.steps == record.round_number * per_round
+            assert spend.noise_multiplier > 0
     assert records[1].epsilon["hospital-a"] > records[0].epsilon["hospital-a"]  # type: ignore[operator]
     assert outcome.final_model is not None
     assert outcome.final_model.round_number == 2
@@ -309,3 +321,63 @@ def test_error_replies_are_named_by_site_and_a_vanished_node_is_only_missing(
     (rejected,) = third.rejected
     assert rejected.site_id == "hospital-d"  # named by its site, not "node-13"
     assert rejected.reason == "error_reply"
+
+
+def test_spend_reports_are_kept_for_rejected_updates_and_forged_or_missing_ones_noted() -> None:
+    """Every site that trained is charged: a site whose update is rejected (here: non-finite)
+    still has its signed spend report on the record; a report signed with another site's
+    key, or none at all, is a spend problem (the ledger charges the site's whole target).
+    A reply from a node that is not the site's enrolled SuperNode changes nothing: an
+    outsider cannot make the ledger charge a hospital."""
+    plan = _plain_plan()
+    codec = PlainCodec()
+    info = RoundInfo(plan.study_id, plan.contract_hash, 1, N_PARAMS)
+    update = EncodedUpdate.from_bytes_list(_good(codec, plan, 9))
+    nan_chunks = [np.full(len(c) // 8, np.nan).astype("<f8").tobytes() for c in update.chunks]
+    poisoned = type(update).build(info, chunk_size=update.header.chunk_size, chunks=nan_chunks)
+    replies = [
+        train_reply("hospital-a", 10, _good(codec, plan, 0), spend_epsilon=0.4),
+        train_reply("hospital-b", 11, _good(codec, plan, 1), spend_epsilon=0.5),
+        train_reply("hospital-c", 12, _good(codec, plan, 2)),  # no spend report
+        train_reply("hospital-d", 13, poisoned.to_bytes_list(), spend_epsilon=0.7),
+        # hospital-a's name on node 11 (hospital-b's): refused before its report is read
+        train_reply("hospital-a", 11, _good(codec, plan, 3), spend_epsilon=9.0),
+    ]
+    forged = train_reply(
+        "hospital-b", 11, _good(codec, plan, 4), spend_epsilon=0.1, signed_as="hospital-c"
+    )
+    record = new_record(plan, 1)
+
+    BlindAggregationStrategy(plan).aggregate_train(1, [forged, *replies], record)
+
+    assert [r.reason for r in record.rejected if r.site_id == "hospital-d"] == ["non_finite"]
+    assert {s: spend.epsilon for s, spend in record.spend.items()} == {
+        "hospital-a": 0.4,
+        "hospital-b": 0.5,  # the forged report (first in) was not kept; the real one was
+        "hospital-d": 0.7,  # its update was rejected, its spend is still charged
+    }
+    assert record.spend["hospital-d"].num_samples == 100
+    assert record.spend_problems == {"hospital-c": "the reply carries no spend report"}
+
+
+def test_a_spend_report_for_another_round_or_signed_by_another_site_is_a_problem() -> None:
+    plan = _plain_plan()
+    codec = PlainCodec()
+    replies = [
+        train_reply("hospital-a", 10, _good(codec, plan, 0), spend_epsilon=0.4),
+        train_reply(
+            "hospital-b", 11, _good(codec, plan, 1), spend_epsilon=0.5, signed_as="hospital-a"
+        ),
+        train_reply("hospital-c", 12, _good(codec, plan, 2), spend_epsilon=0.5),
+    ]
+    replies[2].content.config_records["site"]["spend-report"] = "{not json"
+
+    # hospital-b's contribution is refused too (same wrong key): the round fails, and the
+    # record it fails with still carries every spend and spend problem.
+    with pytest.raises(RoundFailedError) as failed:
+        BlindAggregationStrategy(plan).aggregate_train(1, replies, new_record(plan, 1))
+    record = failed.value.record
+
+    assert set(record.spend) == {"hospital-a"}
+    assert "signature" in record.spend_problems["hospital-b"]
+    assert record.spend_problems["hospital-c"] == "the spend report does not parse"

@@ -30,7 +30,12 @@ from site_node.federation.approvals import ApprovalStore
 from site_node.release import ReleaseError, check_on_record, sign_off
 from tests.support.roster import pin_all, site_keys
 from tests.support.runs import begin, federation_gate
-from tests.support.studies import relay_study_key, signed_aggregate, submit_and_approve
+from tests.support.studies import (
+    relay_study_key,
+    signed_aggregate,
+    site_spend,
+    submit_and_approve,
+)
 from tests.support.world import People, dataset_body, site_enrolment
 
 SITES = ("a", "b", "c")
@@ -172,6 +177,7 @@ def _run(world: World) -> World:
             participants=[f"hospital-{s}" for s in SITES],
             sample_counts={f"hospital-{s}": int(WEIGHTS[s]) for s in SITES},
             epsilon={f"hospital-{s}": 0.75 * n for s in SITES},
+            spend={f"hospital-{s}": site_spend(plan, n, 0.75 * n, int(WEIGHTS[s])) for s in SITES},
             aggregate_digest=model.digest,
             total_weight=total,
             evaluation={"accuracy": 0.8 + 0.05 * n, "auc": 0.85 + 0.02 * n},

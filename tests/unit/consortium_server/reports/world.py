@@ -22,11 +22,13 @@ from sqlalchemy.orm import Session
 from concord_protocol.audit.cosignatures import Cosignature, cosignature_message
 from concord_protocol.audit.entries import AuditEntry, AuditObject, Outcome
 from concord_protocol.audit.heads import encode_public_key
+from concord_protocol.contract import StudyContract
 from concord_protocol.rounds import RoundAuditDetails, RoundRecord
 from consortium_server.audit.cosignatures import record_cosignature
 from consortium_server.audit.recorder import SERVER_ACTOR
 from consortium_server.db.base import utcnow
 from consortium_server.federation.coordinator import record_round
+from tests.support.studies import on_plan_spend
 from tests.support.world import (
     SIGNING_KEYS,
     People,
@@ -67,10 +69,17 @@ class ReportWorld:
         return str(self.main_study["title"])
 
 
+def _published(contract: StudyContract, site_id: str) -> int:
+    member = contract.member(site_id)
+    return member.max_examples if member is not None else 1
+
+
 def round_record(
     study: dict[str, Any], round_number: int, epsilon: dict[str, str], samples: dict[str, int]
 ) -> RoundRecord:
-    """The round as the ServerApp reports it (each site holds the dataset ``bc-<letter>``)."""
+    """The round as the ServerApp reports it (each site holds the dataset ``bc-<letter>``),
+    with each site's signed spend report on the contract's plan."""
+    contract = StudyContract.model_validate(study["contract"])
     return RoundRecord(
         study_id=study["id"],
         contract_hash=study["contract_hash"],
@@ -79,6 +88,15 @@ def round_record(
         participants=sorted(samples),
         sample_counts=dict(samples),
         epsilon={f"hospital-{d.removeprefix('bc-')}": float(e) for d, e in epsilon.items()},
+        spend={
+            f"hospital-{d.removeprefix('bc-')}": on_plan_spend(
+                contract,
+                round_number,
+                float(e),
+                _published(contract, f"hospital-{d.removeprefix('bc-')}"),
+            )
+            for d, e in epsilon.items()
+        },
         site_digests={
             site: hashlib.sha256(f"{site}/{round_number}".encode()).hexdigest() for site in samples
         },
