@@ -173,6 +173,8 @@ def write_site_data(dirs: SiteDirs, index: int, *, records: int, seed: int) -> N
     """Write site ``index``'s CSV (``records`` rows resampled from the breast-cancer set)."""
     from sklearn.datasets import load_breast_cancer
 
+    from site_node.data.reference import WDBC_FEATURE_RANGES
+
     x, y = load_breast_cancer(return_X_y=True)
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     rows = rng.integers(0, len(y), size=records)
@@ -190,6 +192,10 @@ def write_site_data(dirs: SiteDirs, index: int, *, records: int, seed: int) -> N
         "path": str(path),
         "label_column": "label",
         "classes": list(CLASSES),
+        "feature_ranges": {
+            f"f{j:02d}": list(WDBC_FEATURE_RANGES[str(name)])
+            for j, name in enumerate(load_breast_cancer().feature_names)
+        },
         "test_fraction": 0.2,
         "seed": 7,
         "description": "breast-cancer records resampled with replacement (scale benchmark)",

@@ -1,7 +1,7 @@
 """Local datasets: configuration, loaders (CSV, image folders, NIfTI, DICOM) and demo data."""
 
-from site_node.data.csv_loader import load_csv, standardise
-from site_node.data.dataset import LocalDataset, Split, encode_labels, split_indices
+from site_node.data.csv_loader import load_csv, read_ranges_file, scale_to_ranges
+from site_node.data.dataset import LocalDataset, Split, assign_split, encode_labels
 from site_node.data.demo import (
     breast_cancer_holdout,
     breast_cancer_site,
@@ -18,6 +18,7 @@ __all__ = [
     "LocalDataset",
     "Split",
     "VolumeMode",
+    "assign_split",
     "breast_cancer_holdout",
     "breast_cancer_site",
     "encode_labels",
@@ -25,8 +26,8 @@ __all__ = [
     "load_dataset",
     "load_image_folder",
     "load_volumes",
-    "split_indices",
-    "standardise",
+    "read_ranges_file",
+    "scale_to_ranges",
     "synthetic_images_holdout",
     "synthetic_images_site",
 ]

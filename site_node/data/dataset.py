@@ -7,18 +7,27 @@ what may leave the site for the dataset catalogue: counts and shapes, never reco
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from site_node.errors import DatasetError, EmptyDatasetError, UnknownLabelError
 
-__all__ = ["LocalDataset", "Split", "encode_labels", "split_indices"]
+__all__ = [
+    "LocalDataset",
+    "Split",
+    "assign_split",
+    "check_split_size",
+    "encode_labels",
+    "split_key",
+    "split_position",
+]
 
 Split = Literal["train", "test"]
 
@@ -104,60 +113,80 @@ class LocalDataset:
         return out
 
 
-def split_indices(
-    labels: np.ndarray, *, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic train/test indices, stratified by label when every class allows it.
+#: Domain separation of the split hash (a new version would reassign records).
+_SPLIT_LABEL = b"concord/split/v1"
 
-    Returns sorted index arrays. With ``test_fraction == 0`` everything is train.
+
+def split_key(seed: int) -> bytes:
+    """The HMAC key of the train/test assignment for a dataset configured with ``seed``.
+
+    The key is configuration, not data: it may be public. What matters for privacy is that
+    a record's split depends on that record alone, never on the other records."""
+    return _SPLIT_LABEL + b"\x00" + str(int(seed)).encode()
+
+
+def split_position(record_id: str, key: bytes) -> float:
+    """A record's position in [0, 1): the first 64 bits of HMAC-SHA256(key, id) / 2^64."""
+    digest = hmac.new(key, record_id.encode("utf-8"), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assign_split(
+    record_ids: Sequence[str], *, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices (sorted) by a keyed hash of each record's id.
+
+    A record is in the test split when its :func:`split_position` is below ``test_fraction``:
+    the assignment of a record depends only on its own id and the configured key, so adding,
+    removing or changing one record never moves another between train and test (the split
+    stays inside the privacy guarantee's unit, one record). The test share is
+    ``test_fraction`` in expectation, not exactly. With ``test_fraction == 0`` everything is
+    train.
+
+    Raises:
+        EmptyDatasetError: no records.
     """
-    n = len(labels)
+    n = len(record_ids)
     if n == 0:
         raise EmptyDatasetError("the dataset has no records")
     idx = np.arange(n)
     if test_fraction <= 0:
         return idx, idx[:0]
-    n_test = max(1, round(n * test_fraction))
-    if n_test >= n:
+    key = split_key(seed)
+    in_test = np.array([split_position(r, key) < test_fraction for r in record_ids], dtype=bool)
+    return idx[~in_test], idx[in_test]
+
+
+def check_split_size(size: int, *, split: Split, total: int, source: str) -> None:
+    """Refuse an empty split with the reason and the remedy (never silently train on none)."""
+    if size == 0:
         raise EmptyDatasetError(
-            f"{n} records are too few for a test fraction of {test_fraction}",
-            hint="lower test_fraction or add records",
+            f"{source}: the keyed-hash split put none of the {total} records in the {split} split",
+            hint="add records, change test_fraction, or change the split seed",
         )
-    _, counts = np.unique(labels, return_counts=True)
-    n_classes = len(counts)
-    stratify = (
-        labels if counts.min() >= 2 and n_test >= n_classes and n - n_test >= n_classes else None
-    )
-    train, test = train_test_split(idx, test_size=n_test, random_state=seed, stratify=stratify)
-    return np.sort(train), np.sort(test)
 
 
 def encode_labels(
-    raw: Sequence[str], *, classes: Sequence[str] | None, source: str
+    raw: Sequence[str], *, classes: Sequence[str], source: str
 ) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Map raw label strings to class indices.
+    """Map raw label strings to class indices: the position in the configured ``classes``.
 
-    With ``classes`` given, the index is the position in that list and any other label is an
-    :class:`UnknownLabelError`. Without it, labels that are all non-negative integers are used
-    as-is (classes ``0..max``); otherwise the sorted distinct labels define the classes.
+    The class set is configuration, never inferred from the labels present (which classes a
+    site holds would otherwise shape the model and leak with it). Any other label is an
+    :class:`UnknownLabelError`.
     """
+    if len(classes) < 2:
+        raise UnknownLabelError(
+            f"{source}: a classification task needs at least 2 configured classes",
+            hint="list the task's classes in `classes` in the dataset configuration",
+        )
     values = [r.strip() for r in raw]
-    if classes is not None:
-        lookup = {c: i for i, c in enumerate(classes)}
-        for row, value in enumerate(values, start=1):
-            if value not in lookup:
-                raise UnknownLabelError(
-                    f"{source}: record {row} has label {value!r}, not one of the configured "
-                    f"classes {list(classes)}",
-                    hint="fix the label or add it to `classes` in the dataset configuration",
-                )
-        return np.array([lookup[v] for v in values], dtype=np.int64), tuple(classes)
-    if all(v.isdigit() for v in values):
-        ints = np.array([int(v) for v in values], dtype=np.int64)
-        top = int(ints.max()) if len(ints) else 1
-        return ints, tuple(str(i) for i in range(max(top + 1, 2)))
-    distinct = tuple(sorted(set(values)))
-    if "" in distinct:
-        raise UnknownLabelError(f"{source}: a record has an empty label")
-    lookup = {c: i for i, c in enumerate(distinct)}
-    return np.array([lookup[v] for v in values], dtype=np.int64), distinct
+    lookup = {c: i for i, c in enumerate(classes)}
+    for row, value in enumerate(values, start=1):
+        if value not in lookup:
+            raise UnknownLabelError(
+                f"{source}: record {row} has label {value!r}, not one of the configured "
+                f"classes {list(classes)}",
+                hint="fix the label or add it to `classes` in the dataset configuration",
+            )
+    return np.array([lookup[v] for v in values], dtype=np.int64), tuple(classes)

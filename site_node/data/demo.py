@@ -10,17 +10,22 @@ stratified, as the global holdout. The rest is partitioned *non-IID by label*: f
 site shares are drawn from a Dirichlet(``alpha``) distribution (default ``alpha = 1.0``) and
 that class's shuffled records are cut accordingly, so sites differ in how many malignant cases
 they see (as referral centres do). Draws are repeated (deterministically) until every site has
-at least ``MIN_SITE_RECORDS`` records and 4 of each class. Each site then splits its records
-80/20 into train/test (stratified).
+at least ``MIN_SITE_RECORDS`` records and 4 of each class. (This partition builds the
+simulated world: it stands for which patients went to which hospital, not for anything a site
+computes.) Each site then assigns its records to train or test by a keyed hash of the
+record's id (``wdbc-<row>``), as every loader does
+(:func:`~site_node.data.dataset.assign_split`).
 
-Standardisation uses the mean and standard deviation of the *pooled site training splits*:
-the consortium-agreed constants a federation would compute with a secure sum of per-site
-sums and sums of squares. The holdout and the sites' test splits never contribute.
+Features are scaled with the **declared ranges** of the WDBC data set's published
+description (:data:`~site_node.data.reference.WDBC_FEATURE_RANGES`), clipped and mapped to
+``[-1, 1]``, like a CSV dataset: no statistic of any site's records (pooled or local) enters
+preprocessing.
 
 **Synthetic images.** MONAI ``create_test_image_2d`` images (noise plus bright discs), label 0
 = one disc, label 1 = four discs: learnable from total bright area, under DP too. Site
 ``i`` draws label 1 with probability ``(i + 1) / (n_sites + 1)`` (label skew). Sites and the
-holdout use independent random streams (``SeedSequence([seed, stream])``).
+holdout use independent random streams (``SeedSequence([seed, stream])``); a site's records
+are split by a keyed hash of their id (``img-<site>-<i>``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ import torch
 from monai.data import create_test_image_2d
 from sklearn.datasets import load_breast_cancer
 
-from site_node.data.dataset import LocalDataset, Split, split_indices
+from site_node.data.csv_loader import scale_to_ranges
+from site_node.data.dataset import LocalDataset, Split, assign_split
+from site_node.data.reference import WDBC_FEATURE_RANGES
 from site_node.errors import DatasetConfigError
 
 __all__ = [
@@ -65,10 +72,10 @@ def _check_site(site_index: int, n_sites: int) -> None:
 @lru_cache(maxsize=16)
 def _breast_cancer_partition(
     n_sites: int, seed: int, alpha: float
-) -> tuple[np.ndarray, tuple[tuple[np.ndarray, np.ndarray], ...], np.ndarray, np.ndarray]:
-    """(holdout indices, per-site (train, test) indices, mean, std) into the full data."""
-    x, y = load_breast_cancer(return_X_y=True)
-    pool, holdout = split_indices(y, test_fraction=HOLDOUT_FRACTION, seed=seed)
+) -> tuple[np.ndarray, tuple[tuple[np.ndarray, np.ndarray], ...]]:
+    """(holdout indices, per-site (train, test) indices) into the full data."""
+    _, y = load_breast_cancer(return_X_y=True)
+    pool, holdout = _holdout_split(y, seed)
     rng = np.random.default_rng(np.random.SeedSequence([seed, n_sites]))
     for _attempt in range(10_000):
         parts: list[list[int]] = [[] for _ in range(n_sites)]
@@ -78,9 +85,7 @@ def _breast_cancer_partition(
             cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
             for site, chunk in enumerate(np.split(members, cuts)):
                 parts[site].extend(int(i) for i in chunk)
-        ok = all(
-            len(p) >= MIN_SITE_RECORDS and np.bincount(y[p], minlength=2).min() >= 4 for p in parts
-        )
+        ok = all(_usable_site(np.sort(np.array(p, dtype=np.int64)), y, seed) for p in parts)
         if ok:
             break
     else:  # pragma: no cover - 10,000 unlucky draws
@@ -88,25 +93,47 @@ def _breast_cancer_partition(
     sites = []
     for part in parts:
         members = np.sort(np.array(part, dtype=np.int64))
-        tr, te = split_indices(y[members], test_fraction=SITE_TEST_FRACTION, seed=seed)
+        tr, te = _site_split(members, seed)
         sites.append((members[tr], members[te]))
     pooled_train = np.concatenate([tr for tr, _ in sites])
     if np.intersect1d(pooled_train, holdout).size:  # pragma: no cover - by construction
         raise DatasetConfigError("site data overlaps the holdout")
-    mean = x[pooled_train].mean(axis=0)
-    std = x[pooled_train].std(axis=0)
-    return holdout, tuple(sites), mean, std
+    return holdout, tuple(sites)
 
 
-def _breast_cancer_subset(idx: np.ndarray, mean: np.ndarray, std: np.ndarray) -> LocalDataset:
+def _holdout_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The consortium's stratified holdout (part of building the simulated world)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    pool, holdout = train_test_split(idx, test_size=HOLDOUT_FRACTION, random_state=seed, stratify=y)
+    return np.sort(pool), np.sort(holdout)
+
+
+def _site_split(members: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A site's train/test positions within ``members``: keyed hash of each record id."""
+    ids = [f"wdbc-{int(i)}" for i in members]
+    return assign_split(ids, test_fraction=SITE_TEST_FRACTION, seed=seed)
+
+
+def _usable_site(members: np.ndarray, y: np.ndarray, seed: int) -> bool:
+    """Enough records, and every class in both of the site's splits."""
+    if len(members) < MIN_SITE_RECORDS:
+        return False
+    tr, te = _site_split(members, seed)
+    return all(np.bincount(y[members[part]], minlength=2).min() >= 4 for part in (tr, te))
+
+
+def _breast_cancer_subset(idx: np.ndarray) -> LocalDataset:
     data = load_breast_cancer()
-    x = ((data.data[idx] - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
+    names = [str(n) for n in data.feature_names]
+    x = scale_to_ranges(data.data[idx], [WDBC_FEATURE_RANGES[n] for n in names])
     return LocalDataset(
         features=torch.from_numpy(x),
         labels=torch.from_numpy(data.target[idx].astype(np.int64)),
         num_classes=2,
         modality="tabular",
-        feature_names=tuple(str(n) for n in data.feature_names),
+        feature_names=tuple(names),
         class_names=BREAST_CANCER_CLASSES,
     )
 
@@ -116,16 +143,15 @@ def breast_cancer_site(
 ) -> tuple[LocalDataset, LocalDataset]:
     """One site's (train, test) split of the breast-cancer data (see the module docstring)."""
     _check_site(site_index, n_sites)
-    _, sites, mean, std = _breast_cancer_partition(n_sites, seed, alpha)
+    _, sites = _breast_cancer_partition(n_sites, seed, alpha)
     tr, te = sites[site_index]
-    train = _breast_cancer_subset(tr, mean, std)
-    return train, _as_split(_breast_cancer_subset(te, mean, std), "test")
+    return _breast_cancer_subset(tr), _as_split(_breast_cancer_subset(te), "test")
 
 
 def breast_cancer_holdout(seed: int = 7, n_sites: int = 3, *, alpha: float = 1.0) -> LocalDataset:
-    """The global held-out test set, disjoint from all sites, standardised like the sites."""
-    holdout, _, mean, std = _breast_cancer_partition(n_sites, seed, alpha)
-    return _as_split(_breast_cancer_subset(holdout, mean, std), "test")
+    """The global held-out test set, disjoint from all sites, scaled like the sites."""
+    holdout, _ = _breast_cancer_partition(n_sites, seed, alpha)
+    return _as_split(_breast_cancer_subset(holdout), "test")
 
 
 def _as_split(ds: LocalDataset, split: Split) -> LocalDataset:
@@ -182,7 +208,8 @@ def synthetic_images_site(
         stream=site_index,
         seed=seed,
     )
-    tr, te = split_indices(full.labels.numpy(), test_fraction=SITE_TEST_FRACTION, seed=seed)
+    ids = [f"img-{site_index}-{i}" for i in range(n_samples)]
+    tr, te = assign_split(ids, test_fraction=SITE_TEST_FRACTION, seed=seed)
     return _subset(full, tr, "train"), _subset(full, te, "test")
 
 

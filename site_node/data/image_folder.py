@@ -3,6 +3,11 @@
 Each image is read with MONAI's ``LoadImage`` (PIL reader, rows first), made channel-first,
 converted to one grayscale channel (mean of the colour channels; alpha dropped), resized to
 ``image_size x image_size`` and scaled to [0, 1] per image (``ScaleIntensity``).
+
+Everything a record goes through depends on that record alone (the privacy guarantee's unit):
+the intensity scaling uses the image's own range, the train/test assignment is a keyed hash
+of its file name (:func:`~site_node.data.dataset.assign_split`) and the class set is the
+configured ``classes``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,13 @@ from monai.data import PILReader
 from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensity
 
 from site_node.data._labels import plain_tensor, read_labels_file
-from site_node.data.dataset import LocalDataset, Split, encode_labels, split_indices
+from site_node.data.dataset import (
+    LocalDataset,
+    Split,
+    assign_split,
+    check_split_size,
+    encode_labels,
+)
 from site_node.errors import DatasetError
 
 __all__ = ["load_image_folder", "to_grayscale"]
@@ -56,7 +67,7 @@ def load_image_folder(
     split: Split,
     test_fraction: float,
     seed: int,
-    classes: Sequence[str] | None = None,
+    classes: Sequence[str],
     modality: str = "image",
     dataset_id: str | None = None,
 ) -> LocalDataset:
@@ -72,8 +83,16 @@ def load_image_folder(
     labels, class_names = encode_labels(
         [label for _, label in entries], classes=classes, source=f"labels file {labels_file!r}"
     )
-    train_idx, test_idx = split_indices(labels, test_fraction=test_fraction, seed=seed)
+    base = root.resolve()
+    train_idx, test_idx = assign_split(
+        [path.relative_to(base).as_posix() for path, _ in entries],
+        test_fraction=test_fraction,
+        seed=seed,
+    )
     idx = train_idx if split == "train" else test_idx
+    check_split_size(
+        len(idx), split=split, total=len(entries), source=f"labels file {labels_file!r}"
+    )
     transform = _transform(image_size)
     images = []
     for i in idx:

@@ -2,19 +2,22 @@
 
 A :class:`DatasetConfig` says where the data is and how to read it; it holds no data.
 :func:`load_dataset` turns it into a :class:`LocalDataset` for the train or test split. The
-split is deterministic (``seed``) and stratified by label when possible, so the train and test
-splits loaded in separate calls (or processes) never overlap.
+split is a keyed hash of each record's id (``seed`` picks the key), so the train and test
+splits loaded in separate calls (or processes) never overlap, and one record never moves
+another. File kinds need the task's ``classes``, and CSV datasets their features' declared
+ranges: preprocessing reads no statistic of the data (see ``docs/privacy.md``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from site_node.data.csv_loader import load_csv
+from site_node.data.csv_loader import FeatureRange, load_csv, read_ranges_file
 from site_node.data.dataset import LocalDataset, Split
 from site_node.data.demo import breast_cancer_site, synthetic_images_site
 from site_node.data.image_folder import load_image_folder
@@ -54,6 +57,25 @@ class DatasetConfig(BaseModel):
     exclude_columns: tuple[str, ...] = Field(
         default=(), description="CSV columns that are not features (e.g. a record id)."
     )
+    id_column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="CSV column holding a unique record id: the key of the train/test hash "
+        "(without it, a record's own cells are).",
+    )
+    feature_ranges: dict[str, tuple[float, float]] | None = Field(
+        default=None,
+        description="CSV: declared plausible [low, high] per feature column (a data "
+        "dictionary, never computed from the data); values are clipped to it and mapped "
+        "to [-1, 1].",
+    )
+    feature_ranges_file: Path | None = Field(
+        default=None, description="CSV: the declared ranges as a `column,low,high` CSV file."
+    )
+    scaling: Literal["declared_ranges", "none"] = Field(
+        default="declared_ranges",
+        description="CSV: scale features to their declared ranges, or leave them as they are.",
+    )
     labels_file: str = Field(
         default="labels.csv", min_length=1, description="`filename,label` index in the folder."
     )
@@ -77,6 +99,11 @@ class DatasetConfig(BaseModel):
         if self.kind in _FILE_KINDS:
             if self.path is None:
                 raise ValueError(f"kind {self.kind!r} needs `path`")
+            if self.classes is None:
+                raise ValueError(
+                    f"kind {self.kind!r} needs `classes`: the task's class set comes from "
+                    "configuration, not from the labels present"
+                )
         else:
             if self.path is not None:
                 raise ValueError(f"kind {self.kind!r} takes no `path`")
@@ -86,7 +113,26 @@ class DatasetConfig(BaseModel):
                 raise ValueError("`site_index` must be smaller than `n_sites`")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError("`classes` has duplicates")
+        if self.kind != "csv" and (
+            self.feature_ranges is not None
+            or self.feature_ranges_file is not None
+            or self.id_column is not None
+        ):
+            raise ValueError(
+                "`feature_ranges`, `feature_ranges_file` and `id_column` are for CSV datasets"
+            )
+        if self.feature_ranges is not None and self.feature_ranges_file is not None:
+            raise ValueError("give `feature_ranges` or `feature_ranges_file`, not both")
+        for column, (low, high) in (self.feature_ranges or {}).items():
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"feature range of {column!r} needs finite low < high")
         return self
+
+    def declared_ranges(self) -> dict[str, FeatureRange] | None:
+        """The CSV features' declared ranges, from the configuration or its ranges file."""
+        if self.feature_ranges_file is not None:
+            return read_ranges_file(self.feature_ranges_file)
+        return dict(self.feature_ranges) if self.feature_ranges is not None else None
 
 
 def load_dataset(config: DatasetConfig, *, split: Split) -> LocalDataset:
@@ -98,7 +144,7 @@ def load_dataset(config: DatasetConfig, *, split: Split) -> LocalDataset:
     """
     if split not in ("train", "test"):
         raise DatasetConfigError(f"split must be 'train' or 'test', got {split!r}")
-    classes = list(config.classes) if config.classes is not None else None
+    classes = list(config.classes or ())
     dataset: LocalDataset
     if config.kind == "csv":
         assert config.path is not None
@@ -106,6 +152,9 @@ def load_dataset(config: DatasetConfig, *, split: Split) -> LocalDataset:
             config.path,
             label_column=config.label_column,
             exclude_columns=config.exclude_columns,
+            id_column=config.id_column,
+            feature_ranges=config.declared_ranges(),
+            scaling=config.scaling,
             classes=classes,
             split=split,
             test_fraction=config.test_fraction,

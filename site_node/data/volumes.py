@@ -10,7 +10,10 @@ or ``PydicomReader``), made channel-first, reduced to one channel (mean), then:
   used as it is.
 * ``volume_mode="volume"``: the whole volume is resized to ``S x S x S``: ``(1, S, S, S)``.
 
-Intensities are scaled to [0, 1] per record (``ScaleIntensity``) after resizing.
+Intensities are scaled to [0, 1] per record (``ScaleIntensity``) after resizing: each
+record's preprocessing reads that record alone, the train/test assignment is a keyed hash of
+its file name (:func:`~site_node.data.dataset.assign_split`) and the class set is the
+configured ``classes``, so no statistic of the other patients enters a record's input.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ from monai.transforms import LoadImage, Resize, ScaleIntensity
 
 from concord_protocol.errors import IncompatibleInputError
 from site_node.data._labels import plain_tensor, read_labels_file
-from site_node.data.dataset import LocalDataset, Split, encode_labels, split_indices
+from site_node.data.dataset import (
+    LocalDataset,
+    Split,
+    assign_split,
+    check_split_size,
+    encode_labels,
+)
 from site_node.errors import DatasetError
 
 __all__ = ["VolumeMode", "load_volumes"]
@@ -70,7 +79,7 @@ def load_volumes(
     test_fraction: float,
     seed: int,
     volume_mode: VolumeMode = "central_slice",
-    classes: Sequence[str] | None = None,
+    classes: Sequence[str],
     modality: str | None = None,
     dataset_id: str | None = None,
 ) -> LocalDataset:
@@ -85,8 +94,16 @@ def load_volumes(
     labels, class_names = encode_labels(
         [label for _, label in entries], classes=classes, source=f"labels file {labels_file!r}"
     )
-    train_idx, test_idx = split_indices(labels, test_fraction=test_fraction, seed=seed)
+    base = root.resolve()
+    train_idx, test_idx = assign_split(
+        [path.relative_to(base).as_posix() for path, _ in entries],
+        test_fraction=test_fraction,
+        seed=seed,
+    )
     idx = train_idx if split == "train" else test_idx
+    check_split_size(
+        len(idx), split=split, total=len(entries), source=f"labels file {labels_file!r}"
+    )
     with warnings.catch_warnings():
         # MONAI probes for NVIDIA's nvImageCodec (absent on CPU nodes) and warns.
         warnings.simplefilter("ignore", UserWarning)

@@ -127,6 +127,8 @@ def write_site_data(directory: Path, index: int) -> None:
     """One third of scikit-learn's breast-cancer data as the hospital's CSV export."""
     from sklearn.datasets import load_breast_cancer
 
+    from site_node.data.reference import WDBC_FEATURE_RANGES, write_ranges_file
+
     data = load_breast_cancer()
     rows = [i for i in range(len(data.target)) if i % len(SITES) == index]
     directory.mkdir(parents=True, exist_ok=True)
@@ -135,6 +137,9 @@ def write_site_data(directory: Path, index: int) -> None:
         writer.writerow(["record_id", *data.feature_names, "diagnosis"])
         for i in rows:
             writer.writerow([f"r{i}", *data.data[i], data.target_names[data.target[i]]])
+    # The hospital's data dictionary: each feature's declared range (here the ranges
+    # published with the WDBC data set), never computed from the records.
+    write_ranges_file(directory / "biopsies-ranges.csv", WDBC_FEATURE_RANGES)
 
 
 def governance(dataset_id: str, site_id: str, organisation: str) -> dict[str, Any]:

@@ -65,7 +65,14 @@ def _datasets_file(tmp_path: Path) -> Path:
         yaml.safe_dump(
             {
                 "datasets": [
-                    {"id": "cohort", "kind": "csv", "path": str(csv), "label_column": "label"},
+                    {
+                        "id": "cohort",
+                        "kind": "csv",
+                        "path": str(csv),
+                        "label_column": "label",
+                        "classes": ["0", "1"],
+                        "feature_ranges": {"age": [18, 100], "marker": [0, 10]},
+                    },
                     {"id": "bc-demo", "kind": "demo_breast_cancer", "site_index": 0},
                 ]
             }
@@ -85,7 +92,9 @@ def test_data_check_summarises_without_records(tmp_path: Path) -> None:
 def test_data_check_reports_a_broken_dataset(tmp_path: Path) -> None:
     path = tmp_path / "datasets.yaml"
     path.write_text(
-        yaml.safe_dump([{"id": "gone", "kind": "csv", "path": str(tmp_path / "x.csv")}])
+        yaml.safe_dump(
+            [{"id": "gone", "kind": "csv", "path": str(tmp_path / "x.csv"), "classes": ["a", "b"]}]
+        )
     )
     result = runner.invoke(app, ["data", "check", "--file", str(path)])
     assert result.exit_code == 1

@@ -14,8 +14,11 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from site_node.data import LocalDataset, load_csv, load_image_folder, load_volumes, split_indices
+from site_node.data import LocalDataset, load_csv, load_image_folder, load_volumes
+from site_node.data.csv_loader import read_ranges_file, scale_to_ranges
+from site_node.data.dataset import split_key, split_position
 from site_node.errors import (
+    DatasetConfigError,
     DatasetError,
     EmptyDatasetError,
     MissingColumnError,
@@ -43,10 +46,15 @@ def tabular(tmp_path: Path) -> Path:
     return _write_csv(tmp_path / "t.csv", ["record_id", "a", "b", "c", "outcome"], rows)
 
 
+RANGES = {"a": (-10.0, 20.0), "b": (-10.0, 20.0), "c": (-10.0, 20.0)}
+
+
 def _load(path: Path, split: str, **kw: object) -> LocalDataset:
     args: dict[str, object] = {
         "label_column": "outcome",
-        "exclude_columns": ("record_id",),
+        "id_column": "record_id",
+        "classes": ("no", "yes"),
+        "feature_ranges": RANGES,
         "test_fraction": 0.25,
         "seed": 3,
     }
@@ -54,81 +62,195 @@ def _load(path: Path, split: str, **kw: object) -> LocalDataset:
     return load_csv(path, split=split, **args)  # type: ignore[arg-type]
 
 
+def _ids(ds: LocalDataset, path: Path) -> set[str]:
+    """Record ids of a loaded split (found by matching the scaled rows back)."""
+    raw = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(1, 2, 3))
+    scaled = scale_to_ranges(raw, list(RANGES.values()))
+    rows = [tuple(np.round(r, 5)) for r in ds.features.numpy()]
+    index = {tuple(np.round(r, 5)): f"p{i}" for i, r in enumerate(scaled)}
+    return {index[r] for r in rows}
+
+
 class TestCsv:
-    def test_splits_are_disjoint_stratified_and_standardised_on_train(self, tabular: Path) -> None:
+    def test_splits_are_disjoint_keyed_by_record_id_and_scaled_to_declared_ranges(
+        self, tabular: Path
+    ) -> None:
         train = _load(tabular, "train")
         test = _load(tabular, "test")
-        assert len(train) == 30
-        assert len(test) == 10
+        assert len(train) + len(test) == 40
+        assert 4 <= len(test) <= 16  # 10 expected: a hash split is exact only in expectation
         assert train.feature_names == ("a", "b", "c")
         assert train.class_names == ("no", "yes")
-        assert train.label_counts() == [15, 15]
-        assert test.label_counts() == [5, 5]
         assert train.features.dtype == torch.float32
         assert train.labels.dtype == torch.int64
-        # train is standardised with its own statistics ...
-        assert torch.allclose(train.features.mean(0), torch.zeros(3), atol=1e-5)
-        assert torch.allclose(train.features.std(0, unbiased=False), torch.ones(3), atol=1e-5)
-        # ... and test with the train statistics, not its own.
+        # Each record's split is its keyed hash, nothing else.
+        key = split_key(3)
+        expected_test = {f"p{i}" for i in range(40) if split_position(f"p{i}", key) < 0.25}
+        assert _ids(test, tabular) == expected_test
+        assert _ids(train, tabular) == {f"p{i}" for i in range(40)} - expected_test
+        # Features: clipped to the declared range and mapped to [-1, 1], no statistic read.
         raw = np.loadtxt(tabular, delimiter=",", skiprows=1, usecols=(1, 2, 3))
-        labels = np.array([i % 2 for i in range(40)])
-        train_idx, test_idx = split_indices(labels, test_fraction=0.25, seed=3)
-        mean, std = raw[train_idx].mean(0), raw[train_idx].std(0)
-        expected = (raw[test_idx] - mean) / std
-        assert np.allclose(test.features.numpy(), expected, atol=1e-5)
-        assert not np.allclose(test.features.numpy().mean(0), 0.0, atol=1e-3)
+        mapped = 2 * (np.clip(raw, -10, 20) + 10) / 30 - 1
+        in_test = np.array([f"p{i}" in expected_test for i in range(40)])
+        assert np.allclose(test.features.numpy(), mapped[in_test], atol=1e-6)
+        assert float(train.features.min()) >= -1.0
+        assert float(train.features.max()) <= 1.0
 
-    def test_split_is_deterministic(self, tabular: Path) -> None:
+    def test_one_record_changed_or_removed_moves_no_other_record(
+        self, tabular: Path, tmp_path: Path
+    ) -> None:
+        """The neighbouring-dataset check of preprocessing: every other record keeps its
+        split and its exact input when one record is removed, or changed to an extreme."""
+        with tabular.open(newline="") as fh:
+            header, *rows = list(csv.reader(fh))
+        before = {split: _load(tabular, split) for split in ("train", "test")}
+        before_rows = {
+            split: {tuple(r) for r in ds.features.numpy().round(6)} for split, ds in before.items()
+        }
+
+        def scaled(row: list[str]) -> tuple[float, ...]:
+            values = np.array([[float(v) for v in row[1:4]]])
+            return tuple(scale_to_ranges(values, list(RANGES.values()))[0].round(6))
+
+        for victim in (0, 7, 23):
+            changed = [r[:] for r in rows]
+            changed[victim][1:4] = ["1e9", "-1e9", "5"]
+            removed = [r for i, r in enumerate(rows) if i != victim]
+            for variant, data in (("changed", changed), ("removed", removed)):
+                path = _write_csv(tmp_path / f"{variant}{victim}.csv", header, data)
+                for split in ("train", "test"):
+                    after = {tuple(r) for r in _load(path, split).features.numpy().round(6)}
+                    others_after = after - {scaled(changed[victim])}
+                    others_before = before_rows[split] - {scaled(rows[victim])}
+                    assert others_after == others_before, (variant, victim, split)
+
+    def test_split_is_deterministic_and_keyed_by_the_seed(self, tabular: Path) -> None:
         a, b = _load(tabular, "test"), _load(tabular, "test")
         assert torch.equal(a.features, b.features)
         assert not torch.equal(a.features, _load(tabular, "test", seed=4).features)
 
-    def test_configured_classes_fix_the_order(self, tabular: Path) -> None:
+    def test_without_an_id_column_a_record_is_keyed_by_its_own_cells(self, tabular: Path) -> None:
+        train = _load(tabular, "train", id_column=None, exclude_columns=("record_id",))
+        test = _load(tabular, "test", id_column=None, exclude_columns=("record_id",))
+        assert len(train) + len(test) == 40
+        with tabular.open(newline="") as fh:
+            rows = list(csv.reader(fh))[1:]
+        key = split_key(3)
+        n_test = sum(split_position("\x1f".join(r), key) < 0.25 for r in rows)
+        assert len(test) == n_test
+
+    def test_a_feature_without_a_declared_range_is_refused(self, tabular: Path) -> None:
+        with pytest.raises(DatasetConfigError, match=r"no declared range.*\['c'\]") as info:
+            _load(tabular, "train", feature_ranges={"a": (0.0, 1.0), "b": (0.0, 1.0)})
+        assert info.value.code == "data.invalid_config"
+        with pytest.raises(DatasetConfigError, match="not features"):
+            _load(tabular, "train", feature_ranges={**RANGES, "outcome": (0.0, 1.0)})
+        raw = _load(tabular, "train", feature_ranges=None, scaling="none")
+        assert float(raw.features.abs().max()) > 1.0  # declared unscaled: left as they are
+
+    def test_ranges_file(self, tabular: Path, tmp_path: Path) -> None:
+        path = _write_csv(
+            tmp_path / "ranges.csv",
+            ["column", "low", "high"],
+            [[c, lo, hi] for c, (lo, hi) in RANGES.items()],
+        )
+        from_file = _load(tabular, "train", feature_ranges=read_ranges_file(path))
+        assert torch.equal(from_file.features, _load(tabular, "train").features)
+        bad = _write_csv(tmp_path / "bad.csv", ["column", "low", "high"], [["a", 5, 1]])
+        with pytest.raises(DatasetError, match="line 2: need finite low < high"):
+            read_ranges_file(bad)
+        nan = _write_csv(tmp_path / "nan.csv", ["column", "low", "high"], [["a", "x", 1]])
+        with pytest.raises(DatasetError, match="must be numbers"):
+            read_ranges_file(nan)
+        twice = _write_csv(tmp_path / "t.csv", ["column", "low", "high"], [["a", 0, 1]] * 2)
+        with pytest.raises(DatasetError, match="repeated"):
+            read_ranges_file(twice)
+        with pytest.raises(MissingColumnError, match="'high'"):
+            read_ranges_file(_write_csv(tmp_path / "h.csv", ["column", "low"], [["a", 0]]))
+        with pytest.raises(MissingFileError):
+            read_ranges_file(tmp_path / "absent.csv")
+
+    def test_repeated_or_empty_record_ids_are_refused(self, tmp_path: Path) -> None:
+        rows = [["p1", 1, 2, 3, "no"], ["p2", 1, 2, 3, "yes"], ["p1", 4, 5, 6, "no"]]
+        path = _write_csv(tmp_path / "d.csv", ["record_id", "a", "b", "c", "outcome"], rows)
+        with pytest.raises(DatasetError, match="line 4 repeats line 2"):
+            _load(path, "train")
+        rows[2][0] = " "
+        path = _write_csv(tmp_path / "e.csv", ["record_id", "a", "b", "c", "outcome"], rows)
+        with pytest.raises(DatasetError, match="line 4 has an empty record id"):
+            _load(path, "train")
+
+    def test_an_empty_split_is_an_error_not_a_silent_nothing(self, tmp_path: Path) -> None:
+        rows = [["p1", 1, 2, 3, "no"], ["p2", 1, 2, 3, "yes"]]
+        path = _write_csv(tmp_path / "d.csv", ["record_id", "a", "b", "c", "outcome"], rows)
+        key = split_key(3)
+        assert all(split_position(f"p{i}", key) >= 0.01 for i in (1, 2))
+        with pytest.raises(EmptyDatasetError, match="none of the 2 records in the test split"):
+            _load(path, "test", test_fraction=0.01)
+
+    def test_configured_classes_fix_the_order_and_are_required(self, tabular: Path) -> None:
         ds = _load(tabular, "train", classes=("yes", "no"))
         assert ds.class_names == ("yes", "no")
+        assert ds.num_classes == 2
         with pytest.raises(UnknownLabelError, match="'no'"):
             _load(tabular, "train", classes=("yes", "maybe"))
+        three = _load(tabular, "train", classes=("no", "yes", "unsure"))
+        assert three.num_classes == 3  # a class no record holds is still the task's
+        with pytest.raises(UnknownLabelError, match="at least 2 configured classes"):
+            _load(tabular, "train", classes=("no",))
 
     def test_summary_is_metadata_only(self, tabular: Path) -> None:
-        summary = _load(tabular, "train").summary()
+        train = _load(tabular, "train")
+        summary = train.summary()
         assert summary == {
-            "records": 30,
+            "records": len(train),
             "split": "train",
             "modality": "tabular",
             "input_shape": [3],
             "num_classes": 2,
-            "label_counts": {"no": 15, "yes": 15},
+            "label_counts": dict(zip(("no", "yes"), train.label_counts(), strict=True)),
             "feature_names": ["a", "b", "c"],
         }
 
-    def test_missing_label_column(self, tabular: Path) -> None:
+    def test_missing_label_or_id_column(self, tabular: Path) -> None:
         with pytest.raises(MissingColumnError, match="'diagnosis'") as info:
             _load(tabular, "train", label_column="diagnosis")
         assert info.value.code == "data.missing_column"
+        with pytest.raises(MissingColumnError, match="id column 'mrn'"):
+            _load(tabular, "train", id_column="mrn")
 
     def test_non_numeric_value_names_column_and_line(self, tmp_path: Path) -> None:
         rows = [[1.0, 2.0, 0], [1.5, "Smith", 1], [2.0, 3.0, 0], [2.5, 4.0, 1]]
         path = _write_csv(tmp_path / "x.csv", ["age", "weight", "label"], rows)
         with pytest.raises(NonNumericValueError) as info:
-            load_csv(path, label_column="label", split="train", test_fraction=0.0, seed=0)
+            load_csv(
+                path, label_column="label", classes=("0", "1"), split="train",
+                test_fraction=0.0, seed=0, scaling="none",
+            )  # fmt: skip
         message = str(info.value)
         assert "'weight'" in message
         assert "line 3" in message
         assert "Smith" not in message  # never echo cell values
 
     def test_empty_file_and_header_only(self, tmp_path: Path) -> None:
+        kw: dict[str, object] = {"classes": ("0", "1"), "split": "train", "seed": 0}
         empty = tmp_path / "empty.csv"
         empty.write_text("")
         with pytest.raises(EmptyDatasetError, match="empty"):
-            load_csv(empty, label_column="label", split="train", test_fraction=0.2, seed=0)
+            load_csv(empty, label_column="label", test_fraction=0.2, **kw)  # type: ignore[arg-type]
         header = _write_csv(tmp_path / "h.csv", ["a", "label"], [])
         with pytest.raises(EmptyDatasetError, match="no data rows"):
-            load_csv(header, label_column="label", split="train", test_fraction=0.2, seed=0)
+            load_csv(header, label_column="label", test_fraction=0.2, **kw)  # type: ignore[arg-type]
 
     def test_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(MissingFileError):
             load_csv(
-                tmp_path / "nope.csv", label_column="y", split="train", test_fraction=0, seed=0
+                tmp_path / "nope.csv",
+                label_column="y",
+                classes=("0", "1"),
+                split="train",
+                test_fraction=0,
+                seed=0,
             )
 
 
@@ -153,11 +275,20 @@ def _png_folder(root: Path, n: int = 12) -> Path:
 class TestImageFolder:
     def test_loads_grayscale_resized_scaled(self, tmp_path: Path) -> None:
         root = _png_folder(tmp_path / "imgs")
-        kw = {"labels_file": "labels.csv", "image_size": 8, "test_fraction": 0.25, "seed": 0}
+        kw = {
+            "labels_file": "labels.csv",
+            "image_size": 8,
+            "test_fraction": 0.25,
+            "seed": 0,
+            "classes": ("lesion", "normal"),
+        }
         train = load_image_folder(root, split="train", **kw)  # type: ignore[arg-type]
         test = load_image_folder(root, split="test", **kw)  # type: ignore[arg-type]
-        assert train.features.shape == (9, 1, 8, 8)
-        assert test.features.shape == (3, 1, 8, 8)
+        key = split_key(0)
+        n_test = sum(split_position(f"img{i}.png", key) < 0.25 for i in range(12))
+        assert 0 < n_test < 12
+        assert train.features.shape == (12 - n_test, 1, 8, 8)
+        assert test.features.shape == (n_test, 1, 8, 8)
         assert train.input_shape == (1, 8, 8)
         assert train.class_names == ("lesion", "normal")
         assert float(train.features.min()) >= 0.0
@@ -167,6 +298,21 @@ class TestImageFolder:
         assert bool((centre[train.labels == 0] > 0.9).all())
         assert bool((centre[train.labels == 1] < 0.9).all())
         assert train.summary()["input_shape"] == [1, 8, 8]
+
+    def test_an_image_removed_from_the_index_moves_no_other(self, tmp_path: Path) -> None:
+        root = _png_folder(tmp_path / "imgs")
+        kw = {"labels_file": "labels.csv", "image_size": 8, "test_fraction": 0.5, "seed": 2}
+        classes = ("lesion", "normal")
+        before = load_image_folder(root, split="test", classes=classes, **kw)  # type: ignore[arg-type]
+        with (root / "labels.csv").open(newline="") as fh:
+            header, *rows = list(csv.reader(fh))
+        _write_csv(root / "labels.csv", header, rows[1:])  # img0.png is withdrawn
+        after = load_image_folder(root, split="test", classes=classes, **kw)  # type: ignore[arg-type]
+        key = split_key(2)
+        if split_position("img0.png", key) < 0.5:  # img0 was a test image: one fewer
+            assert torch.equal(after.features, before.features[1:])
+        else:
+            assert torch.equal(after.features, before.features)
 
     def test_missing_image(self, tmp_path: Path) -> None:
         root = _png_folder(tmp_path / "imgs")
@@ -179,6 +325,7 @@ class TestImageFolder:
                 split="train",
                 test_fraction=0.2,
                 seed=0,
+                classes=("lesion", "normal"),
             )
 
     def test_unknown_label(self, tmp_path: Path) -> None:
@@ -196,7 +343,13 @@ class TestImageFolder:
 
     def test_missing_labels_file_and_escape(self, tmp_path: Path) -> None:
         root = _png_folder(tmp_path / "imgs")
-        kw = {"image_size": 8, "split": "train", "test_fraction": 0.2, "seed": 0}
+        kw = {
+            "image_size": 8,
+            "split": "train",
+            "test_fraction": 0.2,
+            "seed": 0,
+            "classes": ("lesion", "normal", "a"),
+        }
         with pytest.raises(MissingFileError, match=r"other\.csv"):
             load_image_folder(root, labels_file="other.csv", **kw)  # type: ignore[arg-type]
         _write_csv(root / "bad.csv", ["filename", "label"], [["../secret.png", "a"]])
@@ -209,7 +362,13 @@ class TestImageFolder:
         (root / "img1.png").write_bytes(b"not a png")
         with pytest.raises(DatasetError, match=r"img1\.png"):
             load_image_folder(
-                root, labels_file="labels.csv", image_size=8, split="train", test_fraction=0, seed=0
+                root,
+                labels_file="labels.csv",
+                image_size=8,
+                split="train",
+                test_fraction=0,
+                seed=0,
+                classes=("lesion", "normal"),
             )
 
 
@@ -258,6 +417,7 @@ class TestVolumes:
             split="train",
             test_fraction=0.0,
             seed=0,
+            classes=("0", "1"),
         )
         assert ds.features.shape == (6, 1, 8, 8)
         assert ds.num_classes == 2
@@ -275,8 +435,12 @@ class TestVolumes:
             split="test",
             test_fraction=0.5,
             seed=0,
+            classes=("0", "1"),
         )
-        assert ds.features.shape == (3, 1, 6, 6, 6)
+        key = split_key(0)
+        names = [f"v{i}.nii.gz" if i % 2 else f"v{i}.nii" for i in range(6)]
+        n_test = sum(split_position(n, key) < 0.5 for n in names)
+        assert ds.features.shape == (n_test, 1, 6, 6, 6)
         assert ds.input_shape == (1, 6, 6, 6)
 
     def test_dicom_files(self, tmp_path: Path) -> None:
@@ -297,6 +461,7 @@ class TestVolumes:
             test_fraction=0.0,
             seed=0,
             modality="CT",
+            classes=("ct-neg", "ct-pos"),
         )
         assert ds.features.shape == (4, 1, 8, 8)
         assert ds.modality == "CT"
@@ -317,4 +482,5 @@ class TestVolumes:
                 split="train",
                 test_fraction=0.0,
                 seed=0,
+                classes=("0", "1"),
             )
