@@ -7,8 +7,10 @@ Each cell is the fastest of ``--repeat`` single local epochs through
 :func:`site_node.training.train_round`, plain, then through the same call with a
 :class:`site_node.privacy.DpTrainer` (Opacus DP-SGD, Poisson sampling, per-sample clipping;
 the noise multiplier is fixed at 1.0 so that the timing leaves out the once-per-study noise
-search, and the epsilon computations are cached beforehand). Data are random tensors of the
-model's input shape: the timing does not depend on the values.
+search, and the epsilon computations are cached beforehand), and once more with the site's
+secure noise (``secure_mode``: Opacus' four-draw noise from an OS-seeded generator, what
+production runs). Data are random tensors of the model's input shape: the timing does not
+depend on the values.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def cases(quick: bool) -> list[Case]:
     return out
 
 
-def _epoch_seconds(case: Case, *, dp: bool, seed: int) -> tuple[float, int]:
+def _epoch_seconds(case: Case, *, dp: bool, seed: int, secure: bool = False) -> tuple[float, int]:
     gen = torch.Generator().manual_seed(seed)
     data = LocalDataset(
         features=torch.randn(case.records, *case.input_shape, generator=gen),
@@ -71,6 +73,7 @@ def _epoch_seconds(case: Case, *, dp: bool, seed: int) -> tuple[float, int]:
             training,
             num_samples=case.records,
             noise_multiplier=1.0,
+            secure_mode=secure,
         )
         if dp
         else None
@@ -97,13 +100,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     table = Table(title=f"Epoch time, plain vs DP-SGD (Opacus), {args.threads} thread(s)")
-    for column in ("model", "input", "params", "records", "batch", "plain s", "DP s", "DP/plain"):
+    columns = ("model", "input", "params", "records", "batch", "plain s", "DP s", "DP/plain")
+    for column in (*columns, "secure DP s", "secure/DP"):
         left = column in ("model", "input")
         table.add_column(column, justify="left" if left else "right", no_wrap=True)
     for case in cases(args.quick):
         runs = [_epoch_seconds(case, dp=False, seed=args.seed) for _ in range(args.repeat)]
         plain, params = min(t for t, _ in runs), runs[0][1]
         private = min(_epoch_seconds(case, dp=True, seed=args.seed)[0] for _ in range(args.repeat))
+        secure = min(
+            _epoch_seconds(case, dp=True, seed=args.seed, secure=True)[0]
+            for _ in range(args.repeat)
+        )
         table.add_row(
             case.model,
             "x".join(str(d) for d in case.input_shape),
@@ -113,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{plain:.2f}",
             f"{private:.2f}",
             f"{private / plain:.2f}x" if plain > 0 else "-",
+            f"{secure:.2f}",
+            f"{secure / private:.2f}x" if private > 0 else "-",
         )
     Console(width=max(Console().width, 100)).print(table)
 

@@ -29,11 +29,13 @@ from pydantic import (
 )
 
 from concord_protocol.canonical import canonical_json, sha256_hex
+from concord_protocol.eval_histograms import release_noise
 from concord_protocol.fields import Sha256Hex, Slug
 
 __all__ = [
     "CONTRACT_SCHEMA_VERSION",
     "EncryptionSpec",
+    "EvaluationSpec",
     "FederationSpec",
     "ModelSpec",
     "PrivacySpec",
@@ -112,6 +114,66 @@ class EncryptionSpec(_Strict):
     scheme: Literal["ckks"] = "ckks"
 
 
+class EvaluationSpec(_Strict):
+    """What each site releases about its test split after a round, and at what privacy cost.
+
+    ``dp_histogram`` (the default): each site scores the round's aggregate on its test
+    split and releases one histogram of counts, Gaussian noise added to every cell: for a
+    binary task, records per (true label, score bin of the positive class, ``score_bins``
+    equal bins of [0, 1]); for more classes, records per (true label, predicted label). Each
+    record falls in one cell, so one record changes the histogram by 1 in one cell (L2
+    sensitivity 1 under adding or removing a record): a Gaussian mechanism that the site's
+    accountant composes with its DP-SGD steps, one release per round it trained, all inside
+    the study's (epsilon, delta). Accuracy, AUC and the test count are computed from the
+    summed noisy histograms (:mod:`concord_protocol.eval_histograms`). ``none``: sites
+    release no evaluation at all.
+
+    The noise is ``noise_multiplier`` when given, else the level at which the study's
+    ``rounds`` releases *alone* would cost ``epsilon_share`` of its epsilon (at its delta);
+    composed with training they cost less, and the training noise is raised just enough to
+    keep the whole study within its target.
+    """
+
+    mode: Literal["dp_histogram", "none"] = Field(
+        default="dp_histogram", description="Noisy test-split histogram per round, or nothing."
+    )
+    epsilon_share: float = Field(
+        default=0.2,
+        gt=0,
+        lt=1,
+        description="Share of the study's epsilon the releases alone may cost (sets the noise).",
+    )
+    noise_multiplier: float | None = Field(
+        default=None,
+        ge=0.5,
+        le=10_000,
+        description="Noise standard deviation on each count (overrides epsilon_share).",
+    )
+    score_bins: int = Field(
+        default=4, ge=2, le=50, description="Binary tasks: score bins (even, so 0.5 is an edge)."
+    )
+
+    @field_validator("score_bins")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError("score_bins must be even (0.5 must be a bin edge)")
+        return value
+
+    @property
+    def releases(self) -> bool:
+        """True when each round releases a noisy histogram."""
+        return self.mode == "dp_histogram"
+
+    def noise(self, privacy: PrivacySpec, rounds: int) -> float | None:
+        """Noise of each release for a study of ``rounds`` rounds (None: no releases)."""
+        if not self.releases:
+            return None
+        if self.noise_multiplier is not None:
+            return float(self.noise_multiplier)
+        return release_noise(self.epsilon_share * privacy.epsilon, privacy.delta, rounds)
+
+
 class RosterMember(_Strict):
     """A site of the study, as every steward approves it."""
 
@@ -142,6 +204,11 @@ class _StudyBody(_Strict):
     privacy: PrivacySpec
     federation: FederationSpec = FederationSpec()
     encryption: EncryptionSpec = EncryptionSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+
+    def evaluation_noise(self) -> float | None:
+        """Noise of each evaluation release of this study (None: it releases none)."""
+        return self.evaluation.noise(self.privacy, self.training.rounds)
 
     @field_validator("datasets")
     @classmethod

@@ -66,6 +66,8 @@ class SiteSpend(BaseModel):
     sample_rate: float
     steps: NonNegativeInt
     num_samples: NonNegativeInt
+    evaluations: NonNegativeInt = 0
+    evaluation_noise_multiplier: float | None = None
 
 
 class RoundRecord(BaseModel):

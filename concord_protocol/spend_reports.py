@@ -8,9 +8,10 @@ a rogue node or a forged reply cannot drain a hospital's budget, and the server 
 claim a site reported less than it did.
 
 The report states the accountant's history as the plan fixes it (noise multiplier, the
-sample rate Opacus accounts each step at, steps taken) and the training count it was
-planned for, so the ledger can recompute the epsilon with an accountant of its own
-(``consortium_server.budgets.accountant``) and flag a site whose figure disagrees.
+sample rate Opacus accounts each step at, steps taken, and the evaluation releases with
+their noise) and the training count it was planned for, so the ledger can recompute the
+epsilon with an accountant of its own (``consortium_server.budgets.accountant``) and flag a
+site whose figure disagrees.
 Epsilon is **cumulative** for the study at this site, at the contract's delta.
 """
 
@@ -64,6 +65,10 @@ class SpendReport(BaseModel):
     sample_rate: float = Field(gt=0, le=1)
     steps: int = Field(ge=0)
     num_samples: int = Field(ge=1, le=1_000_000_000)
+    #: Evaluation releases the accountant holds (one per round trained, charged when the
+    #: round is trained, before the release), each a Gaussian mechanism of this noise.
+    evaluations: int = Field(default=0, ge=0, le=100_000)
+    evaluation_noise_multiplier: float | None = Field(default=None, gt=0)
 
     def signed_bytes(self) -> bytes:
         """The bytes the site's signature covers."""

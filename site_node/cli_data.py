@@ -139,3 +139,13 @@ def data_catalogue_entry(
         _fail(f"{governance} must hold a mapping")
     entry = catalogue_entry(configs[dataset_id], entry)
     typer.echo(yaml.safe_dump(entry, sort_keys=False))
+    # On stderr, so the entry on stdout can be piped to `consortium catalogue publish`.
+    from concord_protocol.disclosure import PRIVACY_UNIT, public
+
+    typer.echo(
+        "Publishing this entry declares public, without differential privacy: "
+        + "; ".join(public())
+        + f". Everything else this site sends is covered by each study's (epsilon, delta) "
+        f"per {PRIVACY_UNIT} (see docs/privacy.md).",
+        err=True,
+    )

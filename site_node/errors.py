@@ -138,6 +138,10 @@ CATALOGUE: dict[str, str] = {
     "evaluation.already_answered": (
         "This site already evaluated another aggregate for that round: one answer per round."
     ),
+    "evaluation.not_trained": (
+        "This site did not train that round, so no evaluation release is budgeted for it."
+    ),
+    "evaluation.not_in_contract": "The study's contract releases no evaluation (mode none).",
     "release.not_on_record": (
         "The aggregate offered for release is not the final round's in the audit log."
     ),

@@ -88,6 +88,12 @@ class SiteSettings(BaseSettings):
     poll_interval_s: float = Field(
         default=15.0, gt=0, le=3600, description="Seconds between two passes of the site agent."
     )
+    dp_secure_noise: bool = Field(
+        default=True,
+        description="DP-SGD noise robust to floating-point attacks: Opacus' secure_mode "
+        "noise (each draw the sum of four Gaussians, halved) from a generator seeded from "
+        "the operating system's CSPRNG every round. Production refuses it off.",
+    )
     server_head_key: str | None = Field(
         default=None,
         description=(
@@ -136,6 +142,11 @@ class SiteSettings(BaseSettings):
             problems.append(
                 "token is a static development token; unset CONCORD_SITE_TOKEN and set "
                 "CONCORD_SITE_TOKEN_URL, CONCORD_SITE_CLIENT_ID and CONCORD_SITE_CLIENT_SECRET"
+            )
+        if not self.dp_secure_noise:
+            problems.append(
+                "dp_secure_noise is off; unset CONCORD_SITE_DP_SECURE_NOISE (production draws "
+                "DP noise robust to floating-point attacks)"
             )
         if problems:
             raise ValueError("unsafe production settings:\n- " + "\n- ".join(problems))

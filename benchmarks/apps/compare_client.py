@@ -53,7 +53,7 @@ from site_node.federation import clientapp as concord_clientapp
 from site_node.federation.approvals import ApprovalStore
 from site_node.federation.clientapp import FederationError, SiteRuntime, site_settings
 from site_node.federation.mods import ContractGuardMod
-from site_node.training.loops import evaluate as evaluate_model
+from site_node.privacy.dp_metrics import noisy_histogram
 from site_node.training.params import flatten, num_parameters, unflatten_into
 
 __all__ = ["app", "evaluate", "fit", "secaggplus_train", "train"]
@@ -196,13 +196,21 @@ def _evaluate_secaggplus(msg: Message, context: Context) -> Message:
         total_weight=float(config["total-weight"]),  # type: ignore[arg-type]
     )
     unflatten_into(model, params)
-    result = evaluate_model(model, data)
+    # The same release as Concord's evaluate (a noisy histogram, charged with the round),
+    # so that both methods' metrics are read the same way and cost the same.
+    spec = runtime.contract.evaluation
+    noise = runtime.contract.evaluation_noise()
+    if noise is None:
+        raise FederationError(
+            "the study's contract releases no evaluation", code="evaluation.not_in_contract"
+        )
+    released = noisy_histogram(model, data, bins=spec.score_bins, noise=noise)
     metrics = MetricRecord(
         {
-            "num-examples": int(result.num_samples),
-            "loss": float(result.loss),
-            "accuracy": float(result.accuracy),
-            "auc": float(result.auc),
+            "histogram": released.counts,
+            "num-classes": released.num_classes,
+            "score-bins": spec.score_bins,
+            "noise-multiplier": noise,
         }
     )
     return Message(

@@ -18,8 +18,10 @@ accountant (``dp_accounting``), an implementation independent of Opacus'.
   PRV accountant reports an upper estimate): the ledger charges the recomputed figure;
 * otherwise the report stands and is charged as reported.
 
-Epsilon is computed at the contract's delta, for Poisson-subsampled Gaussian steps under
-the add/remove-one-record neighbouring relation Opacus' accountants assume.
+Epsilon is computed at the contract's delta, for Poisson-subsampled Gaussian steps
+composed with the evaluation releases (one Gaussian mechanism of sensitivity 1 per round
+trained, :mod:`concord_protocol.eval_histograms`), under the add/remove-one-record
+neighbouring relation Opacus' accountants assume.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ from functools import lru_cache
 import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
 
-from concord_protocol.contract import StudyContract
+from concord_protocol.contract import StudyContract, StudyDraft
 from concord_protocol.dp_plan import step_plan
 from concord_protocol.rounds import SiteSpend
 
-__all__ = ["TOLERANCE", "SpendCheck", "check_report", "pld_epsilon"]
+__all__ = ["TOLERANCE", "SpendCheck", "check_report", "evaluation_epsilon", "pld_epsilon"]
 
 #: How far a reported epsilon may fall below the ledger's figure before it is disputed.
 TOLERANCE = 0.02
@@ -44,19 +46,46 @@ _DISCRETISATION = 1e-4
 
 
 @lru_cache(maxsize=1024)
-def pld_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Epsilon at ``delta`` of ``steps`` Poisson-subsampled Gaussian steps (PLD accountant)."""
-    if steps <= 0:
+def pld_epsilon(
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    evaluations: int = 0,
+    evaluation_noise: float | None = None,
+) -> float:
+    """Epsilon at ``delta`` of ``steps`` Poisson-subsampled Gaussian steps composed with
+    ``evaluations`` Gaussian releases of noise ``evaluation_noise`` (PLD accountant)."""
+    events: list[dp_accounting.DpEvent] = []
+    if steps > 0:
+        events.append(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(
+                    sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+                ),
+                steps,
+            )
+        )
+    if evaluations > 0 and evaluation_noise is not None:
+        events.append(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.GaussianDpEvent(evaluation_noise), evaluations
+            )
+        )
+    if not events:
         return 0.0
     accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=_DISCRETISATION)
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(
-            sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-        ),
-        steps,
-    )
-    accountant.compose(event)
+    accountant.compose(dp_accounting.ComposedDpEvent(events))
     return float(accountant.get_epsilon(delta))
+
+
+def evaluation_epsilon(contract: StudyContract | StudyDraft) -> float | None:
+    """Epsilon of the study's evaluation releases alone (one per round), for the card; the
+    ledger charges their composition with training, which costs less than the sum."""
+    noise = contract.evaluation_noise()
+    if noise is None:
+        return None
+    return pld_epsilon(1.0, 1.0, 0, float(contract.privacy.delta), contract.training.rounds, noise)
 
 
 @dataclass(frozen=True)
@@ -95,8 +124,33 @@ def check_report(contract: StudyContract, site_id: str, spend: SiteSpend) -> Spe
         )
     if spend.delta != privacy.delta:
         problems.append(f"delta {spend.delta:g} is not the contract's {privacy.delta:g}")
+    spec = contract.evaluation
+    contract_noise = contract.evaluation_noise()
+    # The ledger charges the evaluations the contract lets the site make so far (one per
+    # round trained), or the report's count when higher: never fewer than were possible.
+    evaluations = spend.evaluations
+    if spec.releases:
+        rounds_trained = -(-spend.steps // per_round) if per_round else 0
+        evaluations = max(evaluations, rounds_trained)
+        if spend.evaluations != rounds_trained:
+            problems.append(
+                f"{spend.evaluations} evaluation releases for {rounds_trained} rounds trained"
+            )
+        if spend.evaluation_noise_multiplier != contract_noise:
+            problems.append(
+                f"evaluation noise {spend.evaluation_noise_multiplier} is not the contract's "
+                f"{contract_noise:g}"
+            )
+    eval_noise = contract_noise if spec.releases else spend.evaluation_noise_multiplier
+    if spend.evaluation_noise_multiplier is not None:
+        eval_noise = min(eval_noise or math.inf, spend.evaluation_noise_multiplier)
     recomputed = pld_epsilon(
-        spend.noise_multiplier, plan.sample_rate, spend.steps, float(privacy.delta)
+        spend.noise_multiplier,
+        plan.sample_rate,
+        spend.steps,
+        float(privacy.delta),
+        evaluations,
+        eval_noise,
     )
     if not problems:
         full_study = pld_epsilon(
@@ -104,6 +158,8 @@ def check_report(contract: StudyContract, site_id: str, spend: SiteSpend) -> Spe
             plan.sample_rate,
             per_round * training.rounds,
             float(privacy.delta),
+            training.rounds if spec.releases else 0,
+            eval_noise,
         )
         if full_study > privacy.epsilon + TOLERANCE + _RELATIVE * privacy.epsilon:
             problems.append(

@@ -15,7 +15,8 @@ One round (see ``docs/architecture.md``): wait until at least ``min_sites`` Supe
 connected; send ``train`` with the previous encrypted aggregate to every node; wait for
 replies up to the contract's round timeout; drop bad replies with a record; blind-sum the
 rest (at least ``min_sites``, else the round fails and the server ends the study); send
-``evaluate`` with the new aggregate to the accepted sites' nodes; weigh their metrics;
+``evaluate`` with the new aggregate to the accepted sites' nodes (when the contract
+releases evaluations); sum their noisy histograms into the round's metrics;
 report, and wait for the verdict.
 """
 
@@ -141,11 +142,14 @@ def run_study_rounds(
             accepted_nodes = [
                 m.metadata.src_node_id for m in replies if site_of(m) in record.participants
             ]
-            t0 = time.perf_counter()
-            evaluated = _send(grid, strategy, "evaluate", round_number, aggregate, accepted_nodes)
-            record.evaluate_wall_seconds = time.perf_counter() - t0
-            record.evaluation = strategy.aggregate_evaluate(evaluated)
-            record.evaluation_refusals = strategy.evaluation_refusals(evaluated)
+            if plan.contract.evaluation.releases:  # else the sites release nothing
+                t0 = time.perf_counter()
+                evaluated = _send(
+                    grid, strategy, "evaluate", round_number, aggregate, accepted_nodes
+                )
+                record.evaluate_wall_seconds = time.perf_counter() - t0
+                record.evaluation = strategy.aggregate_evaluate(evaluated)
+                record.evaluation_refusals = strategy.evaluation_refusals(evaluated)
         except RoundFailedError as exc:
             record = exc.record
             aggregate = None

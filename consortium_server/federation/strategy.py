@@ -30,6 +30,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from concord_protocol.contributions import AggregateManifest, ManifestError, SignedContribution
+from concord_protocol.eval_histograms import metrics as histogram_metrics
 from concord_protocol.rounds import RejectedReply, RoundRecord, SiteSpend
 from concord_protocol.site_keys import SignatureError
 from concord_protocol.spend_reports import SignedSpendReport, SpendReportError
@@ -292,6 +293,8 @@ class BlindAggregationStrategy:
             sample_rate=r.sample_rate,
             steps=r.steps,
             num_samples=r.num_samples,
+            evaluations=r.evaluations,
+            evaluation_noise_multiplier=r.evaluation_noise_multiplier,
         )
         return None
 
@@ -437,28 +440,48 @@ class BlindAggregationStrategy:
         return refusals
 
     def aggregate_evaluate(self, replies: Iterable[Message]) -> dict[str, float]:
-        """Weighted (by ``num-examples``) loss, accuracy and AUC over valid replies.
+        """Accuracy, AUC and test count from the sum of the sites' noisy histograms.
 
-        A metric that is ``nan`` at a site (e.g. AUC with one class) is averaged over the
-        other sites. Error replies and malformed metrics are skipped.
+        Each valid reply carries the histogram its site released under DP
+        (:mod:`concord_protocol.eval_histograms`) in the contract's layout; the histograms
+        are summed before any metric is read (the noise of each site averages out over the
+        sum, and no per-site metric is computed). A reply of another layout, with
+        non-finite counts or from a site that already answered, is skipped. Also returns
+        ``sites`` and ``noise-sd``, the standard deviation of each summed cell's noise.
         """
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
-        sites = 0
+        spec = self.plan.contract.evaluation
+        total: list[float] | None = None
+        layout: tuple[int, int] | None = None
+        seen: set[str] = set()
         for msg in replies:
             if msg.has_error() or REC_METRICS not in msg.content.metric_records:
                 continue
             metrics = msg.content.metric_records[REC_METRICS]
-            n = metrics.get("num-examples")
-            if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
+            site_rec = msg.content.config_records.get(REC_SITE)
+            declared = str(site_rec.get("site-id", "")) if site_rec is not None else ""
+            # The site a node spoke for in its train reply (verified there), not a claim.
+            site_id = self.node_sites.get(msg.metadata.src_node_id, declared)
+            if not site_id or site_id in seen:
                 continue
-            sites += 1
-            for key in ("loss", "accuracy", "auc"):
-                value = metrics.get(key)
-                if isinstance(value, int | float) and math.isfinite(value):
-                    sums[key] = sums.get(key, 0.0) + float(value) * float(n)
-                    weights[key] = weights.get(key, 0.0) + float(n)
-        out = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
-        out["num-examples"] = float(weights.get("accuracy", 0.0))
-        out["sites"] = float(sites)
+            counts = metrics.get("histogram")
+            num_classes = metrics.get("num-classes")
+            if not isinstance(counts, list) or not isinstance(num_classes, int):
+                continue
+            try:
+                values = [float(v) for v in counts]
+                histogram_metrics(values, num_classes=num_classes, bins=spec.score_bins)
+            except (TypeError, ValueError):
+                continue
+            if layout is not None and layout != (num_classes, len(values)):
+                continue
+            layout = (num_classes, len(values))
+            seen.add(site_id)
+            total = values if total is None else [a + b for a, b in zip(total, values, strict=True)]
+        if total is None or layout is None:
+            return {"sites": 0.0}
+        out = histogram_metrics(total, num_classes=layout[0], bins=spec.score_bins)
+        out["sites"] = float(len(seen))
+        out["noise-sd"] = float(
+            (self.plan.contract.evaluation_noise() or 0.0) * math.sqrt(len(seen))
+        )
         return out

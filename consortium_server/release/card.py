@@ -20,12 +20,14 @@ from sqlalchemy.orm import Session
 from concord_protocol.audit.entries import AuditEntry
 from concord_protocol.audit.heads import SignedTreeHead
 from concord_protocol.contract import StudyContract
+from concord_protocol.disclosure import DISCLOSURES, NEIGHBOURING, NOT_COVERED, PRIVACY_UNIT, public
 from concord_protocol.fields import format_utc
 from concord_protocol.principals import Principal
 from concord_protocol.release import MODEL_ENCODING
 from concord_protocol.rounds import RoundAuditDetails
 from consortium_server.audit.models import AuditLeaf
 from consortium_server.budgets import service as budgets
+from consortium_server.budgets.accountant import evaluation_epsilon
 from consortium_server.datasets.service import get_datasets
 from consortium_server.release.models import FinalAggregate, ReleasedModel, ReleaseSignoff
 from consortium_server.studies.models import Study
@@ -40,14 +42,20 @@ __all__ = [
     "audit_head",
     "build_card",
     "last_evaluation",
+    "privacy_statement",
     "render_markdown",
 ]
 
 CARD_VERSION: Literal["concord.model-card/1"] = "concord.model-card/1"
 
 DP_NOTE = (
-    "Sites trained with differentially private SGD; the (epsilon, delta) charged to each "
-    "dataset bound what the released model can reveal about any one patient."
+    "Each site trained with differentially private SGD and released its test-split "
+    "evaluation only as noisy histograms (a Gaussian mechanism), both composed in the "
+    "site's one accountant. The (epsilon, delta) charged to each dataset bound what the "
+    "released model and the published evaluation metrics together reveal about any one "
+    "record of that dataset (neighbouring datasets: one record added or removed). The "
+    "fields listed as public were released without DP, as the stewards declared; the "
+    "guarantee does not cover what is listed under not_covered."
 )
 
 
@@ -178,6 +186,31 @@ def _datasets(session: Session, study: Study, contract: StudyContract) -> list[C
     return out
 
 
+def privacy_statement(contract: StudyContract) -> dict[str, Any]:
+    """The card's privacy section: targets, unit, neighbouring relation, the evaluation
+    releases and their cost, what was public and what the guarantee does not cover."""
+    noise = contract.evaluation_noise()
+    alone = evaluation_epsilon(contract)
+    return {
+        "epsilon_target": contract.privacy.epsilon,
+        "delta_target": contract.privacy.delta,
+        "max_grad_norm": contract.privacy.max_grad_norm,
+        "unit": PRIVACY_UNIT,
+        "neighbouring": NEIGHBOURING,
+        "evaluation": {
+            "mode": contract.evaluation.mode,
+            "releases": contract.training.rounds if noise is not None else 0,
+            "noise_multiplier": noise,
+            "score_bins": contract.evaluation.score_bins,
+            "epsilon_releases_alone": round(alone, 6) if alone is not None else None,
+        },
+        "disclosures": [d.as_dict() for d in DISCLOSURES],
+        "public": public(),
+        "not_covered": list(NOT_COVERED),
+        "note": DP_NOTE,
+    }
+
+
 def build_card(
     session: Session,
     study: Study,
@@ -214,12 +247,7 @@ def build_card(
         final_aggregate_digest=aggregate.digest,
         sites=sorted(s.site_id for s in study.sites),
         datasets=_datasets(session, study, contract),
-        privacy={
-            "epsilon_target": contract.privacy.epsilon,
-            "delta_target": contract.privacy.delta,
-            "max_grad_norm": contract.privacy.max_grad_norm,
-            "note": DP_NOTE,
-        },
+        privacy=privacy_statement(contract),
         evaluation=evaluation[1] if evaluation else None,
         evaluation_round=evaluation[0] if evaluation else None,
         signoffs=[
@@ -235,6 +263,30 @@ def build_card(
         released_by={"subject": released_by.subject, "organisation": released_by.organisation},
         released_at=format_utc(released_at),
     )
+
+
+def _privacy_details(privacy: dict[str, Any]) -> list[str]:
+    """Markdown lines of the unit, the evaluation cost and the public fields (cards built
+    before these were recorded have none of them)."""
+    if "unit" not in privacy:
+        return []
+    evaluation = privacy.get("evaluation") or {}
+    if evaluation.get("releases"):
+        cost = (
+            f"{evaluation['releases']} noisy histogram release(s), noise multiplier "
+            f"{evaluation['noise_multiplier']:.4g}; alone they would cost epsilon "
+            f"{evaluation['epsilon_releases_alone']} (composed with training, inside the "
+            "target above)"
+        )
+    else:
+        cost = "none: the sites released no evaluation"
+    return [
+        f"- Unit of privacy: {privacy['unit']}; neighbouring datasets: {privacy['neighbouring']}.",
+        f"- Evaluation releases: {cost}.",
+        "- Released without DP (declared public): " + "; ".join(privacy.get("public", [])) + ".",
+        "- Not covered: " + "; ".join(privacy.get("not_covered", [])) + ".",
+        "",
+    ]
 
 
 def render_markdown(card: ModelCard) -> str:
@@ -257,6 +309,7 @@ def render_markdown(card: ModelCard) -> str:
         f"Target epsilon {card.privacy['epsilon_target']}, delta {card.privacy['delta_target']}. "
         + str(card.privacy["note"]),
         "",
+        *_privacy_details(card.privacy),
         "| dataset | site | epsilon charged | delta charged |",
         "| --- | --- | --- | --- |",
         *(
@@ -268,7 +321,10 @@ def render_markdown(card: ModelCard) -> str:
         "",
     ]
     if card.evaluation:
-        lines.append(f"Round {card.evaluation_round} (weighted over the sites' test splits):")
+        lines.append(
+            f"Round {card.evaluation_round}, from the sum of the sites' noisy test-split "
+            "histograms (noise-sd: the noise's standard deviation on each summed count):"
+        )
         lines.append("")
         lines.extend(f"- {name}: {value:.4f}" for name, value in sorted(card.evaluation.items()))
     else:

@@ -16,7 +16,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from concord_protocol.audit.entries import AuditEntry
+from concord_protocol.contract import StudyContract
+from concord_protocol.disclosure import public
 from consortium_server.audit.models import AuditLeaf
+from consortium_server.budgets.accountant import evaluation_epsilon
 from consortium_server.reports.rounds import AuditedRound
 from consortium_server.reports.rows import (
     ApprovalRow,
@@ -30,6 +33,24 @@ from consortium_server.reports.selection import datasets_of, selected_studies
 from consortium_server.studies.models import Study
 
 __all__ = ["lifecycles"]
+
+
+def evaluation_summary(contract: dict[str, object]) -> str:
+    """One line on the study's evaluation releases and their privacy cost (empty for a
+    stored contract that does not validate)."""
+    try:
+        parsed = StudyContract.model_validate(contract)
+    except ValueError:
+        return ""
+    noise = parsed.evaluation_noise()
+    if noise is None:
+        return "none released"
+    alone = evaluation_epsilon(parsed) or 0.0
+    return (
+        f"noisy test-split histogram, one per round trained ({parsed.training.rounds}), "
+        f"noise multiplier {noise:.4g}; alone the releases cost epsilon {alone:.3f}, "
+        "charged inside the target with the training"
+    )
 
 
 def _event_indices(
@@ -103,6 +124,8 @@ def lifecycles(
                 epsilon=amount_or_none((privacy or {}).get("epsilon")),
                 delta=amount_or_none((privacy or {}).get("delta")),
                 created_at=study.created_at,
+                evaluation=evaluation_summary(contract),
+                public=public(),
                 approvals=[
                     ApprovalRow(
                         site_id=a.site_id,
@@ -125,6 +148,7 @@ def lifecycles(
                         epsilon=r.epsilon,
                         digests=len(r.digests),
                         audit_index=r.index,
+                        evaluation=r.evaluation,
                     )
                     for r in rounds_of.get(study.id, [])
                     if filters.in_range(r.at)

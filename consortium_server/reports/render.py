@@ -101,6 +101,7 @@ CSV_COLUMNS: dict[CsvSection, tuple[str, ...]] = {
         "epsilon",
         "ciphertext_digests",
         "audit_index",
+        "evaluation",
     ),
     CsvSection.BUDGET: (
         "dataset_id",
@@ -286,6 +287,7 @@ def _rows(report: ComplianceReport, section: CsvSection) -> Iterable[Sequence[An
                     record.epsilon,
                     record.digests,
                     record.audit_index,
+                    record.evaluation,
                 ]
     elif section is CsvSection.BUDGET:
         for budget in report.budgets:

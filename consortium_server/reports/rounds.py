@@ -49,6 +49,8 @@ class AuditedRound(BaseModel):
     samples: dict[str, int]
     epsilon: dict[str, Amount]
     digests: dict[str, str]
+    #: The round's evaluation: metrics of the sites' summed noisy histograms.
+    evaluation: dict[str, float] = {}
 
 
 def _parse_round(index: int, entry: AuditEntry) -> AuditedRound | None:
@@ -75,6 +77,7 @@ def _parse_round(index: int, entry: AuditEntry) -> AuditedRound | None:
         samples=dict(record.sample_counts),
         epsilon=spent,
         digests=dict(record.site_digests),
+        evaluation=dict(record.evaluation),
     )
 
 

@@ -164,6 +164,8 @@ class RoundRow(_Model):
     epsilon: dict[str, Amount]
     digests: int
     audit_index: int
+    #: Accuracy, AUC, noisy test count and noise-sd from the sites' noisy histograms.
+    evaluation: dict[str, float] = {}
 
 
 class StudyLifecycle(_Model):
@@ -181,6 +183,10 @@ class StudyLifecycle(_Model):
     epsilon: Amount | None
     delta: Amount | None
     created_at: datetime
+    #: How the study's evaluation is released and what it costs (from the contract).
+    evaluation: str = ""
+    #: What its sites release without DP (declared public by their stewards).
+    public: list[str] = []
     approvals: list[ApprovalRow]
     events: list[LifecycleEvent]
     rounds: list[RoundRow]

@@ -18,6 +18,7 @@ from concord_protocol.principals import Principal, Role
 from concord_protocol.site_decisions import SignedDecision, SiteDecision
 from concord_protocol.site_keys import SignatureError, site_key_fingerprint
 from consortium_server.budgets import service as budgets
+from consortium_server.budgets.accountant import evaluation_epsilon
 from consortium_server.budgets.service import BudgetExceededError
 from consortium_server.datasets.models import Dataset
 from consortium_server.datasets.service import get_datasets
@@ -143,6 +144,25 @@ def complete_draft(
     return draft.complete(roster, key_generator)
 
 
+def _check_evaluation_budget(draft: StudyDraft) -> None:
+    """Refuse a draft whose evaluation releases alone would spend its whole epsilon (an
+    explicit ``evaluation.noise_multiplier`` too small): no site could train it."""
+    alone = evaluation_epsilon(draft)
+    if alone is not None and alone >= draft.privacy.epsilon:
+        raise InvalidRequestError(
+            f"The evaluation releases alone would cost epsilon {alone:.3f}, not less than the "
+            f"study's target {draft.privacy.epsilon:g}: raise evaluation.noise_multiplier, "
+            "or set evaluation.epsilon_share instead.",
+            code="study.invalid",
+            details=[
+                {
+                    "field": "evaluation.noise_multiplier",
+                    "message": f"releases alone cost epsilon {alone:.3f}",
+                }
+            ],
+        )
+
+
 def submit_study(
     session: Session,
     draft: StudyDraft,
@@ -165,6 +185,7 @@ def submit_study(
             code="study.invalid",
             details=[{"field": "datasets", "message": f"unknown dataset {i!r}"} for i in unknown],
         )
+    _check_evaluation_budget(draft)
     site_ids = sorted({d.site_id for d in datasets})
     sites = {s.id: s for s in session.scalars(select(Site).where(Site.id.in_(site_ids)))}
     revoked = [sid for sid in site_ids if sites[sid].status is SiteStatus.REVOKED]

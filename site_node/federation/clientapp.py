@@ -69,10 +69,11 @@ from site_node.federation.mods import ContractGuardMod
 from site_node.federation.replies import CachedReply, ReplyCache, global_digest
 from site_node.peers import PeerStore
 from site_node.privacy.dp import DpTrainer
+from site_node.privacy.dp_metrics import noisy_histogram
 from site_node.settings import SiteSettings
 from site_node.training.baseline import pool
 from site_node.training.catalogue import build_model
-from site_node.training.loops import TrainResult, evaluate, train_round
+from site_node.training.loops import TrainResult, train_round
 from site_node.training.params import flatten, num_parameters, unflatten_into
 
 __all__ = [
@@ -226,10 +227,24 @@ class SiteRuntime:
             unflatten_into(model, vector)
         dp_path = self.store.dp_state_path(self.study_id, self.contract_hash)
         privacy, training = self.contract.privacy, self.contract.training
+        eval_noise = self.contract.evaluation_noise()
         if dp_path.is_file():
-            dp = DpTrainer.load(dp_path, privacy=privacy, training=training, num_samples=len(data))
+            dp = DpTrainer.load(
+                dp_path,
+                privacy=privacy,
+                training=training,
+                num_samples=len(data),
+                evaluation_noise_multiplier=eval_noise,
+                secure_mode=self.settings.dp_secure_noise,
+            )
         else:
-            dp = DpTrainer(privacy, training, num_samples=len(data))
+            dp = DpTrainer(
+                privacy,
+                training,
+                num_samples=len(data),
+                evaluation_noise_multiplier=eval_noise,
+                secure_mode=self.settings.dp_secure_noise,
+            )
         try:
             result = train_round(model, data, training, dp=dp)
         finally:
@@ -265,6 +280,10 @@ class SiteRuntime:
                 sample_rate=float(metrics["sample-rate"]),
                 steps=int(metrics["steps-total"]),
                 num_samples=int(metrics["num-examples"]),
+                evaluations=int(metrics.get("evaluations", 0)),
+                evaluation_noise_multiplier=(
+                    float(metrics["evaluation-noise"]) if "evaluation-noise" in metrics else None
+                ),
             )
         except (KeyError, TypeError, ValueError):
             return ""
@@ -418,9 +437,12 @@ def _train_fresh(
         "noise-multiplier": float(dp.noise_multiplier),
         "sample-rate": float(dp.sample_rate),
         "steps-total": int(dp.steps_taken),
+        "evaluations": int(dp.evaluations),
         "train-seconds": train_s,
         "encrypt-seconds": encrypt_s,
     }
+    if dp.plan.evaluation_noise_multiplier is not None:
+        metrics["evaluation-noise"] = float(dp.plan.evaluation_noise_multiplier)
     return tuple(update.to_bytes_list()), metrics
 
 
@@ -461,10 +483,22 @@ def _train_reply(
 
 def _evaluate(msg: Message, context: Context) -> Message:
     runtime = SiteRuntime.from_context(context)
+    spec = runtime.contract.evaluation
+    if not spec.releases:
+        raise FederationError(
+            "the study's contract releases no evaluation", code="evaluation.not_in_contract"
+        )
     data = runtime.dataset("test")
     model = runtime.model_for(data)
     round_number = int(msg.content.config_records[REC_CONFIG]["round"])  # type: ignore[arg-type]
     try:
+        if runtime.ledger.contribution(round_number) is None:
+            # The release of a round is charged when the site trains it: a round this site
+            # did not train has no release in its accountant, so it answers none.
+            raise AggregateRefusedError(
+                f"this site did not train round {round_number}: no evaluation is budgeted",
+                code="evaluation.not_trained",
+            )
         opened = open_global(runtime, msg.content, num_parameters(model), round_number=round_number)
     except AggregateRefusedError as exc:
         _refused(runtime, "evaluate", exc)
@@ -473,14 +507,16 @@ def _evaluate(msg: Message, context: Context) -> Message:
         raise FederationError("evaluate needs the aggregate", code="update.no_global")
     with runtime.ledger.evaluation(round_number, opened.digest) as slot:
         answer = slot.answered
-        if answer is None:
+        if answer is None:  # asked again for the same aggregate: the same noisy answer
             unflatten_into(model, opened.params)
-            result = evaluate(model, data)
+            noise = runtime.contract.evaluation_noise()
+            assert noise is not None  # the contract releases evaluations (checked above)
+            released = noisy_histogram(model, data, bins=spec.score_bins, noise=noise)
             answer = {
-                "num-examples": int(result.num_samples),
-                "loss": float(result.loss),
-                "accuracy": float(result.accuracy),
-                "auc": float(result.auc),
+                "histogram": released.counts,
+                "num-classes": released.num_classes,
+                "score-bins": spec.score_bins,
+                "noise-multiplier": noise,
             }
             slot.answer(answer)
     return Message(

@@ -21,6 +21,14 @@ multiplier) whose accountant is replaced by the trainer's own, so ONE history of
 ``(noise_multiplier, sample_rate, steps)`` accumulates over all rounds. The history survives
 restarts through :meth:`DpTrainer.save` / :meth:`DpTrainer.load` (JSON, atomic write).
 
+**Evaluation releases.** When the contract's evaluation is ``dp_histogram``, each round a
+site trains is followed by at most one release of a noisy test-split histogram, a Gaussian
+mechanism of noise ``evaluation_noise_multiplier`` and sensitivity 1
+(:mod:`concord_protocol.eval_histograms`). The plan budgets them: the training noise
+multiplier is the smallest that keeps ``rounds`` rounds of steps composed with ``rounds``
+releases within the target, and each round's release is charged with the round itself
+(:attr:`DpTrainer.evaluations`), before it is made. Epsilon is always that composition.
+
 Before a round starts, the epsilon the history would reach after that round is computed on a
 copy; if it exceeds the target, the round is refused with
 :class:`~site_node.errors.PrivacyBudgetExhaustedError`. With the plan above exactly
@@ -33,6 +41,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
@@ -68,7 +77,7 @@ __all__ = [
 ]
 
 STATE_FORMAT = "concord.dp-trainer"
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: evaluation releases in the plan and the state
 _EPS_SLACK = 1e-9  # float noise only; the plan itself is exact
 
 AccountantMechanism = Literal["prv", "rdp"]
@@ -92,6 +101,49 @@ def _noise_multiplier(
                 accountant=mechanism,
             )
         )
+
+
+@lru_cache(maxsize=256)
+def _noise_multiplier_with_releases(
+    epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    mechanism: str,
+    evaluation_noise: float,
+    releases: int,
+) -> float:
+    """The smallest DP-SGD noise multiplier (to 0.1 % of it) whose ``steps`` composed with
+    ``releases`` Gaussian evaluation releases stay within ``epsilon``: the training noise
+    is raised just enough to leave room for the evaluations in the same budget.
+
+    Raises:
+        ValueError: the evaluation releases alone exceed ``epsilon``.
+    """
+    releases_only = ((evaluation_noise, 1.0, releases),)
+    if _epsilon_cached(mechanism, releases_only, delta) >= epsilon:
+        raise ValueError(
+            f"{releases} evaluation releases at noise {evaluation_noise:g} alone exceed "
+            f"epsilon {epsilon:g}"
+        )
+
+    def spent(noise: float) -> float:
+        history = ((noise, sample_rate, steps), (evaluation_noise, 1.0, releases))
+        return _epsilon_cached(mechanism, history, delta)
+
+    low = _noise_multiplier(epsilon, delta, sample_rate, steps, mechanism)  # training alone
+    high = low * 1.25
+    while spent(high) > epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError("no noise multiplier meets the target with these releases")
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        if spent(mid) > epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
 
 
 @lru_cache(maxsize=256)
@@ -149,6 +201,8 @@ class DpPlan:
     steps_per_epoch: int
     steps_per_round: int
     noise_multiplier: float
+    #: Noise of each evaluation release (one per round trained), or None: no releases.
+    evaluation_noise_multiplier: float | None = None
 
     @property
     def total_steps(self) -> int:
@@ -173,8 +227,12 @@ class DpTrainer:
         num_samples: size of the local training split.
         accountant: ``"prv"`` (default, tight) or ``"rdp"``.
         noise_multiplier: use this instead of computing it (for restoring saved state).
-        secure_mode: Opacus' cryptographically secure RNG (needs ``torchcsprng``); off by
-            default because that package is not installable here. Use it in production.
+        secure_mode: noise robust to floating-point attacks: Opacus' own secure-mode noise
+            (each draw the sum of four Gaussians, halved) from a generator seeded every
+            round with 63 bits of the OS CSPRNG (:mod:`secrets`). Opacus' full
+            ``secure_mode`` also draws the stream itself from ``torchcsprng``, which has no
+            build for this PyTorch. The site turns it on (``dp_secure_noise``, required in
+            production); off, noise comes from torch's default generator.
 
     Raises:
         PrivacyConfigurationError: the target cannot be met (budget too low) or the inputs
@@ -189,6 +247,7 @@ class DpTrainer:
         num_samples: int,
         accountant: AccountantMechanism = "prv",
         noise_multiplier: float | None = None,
+        evaluation_noise_multiplier: float | None = None,
         secure_mode: bool = False,
     ) -> None:
         if accountant not in ("prv", "rdp"):
@@ -199,15 +258,30 @@ class DpTrainer:
         steps_per_epoch, sample_rate = steps.steps_per_epoch, steps.sample_rate
         self._loader_batches = steps.loader_batches
         steps_per_round = training.local_epochs * steps_per_epoch
+        if evaluation_noise_multiplier is not None and not (
+            math.isfinite(evaluation_noise_multiplier) and evaluation_noise_multiplier > 0
+        ):
+            raise PrivacyConfigurationError("evaluation noise must be a positive number")
         if noise_multiplier is None:
             try:
-                noise_multiplier = _noise_multiplier(
-                    privacy.epsilon,
-                    privacy.delta,
-                    sample_rate,
-                    training.rounds * steps_per_round,
-                    accountant,
-                )
+                if evaluation_noise_multiplier is None:
+                    noise_multiplier = _noise_multiplier(
+                        privacy.epsilon,
+                        privacy.delta,
+                        sample_rate,
+                        training.rounds * steps_per_round,
+                        accountant,
+                    )
+                else:
+                    noise_multiplier = _noise_multiplier_with_releases(
+                        privacy.epsilon,
+                        privacy.delta,
+                        sample_rate,
+                        training.rounds * steps_per_round,
+                        accountant,
+                        float(evaluation_noise_multiplier),
+                        training.rounds,
+                    )
             except ValueError as exc:
                 raise PrivacyConfigurationError(
                     f"epsilon {privacy.epsilon:g} at delta {privacy.delta:g} cannot be met "
@@ -230,10 +304,17 @@ class DpTrainer:
             steps_per_epoch=steps_per_epoch,
             steps_per_round=steps_per_round,
             noise_multiplier=float(noise_multiplier),
+            evaluation_noise_multiplier=(
+                float(evaluation_noise_multiplier)
+                if evaluation_noise_multiplier is not None
+                else None
+            ),
         )
         self.secure_mode = secure_mode
         self._accountant: IAccountant = create_accountant(mechanism=accountant)
         self.rounds_completed = 0
+        #: Evaluation releases charged so far (one per round trained, charged with it).
+        self.evaluations = 0
 
     # --- accounting -------------------------------------------------------------------------
 
@@ -257,16 +338,28 @@ class DpTrainer:
         """DP-SGD steps recorded so far, across all rounds."""
         return sum(n for _, _, n in self.history)
 
+    def _with_releases(
+        self, history: tuple[HistoryEntry, ...], evaluations: int
+    ) -> tuple[HistoryEntry, ...]:
+        noise = self.plan.evaluation_noise_multiplier
+        if noise is None or evaluations <= 0:
+            return history
+        return (*history, (noise, 1.0, evaluations))
+
     def epsilon_spent(self) -> float:
-        """Epsilon (at the plan's delta) spent so far; 0 before the first step."""
-        return compute_epsilon(self.history, delta=self.plan.delta, mechanism=self.plan.mechanism)
+        """Epsilon (at the plan's delta) spent so far, training and evaluation releases
+        composed; 0 before the first step."""
+        full = self._with_releases(self.history, self.evaluations)
+        return compute_epsilon(full, delta=self.plan.delta, mechanism=self.plan.mechanism)
 
     def epsilon_after_next_round(self) -> float:
-        """Epsilon the history would reach after one more full round (computed on a copy)."""
+        """Epsilon the history would reach after one more full round and its evaluation
+        release (computed on a copy)."""
         projected = _append_steps(
             self.history, self.noise_multiplier, self.sample_rate, self.plan.steps_per_round
         )
-        return compute_epsilon(projected, delta=self.plan.delta, mechanism=self.plan.mechanism)
+        full = self._with_releases(projected, self.evaluations + 1)
+        return compute_epsilon(full, delta=self.plan.delta, mechanism=self.plan.mechanism)
 
     def rounds_remaining(self) -> int:
         """Full rounds the plan still allows (by step count)."""
@@ -310,11 +403,15 @@ class DpTrainer:
                 hint="build the DpTrainer with the size of the training split you train on",
             )
         with warnings.catch_warnings():
-            # "Secure RNG turned off": see `secure_mode` in the class docstring.
+            # "Secure RNG turned off": Opacus' secure_mode needs torchcsprng (no build for
+            # this PyTorch); `secure_mode` here is the closest real thing, set below.
             warnings.simplefilter("ignore", UserWarning)
-            engine = PrivacyEngine(accountant=self.plan.mechanism, secure_mode=self.secure_mode)
+            engine = PrivacyEngine(accountant=self.plan.mechanism, secure_mode=False)
         engine.accountant = self._accountant  # the hook steps our persistent accountant
         steps_before = self.steps_taken
+        generator = None
+        if self.secure_mode:
+            generator = torch.Generator().manual_seed(secrets.randbits(63))
         private_module, private_optimizer, private_loader = engine.make_private(
             module=module,
             optimizer=optimizer,
@@ -322,7 +419,12 @@ class DpTrainer:
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.plan.max_grad_norm,
             poisson_sampling=True,
+            noise_generator=generator,
         )
+        if self.secure_mode:
+            # Opacus' floating-point-attack mitigation (2n Gaussian draws, n = 2) on the
+            # OS-seeded generator: what secure_mode does, less the CSPRNG stream itself.
+            private_optimizer.secure_mode = True
         if len(private_loader) != self.plan.steps_per_epoch:  # pragma: no cover - Opacus changed
             private_module.cleanup()
             raise PrivacyConfigurationError(
@@ -337,6 +439,11 @@ class DpTrainer:
                 p.grad = None
             if self.steps_taken - steps_before >= self.plan.steps_per_round:
                 self.rounds_completed += 1
+            if self.steps_taken > steps_before and self.plan.evaluation_noise_multiplier:
+                # The round's evaluation release is charged now, with the training it
+                # scores: the release may come later (another process) or never, but the
+                # accountant and the spend report never hold less than may be released.
+                self.evaluations += 1
 
     # --- persistence ------------------------------------------------------------------------
 
@@ -348,6 +455,7 @@ class DpTrainer:
             "plan": asdict(self.plan),
             "history": [list(entry) for entry in self.history],
             "rounds_completed": self.rounds_completed,
+            "evaluations": self.evaluations,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -374,10 +482,14 @@ class DpTrainer:
         rounds = state.get("rounds_completed")
         if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
             raise AccountantStateError("saved state has an invalid rounds_completed")
+        evaluations = state.get("evaluations")
+        if not isinstance(evaluations, int) or isinstance(evaluations, bool) or evaluations < 0:
+            raise AccountantStateError("saved state has an invalid evaluations count")
         self._accountant.load_state_dict(
             {"history": list(history), "mechanism": self.plan.mechanism}
         )
         self.rounds_completed = rounds
+        self.evaluations = evaluations
 
     def save(self, path: Path | str) -> None:
         """Write :meth:`state_dict` to ``path`` as JSON, atomically (temp file + rename)."""
@@ -417,6 +529,7 @@ class DpTrainer:
                 num_samples=plan["num_samples"],
                 accountant=plan["mechanism"],
                 noise_multiplier=plan["noise_multiplier"],
+                evaluation_noise_multiplier=plan["evaluation_noise_multiplier"],
                 secure_mode=secure_mode,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -432,6 +545,7 @@ class DpTrainer:
         privacy: PrivacySpec | None = None,
         training: TrainingSpec | None = None,
         num_samples: int | None = None,
+        evaluation_noise_multiplier: float | Literal["any"] | None = "any",
         secure_mode: bool = False,
     ) -> DpTrainer:
         """Rebuild a trainer saved with :meth:`save`.
@@ -464,6 +578,8 @@ class DpTrainer:
             }
         if num_samples is not None:
             expected["num_samples"] = num_samples
+        if evaluation_noise_multiplier != "any":
+            expected["evaluation_noise_multiplier"] = evaluation_noise_multiplier
         plan = asdict(trainer.plan)
         differing = sorted(k for k, v in expected.items() if plan[k] != v)
         if differing:

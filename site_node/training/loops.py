@@ -160,6 +160,30 @@ def _macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 @torch.no_grad()
+def score(model: nn.Module, dataset: LocalDataset, *, batch_size: int = 256) -> torch.Tensor:
+    """``model``'s logits (N, num_classes) for every record, in eval mode, without gradients
+    (the model's train/eval mode is restored afterwards).
+
+    Raises:
+        IncompatibleInputError: the model does not output one score per class.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = torch.cat(
+                [model(x) for x in torch.split(dataset.features, batch_size)], dim=0
+            ).float()
+    finally:
+        model.train(was_training)
+    if logits.ndim != 2 or logits.shape[1] != dataset.num_classes:
+        raise IncompatibleInputError(
+            f"model outputs {tuple(logits.shape[1:])} scores per record, the dataset has "
+            f"{dataset.num_classes} classes"
+        )
+    return logits
+
+
 def evaluate(model: nn.Module, dataset: LocalDataset, *, batch_size: int = 256) -> EvalResult:
     """Loss (mean cross-entropy), accuracy and AUC of ``model`` on ``dataset``.
 
@@ -171,19 +195,7 @@ def evaluate(model: nn.Module, dataset: LocalDataset, *, batch_size: int = 256) 
     n = len(dataset)
     if n == 0:
         return EvalResult(0, math.nan, math.nan, math.nan)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = torch.cat(
-            [model(x) for x in torch.split(dataset.features, batch_size)], dim=0
-        ).float()
-    finally:
-        model.train(was_training)
-    if logits.ndim != 2 or logits.shape[1] != dataset.num_classes:
-        raise IncompatibleInputError(
-            f"model outputs {tuple(logits.shape[1:])} scores per record, the dataset has "
-            f"{dataset.num_classes} classes"
-        )
+    logits = score(model, dataset, batch_size=batch_size)
     loss = float(functional.cross_entropy(logits, dataset.labels))
     accuracy = float((logits.argmax(dim=1) == dataset.labels).float().mean())
     probs = torch.softmax(logits, dim=1).double().numpy()

@@ -99,8 +99,9 @@ def audit_actions(app: FastAPI, study_id: str) -> list[str]:
 
 def on_plan_spend(contract: StudyContract, n: int, epsilon: float, num_samples: int) -> SiteSpend:
     """A verified spend report after round ``n`` that is on ``contract``'s plan: the steps
-    of ``n`` rounds at the plan's sample rate, with noise so large that the ledger's own
-    recomputation stays below any reported ``epsilon`` (so the report stands as reported)."""
+    of ``n`` rounds at the plan's sample rate and ``n`` evaluation releases at the
+    contract's noise, with training noise so large that the ledger's own recomputation is
+    about the releases' cost alone (a report above it stands as reported)."""
     training = contract.training
     steps = step_plan(num_samples, training.batch_size)
     return SiteSpend(
@@ -110,6 +111,8 @@ def on_plan_spend(contract: StudyContract, n: int, epsilon: float, num_samples: 
         sample_rate=steps.sample_rate,
         steps=n * steps.steps_per_epoch * training.local_epochs,
         num_samples=num_samples,
+        evaluations=n if contract.evaluation.releases else 0,
+        evaluation_noise_multiplier=contract.evaluation_noise(),
     )
 
 

@@ -295,13 +295,13 @@ def test_a_round_is_evaluated_once(honest: Honest, monkeypatch: pytest.MonkeyPat
     """The same aggregate asked again gets the answer already given, without touching the
     test set again; the ledger refuses any other aggregate for an answered round."""
     calls: list[int] = []
-    real = clientapp.evaluate
+    real = clientapp.noisy_histogram
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(clientapp, "evaluate", counting)
+    monkeypatch.setattr(clientapp, "noisy_histogram", counting)
     model = honest.models[1]
     first = clientapp.app(_message(honest, "evaluate", 2, model), honest.contexts[102])
     second = clientapp.app(_message(honest, "evaluate", 2, model), honest.contexts[102])
@@ -313,6 +313,26 @@ def test_a_round_is_evaluated_once(honest: Honest, monkeypatch: pytest.MonkeyPat
     with pytest.raises(AggregateRefusedError) as refused, ledger.evaluation(2, "0" * 64):
         pass
     assert refused.value.code == "evaluation.already_answered"
+
+
+def test_a_round_the_site_did_not_train_is_not_evaluated(honest: Honest) -> None:
+    """Each evaluation release is charged when its round is trained; a server that asks a
+    site to score an aggregate of a round the site did not train (here round 3 of a 2-round
+    study, with the final aggregate) gets a refusal, not an unbudgeted release."""
+    assert _refusal(honest, "evaluate", 3, honest.models[1]) == "evaluation.not_trained"
+
+
+def test_an_evaluation_reply_is_a_noisy_histogram_and_nothing_else(honest: Honest) -> None:
+    """What leaves the site about its test split: the noisy histogram, its layout and noise
+    level. No loss, no exact count, no per-site accuracy."""
+    reply = clientapp.app(_message(honest, "evaluate", 1, honest.models[0]), honest.contexts[100])
+    metrics = dict(reply.content.metric_records["metrics"])
+    assert set(metrics) == {"histogram", "num-classes", "score-bins", "noise-multiplier"}
+    bins = honest.plan.contract.evaluation.score_bins
+    assert len(metrics["histogram"]) == 2 * bins  # type: ignore[arg-type]
+    assert metrics["noise-multiplier"] == honest.plan.contract.evaluation_noise()
+    counts = metrics["histogram"]
+    assert any(c != round(c) for c in counts)  # type: ignore[union-attr]
 
 
 def test_a_refused_evaluation_reaches_the_rounds_record(honest: Honest, tmp_path: Path) -> None:

@@ -136,6 +136,8 @@ def test_default_train_reply_is_concords_encrypted_update(tmp_path: Path) -> Non
         "noise-multiplier",
         "sample-rate",
         "steps-total",
+        "evaluations",
+        "evaluation-noise",
         "train-seconds",
         "encrypt-seconds",
     }

@@ -132,8 +132,11 @@ def test_catalogue_entry_combines_governance_and_local_summary(tmp_path: Path) -
         ],
     )
     assert result.exit_code == 0, result.output
-    entry = yaml.safe_load(result.output)
+    entry = yaml.safe_load(result.stdout)
     assert entry["record_count"] == 40
+    # The steward is told what publishing declares public (on stderr, off the YAML).
+    assert "declares public, without differential privacy: record count" in result.stderr
+    assert "label counts of the training split" in result.stderr
     assert entry["task"] == "binary_classification"
     from consortium_server.datasets.schemas import DatasetPublish
 

@@ -41,6 +41,7 @@ def test_development_is_the_default_and_keeps_its_shortcuts() -> None:
 def test_production_accepts_https_and_client_credentials() -> None:
     settings = SiteSettings(**SAFE)  # type: ignore[arg-type]
     assert settings.environment is Environment.PRODUCTION
+    assert settings.dp_secure_noise  # on unless turned off (which production refuses)
 
 
 @pytest.mark.parametrize(
@@ -50,8 +51,9 @@ def test_production_accepts_https_and_client_credentials() -> None:
         ({"api_url": "concord.example.org"}, "api_url", "CONCORD_SITE_API_URL"),
         ({"token_url": "http://keycloak:8080"}, "token_url", "CONCORD_SITE_TOKEN_URL"),
         ({"token": "a-static-token"}, "static development token", "unset CONCORD_SITE_TOKEN"),
+        ({"dp_secure_noise": False}, "dp_secure_noise is off", "CONCORD_SITE_DP_SECURE_NOISE"),
     ],
-    ids=["http-api", "no-scheme-api", "http-token-url", "static-token"],
+    ids=["http-api", "no-scheme-api", "http-token-url", "static-token", "plain-dp-noise"],
 )
 def test_production_refuses_plain_http_and_the_development_token(
     override: dict[str, str], setting: str, fix: str

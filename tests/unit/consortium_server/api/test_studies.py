@@ -168,6 +168,30 @@ def test_unknown_dataset_is_named(client: TestClient, consortium: People) -> Non
     assert listed == []
 
 
+def test_evaluation_releases_that_alone_spend_the_budget_are_refused(
+    client: TestClient, consortium: People
+) -> None:
+    """An explicit evaluation noise so small that the releases alone cost the whole epsilon:
+    no site could train the study, so it is refused at submission, with nothing stored."""
+    body = study_contract(
+        ["bc-a", "bc-b", "bc-c"],
+        privacy={"epsilon": 1.0, "delta": 1e-5, "max_grad_norm": 1.0},
+        evaluation={"noise_multiplier": 0.5},
+    )
+    response = client.post("/api/v1/studies", json=body, headers=consortium.researcher)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "study.invalid"
+    assert error["request_id"]
+    assert "evaluation releases alone would cost epsilon" in error["message"]
+    assert error["details"][0]["field"] == "evaluation.noise_multiplier"
+    assert client.get("/api/v1/studies", headers=consortium.researcher).json() == []
+    # The same study with the noise derived from a share of its epsilon is accepted.
+    body["evaluation"] = {"epsilon_share": 0.3}
+    accepted = client.post("/api/v1/studies", json=body, headers=consortium.researcher)
+    assert accepted.status_code == 201, accepted.text
+
+
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [

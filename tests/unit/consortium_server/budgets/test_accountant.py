@@ -17,6 +17,7 @@ from concord_protocol.contract import RosterMember, StudyContract
 from concord_protocol.dp_plan import step_plan
 from concord_protocol.rounds import SiteSpend
 from consortium_server.budgets.accountant import TOLERANCE, check_report, pld_epsilon
+from site_node.privacy.dp import DpTrainer
 from tests.support.world import study_contract
 
 SETTINGS = [  # (records, batch, rounds, local epochs, target epsilon)
@@ -41,21 +42,23 @@ def _contract(records: int, batch: int, rounds: int, epochs: int, epsilon: float
 
 
 def _opacus(contract: StudyContract, records: int, rounds_done: int) -> SiteSpend:
-    """What an honest site's Opacus PRV accountant reports after ``rounds_done`` rounds."""
+    """What an honest site reports after ``rounds_done`` rounds: the site's own plan
+    (training noise that leaves room for the evaluation releases), its epsilon by Opacus'
+    PRV accountant over DP-SGD steps and one release per round."""
     training, privacy = contract.training, contract.privacy
     plan = step_plan(records, training.batch_size)
     per_round = plan.steps_per_epoch * training.local_epochs
+    eval_noise = contract.evaluation_noise()
+    noise = DpTrainer(
+        privacy, training, num_samples=records, evaluation_noise_multiplier=eval_noise
+    ).noise_multiplier
+    history = [(noise, plan.sample_rate, per_round * rounds_done)]
+    if eval_noise is not None:
+        history.append((eval_noise, 1.0, rounds_done))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        noise = get_noise_multiplier(
-            target_epsilon=privacy.epsilon,
-            target_delta=privacy.delta,
-            sample_rate=plan.sample_rate,
-            steps=per_round * training.rounds,
-            accountant="prv",
-        )
         accountant = create_accountant(mechanism="prv")
-        accountant.history = [(noise, plan.sample_rate, per_round * rounds_done)]
+        accountant.history = history
         epsilon = accountant.get_epsilon(delta=privacy.delta)
     return SiteSpend(
         epsilon=epsilon,
@@ -64,6 +67,51 @@ def _opacus(contract: StudyContract, records: int, rounds_done: int) -> SiteSpen
         sample_rate=plan.sample_rate,
         steps=per_round * rounds_done,
         num_samples=records,
+        evaluations=rounds_done if eval_noise is not None else 0,
+        evaluation_noise_multiplier=eval_noise,
+    )
+
+
+def test_without_evaluation_releases_the_plan_is_training_alone() -> None:
+    contract = _contract(190, 64, 3, 1, 3.0)
+    quiet = contract.model_copy(
+        update={"evaluation": contract.evaluation.model_copy(update={"mode": "none"})}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = get_noise_multiplier(
+            target_epsilon=3.0,
+            target_delta=1e-5,
+            sample_rate=step_plan(190, 64).sample_rate,
+            steps=3 * step_plan(190, 64).steps_per_epoch,
+            accountant="prv",
+        )
+    honest = _opacus(quiet, 190, 3)
+    assert honest.noise_multiplier == pytest.approx(plain)
+    assert check_report(quiet, "hospital-a", honest).problem == ""
+    # The releases cost budget: the same study with them needs more training noise.
+    assert _opacus(contract, 190, 3).noise_multiplier > plain
+
+
+def test_a_report_that_leaves_out_evaluation_releases_is_disputed() -> None:
+    contract = _contract(190, 64, 3, 1, 3.0)
+    honest = _opacus(contract, 190, 2)
+    hidden = honest.model_copy(update={"evaluations": 0, "evaluation_noise_multiplier": None})
+    check = check_report(contract, "hospital-a", hidden)
+    assert "0 evaluation releases for 2 rounds trained" in check.problem
+    assert check.recomputed == pytest.approx(
+        pld_epsilon(
+            honest.noise_multiplier,
+            honest.sample_rate,
+            honest.steps,
+            1e-5,
+            2,
+            contract.evaluation_noise(),
+        )
+    )
+    louder = honest.model_copy(update={"evaluation_noise_multiplier": 1.0})
+    assert "evaluation noise 1.0 is not the contract" in (
+        check_report(contract, "hospital-a", louder).problem
     )
 
 
@@ -105,7 +153,14 @@ def test_noise_too_small_for_the_target_is_refused_and_charged_its_true_cost() -
     check = check_report(contract, "hospital-a", weak)
     assert "above the contract's target 3" in check.problem
     assert check.recomputed == pytest.approx(
-        pld_epsilon(weak.noise_multiplier, weak.sample_rate, weak.steps, 1e-5)
+        pld_epsilon(
+            weak.noise_multiplier,
+            weak.sample_rate,
+            weak.steps,
+            1e-5,
+            weak.evaluations,
+            weak.evaluation_noise_multiplier,
+        )
     )
     assert check.charge >= check.recomputed > honest.epsilon
 

@@ -163,7 +163,7 @@ def test_falling_missing_and_under_reported_spend_is_refused_audited_and_never_u
     _report_round(app, client, plan, record)
     assert float(_budget(app, "bc-a").epsilon_spent) == pytest.approx(1.0)
     assert float(_budget(app, "bc-b").epsilon_spent) == pytest.approx(3.0)
-    recomputed = pld_epsilon(1.2, 0.5, 4, 1e-5)
+    recomputed = pld_epsilon(1.2, 0.5, 4, 1e-5, 2, plan.contract.evaluation_noise())
     assert recomputed > 1.0
     assert float(_budget(app, "bc-c").epsilon_spent) == pytest.approx(recomputed, abs=1e-5)
     details = _round_entries(app)[-1]
@@ -191,10 +191,15 @@ def test_an_off_plan_spend_report_is_refused(
         "hospital-b": site_spend(plan, 1, 0.2, 101).model_copy(update={"steps": 2 * 4}),
     }
     _report_round(app, client, plan, record)
-    refused = " | ".join(_round_entries(app)[-1].refused_reports)
+    details = _round_entries(app)[-1]
+    refused = " | ".join(details.refused_reports)
     assert "sample rate 0.25 is not the plan's 0.5" in refused
     assert "8 steps are not a whole number of rounds of 2 steps, up to 3 rounds" in refused
-    assert float(_budget(app, "bc-a").epsilon_spent) == pytest.approx(0.2)
+    # Charged the larger of the report and the ledger's figure (here its own, which
+    # counts the round's evaluation release).
+    charged = float(_budget(app, "bc-a").epsilon_spent)
+    assert charged == pytest.approx(float(details.recomputed_epsilon["hospital-a"]), abs=1e-6)
+    assert charged >= 0.2
 
 
 def test_only_approved_studies_with_relayed_keys_start(

@@ -8,6 +8,8 @@ built with the real codec and then broken.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from flwr.app import Context, Message, RecordDict
 
 from concord_protocol.contributions import AggregateManifest
 from concord_protocol.dp_plan import step_plan
+from concord_protocol.eval_histograms import metrics as eval_metrics
 from concord_protocol.wire.format import CKKS_TAG_SLOTS
 from consortium_server.federation.plan import RunPlan, SitePeer
 from consortium_server.federation.records import RoundFailedError, new_record
@@ -78,7 +81,14 @@ def test_dp_he_rounds_in_process_with_the_real_clientapp(tmp_path: Path) -> None
         assert record.missing_sites == ["hospital-d"]
         assert record.rejected == []
         assert sum(record.sample_counts.values()) == record.total_weight
-        assert 0.5 < record.evaluation["accuracy"] <= 1.0
+        # The evaluation is the sum of three noisy histograms: no exact count, no loss.
+        assert record.evaluation["sites"] == 3
+        assert 0.0 <= record.evaluation["accuracy"] <= 1.0
+        assert record.evaluation["noise-sd"] == pytest.approx(
+            contract.evaluation_noise() * 3**0.5  # type: ignore[operator]
+        )
+        assert "loss" not in record.evaluation
+        assert record.evaluation["num-examples"] != int(record.evaluation["num-examples"])
         assert record.as_record()["aggregate_digest"] == record.aggregate_digest
         # Each site's signed spend report states its accountant's history: the epsilon it
         # reports, at the plan's sample rate, after whole rounds of steps.
@@ -90,6 +100,8 @@ def test_dp_he_rounds_in_process_with_the_real_clientapp(tmp_path: Path) -> None
             assert spend.sample_rate == plan_steps.sample_rate
             per_round = plan_steps.steps_per_epoch * contract.training.local_epochs
             assert spend.steps == record.round_number * per_round
+            assert spend.evaluations == record.round_number  # charged with each round
+            assert spend.evaluation_noise_multiplier == contract.evaluation_noise()
             assert spend.noise_multiplier > 0
     assert records[1].epsilon["hospital-a"] > records[0].epsilon["hospital-a"]  # type: ignore[operator]
     assert outcome.final_model is not None
@@ -381,3 +393,65 @@ def test_a_spend_report_for_another_round_or_signed_by_another_site_is_a_problem
     assert set(record.spend) == {"hospital-a"}
     assert "signature" in record.spend_problems["hospital-b"]
     assert record.spend_problems["hospital-c"] == "the spend report does not parse"
+
+
+def _evaluate_reply(node: int, site: str, counts: list[float], num_classes: int = 2) -> Message:
+    from flwr.app import ConfigRecord, MetricRecord
+
+    request = Message(RecordDict(), dst_node_id=node, message_type="evaluate", group_id="1")
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({"histogram": counts, "num-classes": num_classes}),
+            "site": ConfigRecord({"site-id": site}),
+        }
+    )
+    return Message(content, reply_to=request)
+
+
+def test_evaluation_is_read_from_the_sum_of_the_sites_noisy_histograms() -> None:
+    """Metrics come from the summed histograms (never per-site means); a reply of another
+    layout, a non-finite one and a second one for a site already counted are skipped."""
+    plan = _plain_plan()
+    strategy = BlindAggregationStrategy(plan)
+    strategy.node_sites = {10: "hospital-a", 11: "hospital-b", 12: "hospital-c", 13: "hospital-d"}
+    bins = plan.contract.evaluation.score_bins
+    a = [10.2, 3.1, 1.0, 0.4, 0.3, 1.9, 2.2, 8.7][: 2 * bins]
+    b = [4.0, 2.0, 2.5, -0.6, 1.0, 0.2, 3.0, 5.1][: 2 * bins]
+    replies = [
+        _evaluate_reply(10, "hospital-a", a),
+        _evaluate_reply(11, "hospital-b", b),
+        _evaluate_reply(12, "hospital-c", [1.0] * (2 * bins + 2)),  # another layout
+        _evaluate_reply(13, "hospital-d", [math.inf] + [1.0] * (2 * bins - 1)),
+        _evaluate_reply(10, "hospital-a", a),  # hospital-a again
+        _evaluate_reply(11, "hospital-c", [100.0] * (2 * bins)),  # node 11 is hospital-b's
+    ]
+
+    out = strategy.aggregate_evaluate(replies)
+
+    summed = [x + y for x, y in zip(a, b, strict=True)]
+    expected = eval_metrics(summed, num_classes=2, bins=bins)
+    assert out["sites"] == 2
+    assert out["accuracy"] == pytest.approx(expected["accuracy"])
+    assert out["auc"] == pytest.approx(expected["auc"])
+    assert out["num-examples"] == pytest.approx(sum(max(v, 0.0) for v in summed))
+    assert out["noise-sd"] == pytest.approx(plan.contract.evaluation_noise() * 2**0.5)  # type: ignore[operator]
+
+
+def test_a_contract_without_evaluation_releases_sends_no_evaluate(tmp_path: Path) -> None:
+    contract = breast_cancer_contract(rounds=1, encryption=False)
+    quiet = contract.model_copy(
+        update={"evaluation": contract.evaluation.model_copy(update={"mode": "none"})}
+    )
+    sites = [make_site(tmp_path, i) for i in range(3)]
+    approve_everywhere(sites, "study-1", quiet)
+    plan = _plan({"rounds": 1, "encryption": False}, None)
+    plan = dataclasses.replace(plan, contract=quiet, contract_hash=quiet.contract_hash())
+    grid = InProcessGrid(_contexts(tmp_path, plan))
+
+    outcome = run_study_rounds(grid, plan, gate=RecordingGate())
+
+    assert outcome.status == "completed", outcome.failure
+    assert grid.sent == ["train"] * 3
+    (record,) = outcome.rounds
+    assert record.evaluation == {}
+    assert all(spend.evaluations == 0 for spend in record.spend.values())

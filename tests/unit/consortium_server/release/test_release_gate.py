@@ -222,6 +222,23 @@ def test_three_sites_decrypt_sign_off_and_the_researcher_gets_model_and_card(
     }
     assert all(float(d["delta_charged"]) == pytest.approx(1e-5) for d in card["datasets"])
     assert card["privacy"]["epsilon_target"] == 3.0
+    # The guarantee, stated precisely: unit, neighbouring relation, evaluation cost, public.
+    privacy = card["privacy"]
+    assert privacy["unit"] == "one patient record of one dataset"
+    assert "add/remove one record" in privacy["neighbouring"]
+    contract = StudyContract.model_validate(w.study["contract"])
+    evaluation = privacy["evaluation"]
+    assert evaluation["mode"] == "dp_histogram"
+    assert evaluation["releases"] == contract.training.rounds
+    assert evaluation["noise_multiplier"] == contract.evaluation_noise()
+    assert 0 < evaluation["epsilon_releases_alone"] < privacy["epsilon_target"]
+    assert evaluation["epsilon_releases_alone"] == pytest.approx(
+        contract.evaluation.epsilon_share * privacy["epsilon_target"], abs=0.02
+    )
+    assert "record count" in privacy["public"]
+    assert "label counts of the training split" in privacy["public"]
+    assert {d["protection"] for d in privacy["disclosures"]} == {"dp", "public"}
+    assert any("group level" in n for n in privacy["not_covered"])
     assert card["evaluation"] == {"accuracy": pytest.approx(0.9), "auc": pytest.approx(0.89)}
     assert [s["site_id"] for s in card["signoffs"]] == card["sites"]
     assert card["audit_head"]["witnessed"] is False
@@ -239,6 +256,9 @@ def test_three_sites_decrypt_sign_off_and_the_researcher_gets_model_and_card(
     markdown = w.client.get(f"{w.base}/card?format=markdown", headers=w.people.admin)
     assert markdown.status_code == 200
     assert digest in markdown.text
+    assert "Unit of privacy: one patient record of one dataset" in markdown.text
+    assert "noisy histogram release(s)" in markdown.text
+    assert "Released without DP (declared public): record count" in markdown.text
     state = w.client.get(f"/api/v1/studies/{w.study['id']}", headers=w.people.researcher).json()
     assert state["state"] == "released"
 

@@ -84,6 +84,25 @@ def test_html_is_self_contained_with_the_chart(built: ComplianceReport, world: R
     assert "Cohort overlaps with a running trial." in html
 
 
+def test_each_study_shows_its_evaluation_cost_what_is_public_and_each_rounds_metrics(
+    built: ComplianceReport, world: ReportWorld
+) -> None:
+    """A compliance officer reads, per study, how its evaluation was released and what it
+    cost, what the sites released without DP, and each round's noisy metrics."""
+    html = render_html(built)
+    main = next(s for s in built.lifecycles if s.title == world.main_title)
+    assert main.evaluation.startswith("noisy test-split histogram, one per round trained (3)")
+    assert "alone the releases cost epsilon 0.6" in main.evaluation
+    assert "record count" in main.public
+    assert main.rounds[0].evaluation["accuracy"] == pytest.approx(0.81)
+    assert 'class="evaluation-cost"' in html
+    assert "Declared public (no DP)" in html
+    assert "accuracy 0.810, auc 0.900, noise-sd 12.500" in html
+    rounds_csv = list(csv.reader(io.StringIO(render_csv(built, CsvSection.ROUNDS))))
+    assert rounds_csv[0][-1] == "evaluation"
+    assert "accuracy" in rounds_csv[1][-1]
+
+
 def test_html_for_pdf_has_no_form(built: ComplianceReport) -> None:
     html = render_html(built, for_pdf=True)
     assert 'id="filters"' not in html

@@ -13,7 +13,12 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from concord_protocol.contract import ModelSpec, PrivacySpec, TrainingSpec
 from site_node.data import LocalDataset
-from site_node.errors import AccountantStateError, DatasetMismatchError, PrivacyBudgetExhaustedError
+from site_node.errors import (
+    AccountantStateError,
+    DatasetMismatchError,
+    PrivacyBudgetExhaustedError,
+    PrivacyConfigurationError,
+)
 from site_node.privacy import DpTrainer
 from site_node.training import build_model, flatten, train_round
 
@@ -204,3 +209,96 @@ def test_a_plan_where_opacus_takes_k_minus_1_steps_trains_and_reloads_every_roun
     assert trainer.epsilon_spent() <= privacy.epsilon + 1e-9
     with pytest.raises(PrivacyBudgetExhaustedError):
         trainer.check_round_allowed()
+
+
+def _fresh_with_releases(steps: int, sigma_e: float, releases: int) -> float:
+    accountant = PRVAccountant()
+    accountant.history = [(SIGMA, 1 / 4, steps), (sigma_e, 1.0, releases)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta=1e-5))
+
+
+def test_each_round_charges_its_evaluation_release_with_the_training(tmp_path: Path) -> None:
+    """With evaluation releases in the plan, every round trained adds one Gaussian release
+    of the evaluation noise to the accountant, before the release is made; epsilon is the
+    composition, as a fresh Opacus accountant computes it, and survives save/load."""
+    data = _data()
+    model = build_model(MLP, input_shape=(5,), num_classes=2)
+    trainer = _trainer(evaluation_noise_multiplier=6.0)
+    for k in (1, 2):
+        result = train_round(model, data, TRAINING, dp=trainer, seed=k)
+        assert trainer.evaluations == k
+        expected = _fresh_with_releases(4 * k, 6.0, k)
+        assert result.epsilon_spent == pytest.approx(expected, abs=1e-6)
+        assert expected > _fresh_epsilon(4 * k, 1e-5)  # the releases cost something
+    projected = trainer.epsilon_after_next_round()
+    assert projected == pytest.approx(_fresh_with_releases(12, 6.0, 3), abs=1e-6)
+    path = tmp_path / "dp.json"
+    trainer.save(path)
+    restored = DpTrainer.load(path, num_samples=N, evaluation_noise_multiplier=6.0)
+    assert restored.evaluations == 2
+    assert restored.epsilon_spent() == pytest.approx(trainer.epsilon_spent(), abs=1e-9)
+    with pytest.raises(AccountantStateError, match="evaluation_noise_multiplier"):
+        DpTrainer.load(path, evaluation_noise_multiplier=None)
+    state = json.loads(path.read_text())
+    state["evaluations"] = -1
+    path.write_text(json.dumps(state))
+    with pytest.raises(AccountantStateError, match="evaluations"):
+        DpTrainer.load(path)
+
+
+def test_the_training_noise_leaves_room_for_the_releases_within_the_target() -> None:
+    privacy = PrivacySpec(epsilon=3.0, delta=1e-5)
+    training = TrainingSpec(rounds=3, batch_size=32)
+    alone = DpTrainer(privacy, training, num_samples=128)
+    shared = DpTrainer(privacy, training, num_samples=128, evaluation_noise_multiplier=8.0)
+    assert shared.noise_multiplier > alone.noise_multiplier
+    accountant = PRVAccountant()
+    accountant.history = [(shared.noise_multiplier, 0.25, 12), (8.0, 1.0, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final = accountant.get_epsilon(delta=1e-5)
+    assert 2.95 < final <= 3.0
+
+
+def test_releases_that_alone_exceed_the_target_are_a_configuration_error() -> None:
+    with pytest.raises(PrivacyConfigurationError, match="evaluation releases at noise 1 alone"):
+        DpTrainer(
+            PrivacySpec(epsilon=1.0, delta=1e-5),
+            TRAINING,
+            num_samples=N,
+            evaluation_noise_multiplier=1.0,
+        )
+
+
+def test_secure_noise_is_drawn_from_an_os_seeded_generator_with_opacus_mitigation() -> None:
+    """With secure noise, a round's noise does not follow torch's seed (it comes from a
+    generator seeded from the OS CSPRNG), the accounting is unchanged, and Opacus' secure
+    noise (four draws summed and halved) is what the optimizer adds."""
+    data = _data()
+
+    def trained(secure: bool, seed: int) -> tuple[np.ndarray, float]:
+        model = build_model(MLP, input_shape=(5,), num_classes=2)
+        torch.manual_seed(0)
+        for p in model.parameters():
+            torch.nn.init.constant_(p, 0.1)
+        trainer = _trainer(secure_mode=secure)
+        result = train_round(model, data, TRAINING, dp=trainer, seed=seed)
+        return flatten(model), float(result.epsilon_spent or 0.0)
+
+    plain_a, eps_plain = trained(False, 5)
+    plain_b, _ = trained(False, 5)
+    secure_a, eps_secure = trained(True, 5)
+    secure_b, _ = trained(True, 5)
+    assert np.array_equal(plain_a, plain_b)  # torch's seed fixes ordinary noise
+    assert not np.array_equal(secure_a, secure_b)  # not secure noise
+    assert eps_secure == pytest.approx(eps_plain, abs=1e-12)
+
+
+def test_opacus_secure_noise_has_the_planned_standard_deviation() -> None:
+    from opacus.optimizers.optimizer import _generate_noise
+
+    generator = torch.Generator().manual_seed(123)
+    noise = _generate_noise(2.0, torch.zeros(200_000), generator=generator, secure_mode=True)
+    assert float(noise.std()) == pytest.approx(2.0, rel=0.01)
