@@ -107,7 +107,7 @@ def demo_contract(
                 "optimizer": "sgd",
                 "local_epochs": 2,
                 "batch_size": 32,
-                "learning_rate": 0.1,
+                "learning_rate": 0.5,
             },
             "privacy": {"epsilon": 6.0, "delta": 1e-5, "max_grad_norm": 1.0},
             "federation": {"min_sites": 3, "round_timeout_s": 300},

@@ -132,7 +132,8 @@ def _contract(options: DemoOptions, hospitals: list[Hospital]) -> dict[str, Any]
     else:
         title = "Malignancy from fine-needle aspirate features"
         model = {"name": "tabular-mlp", "version": "1", "hyperparameters": {}}
-        training = {"local_epochs": 2, "batch_size": 32, "learning_rate": 0.1}
+        # Features in [-1, 1] from declared ranges (not z-scores): a larger step suits them.
+        training = {"local_epochs": 2, "batch_size": 32, "learning_rate": 0.5}
     return {
         "title": title,
         "description": "Federated classifier across three hospitals, DP-SGD + CKKS.",
@@ -519,11 +520,13 @@ def _dp_cost(contract: StudyContract, result: DemoResult) -> str:
         releases = "no evaluation released"
     elif contract.evaluation.noise_multiplier is None:
         releases = (
-            f"incl. {contract.training.rounds} noisy evaluation releases (noise {noise:.3g}, "
+            f"incl. {contract.training.rounds} noisy evaluation release(s) (noise {noise:.3g}, "
             f"alone ≤ ε {contract.evaluation.epsilon_share * contract.privacy.epsilon:.2g})"
         )
     else:
-        releases = f"incl. {contract.training.rounds} noisy evaluation releases (noise {noise:.3g})"
+        releases = (
+            f"incl. {contract.training.rounds} noisy evaluation release(s) (noise {noise:.3g})"
+        )
     return (
         f"DP ε={charged:.2f} charged of {contract.privacy.epsilon:g}, "
         f"δ={contract.privacy.delta:g}, {releases}; CKKS"

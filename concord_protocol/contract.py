@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from concord_protocol.canonical import canonical_json, sha256_hex
+from concord_protocol.disclosure import public
 from concord_protocol.eval_histograms import release_noise
 from concord_protocol.fields import Sha256Hex, Slug
 
@@ -205,6 +206,21 @@ class _StudyBody(_Strict):
     federation: FederationSpec = FederationSpec()
     encryption: EncryptionSpec = EncryptionSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    public_fields: list[str] = Field(
+        default_factory=public,
+        description="What each site releases without DP (concord_protocol.disclosure): "
+        "inside the hash, so every steward approves it with the study.",
+    )
+
+    @field_validator("public_fields")
+    @classmethod
+    def _declared_public(cls, value: list[str]) -> list[str]:
+        if value != public():
+            raise ValueError(
+                "public_fields must be exactly what sites release without DP: "
+                + "; ".join(public())
+            )
+        return value
 
     def evaluation_noise(self) -> float | None:
         """Noise of each evaluation release of this study (None: it releases none)."""

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from concord_protocol.audit.entries import AuditEntry
 from concord_protocol.audit.heads import SignedTreeHead
 from concord_protocol.contract import StudyContract
-from concord_protocol.disclosure import DISCLOSURES, NEIGHBOURING, NOT_COVERED, PRIVACY_UNIT, public
+from concord_protocol.disclosure import DISCLOSURES, NEIGHBOURING, NOT_COVERED, PRIVACY_UNIT
 from concord_protocol.fields import format_utc
 from concord_protocol.principals import Principal
 from concord_protocol.release import MODEL_ENCODING
@@ -205,7 +205,7 @@ def privacy_statement(contract: StudyContract) -> dict[str, Any]:
             "epsilon_releases_alone": round(alone, 6) if alone is not None else None,
         },
         "disclosures": [d.as_dict() for d in DISCLOSURES],
-        "public": public(),
+        "public": list(contract.public_fields),
         "not_covered": list(NOT_COVERED),
         "note": DP_NOTE,
     }

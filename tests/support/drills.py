@@ -161,7 +161,7 @@ class DrillStack:
                 "rounds": rounds,
                 "local_epochs": 1,
                 "batch_size": 32,
-                "learning_rate": 0.1,
+                "learning_rate": 0.5,  # features in [-1, 1] from declared ranges
                 "optimizer": "sgd",
             },
             "privacy": {"epsilon": 6.0, "delta": 1e-5, "max_grad_norm": 1.0},

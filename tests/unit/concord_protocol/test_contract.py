@@ -98,3 +98,17 @@ def test_a_draft_completes_into_the_contract_with_its_roster() -> None:
 )
 def test_ethics_reference_format(reference: str, ok: bool) -> None:
     assert ethics_reference_well_formed(reference) is ok
+
+
+def test_the_contract_names_what_sites_release_without_dp_inside_its_hash() -> None:
+    """Every steward approves the list of public fields with the contract's hash; a draft
+    cannot narrow or widen it (the sites release exactly those fields)."""
+    from concord_protocol.disclosure import public
+
+    draft = StudyDraft.model_validate(study_contract(["bc-a"]))
+    assert draft.public_fields == public()
+    assert "record count" in draft.public_fields
+    contract = contract_of(study_contract(["bc-a"]))
+    assert contract.model_dump(mode="json")["public_fields"] == public()
+    with pytest.raises(ValidationError, match="public_fields must be exactly"):
+        StudyDraft.model_validate({**study_contract(["bc-a"]), "public_fields": ["timings"]})
