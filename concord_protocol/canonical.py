@@ -12,17 +12,24 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["canonical_json", "sha256_hex"]
+__all__ = ["MAX_EXACT_INTEGER", "canonical_json", "sha256_hex"]
+
+#: The largest integer magnitude an IEEE double (an RFC 8785 number) holds exactly, with
+#: every integer below it: 2^53.
+MAX_EXACT_INTEGER = 2**53
 
 
 def _number(value: float) -> str:
-    """Serialise a float the way ECMAScript's Number.prototype.toString does (RFC 8785 3.2.2.3)."""
+    """Serialise a float the way ECMAScript's Number.prototype.toString does (RFC 8785 3.2.2.3).
+
+    Whole numbers go through the same shortest-digits layout as the rest: at or above 2^53
+    a double's exact integer value (``int(value)``) has more digits than ECMAScript prints
+    (2^68 is ``295147905179352830000``, not ``295147905179352825856``).
+    """
     if not math.isfinite(value):
         raise ValueError("canonical JSON cannot encode NaN or Infinity")
     if value == 0:
         return "0"
-    if value.is_integer() and abs(value) < 1e21:
-        return str(int(value))
     sign = "-" if value < 0 else ""
     # repr gives the shortest round-tripping digits; re-layout them per ECMAScript.
     mantissa, _, exp_part = repr(abs(value)).partition("e")
@@ -55,7 +62,17 @@ def _encode(value: Any, out: list[str]) -> None:
     elif value is False:
         out.append("false")
     elif isinstance(value, int):
-        out.append(str(value))
+        if abs(value) <= MAX_EXACT_INTEGER:
+            out.append(str(value))
+        else:
+            # An RFC 8785 number is an IEEE double: a larger integer is the double nearest
+            # to it, serialised as ECMAScript would (what a JCS verifier computes from the
+            # same JSON text). Neighbouring integers share that double, so inputs whose
+            # exact value matters (contract hyperparameters) are bounded to +-2^53 first.
+            try:
+                out.append(_number(float(value)))
+            except OverflowError:
+                raise ValueError(f"canonical JSON cannot encode the integer {value}") from None
     elif isinstance(value, float):
         out.append(_number(value))
     elif isinstance(value, str):

@@ -15,6 +15,7 @@ site's keys, or choose who generates the key after the stewards approved.
 
 from __future__ import annotations
 
+import math
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -28,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from concord_protocol.canonical import canonical_json, sha256_hex
+from concord_protocol.canonical import MAX_EXACT_INTEGER, canonical_json, sha256_hex
 from concord_protocol.disclosure import public
 from concord_protocol.eval_histograms import release_noise
 from concord_protocol.fields import Sha256Hex, Slug
@@ -77,6 +78,23 @@ class ModelSpec(_Strict):
     hyperparameters: dict[Slug, HyperValue] = Field(
         default_factory=dict, description="Architecture parameters the catalogue entry accepts."
     )
+
+    @field_validator("hyperparameters", mode="before")
+    @classmethod
+    def _exactly_hashable(cls, value: object) -> object:
+        """Refuse numbers the contract hash cannot hold exactly: RFC 8785 numbers are IEEE
+        doubles, so an integer beyond 2^53 would hash like its neighbour, and NaN or
+        Infinity have no JSON form at all."""
+        if not isinstance(value, dict):
+            return value
+        for name, item in value.items():
+            if isinstance(item, bool):
+                continue
+            if isinstance(item, int) and abs(item) > MAX_EXACT_INTEGER:
+                raise ValueError(f"{name}: integers must lie within +-2^53 (RFC 8785)")
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{name}: NaN and Infinity cannot be hashed (RFC 8785)")
+        return value
 
 
 class TrainingSpec(_Strict):

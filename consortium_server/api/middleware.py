@@ -95,10 +95,13 @@ class RequestContextMiddleware:
         status_code = 500
         limit = self.limit_for(scope["path"])
 
+        started_response = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status_code
+            nonlocal status_code, started_response
             if message["type"] == "http.response.start":
                 status_code = message["status"]
+                started_response = True
                 message.setdefault("headers", [])
                 message["headers"] = [
                     *message["headers"],
@@ -128,6 +131,14 @@ class RequestContextMiddleware:
                     await self.app(scope, limited_receive, send_with_id)
                 except _BodyTooLargeError:
                     await self._reject_too_large(send_with_id, request_id, limit)
+                except Exception as exc:
+                    # An unhandled error: answered here, inside the request's context, so
+                    # that the 500 carries the request id in its body, its header and the
+                    # log line (Starlette's outermost handler runs after the id is gone).
+                    log.error("unhandled error", exc_info=exc)
+                    if started_response:
+                        raise
+                    await self._send_error(send_with_id, 500, _error_body("internal", request_id))
         finally:
             elapsed = time.perf_counter() - started
             route = _route_template(scope)
@@ -150,10 +161,14 @@ class RequestContextMiddleware:
             request_id,
             f"The request body exceeds the limit of {limit} bytes.",
         )
+        await self._send_error(send, 413, body)
+
+    @staticmethod
+    async def _send_error(send: Send, status: int, body: bytes) -> None:
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),

@@ -28,11 +28,11 @@ site of their own organisation.
 from __future__ import annotations
 
 import base64
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, status
-from pydantic import Field, field_serializer
+from fastapi import APIRouter, Path, Query, Request, status
+from pydantic import Field, field_serializer, field_validator
 from sqlalchemy.orm import Session
 
 from concord_protocol.audit.cosignatures import Cosignature
@@ -61,6 +61,10 @@ __all__ = [
     "TreeHeadPublic",
     "router",
 ]
+
+#: The largest log position a request may name: far beyond any log, within every database's
+#: 64-bit integers (SQLite's included), so a huge number is a 422, never a database error.
+MAX_POSITION = 2**53
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
@@ -140,6 +144,15 @@ class CosignatureCreate(StrictModel):
     timestamp: datetime
     signature: str = Field(min_length=1, max_length=128)
 
+    @field_validator("timestamp")
+    @classmethod
+    def _representable(cls, value: datetime) -> datetime:
+        """A time that UTC can hold (``0001-01-01T00:00+05:00`` cannot): else a 422."""
+        try:
+            return value.astimezone(UTC) if value.tzinfo is not None else value
+        except OverflowError:
+            raise ValueError("timestamp is out of the range of UTC times") from None
+
 
 def _audit_log(request: Request) -> AuditLog:
     log: AuditLog = request.app.state.audit_log
@@ -179,10 +192,10 @@ def latest_head(request: Request, session: SessionDep, _: CurrentPrincipal) -> T
     ],
 )
 def get_entry(
-    index: int,
+    index: Annotated[int, Path(ge=0, le=MAX_POSITION)],
     request: Request,
     session: SessionDep,
-    tree_size: Annotated[int | None, Query(ge=1)] = None,
+    tree_size: Annotated[int | None, Query(ge=1, le=MAX_POSITION)] = None,
 ) -> EntryPublic:
     """Entry ``index`` with its inclusion proof against the latest head (or ``tree_size``)."""
     log = _audit_log(request)
@@ -211,8 +224,8 @@ def get_consistency(
     request: Request,
     session: SessionDep,
     _: CurrentPrincipal,
-    first: Annotated[int, Query(ge=0)],
-    second: Annotated[int | None, Query(ge=0)] = None,
+    first: Annotated[int, Query(ge=0, le=MAX_POSITION)],
+    second: Annotated[int | None, Query(ge=0, le=MAX_POSITION)] = None,
 ) -> ConsistencyProofPublic:
     """Consistency proof from the tree of ``first`` leaves to ``second`` (default: latest
     signed head)."""
@@ -253,7 +266,7 @@ def export_log(request: Request, session: SessionDep) -> AuditExport:
     dependencies=[require_roles(Role.SITE_NODE)],
 )
 def post_cosignature(
-    size: int,
+    size: Annotated[int, Path(ge=1, le=MAX_POSITION)],
     body: CosignatureCreate,
     request: Request,
     session: SessionDep,
@@ -275,7 +288,7 @@ def post_cosignature(
             timestamp=body.timestamp,
             signature=body.signature,
         )
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         raise InvalidRequestError(str(exc), code="request.invalid") from exc
     stored = record_cosignature(session, cosignature, site_public_key=site.signing_public_key)
     return CosignaturePublic(**stored.model_dump())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
@@ -24,6 +25,34 @@ Modality = Literal["tabular", "image", "volume"]
 Task = Literal["binary_classification", "multiclass_classification"]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 MAX_SUMMARY_BYTES = 16_384
+
+
+MAX_SUMMARY_DEPTH = 8
+
+
+def _check_summary_shape(value: object) -> None:
+    """Refuse, without recursion, what the summary cannot be stored, hashed or shown as:
+    nesting deeper than :data:`MAX_SUMMARY_DEPTH`, text that is not valid Unicode (a lone
+    surrogate), a number that is not finite or beyond 2^53."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_SUMMARY_DEPTH:
+            raise ValueError(f"feature_summary nests deeper than {MAX_SUMMARY_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((k, depth + 1) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("feature_summary holds text that is not valid Unicode") from None
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("feature_summary numbers must be finite")
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > 2**53:
+            raise ValueError("feature_summary integers must lie within +-2^53")
 
 
 class DatasetPublish(StrictModel):
@@ -55,6 +84,7 @@ class DatasetPublish(StrictModel):
     @field_validator("feature_summary")
     @classmethod
     def _summary_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_summary_shape(value)
         if len(json.dumps(value)) > MAX_SUMMARY_BYTES:
             raise ValueError(f"feature_summary must be under {MAX_SUMMARY_BYTES} bytes of JSON")
         return value

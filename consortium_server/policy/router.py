@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Path, Request, status
 from pydantic import BaseModel, Field, StringConstraints
 
 from concord_protocol.contract import StudyDraft
@@ -147,7 +147,10 @@ def publish(
 
 @router.post("/versions/{version}/activate", dependencies=[ADMIN])
 def activate(
-    version: int, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
+    version: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    audit: AuditDep,
 ) -> PolicyChangePublic:
     """Make an earlier version active again (roll back), audited."""
     change = service.activate_version(session, version, principal.subject)

@@ -91,13 +91,14 @@ def parse_time(value: str | None, *, name: str, end_of_day: bool = False) -> dat
             moment = datetime.combine(day, time.min, tzinfo=UTC)
             return moment + timedelta(days=1) if end_of_day else moment
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError) as exc:  # overflow: the day after 9999-12-31, say
         raise InvalidRequestError(
-            f"`{name}` must be a date (YYYY-MM-DD) or an ISO 8601 time, not {text[:40]!r}.",
+            f"`{name}` must be a date (YYYY-MM-DD) or an ISO 8601 time between the years 1 "
+            f"and 9999, not {text[:40]!r}.",
             code="request.invalid",
-            details=[{"field": f"query.{name}", "message": "not a date or time"}],
+            details=[{"field": f"query.{name}", "message": "not a date or time in range"}],
         ) from exc
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _blank(value: str | None) -> str | None:

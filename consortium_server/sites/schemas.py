@@ -6,6 +6,7 @@ import base64
 from datetime import datetime
 from typing import Annotated, Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from pydantic import (
@@ -70,7 +71,9 @@ class SiteEnrol(StrictModel):
         value = value.strip()
         try:
             key = load_ssh_public_key(value.encode())
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            # UnsupportedAlgorithm: a well-formed line of a key type cryptography lacks
+            # (`ssh-foo AAAA...`), which is no more usable than a malformed one.
             raise ValueError("supernode_public_key is not an OpenSSH public key") from exc
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise ValueError("supernode_public_key must be a NIST EC key (ssh-keygen -t ecdsa)")

@@ -13,7 +13,9 @@ from pydantic import ValidationError
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from concord_protocol.catalogue import get_entry, resolve_hyperparameters
 from concord_protocol.contract import RosterMember, StudyContract, StudyDraft
+from concord_protocol.errors import InvalidHyperparameterError, UnknownModelError
 from concord_protocol.principals import Principal, Role
 from concord_protocol.site_decisions import SignedDecision, SiteDecision
 from concord_protocol.site_keys import SignatureError, site_key_fingerprint
@@ -144,6 +146,27 @@ def complete_draft(
     return draft.complete(roster, key_generator)
 
 
+def _check_model(draft: StudyDraft) -> None:
+    """Refuse a model the catalogue does not have, or hyperparameters outside its ranges,
+    with the field named: the sites would refuse it anyway, after their stewards spent
+    time approving it."""
+    try:
+        entry = get_entry(draft.model.name, draft.model.version)
+        resolve_hyperparameters(entry, draft.model.hyperparameters)
+    except InvalidHyperparameterError as exc:
+        raise InvalidRequestError(
+            exc.message,
+            code="study.invalid",
+            details=[{"field": f"model.hyperparameters.{exc.name}", "message": exc.message}],
+        ) from None
+    except UnknownModelError as exc:
+        raise InvalidRequestError(
+            exc.message,
+            code="study.invalid",
+            details=[{"field": "model", "message": exc.message}],
+        ) from None
+
+
 def _check_evaluation_budget(draft: StudyDraft) -> None:
     """Refuse a draft whose evaluation releases alone would spend its whole epsilon (an
     explicit ``evaluation.noise_multiplier`` too small): no site could train it."""
@@ -186,6 +209,7 @@ def submit_study(
             details=[{"field": "datasets", "message": f"unknown dataset {i!r}"} for i in unknown],
         )
     _check_evaluation_budget(draft)
+    _check_model(draft)
     site_ids = sorted({d.site_id for d in datasets})
     sites = {s.id: s for s in session.scalars(select(Site).where(Site.id.in_(site_ids)))}
     revoked = [sid for sid in site_ids if sites[sid].status is SiteStatus.REVOKED]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import time
 from typing import Any
 
@@ -87,13 +90,30 @@ def test_unexpected_errors_hide_the_stack_trace(app: FastAPI, client: TestClient
     def boom() -> None:
         raise RuntimeError("secret internals /etc/passwd")
 
-    with TestClient(app, raise_server_exceptions=False) as raw:
-        response = raw.get("/boom")
+    from consortium_server.api import middleware
+    from consortium_server.logs import RequestJsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(RequestJsonFormatter())
+    middleware.log.addHandler(handler)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as raw:
+            response = raw.get("/boom", headers={"X-Request-ID": "trace-boom-500"})
+    finally:
+        middleware.log.removeHandler(handler)
+    logged = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert any(
+        e["message"] == "unhandled error" and e["request_id"] == "trace-boom-500" for e in logged
+    )
     assert response.status_code == 500
     body = response.json()
     assert body["error"]["code"] == "internal"
     assert "secret" not in response.text
     assert "Traceback" not in response.text
+    # The request id is in the body and the header of a 500 too, as on every error.
+    assert body["error"]["request_id"] == "trace-boom-500"
+    assert response.headers["x-request-id"] == "trace-boom-500"
 
 
 def test_unknown_route_is_a_json_404(client: TestClient) -> None:
@@ -180,3 +200,31 @@ def test_local_issuer_serves_its_keys(app: FastAPI, client: TestClient) -> None:
     config = client.get("/realms/local/.well-known/openid-configuration").json()
     assert config["issuer"].endswith("/realms/local")
     assert client.get("/realms/other/protocol/openid-connect/certs").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/api/v1/audit/entries/{2**70}",
+        "/api/v1/audit/entries/-1",
+        f"/api/v1/audit/entries/0?tree_size={2**64}",
+        f"/api/v1/audit/consistency?first={2**63}",
+        f"/api/v1/audit/consistency?first=1&second={2**80}",
+    ],
+    ids=["huge-index", "negative-index", "huge-tree-size", "huge-first", "huge-second"],
+)
+def test_numbers_beyond_any_log_are_a_422_with_the_request_id(
+    client: TestClient, people: People, path: str
+) -> None:
+    """Integers no database column holds (SQLite's are 64-bit) never reach the database."""
+    response = client.get(path, headers={**people.compliance, "X-Request-ID": "trace-big-num"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["request_id"] == "trace-big-num"
+    assert error["code"] == "request.invalid"
+
+
+def test_a_huge_policy_version_is_a_422(client: TestClient, people: People) -> None:
+    response = client.post(f"/api/v1/policy/versions/{2**64}/activate", headers=people.admin)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["request_id"]

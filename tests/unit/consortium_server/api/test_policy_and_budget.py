@@ -3,6 +3,7 @@ reservation at approval, release at abort, publishing and rolling back policy se
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +311,43 @@ def test_dataset_with_another_purpose_is_denied(client: TestClient, consortium: 
     ).json()
     assert study["state"] == "rejected"
     assert "bc-a2" in study["state_reason"]
+
+
+def _nested(depth: int) -> dict[str, object]:
+    value: dict[str, object] = {"leaf": 1}
+    for _ in range(depth):
+        value = {"n": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("summary_json", "message"),
+    [
+        (json.dumps(_nested(900)), "nests deeper"),
+        (json.dumps(_nested(20)), "nests deeper"),
+        ('{"name": "\\ud800"}', "not valid Unicode"),
+        ('{"n": NaN}', "finite"),
+        ('{"n": 1e999}', "finite"),
+        ('{"n": ' + str(2**64) + "}", "2^53"),
+    ],
+    ids=["900-levels", "20-levels", "lone-surrogate", "nan", "infinity", "huge-int"],
+)
+def test_a_feature_summary_that_cannot_be_stored_is_a_422(
+    client: TestClient, consortium: People, summary_json: str, message: str
+) -> None:
+    """Bad summaries are refused with a stable code and the request id (never a 500), and
+    nothing is published."""
+    body = json.dumps(dataset_body("bc-a3", "hospital-a", feature_summary={"x": 0}))
+    text = body.replace('{"x": 0}', summary_json)
+    response = client.post(
+        "/api/v1/datasets",
+        content=text,
+        headers={**consortium.steward("a"), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["request_id"]
+    assert error["code"] == "request.invalid"
+    assert message in json.dumps(error)
+    listed = client.get("/api/v1/datasets", headers=consortium.researcher).json()
+    assert "bc-a3" not in {d["id"] for d in listed}

@@ -168,6 +168,70 @@ def test_unknown_dataset_is_named(client: TestClient, consortium: People) -> Non
     assert listed == []
 
 
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity", str(2**60)])
+def test_hyperparameters_the_hash_cannot_hold_are_a_422_not_a_500(
+    client: TestClient, consortium: People, raw: str
+) -> None:
+    body = study_contract(["bc-a", "bc-b", "bc-c"])
+    text = json.dumps(body).replace('"hidden": 16', f'"hidden": {raw}')
+    assert raw in text
+    response = client.post(
+        "/api/v1/studies",
+        content=text,
+        headers={**consortium.researcher, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["request_id"]
+    assert "RFC 8785" in json.dumps(error)
+    assert client.get("/api/v1/studies", headers=consortium.researcher).json() == []
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "text"),
+    [
+        (
+            {"name": "tabular-mlp", "version": "1", "hyperparameters": {"hidden": 10**6}},
+            "model.hyperparameters.hidden",
+            "hidden",
+        ),
+        (
+            {"name": "tabular-mlp", "version": "1", "hyperparameters": {"colour": "blue"}},
+            "model.hyperparameters.colour",
+            "not accepted",
+        ),
+        ({"name": "gpt-9", "version": "1", "hyperparameters": {}}, "model", "no catalogue model"),
+    ],
+    ids=["out-of-range", "unknown-hyperparameter", "unknown-model"],
+)
+def test_the_server_checks_the_model_against_the_catalogue(
+    client: TestClient, consortium: People, model: dict[str, object], field: str, text: str
+) -> None:
+    body = study_contract(["bc-a", "bc-b", "bc-c"], model=model)
+    response = client.post("/api/v1/studies", json=body, headers=consortium.researcher)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "study.invalid"
+    assert error["details"][0]["field"] == field
+    assert text in error["message"]
+    assert client.get("/api/v1/studies", headers=consortium.researcher).json() == []
+
+
+def test_a_lone_surrogate_in_a_contract_is_a_422(client: TestClient, consortium: People) -> None:
+    """Text that is not valid Unicode has no UTF-8 form, so no hash: refused, not a 500."""
+    text = json.dumps(study_contract(["bc-a", "bc-b", "bc-c"])).replace(
+        '"Malignancy from FNA features"', '"Malignancy \\ud800 from FNA"'
+    )
+    assert "\\ud800" in text
+    response = client.post(
+        "/api/v1/studies",
+        content=text,
+        headers={**consortium.researcher, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["request_id"]
+
+
 def test_evaluation_releases_that_alone_spend_the_budget_are_refused(
     client: TestClient, consortium: People
 ) -> None:

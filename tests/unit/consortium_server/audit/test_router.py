@@ -117,6 +117,23 @@ def test_entries_heads_and_consistency_over_http(
     assert client.get("/api/v1/audit/export", headers=_auth("site-a")).status_code == 403
 
 
+def _add_site(session: Session, site_id: str, organisation: str, witness: SiteWitness) -> None:
+    """An enrolled site whose signing key is ``witness``'s (the rest does not matter here)."""
+    session.add(
+        Site(
+            id=site_id,
+            organisation=organisation,
+            display_name=organisation,
+            contact_email="it@example.org",
+            signing_public_key=witness.public_key_b64,
+            exchange_public_key="x",
+            supernode_public_key="x",
+            enrolled_by="admin",
+        )
+    )
+    session.commit()
+
+
 def test_sites_cosign_heads_for_their_own_organisation(
     client: TestClient,
     session: Session,
@@ -125,19 +142,7 @@ def test_sites_cosign_heads_for_their_own_organisation(
 ) -> None:
     sites = {"site-a": make_site("site-a"), "site-b": make_site("site-b")}
     for site_id, org in (("site-a", "Hospital A"), ("site-b", "Hospital B")):
-        session.add(
-            Site(
-                id=site_id,
-                organisation=org,
-                display_name=org,
-                contact_email="it@example.org",
-                signing_public_key=sites[site_id].public_key_b64,
-                exchange_public_key="x",
-                supernode_public_key="x",
-                enrolled_by="admin",
-            )
-        )
-    session.commit()
+        _add_site(session, site_id, org, sites[site_id])
     append_entries(2)
     head = TreeHeadPublic.model_validate(
         client.get("/api/v1/audit/heads/latest", headers=_auth("site-a")).json()
@@ -160,3 +165,30 @@ def test_sites_cosign_heads_for_their_own_organisation(
     latest = client.get("/api/v1/audit/heads/latest", headers=_auth("officer")).json()
     assert latest["witnessed"] is True
     assert [c["site_id"] for c in latest["cosignatures"]] == ["site-a", "site-b"]
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    ["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00", "not a time"],
+    ids=["before-year-1-in-utc", "after-9999-in-utc", "garbage"],
+)
+def test_a_cosignature_time_utc_cannot_hold_is_a_422(
+    client: TestClient,
+    session: Session,
+    make_site: Callable[[str], SiteWitness],
+    append_entries: Callable[[int], list[int]],
+    timestamp: str,
+) -> None:
+    witness = make_site("site-a")
+    _add_site(session, "site-a", "Hospital A", witness)
+    append_entries(1)
+    head = TreeHeadPublic.model_validate(
+        client.get("/api/v1/audit/heads/latest", headers=_auth("site-a")).json()
+    ).signed_head()
+    body = witness.witness().cosign(head, []).model_dump(mode="json", exclude={"tree_size"})
+    body["timestamp"] = timestamp
+    response = client.post(
+        f"/api/v1/audit/heads/{head.tree_size}/cosignatures", json=body, headers=_auth("site-a")
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "request.invalid"

@@ -108,6 +108,9 @@ def test_filters(client: TestClient, people: People, world: ReportWorld) -> None
         {"from": "2026-02-01", "to": "2026-01-01"},
         {"format": "docx"},
         {"format": "csv", "section": "patients"},
+        {"to": "9999-12-31"},  # the day after is beyond datetime
+        {"from": "0001-01-01T00:00:00+05:00"},  # before year 1 in UTC
+        {"to": "9999-12-31T23:00:00-05:00"},  # after 9999 in UTC
     ],
 )
 def test_bad_parameters_are_422(
@@ -116,6 +119,7 @@ def test_bad_parameters_are_422(
     response = client.get(URL, params=params, headers=people.compliance)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "request.invalid"
+    assert response.json()["error"]["request_id"]
 
 
 def test_downloads(client: TestClient, people: People, world: ReportWorld) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -58,6 +59,28 @@ def test_enrolment_registers_the_supernode_key(
     assert link.nodes == {site["supernode_node_id"]: site["supernode_public_key"]}
     shown = client.get("/api/v1/sites/hospital-x", headers=people.admin).json()
     assert shown["supernode_node_id"] == site["supernode_node_id"]
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("ssh-foo AAAAB3NzaC1yc2EAAAADAQAB x", "not an OpenSSH public key"),  # unknown type
+        ("ecdsa-sha2-nistp256 bm90IGEga2V5 x", "not an OpenSSH public key"),
+        ("not a key at all", "not an OpenSSH public key"),
+    ],
+    ids=["unknown-key-type", "garbled-ecdsa", "garbage"],
+)
+def test_an_unusable_supernode_key_is_a_422_and_enrols_nothing(
+    client: TestClient, people: People, app: FastAPI, key: str, message: str
+) -> None:
+    app.state.supernode_registry = RecordingSuperLink()
+    body = {**site_enrolment("hospital-y", "Hospital Y"), "supernode_public_key": key}
+    response = client.post("/api/v1/sites", json=body, headers=people.admin)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["request_id"]
+    assert message in str(error)
+    assert client.get("/api/v1/sites/hospital-y", headers=people.admin).status_code == 404
 
 
 def test_a_key_the_superlink_refuses_enrols_nothing(
