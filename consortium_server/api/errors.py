@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,10 +23,16 @@ log = logging.getLogger("concord.errors")
 
 
 def error_response(
-    status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+    status: int,
+    code: str,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    *,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     """``{"error": {code, message, details, request_id}}`` with ``status``."""
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    headers.update(extra_headers or {})
     return JSONResponse(
         status_code=status,
         content={
@@ -73,6 +81,24 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "request.invalid", f"Invalid request: {fields}.", details)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method the API documents at this path, from the app's OpenAPI description
+    (Starlette's ``Allow`` names only the first route that matched the path, and FastAPI
+    has one route per method)."""
+    path = request.url.path
+    methods: set[str] = set()
+    for template, item in request.app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            methods |= {m.upper() for m in item if m.lower() in _HTTP_METHODS}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if isinstance(exc.__cause__, ConcordError):
@@ -82,7 +108,10 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     if code is None:
         code = "request.invalid" if exc.status_code < 500 else "internal"
     message = CATALOGUE[code].title if exc.status_code == 404 else str(exc.detail)
-    return error_response(exc.status_code, code, message)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # RFC 9110 15.5.6: say which methods the resource allows
+        headers["Allow"] = _allowed_methods(_) or headers.get("Allow", "")
+    return error_response(exc.status_code, code, message, extra_headers=headers)
 
 
 async def _database_error(_: Request, exc: Exception) -> JSONResponse:

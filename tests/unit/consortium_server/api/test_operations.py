@@ -122,6 +122,16 @@ def test_unknown_route_is_a_json_404(client: TestClient) -> None:
     assert response.json()["error"]["code"] == "resource.not_found"
 
 
+def test_a_wrong_method_is_a_405_that_says_which_are_allowed(client: TestClient) -> None:
+    response = client.delete("/api/v1/studies", headers={"X-Request-ID": "trace-405-allow"})
+    assert response.status_code == 405
+    assert set(response.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "POST"}
+    assert response.json()["error"]["request_id"] == "trace-405-allow"
+    one = client.put("/api/v1/studies/some-id/approvals")
+    assert one.status_code == 405
+    assert one.headers["allow"] == "POST"  # the path template matched, its one method
+
+
 @pytest.mark.parametrize(
     ("header", "code"),
     [
