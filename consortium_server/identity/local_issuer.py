@@ -218,7 +218,10 @@ class LocalIssuer:
 
         Endpoints sit under ``base_url`` (where the realm's endpoints are reachable; by
         default the issuer itself), on Keycloak's paths, so python-keycloak and other
-        Keycloak clients can use the local issuer unchanged.
+        Keycloak clients can use the local issuer unchanged. The local issuer grants no
+        token over HTTP (tokens are minted on the server's machine, ``consortium token``):
+        its token endpoint exists and answers every request with RFC 6749's
+        ``unsupported_grant_type``, and the document lists no grant type.
         """
         root = (base_url or self._issuer).rstrip("/")
         endpoints = f"{root}/protocol/openid-connect"
@@ -226,10 +229,10 @@ class LocalIssuer:
             "issuer": self._issuer,
             "jwks_uri": f"{endpoints}/certs",
             "token_endpoint": f"{endpoints}/token",
-            "grant_types_supported": ["client_credentials"],
+            "grant_types_supported": [],
             "response_types_supported": ["token"],
             "subject_types_supported": ["public"],
-            "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
+            "token_endpoint_auth_methods_supported": [],
             "id_token_signing_alg_values_supported": [self._algorithm],
             "claims_supported": [
                 "iss",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from consortium_server.api.deps import CurrentPrincipal
@@ -49,6 +50,21 @@ def _local_issuer(request: Request, realm: str) -> LocalIssuer:
 def openid_configuration(realm: str, request: Request) -> dict[str, Any]:
     """Discovery document of the local issuer (development mode only)."""
     return _local_issuer(request, realm).openid_configuration()
+
+
+@router.post("/realms/{realm}/protocol/openid-connect/token", include_in_schema=False)
+def token(realm: str, request: Request) -> JSONResponse:
+    """The local issuer's token endpoint: it grants nothing over HTTP (RFC 6749 5.2)."""
+    _local_issuer(request, realm)
+    return JSONResponse(
+        status_code=400,
+        content={
+            "error": "unsupported_grant_type",
+            "error_description": "The local development issuer grants no tokens over HTTP; "
+            "mint one on the server's machine with `consortium token`, or use Keycloak.",
+        },
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 @router.get("/realms/{realm}/protocol/openid-connect/certs", include_in_schema=False)

@@ -210,6 +210,15 @@ def test_local_issuer_serves_its_keys(app: FastAPI, client: TestClient) -> None:
     config = client.get("/realms/local/.well-known/openid-configuration").json()
     assert config["issuer"].endswith("/realms/local")
     assert client.get("/realms/other/protocol/openid-connect/certs").status_code == 404
+    # The token endpoint it advertises answers, as OAuth says it should (RFC 6749 5.2).
+    assert config["token_endpoint"].endswith("/realms/local/protocol/openid-connect/token")
+    token = client.post(
+        "/realms/local/protocol/openid-connect/token",
+        data={"grant_type": "client_credentials", "client_id": "x", "client_secret": "y"},
+    )
+    assert token.status_code == 400
+    assert token.json()["error"] == "unsupported_grant_type"
+    assert token.headers["cache-control"] == "no-store"
 
 
 @pytest.mark.parametrize(

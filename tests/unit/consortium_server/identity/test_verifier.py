@@ -588,7 +588,7 @@ class TestLocalIssuer:
         assert document["issuer"] == issuer.issuer
         assert document["jwks_uri"] == f"{issuer.issuer}/protocol/openid-connect/certs"
         assert document["token_endpoint"] == f"{issuer.issuer}/protocol/openid-connect/token"
-        assert "client_credentials" in document["grant_types_supported"]
+        assert document["grant_types_supported"] == []  # it grants no token over HTTP
         proxied = issuer.openid_configuration("https://public.example/realms/concord/")
         assert proxied["issuer"] == issuer.issuer
         assert proxied["token_endpoint"] == (
