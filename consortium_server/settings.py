@@ -67,6 +67,13 @@ class IdentitySettings(BaseModel):
         default="organisation", description="Token claim naming the caller's organisation."
     )
     leeway_s: int = Field(default=30, ge=0, le=300, description="Clock skew allowed on exp/nbf.")
+    max_token_lifetime_s: int = Field(
+        default=86_400,
+        ge=60,
+        le=30 * 86_400,
+        description="Longest lifetime (exp - iat) of an accepted access token: a token minted "
+        "to last longer is refused, whoever signed it (Keycloak's default is 300 s).",
+    )
     jwks_cache_s: int = Field(default=300, ge=0, description="How long the JWKS is cached.")
     local_realm: str = Field(default="local", description="Realm name of the local issuer.")
     local_key_file: Path | None = Field(

@@ -26,6 +26,7 @@ def build_verifier(settings: ServerSettings, *, local_issuer: LocalIssuer | None
             audience=identity.audience,
             organisation_claim=identity.organisation_claim,
             leeway_s=identity.leeway_s,
+            max_lifetime_s=identity.max_token_lifetime_s,
         )
     from consortium_server.identity.keycloak import keycloak_jwks_source, realm_issuer_url
 
@@ -43,4 +44,5 @@ def build_verifier(settings: ServerSettings, *, local_issuer: LocalIssuer | None
         audience=identity.audience,
         organisation_claim=identity.organisation_claim,
         leeway_s=identity.leeway_s,
+        max_lifetime_s=identity.max_token_lifetime_s,
     )

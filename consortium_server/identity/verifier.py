@@ -82,6 +82,7 @@ class TokenVerifier:
         organisation_claim: str = "organisation",
         leeway_s: int = 30,
         algorithms: Sequence[str] = ("RS256", "ES256"),
+        max_lifetime_s: int | None = None,
     ) -> None:
         if not issuer:
             raise ValueError("issuer must not be empty")
@@ -107,6 +108,9 @@ class TokenVerifier:
         self._organisation_claim = organisation_claim
         self._leeway_s = leeway_s
         self._algorithms = tuple(dict.fromkeys(algorithms))
+        if max_lifetime_s is not None and max_lifetime_s <= 0:
+            raise ValueError(f"max_lifetime_s must be positive, got {max_lifetime_s}")
+        self._max_lifetime_s = max_lifetime_s
 
     @property
     def issuer(self) -> str:
@@ -145,6 +149,7 @@ class TokenVerifier:
         key = self._signing_key(kid, alg)
         claims = self._decode(token, key, alg, kid)
         self._check_issuer(claims)
+        self._check_lifetime(claims)
         self._check_audience(claims)
         self._check_token_type(claims)
         return self._principal(claims)
@@ -231,6 +236,22 @@ class TokenVerifier:
         if iss != self._issuer:
             raise _invalid(
                 f"token issuer {_echo(iss)} is not the configured issuer '{self._issuer}'"
+            )
+
+    def _check_lifetime(self, claims: Mapping[str, Any]) -> None:
+        """A stolen token is useful until it expires: one minted to last longer than the
+        configured maximum (``exp - iat``), or without ``iat`` to measure it by, is refused."""
+        if self._max_lifetime_s is None:
+            return
+        iat, exp = claims.get("iat"), claims.get("exp")
+        if not isinstance(iat, int | float) or isinstance(iat, bool):
+            raise _invalid("the token has no 'iat' claim to bound its lifetime by")
+        assert isinstance(exp, int | float)  # required and checked by the decoder
+        lifetime = float(exp) - float(iat)
+        if lifetime > self._max_lifetime_s + self._leeway_s:
+            raise _invalid(
+                f"the token is minted to last {int(lifetime)} s, longer than the "
+                f"{self._max_lifetime_s} s this server accepts"
             )
 
     def _check_audience(self, claims: Mapping[str, Any]) -> None:

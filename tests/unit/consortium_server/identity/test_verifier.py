@@ -177,6 +177,32 @@ class TestValidTokens:
         assert verifier.verify(several).organisation is None
         assert verifier.verify(other_claim).organisation is None
 
+    def test_a_token_minted_to_last_longer_than_the_maximum_is_refused(
+        self, issuer: LocalIssuer, sign: Any
+    ) -> None:
+        """A correctly signed token that lasts too long (or whose lifetime cannot be told)
+        is refused: the lifetime cap holds whoever minted the token."""
+        capped = TokenVerifier(
+            key_source=issuer.key_source(),
+            issuer=issuer.issuer,
+            audience=AUDIENCE,
+            leeway_s=30,
+            max_lifetime_s=3600,
+        )
+        now = int(time.time())
+        assert capped.verify(sign(standard_claims(issuer.issuer, exp=now + 3600))).subject
+        assert capped.verify(sign(standard_claims(issuer.issuer, exp=now + 3630))).subject
+        with pytest.raises(AuthenticationError, match="longer than the 3600 s") as info:
+            capped.verify(sign(standard_claims(issuer.issuer, exp=now + 10 * 86_400)))
+        assert info.value.code == "auth.invalid_token"
+        with pytest.raises(AuthenticationError, match="no 'iat' claim"):
+            capped.verify(sign(standard_claims(issuer.issuer, iat=None)))
+        # Without a cap (the default of the class) the same long token is accepted.
+        uncapped = TokenVerifier(
+            key_source=issuer.key_source(), issuer=issuer.issuer, audience=AUDIENCE
+        )
+        assert uncapped.verify(sign(standard_claims(issuer.issuer, exp=now + 10 * 86_400)))
+
     def test_recently_expired_token_is_accepted_within_leeway(
         self, issuer: LocalIssuer, verifier: TokenVerifier
     ) -> None:
