@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from concord_protocol.audit.entries import Actor, Outcome
@@ -86,8 +87,28 @@ def current_principal(request: Request) -> Principal:
     except AuthenticationError as exc:
         _record_refused_sign_in(request, exc)
         raise
+    if principal.has(Role.SITE_NODE):
+        _refuse_revoked_site(request, principal)
     request.state.principal = principal
     return principal
+
+
+def _refuse_revoked_site(request: Request, principal: Principal) -> None:
+    """A revoked site's node credentials reach nothing, reads included: revocation is the
+    end of the site's part in the consortium, not of its write access alone."""
+    from consortium_server.sites.models import Site, SiteStatus
+
+    if not principal.organisation:
+        return
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    with factory() as session:
+        statuses = session.scalars(
+            select(Site.status).where(Site.organisation == principal.organisation)
+        ).all()
+    if statuses and all(s is SiteStatus.REVOKED for s in statuses):
+        raise ForbiddenError(
+            f"The site of {principal.organisation!r} has been revoked.", code="auth.site_revoked"
+        )
 
 
 def _record_refused_sign_in(request: Request, error: AuthenticationError) -> None:

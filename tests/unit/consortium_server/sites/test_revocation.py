@@ -208,3 +208,26 @@ def test_revocation_stands_when_the_superlink_cannot_stop_the_run(
     gate = federation_gate(app, client, plan)
     outcome, _ = synthetic_run(gate, [0.8], secret=None)
     assert outcome.status == "stopped"
+
+
+def test_a_revoked_sites_node_reads_nothing_any_more(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    """Revocation ends the site's access, reads included; other sites are untouched."""
+    node = consortium.node("c")
+    before = client.get("/api/v1/studies", headers=node)
+    assert before.status_code == 200, before.text
+    app.state.run_manager = RunManager(
+        app.state.sessionmaker, app.state.audit_log, InProcessLauncher(lambda plan: None)
+    )
+    revoked = client.post(
+        "/api/v1/sites/hospital-c/revoke", json={"reason": "Left."}, headers=consortium.admin
+    )
+    assert revoked.status_code == 200, revoked.text
+    for path in ("/api/v1/studies", "/api/v1/audit/heads/latest", "/api/v1/datasets"):
+        response = client.get(path, headers={**node, "X-Request-ID": "revoked-read-1"})
+        assert response.status_code == 403, (path, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "auth.site_revoked"
+        assert error["request_id"] == "revoked-read-1"
+    assert client.get("/api/v1/studies", headers=consortium.node("a")).status_code == 200
