@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from concord_protocol.catalogue import catalogue_keys
 from concord_protocol.policy.engine import SCHEMA_FILENAME, PolicyEngine
 from consortium_server import __version__
+from consortium_server.api.deps import record_refusal_summary, refused_sign_ins
 from consortium_server.api.errors import install_error_handlers
 from consortium_server.api.health import router as health_router
 from consortium_server.api.middleware import HttpMetrics, RequestContextMiddleware
@@ -149,6 +150,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         finally:
             if app.state.run_manager is not None:
                 app.state.run_manager.shutdown()
+            pending = refused_sign_ins(app).flush()
+            if pending is not None:  # the last window's counted refusals
+                record_refusal_summary(app, pending)
             engine.dispose()
 
     app = FastAPI(

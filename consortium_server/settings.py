@@ -67,6 +67,25 @@ class IdentitySettings(BaseModel):
         default="organisation", description="Token claim naming the caller's organisation."
     )
     leeway_s: int = Field(default=30, ge=0, le=300, description="Clock skew allowed on exp/nbf.")
+    refused_sign_in_window_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="Refused sign-ins are aggregated per window of this many seconds.",
+    )
+    refused_sign_in_entries: int = Field(
+        default=20,
+        ge=1,
+        le=10_000,
+        description="Refused sign-ins written one by one per window (the first of each "
+        "source and code); the rest are counted into one summary entry per window.",
+    )
+    refused_sign_in_sources: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Distinct (source, code) counters per window; beyond, one `other` bucket.",
+    )
     max_token_lifetime_s: int = Field(
         default=86_400,
         ge=60,

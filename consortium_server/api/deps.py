@@ -22,6 +22,7 @@ from concord_protocol.audit.entries import Actor, Outcome
 from concord_protocol.principals import Principal, Role
 from consortium_server.audit.recorder import AuditRecorder
 from consortium_server.errors import AuthenticationError, ForbiddenError
+from consortium_server.identity.refusals import RefusedSignIns, Summary
 from consortium_server.logs import request_id_var
 from consortium_server.settings import ServerSettings
 
@@ -111,7 +112,44 @@ def _refuse_revoked_site(request: Request, principal: Principal) -> None:
         )
 
 
+def refused_sign_ins(app: Any) -> RefusedSignIns:
+    """The app's aggregation of refused sign-ins (made on first use, from its settings)."""
+    aggregator: RefusedSignIns | None = getattr(app.state, "refused_sign_ins", None)
+    if aggregator is None:
+        identity = app.state.settings.identity
+        aggregator = RefusedSignIns(
+            window_s=identity.refused_sign_in_window_s,
+            max_entries=identity.refused_sign_in_entries,
+            max_sources=identity.refused_sign_in_sources,
+        )
+        app.state.refused_sign_ins = aggregator
+    return aggregator
+
+
+def record_refusal_summary(app: Any, summary: Summary) -> None:
+    """Write one ``auth.sign_ins_refused`` entry: the refusals a window only counted."""
+    factory: sessionmaker[Session] = app.state.sessionmaker
+    with factory() as session:
+        AuditRecorder(app.state.audit_log, session, principal=None).record(
+            "auth.sign_ins_refused",
+            object_type="endpoint",
+            object_id="*",
+            outcome=Outcome.DENIED,
+            details=summary.details(),
+            actor=Actor(subject="anonymous"),
+        )
+        session.commit()
+
+
 def _record_refused_sign_in(request: Request, error: AuthenticationError) -> None:
+    """Audit a refused sign-in, in bounded numbers (:mod:`consortium_server.identity.refusals`):
+    the first of each source and code per window as its own entry, the rest counted."""
+    client = request.client.host if request.client else "unknown"
+    decision, summary = refused_sign_ins(request.app).refuse(client, error.code)
+    if summary is not None:
+        record_refusal_summary(request.app, summary)
+    if not decision.write:
+        return
     factory: sessionmaker[Session] = request.app.state.sessionmaker
     with factory() as session:
         AuditRecorder(
@@ -127,7 +165,8 @@ def _record_refused_sign_in(request: Request, error: AuthenticationError) -> Non
             details={
                 "code": error.code,
                 "reason": error.public_message()[:300],
-                "client": request.client.host if request.client else None,
+                "client": client,
+                "count": 1,
             },
             actor=Actor(subject="anonymous"),
         )

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from concord_protocol.audit.entries import AuditEntry
+from consortium_server.main import create_app
+from consortium_server.settings import ServerSettings
 from tests.support.world import People, signed_approval, study_contract
 
 
@@ -43,6 +46,32 @@ def test_refused_sign_ins_are_recorded_without_the_token(client: TestClient, app
     assert entry.request_id == "req-0000001"
     assert entry.details["code"] == "auth.invalid_token"
     assert "not-a-token" not in entry.canonical_bytes().decode()
+
+
+@pytest.mark.slow
+def test_ten_thousand_bad_tokens_grow_the_log_by_two_entries(settings: ServerSettings) -> None:
+    """Anyone can send forged tokens; nobody can grow the log with them. 10,000 refused
+    sign-ins over HTTP from one source add its first refusal and, when the window closes
+    (here: the server stops), one summary that counts the other 9,999; the server holds one
+    counter for them all."""
+    app = create_app(settings)
+    headers = ["Bearer not-a-token", "Bearer a.b.c", "Basic dXNlcjpwYXNz", "Bearer"]
+    with TestClient(app) as client:
+        before = len(_entries(app))
+        for i in range(10_000):
+            response = client.get("/api/v1/studies", headers={"Authorization": headers[i % 4]})
+            assert response.status_code == 401
+        assert len(_entries(app)) == before + 1
+        assert app.state.refused_sign_ins.counters == 1
+    entries = _entries(app)
+    assert len(entries) == before + 2
+    (single,) = [e for e in entries if e.action == "auth.sign_in_refused"]
+    assert single.details["count"] == 1
+    (summary,) = [e for e in entries if e.action == "auth.sign_ins_refused"]
+    assert summary.details["total"] == 9_999
+    assert summary.details["by_source"] == [
+        {"client": "testclient", "code": "auth.invalid_token", "count": 9_999}
+    ]
 
 
 def test_study_lifecycle_is_recorded(client: TestClient, consortium: People, app: FastAPI) -> None:
