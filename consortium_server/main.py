@@ -7,17 +7,17 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import OperationalError
 
 from concord_protocol.catalogue import catalogue_keys
 from concord_protocol.policy.engine import SCHEMA_FILENAME, PolicyEngine
 from consortium_server import __version__
-from consortium_server.api.deps import record_refusal_summary, refused_sign_ins
+from consortium_server.api.deps import current_principal, record_refusal_summary, refused_sign_ins
 from consortium_server.api.errors import install_error_handlers
 from consortium_server.api.health import router as health_router
-from consortium_server.api.middleware import HttpMetrics, RequestContextMiddleware
+from consortium_server.api.middleware import HttpMetrics, LargerLimit, RequestContextMiddleware
 from consortium_server.audit.log import AuditLog
 from consortium_server.audit.recorder import AuditRecorder
 from consortium_server.audit.router import router as audit_router
@@ -27,6 +27,7 @@ from consortium_server.datasets.router import router as datasets_router
 from consortium_server.db.migrate import upgrade_to_head
 from consortium_server.db.session import make_engine, make_sessionmaker, session_scope
 from consortium_server.federation.federation_token import load_or_create_token, load_token
+from consortium_server.federation.internal_router import require_serverapp
 from consortium_server.federation.internal_router import router as internal_router
 from consortium_server.federation.router import router as federation_router
 from consortium_server.federation.runs import build_run_manager, connect_superlink
@@ -91,6 +92,11 @@ def _seed_policies(app: FastAPI, settings: ServerSettings) -> None:
         log.warning("database unavailable at start; policies load on first use: %s", exc.orig)
         return
     log.info("policy set loaded", extra={"policy_set_hash": engine.policy_set_hash})
+
+
+def _bearer(request: Request) -> None:
+    """The bearer-token check of the large-body routes, run before their body is read."""
+    current_principal(request)
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -169,9 +175,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         max_body_bytes=settings.api.max_body_bytes,
         metrics=HttpMetrics(registry),
         larger_limits=[
-            (KEY_RELAY_PATH, settings.api.max_key_body_bytes),
-            (MODEL_UPLOAD_PATH, settings.api.max_key_body_bytes),
-            (CHECKPOINT_PATH, settings.api.max_key_body_bytes),
+            LargerLimit(KEY_RELAY_PATH, settings.api.max_key_body_bytes, _bearer),
+            LargerLimit(MODEL_UPLOAD_PATH, settings.api.max_key_body_bytes, _bearer),
+            LargerLimit(CHECKPOINT_PATH, settings.api.max_key_body_bytes, require_serverapp),
         ],
     )
     install_error_handlers(app)

@@ -7,15 +7,17 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from consortium_server.errors import CATALOGUE, DomainError
 from consortium_server.logs import request_id_var
 
-__all__ = ["HttpMetrics", "RequestContextMiddleware"]
+__all__ = ["Authenticate", "HttpMetrics", "LargerLimit", "RequestContextMiddleware"]
 
 log = logging.getLogger("concord.http")
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,128}$")
@@ -59,6 +61,21 @@ def _error_body(code: str, request_id: str, message: str | None = None) -> bytes
     ).encode()
 
 
+#: Checks a request's credentials from its headers alone (raises a :class:`DomainError`).
+Authenticate = Callable[[Request], None]
+
+
+@dataclass(frozen=True)
+class LargerLimit:
+    """A route allowed a body above the default limit, and how its caller is authenticated
+    before a byte of that body is read: an anonymous client must not make the server read
+    and parse megabytes (the route's own dependencies run only after the body is parsed)."""
+
+    pattern: re.Pattern[str]
+    limit: int
+    authenticate: Authenticate
+
+
 class RequestContextMiddleware:
     """Gives every request an id (``X-Request-ID``), caps its body, and measures it."""
 
@@ -68,19 +85,20 @@ class RequestContextMiddleware:
         *,
         max_body_bytes: int,
         metrics: HttpMetrics,
-        larger_limits: Sequence[tuple[re.Pattern[str], int]] = (),
+        larger_limits: Sequence[LargerLimit] = (),
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.larger_limits = tuple(larger_limits)
 
+    def _larger(self, path: str) -> LargerLimit | None:
+        return next((entry for entry in self.larger_limits if entry.pattern.fullmatch(path)), None)
+
     def limit_for(self, path: str) -> int:
         """The body limit for ``path``: the default, or a larger one for routes that need it."""
-        for pattern, limit in self.larger_limits:
-            if pattern.fullmatch(path):
-                return limit
-        return self.max_body_bytes
+        entry = self._larger(path)
+        return entry.limit if entry is not None else self.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,9 +140,14 @@ class RequestContextMiddleware:
                     )
             return message
 
+        larger = self._larger(scope["path"])
         try:
             declared = headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
+            refusal = self._authenticate(larger, scope) if larger is not None else None
+            if refusal is not None:
+                status_code_, body = refusal
+                await self._send_error(send_with_id, status_code_, body)
+            elif declared is not None and declared.isdigit() and int(declared) > limit:
                 await self._reject_too_large(send_with_id, request_id, limit)
             else:
                 try:
@@ -154,6 +177,19 @@ class RequestContextMiddleware:
                 },
             )
             request_id_var.reset(token)
+
+    @staticmethod
+    def _authenticate(larger: LargerLimit, scope: Scope) -> tuple[int, bytes] | None:
+        """Run the route's credential check before its body is read: None when it passes,
+        else the error response (status, body) to send instead."""
+        try:
+            larger.authenticate(Request(scope))
+        except DomainError as exc:
+            entry = CATALOGUE[exc.code]
+            return entry.status, _error_body(
+                exc.code, request_id_var.get() or "", exc.public_message() or entry.title
+            )
+        return None
 
     async def _reject_too_large(self, send: Send, request_id: str, limit: int) -> None:
         body = _error_body(
