@@ -57,6 +57,8 @@ from tests.deploy.charts import NAMESPACE, Rendered
 BIN = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGE_POLICIES = "/opt/concord/share/policies"
+#: Where a pod's volume sources are staged in its mount namespace (a tmpfs over /mnt there).
+_STAGE = "/mnt"
 
 #: What both Dockerfiles set with ENV (deploy/docker/*.Dockerfile); PATH leads to this venv,
 #: which stands in for the image's /opt/concord.
@@ -178,10 +180,17 @@ class Pod:
         for mount in container.get("volumeMounts", []):
             source = self.sources[mount["mountPath"]]
             binds.append((str(source), mount["mountPath"], bool(mount.get("readOnly"))))
-        steps = []
-        for source, target, read_only in sorted(binds, key=lambda b: b[1].count("/")):
-            src, dst = shlex.quote(source), shlex.quote(target)
-            steps.append(f"mkdir -p {dst} && mount --bind {src} {dst}")
+        # Every source is first bound under a private staging tmpfs, then staged -> target:
+        # binding straight from the source would fail once an earlier target hides it (a
+        # checkout under /tmp, hidden by the pod's /tmp volume).
+        steps = [f"mount -t tmpfs concord-stage {_STAGE}"]
+        ordered = sorted(binds, key=lambda b: b[1].count("/"))
+        for index, (source, _target, _ro) in enumerate(ordered):
+            staged = f"{_STAGE}/{index}"
+            steps.append(f"mkdir -p {staged} && mount --bind {shlex.quote(source)} {staged}")
+        for index, (_source, target, read_only) in enumerate(ordered):
+            dst = shlex.quote(target)
+            steps.append(f"mkdir -p {dst} && mount --bind {_STAGE}/{index} {dst}")
             if read_only:
                 steps.append(f"mount -o remount,bind,ro {dst}")
         script = " && ".join([*steps, 'exec "$@"'])
