@@ -60,6 +60,9 @@ CATALOGUE: dict[str, CatalogueEntry] = {
     "dataset.exists": CatalogueEntry(409, "A dataset with this id already exists."),
     "study.not_found": CatalogueEntry(404, "No such study."),
     "study.invalid": CatalogueEntry(422, "The study contract is not valid."),
+    "study.idempotency_conflict": CatalogueEntry(
+        409, "This Idempotency-Key was used for another study draft."
+    ),
     "study.invalid_transition": CatalogueEntry(
         409, "The study is not in a state that allows this."
     ),

@@ -68,6 +68,12 @@ class Study(Base):
     current_round: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    #: The submitter's ``Idempotency-Key`` and the SHA-256 of the draft it came with: the
+    #: same key again returns this study, with another draft it is refused.
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    idempotency_draft_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    __table_args__ = (UniqueConstraint("owner_subject", "idempotency_key"),)
 
     sites: Mapped[list[StudySite]] = relationship(
         back_populates="study", order_by="StudySite.site_id", lazy="selectin"

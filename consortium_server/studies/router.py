@@ -7,8 +7,9 @@ transaction as the change.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Annotated
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Header, Request, Response, status
 
 from concord_protocol.audit.entries import Outcome
 from concord_protocol.contract import StudyDraft
@@ -51,12 +52,33 @@ def _record_new_events(audit: AuditDep, study: Study, before: int) -> None:
 def submit_study(
     body: StudyDraft,
     request: Request,
+    response: Response,
     session: SessionDep,
     settings: SettingsDep,
     principal: CurrentPrincipal,
     audit: AuditDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            pattern=r"^[A-Za-z0-9._:-]{8,128}$",
+            description="Any unique string (a UUID): submitting again with the same key and "
+            "draft returns the study already made (200, `Idempotent-Replayed: true`), with "
+            "another draft 409 `study.idempotency_conflict`.",
+        ),
+    ] = None,
 ) -> StudyPublic:
-    """Submit a study contract. A policy denial is returned as a `rejected` study with reasons."""
+    """Submit a study contract. A policy denial is returned as a `rejected` study with reasons.
+
+    With an ``Idempotency-Key`` a retried submission (a lost answer, a client restart) never
+    makes a second study."""
+    if idempotency_key is not None:
+        replayed = service.replayed_submission(
+            session, body, actor=principal, idempotency_key=idempotency_key
+        )
+        if replayed is not None:
+            response.status_code = status.HTTP_200_OK
+            response.headers["Idempotent-Replayed"] = "true"
+            return service.to_public(replayed)
     decisions: list[service.GateDecision] = []
     policy_gate = submission_gate(session, _policy(request))
 
@@ -71,6 +93,7 @@ def submit_study(
         actor=principal,
         approval_window=timedelta(days=settings.studies.approval_window_days),
         gate=gate,
+        idempotency_key=idempotency_key,
     )
     decision = decisions[0] if decisions else None
     audit.record(

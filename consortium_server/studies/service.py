@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from concord_protocol.canonical import sha256_hex
 from concord_protocol.catalogue import get_entry, resolve_hyperparameters
 from concord_protocol.contract import RosterMember, StudyContract, StudyDraft
 from concord_protocol.errors import InvalidHyperparameterError, UnknownModelError
@@ -186,6 +187,33 @@ def _check_evaluation_budget(draft: StudyDraft) -> None:
         )
 
 
+def replayed_submission(
+    session: Session, draft: StudyDraft, *, actor: Principal, idempotency_key: str
+) -> Study | None:
+    """The study an earlier submission with ``idempotency_key`` made, when it was the same
+    draft (None when the key is new); ``study.idempotency_conflict`` (409) when the key was
+    used with another draft."""
+    study = session.scalars(
+        select(Study).where(
+            Study.owner_subject == actor.subject, Study.idempotency_key == idempotency_key
+        )
+    ).first()
+    if study is None:
+        return None
+    if study.idempotency_draft_hash != draft_hash(draft):
+        raise ConflictError(
+            f"The Idempotency-Key {idempotency_key!r} was used for another study draft "
+            f"(study {study.id}); use a new key for a new study.",
+            code="study.idempotency_conflict",
+        )
+    return study
+
+
+def draft_hash(draft: StudyDraft) -> str:
+    """SHA-256 of the draft as submitted (its canonical JSON): what a replay must repeat."""
+    return sha256_hex(draft.model_dump(mode="json"))
+
+
 def submit_study(
     session: Session,
     draft: StudyDraft,
@@ -193,6 +221,7 @@ def submit_study(
     actor: Principal,
     approval_window: timedelta,
     gate: SubmissionGate | None = None,
+    idempotency_key: str | None = None,
 ) -> Study:
     """Complete a draft with its roster, record the study, check it, and move it to
     ``awaiting_approvals`` or ``rejected``.
@@ -229,6 +258,8 @@ def submit_study(
         approval_deadline=now + approval_window,
         created_at=now,
         updated_at=now,
+        idempotency_key=idempotency_key,
+        idempotency_draft_hash=draft_hash(draft) if idempotency_key else None,
     )
     session.add(study)
     session.flush()

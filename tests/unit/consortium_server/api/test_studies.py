@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from tests.support.world import People, signed_approval, study_contract
@@ -336,3 +337,52 @@ def test_list_filters_by_state(client: TestClient, consortium: People) -> None:
     assert [s["id"] for s in waiting] == [study["id"]]
     bad = client.get("/api/v1/studies", params={"state": "sleeping"}, headers=consortium.admin)
     assert bad.status_code == 422
+
+
+def test_an_idempotency_key_makes_a_retried_submission_return_the_same_study(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    """A researcher whose answer was lost submits again with the same key: the same study
+    comes back (200, marked replayed), no second study, no second audit trail; the key with
+    another draft is a 409; another researcher's identical key is theirs alone."""
+    body = study_contract(["bc-a", "bc-b", "bc-c"])
+    key = {"Idempotency-Key": "3f2b7c1e-submission-0001"}
+    first = client.post("/api/v1/studies", json=body, headers={**consortium.researcher, **key})
+    assert first.status_code == 201, first.text
+    entries = _audit_size(app)
+    again = client.post("/api/v1/studies", json=body, headers={**consortium.researcher, **key})
+    assert again.status_code == 200, again.text
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert _audit_size(app) == entries  # nothing happened the second time
+    listed = client.get("/api/v1/studies", headers=consortium.researcher).json()
+    assert [s["id"] for s in listed] == [first.json()["id"]]
+
+    other = {**body, "title": "Another study altogether"}
+    conflict = client.post("/api/v1/studies", json=other, headers={**consortium.researcher, **key})
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["code"] == "study.idempotency_conflict"
+    assert conflict.json()["error"]["request_id"]
+
+    without = client.post("/api/v1/studies", json=body, headers=consortium.researcher)
+    assert without.status_code == 201  # no key: a new study, as before
+    assert without.json()["id"] != first.json()["id"]
+
+
+@pytest.mark.parametrize("bad", ["short", "has spaces in it", "x" * 129])
+def test_a_malformed_idempotency_key_is_a_422(
+    client: TestClient, consortium: People, bad: str
+) -> None:
+    response = client.post(
+        "/api/v1/studies",
+        json=study_contract(["bc-a", "bc-b", "bc-c"]),
+        headers={**consortium.researcher, "Idempotency-Key": bad},
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "request.invalid"
+    assert client.get("/api/v1/studies", headers=consortium.researcher).json() == []
+
+
+def _audit_size(app: FastAPI) -> int:
+    with app.state.sessionmaker() as session:
+        return int(app.state.audit_log.size(session=session))
