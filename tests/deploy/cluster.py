@@ -182,10 +182,19 @@ class Pod:
             binds.append((str(source), mount["mountPath"], bool(mount.get("readOnly"))))
         # Every source is first bound under a private staging tmpfs, then staged -> target:
         # binding straight from the source would fail once an earlier target hides it (a
-        # checkout under /tmp, hidden by the pod's /tmp volume).
+        # checkout under /tmp, hidden by the pod's /tmp volume). The checkout and the venv
+        # the commands run from are bound back over any target that hides them, as an
+        # image would have them outside its volumes.
         steps = [f"mount -t tmpfs concord-stage {_STAGE}"]
         ordered = sorted(binds, key=lambda b: b[1].count("/"))
-        for index, (source, _target, _ro) in enumerate(ordered):
+        targets = [Path(t) for _s, t, _r in ordered]
+        keep = [
+            p
+            for p in sorted({REPO_ROOT.resolve(), Path(sys.prefix).resolve()})
+            if any(p == t or t in p.parents for t in targets)
+        ]
+        staged_sources = [s for s, _t, _r in ordered] + [str(p) for p in keep]
+        for index, source in enumerate(staged_sources):
             staged = f"{_STAGE}/{index}"
             steps.append(f"mkdir -p {staged} && mount --bind {shlex.quote(source)} {staged}")
         for index, (_source, target, read_only) in enumerate(ordered):
@@ -193,6 +202,9 @@ class Pod:
             steps.append(f"mkdir -p {dst} && mount --bind {_STAGE}/{index} {dst}")
             if read_only:
                 steps.append(f"mount -o remount,bind,ro {dst}")
+        for offset, path in enumerate(keep, start=len(ordered)):
+            dst = shlex.quote(str(path))
+            steps.append(f"mkdir -p {dst} && mount --bind {_STAGE}/{offset} {dst}")
         script = " && ".join([*steps, 'exec "$@"'])
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "pod", *argv]
 
