@@ -10,6 +10,9 @@ site's identity may see and, for each:
 * state ``rejected``, ``aborted`` or ``failed``: every local approval of the study is
   revoked and its study key deleted (a server that lies here can only stop the site
   taking part: denial of service, nothing more);
+* the server answers ``auth.site_revoked``: this site was revoked, and a revoked site
+  reads nothing any more, so every local approval is revoked and every study key deleted
+  (the same denial of service at most, from a lying server);
 * a signed decision of this site that the server does not have yet (it was down when the
   steward decided) is posted again;
 * state ``approved`` or ``running`` with a local approval: the served contract is
@@ -200,7 +203,15 @@ def sync_approvals(
     result = SyncResult()
     local = _local_approvals(store, result)
     pinned = dict(peers or {})
-    for summary in api.list_studies():
+    try:
+        studies = api.list_studies()
+    except ApiError as exc:
+        if exc.code != "auth.site_revoked":
+            raise
+        for study_id, hashes in sorted(local.items()):
+            _revoke(store, study_id, hashes, result)
+        return result
+    for summary in studies:
         study_id = str(summary["id"])
         state = str(summary["state"])
         if state in WITHDRAWN_STATES:

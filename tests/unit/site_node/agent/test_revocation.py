@@ -1,6 +1,7 @@
-"""A revoked site drops what it held for its studies: revocation aborts them at the server,
-and the site's next agent pass withdraws their approvals and deletes their study keys,
-while the other sites keep theirs until they, too, see the studies aborted."""
+"""A revoked site drops what it held for its studies: revocation aborts them at the server
+and ends the site's access; its next agent pass, refused with ``auth.site_revoked``,
+withdraws every approval and deletes every study key, while the other sites keep theirs
+until they, too, see the studies aborted."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def test_the_revoked_sites_next_pass_drops_the_keys_of_its_aborted_studies(
     report = revoked.agent.run_pass()
     assert report.sync is not None
     assert report.sync.revoked == [study_id]
+    # It read nothing to learn it: the server refuses a revoked site everything.
+    peers = next(s for s in report.steps if s.name == "peers")
+    assert (peers.ok, peers.code) == (False, "auth.site_revoked")
     assert revoked.store.get(contract_hash) is None
     assert revoked.store.study_key(study_id) is None
     assert not (revoked.state_dir / "federation" / "study-keys" / f"{study_id}.ctx").exists()
