@@ -12,11 +12,38 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["MAX_EXACT_INTEGER", "canonical_json", "sha256_hex"]
+__all__ = ["MAX_EXACT_INTEGER", "canonical_json", "hashable_problem", "sha256_hex"]
 
 #: The largest integer magnitude an IEEE double (an RFC 8785 number) holds exactly, with
 #: every integer below it: 2^53.
 MAX_EXACT_INTEGER = 2**53
+
+
+def hashable_problem(value: Any, *, max_depth: int = 64) -> str | None:
+    """Why ``value`` cannot be hashed exactly, or None: nesting deeper than ``max_depth``,
+    text that is not valid Unicode (a lone surrogate has no UTF-8 form), a float that is
+    not finite, an integer beyond 2^53 (two such integers share one RFC 8785 number).
+    Iterative, so a hostile depth cannot exhaust the stack; for validators of input that
+    is hashed later."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > max_depth:
+            return f"nests deeper than {max_depth} levels"
+        if isinstance(item, Mapping):
+            stack.extend((part, depth + 1) for pair in item.items() for part in pair)
+        elif isinstance(item, list | tuple):
+            stack.extend((part, depth + 1) for part in item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "holds text that is not valid Unicode"
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "numbers must be finite (RFC 8785 has no NaN or Infinity)"
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_EXACT_INTEGER:
+            return "integers must lie within +-2^53 (RFC 8785)"
+    return None
 
 
 def _number(value: float) -> str:

@@ -15,7 +15,6 @@ site's keys, or choose who generates the key after the stewards approved.
 
 from __future__ import annotations
 
-import math
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -29,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from concord_protocol.canonical import MAX_EXACT_INTEGER, canonical_json, sha256_hex
+from concord_protocol.canonical import canonical_json, hashable_problem, sha256_hex
 from concord_protocol.disclosure import public
 from concord_protocol.eval_histograms import release_noise
 from concord_protocol.fields import Sha256Hex, Slug
@@ -82,18 +81,13 @@ class ModelSpec(_Strict):
     @field_validator("hyperparameters", mode="before")
     @classmethod
     def _exactly_hashable(cls, value: object) -> object:
-        """Refuse numbers the contract hash cannot hold exactly: RFC 8785 numbers are IEEE
-        doubles, so an integer beyond 2^53 would hash like its neighbour, and NaN or
-        Infinity have no JSON form at all."""
-        if not isinstance(value, dict):
-            return value
-        for name, item in value.items():
-            if isinstance(item, bool):
-                continue
-            if isinstance(item, int) and abs(item) > MAX_EXACT_INTEGER:
-                raise ValueError(f"{name}: integers must lie within +-2^53 (RFC 8785)")
-            if isinstance(item, float) and not math.isfinite(item):
-                raise ValueError(f"{name}: NaN and Infinity cannot be hashed (RFC 8785)")
+        """Refuse numbers the contract hash cannot hold exactly (see
+        :func:`~concord_protocol.canonical.hashable_problem`)."""
+        if isinstance(value, dict):
+            for name, item in value.items():
+                problem = hashable_problem(item)
+                if problem is not None:
+                    raise ValueError(f"{name}: {problem}")
         return value
 
 

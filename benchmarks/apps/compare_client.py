@@ -53,7 +53,6 @@ from site_node.federation import clientapp as concord_clientapp
 from site_node.federation.approvals import ApprovalStore
 from site_node.federation.clientapp import FederationError, SiteRuntime, site_settings
 from site_node.federation.mods import ContractGuardMod
-from site_node.privacy.dp_metrics import noisy_histogram
 from site_node.training.params import flatten, num_parameters, unflatten_into
 
 __all__ = ["app", "evaluate", "fit", "secaggplus_train", "train"]
@@ -198,21 +197,7 @@ def _evaluate_secaggplus(msg: Message, context: Context) -> Message:
     unflatten_into(model, params)
     # The same release as Concord's evaluate (a noisy histogram, charged with the round),
     # so that both methods' metrics are read the same way and cost the same.
-    spec = runtime.contract.evaluation
-    noise = runtime.contract.evaluation_noise()
-    if noise is None:
-        raise FederationError(
-            "the study's contract releases no evaluation", code="evaluation.not_in_contract"
-        )
-    released = noisy_histogram(model, data, bins=spec.score_bins, noise=noise)
-    metrics = MetricRecord(
-        {
-            "histogram": released.counts,
-            "num-classes": released.num_classes,
-            "score-bins": spec.score_bins,
-            "noise-multiplier": noise,
-        }
-    )
+    metrics = MetricRecord(runtime.release_evaluation(model, data))
     return Message(
         RecordDict({REC_METRICS: metrics, REC_SITE: runtime.site_record()}), reply_to=msg
     )

@@ -70,8 +70,13 @@ def current_principal(request: Request) -> Principal:
     """Verify the bearer token of the request and return who is calling.
 
     A presented token that fails verification is recorded in the audit log as a refused
-    sign-in (a request with no token at all is not).
+    sign-in (a request with no token at all is not). Verified once per request: a route
+    whose caller was authenticated before its body was read
+    (:class:`~consortium_server.api.middleware.LargerLimit`) reuses that principal.
     """
+    known: Principal | None = getattr(request.state, "principal", None)
+    if known is not None:
+        return known
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:

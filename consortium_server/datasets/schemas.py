@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
@@ -16,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from concord_protocol.canonical import hashable_problem
 from concord_protocol.contract import Purpose
 from consortium_server.schemas import Slug, StrictModel
 
@@ -28,31 +28,6 @@ MAX_SUMMARY_BYTES = 16_384
 
 
 MAX_SUMMARY_DEPTH = 8
-
-
-def _check_summary_shape(value: object) -> None:
-    """Refuse, without recursion, what the summary cannot be stored, hashed or shown as:
-    nesting deeper than :data:`MAX_SUMMARY_DEPTH`, text that is not valid Unicode (a lone
-    surrogate), a number that is not finite or beyond 2^53."""
-    stack: list[tuple[object, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_SUMMARY_DEPTH:
-            raise ValueError(f"feature_summary nests deeper than {MAX_SUMMARY_DEPTH} levels")
-        if isinstance(item, dict):
-            stack.extend((k, depth + 1) for k in item)
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-        elif isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError("feature_summary holds text that is not valid Unicode") from None
-        elif isinstance(item, float) and not math.isfinite(item):
-            raise ValueError("feature_summary numbers must be finite")
-        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > 2**53:
-            raise ValueError("feature_summary integers must lie within +-2^53")
 
 
 class DatasetPublish(StrictModel):
@@ -84,7 +59,9 @@ class DatasetPublish(StrictModel):
     @field_validator("feature_summary")
     @classmethod
     def _summary_size(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _check_summary_shape(value)
+        problem = hashable_problem(value, max_depth=MAX_SUMMARY_DEPTH)
+        if problem is not None:
+            raise ValueError(f"feature_summary {problem}")
         if len(json.dumps(value)) > MAX_SUMMARY_BYTES:
             raise ValueError(f"feature_summary must be under {MAX_SUMMARY_BYTES} bytes of JSON")
         return value

@@ -385,24 +385,20 @@ def record_round(session: Session, record: RoundRecord, *, log: AuditLog) -> Non
         contract_hash=study.contract_hash,
         details=details.model_dump(mode="json"),
     )
-    if refused:
-        recorder.record(
-            "budget.report_refused",
-            object_type="study",
-            object_id=study.id,
-            outcome=Outcome.FAILURE,
-            contract_hash=study.contract_hash,
-            details={"round": record.round_number, "reports": refused},
-        )
-    if overspent:
-        recorder.record(
-            "budget.overspent",
-            object_type="study",
-            object_id=study.id,
-            outcome=Outcome.FAILURE,
-            contract_hash=study.contract_hash,
-            details={"round": record.round_number, "overspent": overspent},
-        )
+    flagged: list[tuple[str, str, object]] = [
+        ("budget.report_refused", "reports", refused),
+        ("budget.overspent", "overspent", overspent),
+    ]
+    for action, key, value in flagged:
+        if value:
+            recorder.record(
+                action,
+                object_type="study",
+                object_id=study.id,
+                outcome=Outcome.FAILURE,
+                contract_hash=study.contract_hash,
+                details={"round": record.round_number, key: value},
+            )
     session.flush()
 
 

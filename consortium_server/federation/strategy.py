@@ -286,16 +286,7 @@ class BlindAggregationStrategy:
                 signed.verify(peer.signing_public_key)
             except SignatureError as exc:
                 return f"the spend report: {exc.message}"
-        self._spend[site_id] = SiteSpend(
-            epsilon=r.epsilon,
-            delta=r.delta,
-            noise_multiplier=r.noise_multiplier,
-            sample_rate=r.sample_rate,
-            steps=r.steps,
-            num_samples=r.num_samples,
-            evaluations=r.evaluations,
-            evaluation_noise_multiplier=r.evaluation_noise_multiplier,
-        )
+        self._spend[site_id] = SiteSpend(**r.model_dump(include=set(SiteSpend.model_fields)))
         return None
 
     def _contribution(

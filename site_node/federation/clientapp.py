@@ -264,6 +264,28 @@ class SiteRuntime:
             record["spend-report"] = spend_report
         return ConfigRecord(record)
 
+    def evaluation_noise(self) -> float:
+        """The contract's noise of each evaluation release; ``evaluation.not_in_contract``
+        when the contract releases none."""
+        noise = self.contract.evaluation_noise()
+        if noise is None:
+            raise FederationError(
+                "the study's contract releases no evaluation", code="evaluation.not_in_contract"
+            )
+        return noise
+
+    def release_evaluation(self, model: nn.Module, data: LocalDataset) -> dict[str, Any]:
+        """The one thing that leaves about the test split: ``model``'s noisy histogram on
+        ``data`` with its layout and noise level, as an evaluate reply's metrics."""
+        noise, bins = self.evaluation_noise(), self.contract.evaluation.score_bins
+        released = noisy_histogram(model, data, bins=bins, noise=noise)
+        return {
+            "histogram": released.counts,
+            "num-classes": released.num_classes,
+            "score-bins": bins,
+            "noise-multiplier": noise,
+        }
+
     def spend_report(self, round_number: int, metrics: dict[str, Any]) -> str:
         """This site's signed spend report after ``round_number`` (JSON; ``""`` for a
         cached reply of an older version that lacks the accountant's figures)."""
@@ -483,11 +505,7 @@ def _train_reply(
 
 def _evaluate(msg: Message, context: Context) -> Message:
     runtime = SiteRuntime.from_context(context)
-    spec = runtime.contract.evaluation
-    if not spec.releases:
-        raise FederationError(
-            "the study's contract releases no evaluation", code="evaluation.not_in_contract"
-        )
+    runtime.evaluation_noise()  # refused first when the contract releases no evaluation
     data = runtime.dataset("test")
     model = runtime.model_for(data)
     round_number = int(msg.content.config_records[REC_CONFIG]["round"])  # type: ignore[arg-type]
@@ -509,15 +527,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
         answer = slot.answered
         if answer is None:  # asked again for the same aggregate: the same noisy answer
             unflatten_into(model, opened.params)
-            noise = runtime.contract.evaluation_noise()
-            assert noise is not None  # the contract releases evaluations (checked above)
-            released = noisy_histogram(model, data, bins=spec.score_bins, noise=noise)
-            answer = {
-                "histogram": released.counts,
-                "num-classes": released.num_classes,
-                "score-bins": spec.score_bins,
-                "noise-multiplier": noise,
-            }
+            answer = runtime.release_evaluation(model, data)
             slot.answer(answer)
     return Message(
         RecordDict({REC_METRICS: MetricRecord(answer), REC_SITE: runtime.site_record()}),
