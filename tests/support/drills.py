@@ -161,7 +161,9 @@ class DrillStack:
                 "rounds": rounds,
                 "local_epochs": 1,
                 "batch_size": 32,
-                "learning_rate": 0.5,  # features in [-1, 1] from declared ranges
+                # Features in [-1, 1] from declared ranges; at 0.5 one run in 30 of three DP
+                # rounds stayed under majority + 0.15 accuracy, at 1.0 none in 80.
+                "learning_rate": 1.0,
                 "optimizer": "sgd",
             },
             "privacy": {"epsilon": 6.0, "delta": 1e-5, "max_grad_norm": 1.0},
