@@ -549,7 +549,8 @@ def _verify_and_report(
         compliance.request("GET", "/api/v1/audit/heads/latest")
         export = AuditExport.model_validate(compliance.request("GET", "/api/v1/audit/export"))
         key = TreeHeadSigner.load_or_create(stack.settings.audit_head_key_file()).public_key_b64
-        sites = {s["id"]: s["signing_public_key"] for s in compliance.list_sites()}
+        # The sites' keys as each hospital's IT gives them, not the server's directory.
+        sites = {h.site_id: h.keys.signing_public_b64 for h in hospitals if h.keys is not None}
         report = verify_export(export, trusted_server_key=key, trusted_site_keys=sites)
         out = stack.state / "reports"
         out.mkdir(parents=True, exist_ok=True)

@@ -147,6 +147,12 @@ CATALOGUE: dict[str, CatalogueEntry] = {
     "audit.cosignature_invalid": CatalogueEntry(
         422, "The cosignature does not verify with the site's registered key."
     ),
+    "audit.cosignature_wrong_log": CatalogueEntry(
+        422, "The cosignature names another log than this server's."
+    ),
+    "audit.cosignature_time_invalid": CatalogueEntry(
+        422, "The cosignature is dated before the head it cosigns, or in the future."
+    ),
     "audit.cosignature_conflict": CatalogueEntry(
         409, "This site already cosigned a different root for this tree size."
     ),

@@ -116,7 +116,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.local_issuer = local_issuer
         app.state.verifier = build_verifier(settings, local_issuer=local_issuer)
-        app.state.audit_log = AuditLog(witness_quorum=settings.audit.witness_quorum)
+        app.state.audit_log = AuditLog(
+            witness_quorum=settings.audit.witness_quorum, log_id=settings.audit.log_id
+        )
         app.state.tree_head_signer = TreeHeadSigner.load_or_create(settings.audit_head_key_file())
         app.state.policy_context = PolicyContext(
             model_catalogue=catalogue_keys(),

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from concord_protocol.audit.cosignatures import DEFAULT_LOG_ID
 from concord_protocol.policy.shipped import shipped_policies
 
 __all__ = [
@@ -221,6 +222,14 @@ class AuditSettings(BaseModel):
     head_key_file: Path | None = Field(
         default=None,
         description="Ed25519 key signing tree heads (PEM). Empty: <data_dir>/audit-head-key.pem.",
+    )
+    log_id: str = Field(
+        default=DEFAULT_LOG_ID,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[!-~]+$",
+        description="The log's identity, bound into every cosignature (printable ASCII, no "
+        "spaces): name it for your consortium, e.g. `concord.example.org/audit`.",
     )
 
 

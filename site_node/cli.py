@@ -231,20 +231,41 @@ def clientapp_runner(
 
 
 @audit_app.command("verify")
-def audit_verify() -> None:
-    """Check that the latest signed tree head extends the last head this site cosigned.
+def audit_verify(
+    export_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            help="Verify this audit export (from the compliance officer) with this site's "
+            "pinned keys, instead of checking the server's latest head.",
+        ),
+    ] = None,
+    quorum: Annotated[
+        int | None,
+        typer.Option(min=1, help="With --file: valid cosignatures the latest head must carry."),
+    ] = None,
+) -> None:
+    """Check the audit log with this site's own trust.
 
-    Read-only: nothing is cosigned or stored. Exit 1 if the log does not extend what this
-    site witnessed (or the head key changed), 2 if the site is not configured.
+    Without --file: the latest signed tree head extends the last head this site cosigned
+    (read-only: nothing is cosigned or stored). With --file: the whole export, with the
+    server key, log identity and peer keys this site pinned (never the export's), and it
+    must contain the head this site last cosigned. Exit 1 if anything does not verify, 2
+    if the site is not configured.
     """
     from pydantic import ValidationError
 
     from concord_protocol.errors import ConcordError
-    from site_node.agent.loop import verify_audit
     from site_node.crypto.errors import CryptoError
 
     try:
-        size, last = verify_audit(SiteSettings())
+        settings = SiteSettings()
+        if export_file is not None:
+            _verify_export_file(settings, export_file, quorum)
+            return
+        from site_node.agent.loop import verify_audit
+
+        size, last = verify_audit(settings)
     except ValidationError as exc:
         err.print(f"[red]error:[/] invalid CONCORD_SITE_* settings: {exc.error_count()} problem(s)")
         raise typer.Exit(2) from None
@@ -254,7 +275,9 @@ def audit_verify() -> None:
     except SiteError as exc:
         err.print(f"[red]error:[/] {exc.diagnostics()}")
         raise typer.Exit(
-            2 if exc.code in {"agent.no_site_id", "agent.no_credentials"} else 1
+            2
+            if exc.code in {"agent.no_site_id", "agent.no_credentials", "agent.no_server_key"}
+            else 1
         ) from None
     except ConcordError as exc:  # the server refused, or its head does not verify
         err.print(f"[red]refused:[/] {exc.code}: {exc.message}")
@@ -263,6 +286,40 @@ def audit_verify() -> None:
         console.print(f"[yellow]ok[/] head of {size} entries is signed; nothing cosigned yet")
     else:
         console.print(f"[green]ok[/] head of {size} entries extends the cosigned head of {last}")
+
+
+def _verify_export_file(settings: SiteSettings, path: Path, quorum: int | None) -> None:
+    """``site-node audit verify --file``: print the report; exit 1 on any problem."""
+    from pydantic import ValidationError
+
+    from concord_protocol.audit.export import load_export
+    from concord_protocol.audit.render import render_report
+    from site_node.audit_verify import verify_export_as_site
+    from site_node.crypto.sealing import SiteKeyPair
+
+    if not settings.site_id:
+        err.print("[red]error:[/] the site id is not set (CONCORD_SITE_SITE_ID)")
+        raise typer.Exit(2)
+    try:
+        export = load_export(path)
+    except FileNotFoundError:
+        err.print(f"[red]error:[/] no such file: {path}")
+        raise typer.Exit(2) from None
+    except (ValidationError, UnicodeDecodeError, OSError) as exc:
+        err.print(f"[red]error:[/] {path} is not a Concord audit export: {exc}")
+        raise typer.Exit(1) from None
+    report = verify_export_as_site(
+        export,
+        state_dir=settings.state_dir,
+        site_id=settings.site_id,
+        keys=SiteKeyPair.load(settings.keys_dir()),
+        server_head_key=settings.server_head_key,
+        audit_log_id=settings.audit_log_id,
+        quorum=quorum,
+    )
+    render_report(report, console)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

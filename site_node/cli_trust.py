@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 import typer
@@ -182,6 +183,38 @@ def peers_list(
             site_id, format_fingerprint(peer.fingerprint), peer.pinned_at, peer.via, state
         )
     console.print(table)
+
+
+@peers_app.command("export-keys")
+def peers_export_keys(
+    out: Annotated[
+        Path | None,
+        typer.Argument(help="File to write (JSON); without it, print to standard output."),
+    ] = None,
+) -> None:
+    """Write the signing keys this site trusts (its own and every pinned peer's) as the
+    site-keys file of `consortium audit verify --site-keys`: give it to the compliance
+    officer, who then checks cosignatures with keys the hospitals confirmed, not the
+    server's."""
+    import json
+
+    from concord_protocol.audit.trusted_keys import write_site_keys
+    from site_node.audit_verify import trusted_site_keys
+    from site_node.crypto.errors import CryptoError
+    from site_node.crypto.sealing import SiteKeyPair
+
+    settings = _settings()
+    assert settings.site_id is not None  # _settings refuses a missing site id
+    try:
+        keys = SiteKeyPair.load(settings.keys_dir())
+    except CryptoError as exc:
+        _fail(str(exc), status=2, hint="Run `site-node keys init` first.")
+    trusted = trusted_site_keys(settings.state_dir, settings.site_id, keys)
+    if out is None:
+        typer.echo(json.dumps(dict(sorted(trusted.items())), indent=1))
+        return
+    write_site_keys(out, trusted)
+    err.print(f"[green]wrote[/] {out} ({len(trusted)} sites)")
 
 
 # --- studies -------------------------------------------------------------------------------

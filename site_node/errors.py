@@ -178,6 +178,8 @@ CATALOGUE: dict[str, str] = {
     "agent.relay_malformed": "The relayed study key is malformed.",
     "agent.no_server_key": "No trusted tree-head key yet; set CONCORD_SITE_SERVER_HEAD_KEY.",
     "agent.server_key_changed": "The server signs tree heads with another key than trusted.",
+    "agent.log_id_invalid": "The server names its audit log with something that is no log id.",
+    "agent.log_id_changed": "The server names its audit log otherwise than this site pinned.",
     # the audit witness (site_node.agent.cosigner)
     "audit.tree_inconsistent": "The log's new head does not extend the head this site cosigned.",
     "audit.tree_shrunk": "The log is smaller than the head this site cosigned.",

@@ -101,6 +101,16 @@ class SiteSettings(BaseSettings):
             "Unset: the agent trusts the first key it sees and pins it in state_dir."
         ),
     )
+    audit_log_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[!-~]+$",
+        description=(
+            "The consortium audit log's identity (the server's CONCORD_AUDIT__LOG_ID), bound "
+            "into every cosignature. Unset: the agent pins the first one the server names."
+        ),
+    )
 
     @model_validator(mode="after")
     def _read_client_secret_file(self) -> Self:

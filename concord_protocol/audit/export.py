@@ -1,6 +1,7 @@
 """The audit-log export: everything a verifier needs, in one versioned JSON document.
 
-``format`` is ``concord.audit.export`` and ``version`` is 1. Entries carry their exact
+``format`` is ``concord.audit.export`` and ``version`` is 2 (version 1 had no ``log_id``
+and only version 1 cosignatures; it still loads). Entries carry their exact
 stored bytes (base64) and stored leaf hash; heads and cosignatures are exported as stored,
 with the server's public key and the sites' registered signing keys. The export copies
 what the database holds without judging it: a damaged log exports as damaged, and
@@ -19,7 +20,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer
 
-from concord_protocol.audit.cosignatures import Cosignature
+from concord_protocol.audit.cosignatures import Cosignature, LogId
 from concord_protocol.audit.heads import SignedTreeHead
 from concord_protocol.fields import format_utc, utcnow
 
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 EXPORT_FORMAT: Final = "concord.audit.export"
-EXPORT_VERSION: Final = 1
+EXPORT_VERSION: Final = 2
 
 
 class ExportedEntry(BaseModel):
@@ -62,9 +63,12 @@ class AuditExport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["concord.audit.export"] = EXPORT_FORMAT
-    version: Literal[1] = EXPORT_VERSION
+    version: Literal[1, 2] = EXPORT_VERSION
     exported_at: datetime = Field(default_factory=utcnow)
     server_public_key: str = Field(description="Base64 raw Ed25519 key that signs heads.")
+    log_id: LogId | None = Field(
+        default=None, description="The log's identity, which version 2 cosignatures bind."
+    )
     witness_quorum: int | None = Field(default=None, ge=1)
     entries: list[ExportedEntry]
     heads: list[SignedTreeHead]

@@ -7,9 +7,19 @@
    and compared with the stored one; each entry decodes and is in canonical form;
 2. heads: the server's signature (with the key the caller trusts), and that each head's
    root equals the root recomputed from the entry bytes for that prefix;
-3. cosignatures: each site's signature with its key, and that the cosigned root equals the
-   recomputed root of that prefix (so a log rewritten and re-signed with the server's key
-   is still caught by the witnesses' older cosignatures).
+3. cosignatures: each site's signature with a key the verifier trusts, that the cosigned
+   root equals the recomputed root of that prefix (so a log rewritten and re-signed with
+   the server's key is still caught by the witnesses' older cosignatures), and, for version
+   2, that it names this log, the trusted server key and a signed head, and was made after
+   that head;
+4. the quorum the verifier asks for: the latest valid head must carry that many valid
+   version 2 cosignatures of distinct sites (a log whose cosignatures were dropped or
+   re-made with other keys fails), and an expected tree size or root given out of band
+   must match (a truncated export fails).
+
+Keys and quorum come from the caller: an export names keys too, but whoever rewrote the
+log could have replaced them, so they are used only when the caller passes none, and the
+report says so (``keys_from_export``).
 
 It never stops at the first problem: the report lists every problem with its kind and
 index (or tree size / site). A clean report has no problems and gives the counts.
@@ -20,18 +30,20 @@ from __future__ import annotations
 import base64
 import binascii
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from enum import StrEnum
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
-from concord_protocol.audit.cosignatures import verify_cosignature
+from concord_protocol.audit.cosignatures import CLOCK_SKEW, Cosignature, verify_cosignature
 from concord_protocol.audit.entries import AuditEntry
 from concord_protocol.audit.export import AuditExport
-from concord_protocol.audit.heads import decode_public_key, verify_tree_head
+from concord_protocol.audit.heads import decode_public_key, key_id, verify_tree_head
 from concord_protocol.audit.merkle import EMPTY_ROOT, MerkleAccumulator, leaf_hash
 from concord_protocol.errors import AuditVerificationError
+from concord_protocol.fields import format_utc, utcnow
 
 __all__ = ["Problem", "ProblemKind", "VerificationReport", "verify_export"]
 
@@ -56,6 +68,12 @@ class ProblemKind(StrEnum):
     COSIGNATURE_BEYOND_LOG = "cosignature_beyond_log"
     COSIGNATURE_ROOT_MISMATCH = "cosignature_root_mismatch"
     COSIGNATURE_UNKNOWN_HEAD = "cosignature_unknown_head"
+    COSIGNATURE_WRONG_LOG = "cosignature_wrong_log"
+    COSIGNATURE_WRONG_KEY = "cosignature_wrong_key"
+    COSIGNATURE_TIME_INVALID = "cosignature_time_invalid"
+    QUORUM_NOT_MET = "quorum_not_met"
+    EXPORT_TRUNCATED = "export_truncated"
+    EXPECTED_ROOT_MISMATCH = "expected_root_mismatch"
 
 
 class Problem(BaseModel):
@@ -78,9 +96,22 @@ class VerificationReport(BaseModel):
     heads: int = 0
     latest_head_size: int | None = None
     cosignatures: int = 0
+    legacy_cosignatures: int = Field(
+        default=0, description="Valid version 1 cosignatures (they count towards no quorum)."
+    )
+    log_id: str | None = None
     witness_quorum: int | None = None
+    quorum_enforced: bool = Field(
+        default=False, description="The quorum was the caller's, so missing it is a problem."
+    )
+    keys_from_export: bool = Field(
+        default=False, description="Some keys were taken from the export (not trusted)."
+    )
     witnessed_size: int | None = Field(
         default=None, description="Largest head size with a quorum of valid cosignatures."
+    )
+    unwitnessed_entries: int = Field(
+        default=0, description="Entries after the largest witnessed head (quorum set)."
     )
     unsigned_entries: int = Field(default=0, description="Entries after the latest head.")
     problems: list[Problem] = Field(default_factory=list)
@@ -116,19 +147,47 @@ def _load_key(value: str) -> Ed25519PublicKey | None:
         return None
 
 
+def _site_keys(keys: Mapping[str, str | Sequence[str]]) -> dict[str, list[Ed25519PublicKey]]:
+    """Each site's valid keys (a site that rotated its key has several)."""
+    loaded: dict[str, list[Ed25519PublicKey]] = {}
+    for site_id, value in keys.items():
+        texts = [value] if isinstance(value, str) else list(value)
+        loaded[site_id] = [k for k in (_load_key(t) for t in texts) if k is not None]
+    return loaded
+
+
+def _verifies(cosignature: Cosignature, keys: Sequence[Ed25519PublicKey]) -> bool:
+    for key in keys:
+        try:
+            verify_cosignature(cosignature, key)
+        except AuditVerificationError:
+            continue
+        return True
+    return False
+
+
 def verify_export(
     export: AuditExport,
     *,
     trusted_server_key: str | None = None,
-    trusted_site_keys: Mapping[str, str] | None = None,
+    trusted_site_keys: Mapping[str, str | Sequence[str]] | None = None,
     quorum: int | None = None,
+    log_id: str | None = None,
+    expected_size: int | None = None,
+    expected_root: str | None = None,
+    now: datetime | None = None,
 ) -> VerificationReport:
     """Verify an export end to end and report every problem found.
 
-    ``trusted_server_key`` / ``trusted_site_keys`` (base64 raw Ed25519) are keys the
-    verifier obtained out of band; without them the keys inside the export are used
-    (which proves integrity against the export's own keys only). ``quorum`` defaults to
-    the export's ``witness_quorum``.
+    ``trusted_server_key`` / ``trusted_site_keys`` (base64 raw Ed25519; a site may have
+    several) are keys the verifier obtained out of band; without them the keys inside the
+    export are used, which proves integrity against the export's own keys only
+    (``keys_from_export``). ``quorum``: the latest valid head must carry this many valid
+    version 2 cosignatures of distinct sites (``quorum_not_met`` otherwise); without it the
+    export's ``witness_quorum`` only sets ``witnessed_size``. ``log_id`` defaults to the
+    export's. ``expected_size`` / ``expected_root``: the log must hold at least that many
+    entries, and the root of that prefix (of the whole log without a size) must be that.
+    ``now`` (default: the clock) bounds cosignature times.
     """
     problems: list[Problem] = []
     report = VerificationReport(
@@ -136,7 +195,11 @@ def verify_export(
         heads=len(export.heads),
         cosignatures=len(export.cosignatures),
         witness_quorum=quorum if quorum is not None else export.witness_quorum,
+        quorum_enforced=quorum is not None,
+        log_id=log_id if log_id is not None else export.log_id,
+        keys_from_export=trusted_server_key is None or trusted_site_keys is None,
     )
+    moment = now if now is not None else utcnow()
 
     # -- keys ------------------------------------------------------------------------
     if trusted_server_key is not None and trusted_server_key != export.server_public_key:
@@ -151,11 +214,12 @@ def verify_export(
         problems.append(
             Problem(kind=ProblemKind.EXPORT_INVALID, message="The server key is not Ed25519.")
         )
-    site_keys = (
-        dict(trusted_site_keys)
+    site_keys = _site_keys(
+        trusted_site_keys
         if trusted_site_keys is not None
         else {s.site_id: s.signing_public_key for s in export.sites}
     )
+    server_kid = key_id(server_key) if server_key is not None else None
 
     # -- entries ---------------------------------------------------------------------
     leaves: list[bytes] = []
@@ -211,7 +275,11 @@ def verify_export(
             )
 
     # -- roots of every head and cosignature size, in one pass --------------------------
-    sizes = sorted({h.tree_size for h in export.heads} | {c.tree_size for c in export.cosignatures})
+    sizes = sorted(
+        {h.tree_size for h in export.heads}
+        | {c.tree_size for c in export.cosignatures}
+        | ({expected_size} if expected_size is not None and expected_size >= 0 else set())
+    )
     roots: dict[int, str] = {}
     accumulator = MerkleAccumulator()
     for size in sizes:
@@ -278,67 +346,80 @@ def verify_export(
         report.unsigned_entries = len(leaves)
 
     # -- cosignatures ----------------------------------------------------------------
-    head_keys = {(h.tree_size, h.root_hash) for h in export.heads}
+    signed_heads = {(h.tree_size, h.root_hash): h for h in export.heads}
+    head_times = {(h.tree_size, h.root_hash, h.key_id, h.timestamp) for h in export.heads}
     witnesses: dict[tuple[int, str], set[str]] = defaultdict(set)
     for cosig in export.cosignatures:
-        key_text = site_keys.get(cosig.site_id)
-        site_key = _load_key(key_text) if key_text is not None else None
-        valid = True
-        if site_key is None:
-            valid = False
+
+        def problem(kind: ProblemKind, message: str, cosig: Cosignature = cosig) -> None:
             problems.append(
                 Problem(
-                    kind=ProblemKind.COSIGNATURE_UNKNOWN_SITE,
-                    tree_size=cosig.tree_size,
-                    site_id=cosig.site_id,
-                    message="No valid signing key is known for this site.",
+                    kind=kind, tree_size=cosig.tree_size, site_id=cosig.site_id, message=message
                 )
             )
-        else:
-            try:
-                verify_cosignature(cosig, site_key)
-            except AuditVerificationError:
-                valid = False
-                problems.append(
-                    Problem(
-                        kind=ProblemKind.COSIGNATURE_INVALID,
-                        tree_size=cosig.tree_size,
-                        site_id=cosig.site_id,
-                        message="The site's cosignature does not verify.",
-                    )
-                )
+
+        keys = site_keys.get(cosig.site_id, [])
+        valid = True
+        if not keys:
+            valid = False
+            problem(
+                ProblemKind.COSIGNATURE_UNKNOWN_SITE, "No valid signing key is known for this site."
+            )
+        elif not _verifies(cosig, keys):
+            valid = False
+            problem(ProblemKind.COSIGNATURE_INVALID, "The site's cosignature does not verify.")
         if cosig.tree_size > len(leaves):
             valid = False
-            problems.append(
-                Problem(
-                    kind=ProblemKind.COSIGNATURE_BEYOND_LOG,
-                    tree_size=cosig.tree_size,
-                    site_id=cosig.site_id,
-                    message=f"A site cosigned {cosig.tree_size} entries; the log has "
-                    f"{len(leaves)}.",
-                )
+            problem(
+                ProblemKind.COSIGNATURE_BEYOND_LOG,
+                f"A site cosigned {cosig.tree_size} entries; the log has {len(leaves)}.",
             )
         elif roots[cosig.tree_size] != cosig.root_hash:
             valid = False
-            problems.append(
-                Problem(
-                    kind=ProblemKind.COSIGNATURE_ROOT_MISMATCH,
-                    tree_size=cosig.tree_size,
-                    site_id=cosig.site_id,
-                    message="The entries no longer hash to the root this site cosigned.",
-                )
+            problem(
+                ProblemKind.COSIGNATURE_ROOT_MISMATCH,
+                "The entries no longer hash to the root this site cosigned.",
             )
-        if (cosig.tree_size, cosig.root_hash) not in head_keys:
-            problems.append(
-                Problem(
-                    kind=ProblemKind.COSIGNATURE_UNKNOWN_HEAD,
-                    tree_size=cosig.tree_size,
-                    site_id=cosig.site_id,
-                    message="The cosigned head is not among the signed heads.",
+        if cosig.version == 2:
+            if cosig.log_id != report.log_id:
+                valid = False
+                problem(
+                    ProblemKind.COSIGNATURE_WRONG_LOG,
+                    f"The cosignature is for the log {cosig.log_id!r}, not {report.log_id!r}.",
                 )
+            if server_kid is not None and cosig.key_id != server_kid:
+                valid = False
+                problem(
+                    ProblemKind.COSIGNATURE_WRONG_KEY,
+                    "The cosigned head names another server key than the trusted one.",
+                )
+            assert cosig.head_timestamp is not None  # version 2
+            key = (cosig.tree_size, cosig.root_hash, cosig.key_id, cosig.head_timestamp)
+            if key not in head_times:
+                valid = False
+                problem(
+                    ProblemKind.COSIGNATURE_UNKNOWN_HEAD,
+                    "The cosigned head (size, root, key, time) is not among the signed heads.",
+                )
+            if not (cosig.head_timestamp - CLOCK_SKEW <= cosig.timestamp <= moment + CLOCK_SKEW):
+                valid = False
+                problem(
+                    ProblemKind.COSIGNATURE_TIME_INVALID,
+                    f"Cosigned at {format_utc(cosig.timestamp)}, before the head it cosigns "
+                    f"({format_utc(cosig.head_timestamp)}) or after now.",
+                )
+        elif (cosig.tree_size, cosig.root_hash) not in signed_heads:
+            problem(
+                ProblemKind.COSIGNATURE_UNKNOWN_HEAD,
+                "The cosigned head is not among the signed heads.",
             )
-        if valid:
+        if valid and cosig.version == 1:
+            report.legacy_cosignatures += 1
+        elif valid:
             witnesses[(cosig.tree_size, cosig.root_hash)].add(cosig.site_id)
+
+    # -- quorum and what the caller expects ---------------------------------------------
+    latest_valid = max(valid_heads, default=None)
     if report.witness_quorum is not None:
         witnessed = [
             size
@@ -346,6 +427,41 @@ def verify_export(
             if len(sites) >= report.witness_quorum and (size, root) in valid_heads
         ]
         report.witnessed_size = max(witnessed) if witnessed else None
+        report.unwitnessed_entries = len(leaves) - (report.witnessed_size or 0)
+        if report.quorum_enforced and leaves:
+            cosigners = len(witnesses.get(latest_valid, set())) if latest_valid else 0
+            if latest_valid is None or cosigners < report.witness_quorum:
+                problems.append(
+                    Problem(
+                        kind=ProblemKind.QUORUM_NOT_MET,
+                        tree_size=latest_valid[0] if latest_valid else None,
+                        message=(
+                            f"The latest valid head has {cosigners} valid cosignature(s) of "
+                            f"the {report.witness_quorum} asked for; "
+                            f"{report.unwitnessed_entries} entries are not witnessed."
+                            if latest_valid
+                            else "No valid signed head: nothing is witnessed."
+                        ),
+                    )
+                )
+    if expected_size is not None and expected_size > len(leaves):
+        problems.append(
+            Problem(
+                kind=ProblemKind.EXPORT_TRUNCATED,
+                tree_size=expected_size,
+                message=f"Expected at least {expected_size} entries; the export has {len(leaves)}.",
+            )
+        )
+    elif expected_root is not None:
+        actual = roots[expected_size] if expected_size is not None else report.root_hash
+        if actual != expected_root.lower():
+            problems.append(
+                Problem(
+                    kind=ProblemKind.EXPECTED_ROOT_MISMATCH,
+                    tree_size=expected_size if expected_size is not None else len(leaves),
+                    message="The log's root at that size is not the root expected.",
+                )
+            )
 
     report.problems = problems
     return report

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from concord_protocol.audit.cosignatures import Cosignature
+from concord_protocol.audit.cosignatures import DEFAULT_LOG_ID
 from concord_protocol.audit.export import AuditExport, ExportedEntry, ExportedSite
 from consortium_server.audit.models import AuditCosignature, AuditLeaf, AuditTreeHead
 from consortium_server.sites.models import Site
@@ -22,6 +22,7 @@ def build_export(
     server_public_key: str,
     site_keys: Mapping[str, str] | None = None,
     witness_quorum: int | None = None,
+    log_id: str = DEFAULT_LOG_ID,
 ) -> AuditExport:
     """Export the log as stored. ``site_keys`` (site id -> base64 key) defaults to the
     signing keys of the enrolled sites."""
@@ -49,13 +50,7 @@ def build_export(
         )
     ]
     cosignatures = [
-        Cosignature(
-            site_id=row.site_id,
-            tree_size=row.tree_size,
-            root_hash=row.root_hash,
-            timestamp=row.timestamp,
-            signature=row.signature,
-        )
+        row.cosignature()
         for row in session.scalars(
             select(AuditCosignature)
             .order_by(AuditCosignature.tree_size, AuditCosignature.site_id)
@@ -64,6 +59,7 @@ def build_export(
     ]
     return AuditExport(
         server_public_key=server_public_key,
+        log_id=log_id,
         witness_quorum=witness_quorum,
         entries=entries,
         heads=heads,

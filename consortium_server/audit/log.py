@@ -23,6 +23,7 @@ from typing import NamedTuple
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from concord_protocol.audit.cosignatures import DEFAULT_LOG_ID
 from concord_protocol.audit.entries import AuditEntry
 from concord_protocol.audit.heads import SignedTreeHead
 from concord_protocol.audit.merkle import (
@@ -121,13 +122,15 @@ class AuditLog:
     """Append-only Merkle-tree audit log stored in the server database.
 
     ``witness_quorum`` is the number of distinct site cosignatures that make a tree head
-    "witnessed" (see :func:`consortium_server.audit.witness.is_witnessed`).
+    "witnessed" (see :func:`consortium_server.audit.cosignatures.is_witnessed`); ``log_id``
+    the log's identity, which every cosignature binds.
     """
 
-    def __init__(self, *, witness_quorum: int = 2) -> None:
+    def __init__(self, *, witness_quorum: int = 2, log_id: str = DEFAULT_LOG_ID) -> None:
         if witness_quorum < 1:
             raise ValueError("witness_quorum must be at least 1")
         self.witness_quorum = witness_quorum
+        self.log_id = log_id
 
     # -- writing -------------------------------------------------------------------------
 

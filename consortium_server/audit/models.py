@@ -20,6 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from concord_protocol.audit.cosignatures import Cosignature
 from concord_protocol.audit.heads import SignedTreeHead
 from consortium_server.db.base import Base, UTCDateTime, utcnow
 
@@ -92,4 +93,23 @@ class AuditCosignature(Base):
     root_hash: Mapped[str] = mapped_column(String(64))
     timestamp: Mapped[datetime] = mapped_column(UTCDateTime)
     signature: Mapped[str] = mapped_column(String(128))
+    #: Version 2 binds the log, the head's key and the head's time; NULL on the version 1
+    #: cosignatures stored before migration 0010.
+    log_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    head_timestamp: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def cosignature(self) -> Cosignature:
+        """The stored cosignature as signed (version 1 when it carries no binding)."""
+        return Cosignature(
+            version=1 if self.log_id is None else 2,
+            site_id=self.site_id,
+            tree_size=self.tree_size,
+            root_hash=self.root_hash,
+            timestamp=self.timestamp,
+            signature=self.signature,
+            log_id=self.log_id,
+            key_id=self.key_id,
+            head_timestamp=self.head_timestamp,
+        )

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import base64
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, status
 from pydantic import Field, field_serializer, field_validator
 from sqlalchemy.orm import Session
 
-from concord_protocol.audit.cosignatures import Cosignature
+from concord_protocol.audit.cosignatures import Cosignature, LogId
 from concord_protocol.audit.export import AuditExport
 from concord_protocol.audit.heads import SignedTreeHead
 from concord_protocol.fields import format_utc
@@ -70,17 +70,22 @@ router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
 
 class CosignaturePublic(StrictModel):
-    """A site witness's cosignature of a tree head."""
+    """A site witness's cosignature of a tree head (``version`` 1: stored before the
+    binding to log, key and head time; it counts towards no quorum)."""
 
+    version: int
     site_id: str
     tree_size: int
     root_hash: str
     timestamp: datetime
     signature: str
+    log_id: str | None
+    key_id: str | None
+    head_timestamp: datetime | None
 
-    @field_serializer("timestamp")
-    def _serialise_timestamp(self, value: datetime) -> str:
-        return format_utc(value)
+    @field_serializer("timestamp", "head_timestamp")
+    def _serialise_timestamp(self, value: datetime | None) -> str | None:
+        return None if value is None else format_utc(value)
 
 
 class TreeHeadPublic(StrictModel):
@@ -92,6 +97,7 @@ class TreeHeadPublic(StrictModel):
     key_id: str
     signature: str
     server_public_key: str = Field(description="Base64 raw Ed25519 key that signed it.")
+    log_id: str = Field(description="The log's identity, which cosignatures bind.")
     witnessed: bool
     witness_quorum: int
     cosignatures: list[CosignaturePublic]
@@ -137,14 +143,19 @@ class ConsistencyProofPublic(StrictModel):
 
 
 class CosignatureCreate(StrictModel):
-    """A site's cosignature of the head ``(size, root_hash)``."""
+    """A site's version 2 cosignature of the head ``(size, root_hash, key_id,
+    head_timestamp)`` of the log ``log_id`` (:mod:`concord_protocol.audit.cosignatures`)."""
 
+    version: Literal[2] = 2
     site_id: str = Field(min_length=1, max_length=64)
     root_hash: Sha256Hex
     timestamp: datetime
     signature: str = Field(min_length=1, max_length=128)
+    log_id: LogId
+    key_id: Sha256Hex
+    head_timestamp: datetime
 
-    @field_validator("timestamp")
+    @field_validator("timestamp", "head_timestamp")
     @classmethod
     def _representable(cls, value: datetime) -> datetime:
         """A time that UTC can hold (``0001-01-01T00:00+05:00`` cannot): else a 422."""
@@ -170,6 +181,7 @@ def _head_public(head: SignedTreeHead, request: Request, session: Session) -> Tr
     return TreeHeadPublic(
         **head.model_dump(),
         server_public_key=_signer(request).public_key_b64,
+        log_id=log.log_id,
         witnessed=is_witnessed(head, log.witness_quorum, session=session),
         witness_quorum=log.witness_quorum,
         cosignatures=[CosignaturePublic(**c.model_dump()) for c in cosigs],
@@ -257,6 +269,7 @@ def export_log(request: Request, session: SessionDep) -> AuditExport:
         session,
         server_public_key=_signer(request).public_key_b64,
         witness_quorum=_audit_log(request).witness_quorum,
+        log_id=_audit_log(request).log_id,
     )
 
 
@@ -287,8 +300,16 @@ def post_cosignature(
             root_hash=body.root_hash,
             timestamp=body.timestamp,
             signature=body.signature,
+            log_id=body.log_id,
+            key_id=body.key_id,
+            head_timestamp=body.head_timestamp,
         )
     except (ValueError, OverflowError) as exc:
         raise InvalidRequestError(str(exc), code="request.invalid") from exc
-    stored = record_cosignature(session, cosignature, site_public_key=site.signing_public_key)
+    stored = record_cosignature(
+        session,
+        cosignature,
+        site_public_key=site.signing_public_key,
+        log_id=_audit_log(request).log_id,
+    )
     return CosignaturePublic(**stored.model_dump())

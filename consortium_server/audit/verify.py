@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from concord_protocol.audit.cosignatures import DEFAULT_LOG_ID
 from concord_protocol.audit.entries import AuditEntry
 from concord_protocol.audit.verify import Problem, ProblemKind, VerificationReport, verify_export
 from consortium_server.audit.export import build_export
@@ -21,16 +22,28 @@ def verify_live(
     server_public_key: str,
     site_keys: Mapping[str, str] | None = None,
     quorum: int | None = None,
+    log_id: str = DEFAULT_LOG_ID,
 ) -> VerificationReport:
     """Verify the log in the database: the export checks plus the query columns.
 
     ``server_public_key`` is the key heads must be signed with (base64 raw);
-    ``site_keys`` defaults to the enrolled sites' registered keys.
+    ``site_keys`` defaults to the enrolled sites' registered keys; ``quorum`` (when given) is
+    enforced on the latest head; ``log_id`` is the log's identity.
     """
     export = build_export(
-        session, server_public_key=server_public_key, site_keys=site_keys, witness_quorum=quorum
+        session,
+        server_public_key=server_public_key,
+        site_keys=site_keys,
+        witness_quorum=quorum,
+        log_id=log_id,
     )
-    report = verify_export(export, trusted_server_key=server_public_key)
+    report = verify_export(
+        export,
+        trusted_server_key=server_public_key,
+        trusted_site_keys={s.site_id: s.signing_public_key for s in export.sites},
+        quorum=quorum,
+        log_id=log_id,
+    )
     for row in session.scalars(
         select(AuditLeaf).order_by(AuditLeaf.index).execution_options(populate_existing=True)
     ):

@@ -179,45 +179,108 @@ def audit_verify(
         str | None,
         typer.Option(help="The server's head-signing key (base64), obtained out of band."),
     ] = None,
-    quorum: Annotated[int | None, typer.Option(help="Cosignatures a head needs.")] = None,
+    site_keys: Annotated[
+        Path | None,
+        typer.Option(
+            "--site-keys",
+            help="JSON file of each site's signing key(s), obtained out of band "
+            "(`site-node peers export-keys` writes one).",
+        ),
+    ] = None,
+    quorum: Annotated[
+        int | None,
+        typer.Option(min=1, help="Valid cosignatures the latest head must carry (else exit 1)."),
+    ] = None,
+    tree_size: Annotated[
+        int | None,
+        typer.Option(min=0, help="The log must hold at least this many entries."),
+    ] = None,
+    root: Annotated[
+        str | None,
+        typer.Option(help="Expected root (hex) of the first --tree-size entries (or all)."),
+    ] = None,
+    log_id: Annotated[
+        str | None, typer.Option(help="The log's identity cosignatures must name.")
+    ] = None,
+    trust_export_keys: Annotated[
+        bool,
+        typer.Option(
+            "--trust-export-keys",
+            help="Check against the keys inside the export (integrity against whoever made "
+            "it only) when --server-key or --site-keys is missing.",
+        ),
+    ] = False,
 ) -> None:
     """Check the log end to end: every leaf, the roots, the head signatures and the sites'
-    cosignatures. Reports every problem; exits 1 if there is any."""
+    cosignatures, with keys you obtained out of band. Exit 0 when everything verifies
+    (and the latest head meets --quorum), 1 when anything does not, 2 on bad usage."""
     from pydantic import ValidationError
 
     from concord_protocol.audit.export import AuditExport
+    from concord_protocol.audit.render import render_report
+    from concord_protocol.audit.trusted_keys import SiteKeysError, load_site_keys
     from concord_protocol.audit.verify import verify_export
-    from consortium_server.audit.cli_support import render_report, verify_export_file
+    from consortium_server.audit.cli_support import load_export_file
     from consortium_server.errors import DomainError
 
+    missing = [
+        flag
+        for flag, value in (("--server-key", server_key), ("--site-keys", site_keys))
+        if value is None
+    ]
+    if missing and not trust_export_keys:
+        err_console.print(
+            f"[red]error:[/] pass {' and '.join(missing)} (keys obtained out of band): the "
+            "keys inside an export are whoever made it's; --trust-export-keys checks against "
+            "them anyway"
+        )
+        raise typer.Exit(2)
+    try:
+        trusted_sites = load_site_keys(site_keys) if site_keys is not None else None
+    except SiteKeysError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
     try:
         if export_file is not None:
-            report = verify_export_file(export_file, trusted_server_key=server_key, quorum=quorum)
+            export = load_export_file(export_file)
         else:
             with api() as client:
-                client.request("GET", "/api/v1/audit/heads/latest")  # sign the current size
                 raw = client.request("GET", "/api/v1/audit/export")
             try:
                 export = AuditExport.model_validate(raw)
             except ValidationError as exc:
                 fail(f"the server's export is not a Concord audit export: {exc}")
-            report = verify_export(export, trusted_server_key=server_key, quorum=quorum)
     except DomainError as exc:
         fail(exc.public_message())
+    report = verify_export(
+        export,
+        trusted_server_key=server_key,
+        trusted_site_keys=trusted_sites,
+        quorum=quorum,
+        log_id=log_id,
+        expected_size=tree_size,
+        expected_root=root,
+    )
     if state.as_json:
         print_json(
             {
                 "ok": report.ok,
                 "summary": report.summary(),
-                "problems": [p.message for p in report.problems],
+                "entries": report.entries,
+                "witnessed_size": report.witnessed_size,
+                "unwitnessed_entries": report.unwitnessed_entries,
+                "keys_from_export": report.keys_from_export,
+                "problems": [{"kind": p.kind.value, "message": p.message} for p in report.problems],
             }
         )
     else:
         render_report(report, console)
-    if server_key is None:
+    if missing:
         err_console.print(
-            "[dim]note: checked against the key inside the export; pass --server-key "
-            "(obtained out of band) to detect a replaced signing key.[/]"
+            f"[yellow]warning:[/] no {' or '.join(missing)}: checked against the keys inside "
+            "the export, which whoever rewrote the log could have replaced."
         )
+    if quorum is None:
+        err_console.print("[dim]note: no --quorum: unwitnessed entries do not fail the check.[/]")
     if not report.ok:
         raise typer.Exit(1)

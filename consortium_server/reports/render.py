@@ -206,7 +206,10 @@ def render_html(
 
 def _verify_command(report: ComplianceReport) -> str:
     key = report.head.server_public_key if report.head else "<server public key>"
-    return f"consortium audit verify --file audit-export.json --server-key {key}"
+    return (
+        f"consortium audit verify --file audit-export.json --server-key {key} "
+        "--site-keys site-keys.json --quorum 2"
+    )
 
 
 def render_pdf(report: ComplianceReport) -> bytes:

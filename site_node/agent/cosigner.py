@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from concord_protocol.audit.cosignatures import Cosignature, cosignature_message
+from concord_protocol.audit.cosignatures import DEFAULT_LOG_ID, Cosignature, cosignature_message
 from concord_protocol.audit.heads import SignedTreeHead, key_id, verify_tree_head
 from concord_protocol.audit.merkle import verify_consistency
 from concord_protocol.errors import AuditVerificationError, InvalidProofError
@@ -67,9 +67,11 @@ class Witness:
         site_id: str,
         signing_key: Ed25519PrivateKey,
         server_public_key: Ed25519PublicKey,
+        log_id: str = DEFAULT_LOG_ID,
     ) -> None:
         self.state_file = Path(state_file)
         self.site_id = site_id
+        self.log_id = log_id
         self._signing_key = signing_key
         self._server_key = server_public_key
         self._server_key_id = key_id(server_public_key)
@@ -194,7 +196,15 @@ class Witness:
             self._check(last, new_head, consistency_proof)
             self._store(new_head)
         when = now or utcnow()
-        message = cosignature_message(self.site_id, new_head.tree_size, new_head.root_hash, when)
+        message = cosignature_message(
+            log_id=self.log_id,
+            key_id=new_head.key_id,
+            site_id=self.site_id,
+            tree_size=new_head.tree_size,
+            root_hash=new_head.root_hash,
+            head_timestamp=new_head.timestamp,
+            timestamp=when,
+        )
         signature = base64.b64encode(self._signing_key.sign(message)).decode("ascii")
         return Cosignature(
             site_id=self.site_id,
@@ -202,4 +212,7 @@ class Witness:
             root_hash=new_head.root_hash,
             timestamp=when,
             signature=signature,
+            log_id=self.log_id,
+            key_id=new_head.key_id,
+            head_timestamp=new_head.timestamp,
         )

@@ -134,6 +134,7 @@ class SiteAgent:
         site_keys: SiteKeyPair,
         state_dir: Path,
         server_head_key: str | None = None,
+        audit_log_id: str | None = None,
         retry_attempts: int = 3,
         retry_base_s: float = 1.0,
         sleep: Callable[[float], object] | None = None,
@@ -148,6 +149,7 @@ class SiteAgent:
         self.store = ApprovalStore(self.state_dir)
         self.peers = PeerStore(self.state_dir)
         self.server_head_key = server_head_key
+        self.audit_log_id = audit_log_id
         self.retry_attempts = retry_attempts
         self.retry_base_s = retry_base_s
         self._stop = threading.Event()
@@ -210,6 +212,7 @@ class SiteAgent:
                     signing_key=self.site_keys.signing_key,
                     state_dir=self.state_dir,
                     server_head_key=self.server_head_key,
+                    audit_log_id=self.audit_log_id,
                 ),
             )
             report.steps.append(outcome)
@@ -441,6 +444,7 @@ def verify_audit(
             signing_key=site_keys.signing_key,
             state_dir=settings.state_dir,
             server_head_key=settings.server_head_key,
+            audit_log_id=settings.audit_log_id,
         )
 
 
@@ -466,6 +470,7 @@ def run_agent(
             site_keys=site_keys,
             state_dir=settings.state_dir,
             server_head_key=settings.server_head_key,
+            audit_log_id=settings.audit_log_id,
             retry_base_s=retry_base_s,
             on_unauthorized=invalidate,
         )

@@ -22,13 +22,17 @@ key that ``/heads/latest`` names and pins it in ``<state_dir>/witness/server-hea
 later passes refuse any other key. The risk: a server that is already malicious on the
 very first pass (or an attacker between the site and the server then) could have the site
 pin its key; everything the site cosigns afterwards is still checked for consistency, but
-against that key. Configure the key explicitly in production.
+against that key. Configure the key explicitly in production. The log's identity, which
+every cosignature binds (:mod:`concord_protocol.audit.cosignatures`), is pinned the same
+way (``CONCORD_SITE_AUDIT_LOG_ID``, else ``<state_dir>/witness/log-id`` on first use).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ from site_node.agent.sync import AgentError
 
 __all__ = [
     "PINNED_KEY_FILE",
+    "PINNED_LOG_FILE",
     "STATE_FILE",
     "WitnessResult",
     "cosign_latest",
@@ -51,6 +56,8 @@ __all__ = [
 
 STATE_FILE = Path("witness") / "state.json"
 PINNED_KEY_FILE = Path("witness") / "server-head-key"
+PINNED_LOG_FILE = Path("witness") / "log-id"
+_LOG_ID = re.compile(r"[!-~]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -70,19 +77,29 @@ class WitnessResult:
         }
 
 
-def _server_key(state_dir: Path, configured: str | None, offered: str) -> tuple[str, bool]:
-    """The head key to trust and whether it was pinned just now (trust on first use)."""
+def _pinned(
+    pinned_path: Path, configured: str | None, offered: str, check: Callable[[str], object]
+) -> tuple[str, bool]:
+    """The value to trust (configured, else pinned, else ``offered`` pinned now) and whether
+    it was pinned just now (trust on first use). ``check`` refuses garbage before pinning."""
     if configured:
         return configured.strip(), False
-    pinned_path = state_dir / PINNED_KEY_FILE
     if pinned_path.is_file():
         return pinned_path.read_text().strip(), False
-    decode_public_key(offered)  # refuse garbage before pinning it
+    check(offered)
     pinned_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = pinned_path.with_name(f".{pinned_path.name}.{os.getpid()}.tmp")
     tmp.write_text(offered + "\n")
     os.replace(tmp, pinned_path)
     return offered, True
+
+
+def _check_log_id(value: str) -> None:
+    if not _LOG_ID.fullmatch(value):
+        raise AgentError(
+            f"the server names the audit log {value!r}, not a log identity",
+            code="agent.log_id_invalid",
+        )
 
 
 @dataclass(frozen=True)
@@ -101,13 +118,19 @@ def _prepare(
     signing_key: Ed25519PrivateKey,
     state_dir: Path,
     server_head_key: str | None,
+    audit_log_id: str | None,
     pin: bool,
 ) -> _Prepared:
     """Fetch the latest head and the consistency proof from the last cosigned head."""
     latest: dict[str, Any] = api.request("GET", "/api/v1/audit/heads/latest")
     offered = str(latest.get("server_public_key", ""))
-    if pin or server_head_key or (Path(state_dir) / PINNED_KEY_FILE).is_file():
-        key_b64, first_use = _server_key(Path(state_dir), server_head_key, offered)
+    offered_log = str(latest.get("log_id", ""))
+    state = Path(state_dir)
+    if pin or server_head_key or (state / PINNED_KEY_FILE).is_file():
+        key_b64, first_use = _pinned(
+            state / PINNED_KEY_FILE, server_head_key, offered, decode_public_key
+        )
+        log_id, _ = _pinned(state / PINNED_LOG_FILE, audit_log_id, offered_log, _check_log_id)
     else:
         raise AgentError(
             "no trusted tree-head key yet",
@@ -121,11 +144,18 @@ def _prepare(
             hint="Ask the consortium operator whether the head key was rotated; do not "
             "delete the witness state.",
         )
+    if offered_log != log_id:
+        raise AgentError(
+            f"the consortium names its audit log {offered_log!r}; this site cosigns {log_id!r}",
+            code="agent.log_id_changed",
+            hint="Ask the consortium operator; set CONCORD_SITE_AUDIT_LOG_ID to the log's "
+            "identity, and do not delete the witness state.",
+        )
     head = SignedTreeHead.model_validate(
         {k: latest[k] for k in ("tree_size", "root_hash", "timestamp", "key_id", "signature")}
     )
     witness = Witness(
-        Path(state_dir) / STATE_FILE, site_id, signing_key, decode_public_key(key_b64)
+        state / STATE_FILE, site_id, signing_key, decode_public_key(key_b64), log_id=log_id
     )
     last = witness.last_head
     listed = any(c.get("site_id") == site_id for c in latest.get("cosignatures", []))
@@ -165,6 +195,7 @@ def cosign_latest(
     signing_key: Ed25519PrivateKey,
     state_dir: Path,
     server_head_key: str | None = None,
+    audit_log_id: str | None = None,
 ) -> WitnessResult:
     """One witness pass (see the module docstring).
 
@@ -178,6 +209,7 @@ def cosign_latest(
         signing_key=signing_key,
         state_dir=state_dir,
         server_head_key=server_head_key,
+        audit_log_id=audit_log_id,
         pin=True,
     )
     head = prepared.head
@@ -192,6 +224,9 @@ def cosign_latest(
             "root_hash": cosignature.root_hash,
             "timestamp": cosignature.model_dump(mode="json")["timestamp"],
             "signature": cosignature.signature,
+            "log_id": cosignature.log_id,
+            "key_id": cosignature.key_id,
+            "head_timestamp": cosignature.model_dump(mode="json")["head_timestamp"],
         },
     )
     return WitnessResult(head.tree_size, cosigned=True, trusted_on_first_use=prepared.first_use)
@@ -204,6 +239,7 @@ def verify_latest(
     signing_key: Ed25519PrivateKey,
     state_dir: Path,
     server_head_key: str | None = None,
+    audit_log_id: str | None = None,
 ) -> tuple[int, int | None]:
     """Check, without cosigning or storing anything, that the latest head is signed by the
     trusted key and extends the last head this site cosigned.
@@ -217,6 +253,7 @@ def verify_latest(
         signing_key=signing_key,
         state_dir=state_dir,
         server_head_key=server_head_key,
+        audit_log_id=audit_log_id,
         pin=False,
     )
     last = prepared.witness.last_head

@@ -24,7 +24,8 @@ or variable of a container:
   datasets and approve in the agent's container (``site-node ... `` as with ``kubectl
   exec``), IT teams pin each other's fingerprints, the researcher submits and starts the
   study and releases the model through the API, the compliance officer verifies the audit
-  log (``consortium audit verify --server-key``);
+  log (``consortium audit verify --server-key --site-keys``, the site keys exported by a
+  hospital that pinned every peer);
 - a failure: one of the two API replicas is killed once round 1 runs, and the study
   completes through the other (high availability with what the chart declares).
 """
@@ -483,6 +484,11 @@ def run_study(
                     pod.run("agent", args=["site-node", "peers", "pin", peer, fingerprint]),
                     f"hospital-{x} pins {peer}",
                 )
+    # The compliance officer's site keys: from a hospital whose IT pinned every peer.
+    site_keys_file = tmp_path / "site-keys.json"
+    site_keys_file.write_text(
+        ok(sites[SITES[0]].run("agent", args=["site-node", "peers", "export-keys"]), "export-keys")
+    )
 
     # --- the researcher submits; every steward approves at their site ----------------------
     contract = {
@@ -578,7 +584,15 @@ def run_study(
         return bool(head["witnessed"])
 
     wait_for("a witnessed audit head", witnessed, timeout=120)
-    verified = cli(compliance_token, "audit", "verify", "--server-key", head_public)
+    verified = cli(
+        compliance_token,
+        "audit",
+        "verify",
+        "--server-key",
+        head_public,
+        "--site-keys",
+        str(site_keys_file),
+    )
     out = ok(verified, "consortium audit verify")
     assert "OK" in out or "ok" in out.lower(), out
     entries = researcher("GET", "/api/v1/audit/heads/latest")["tree_size"]

@@ -192,6 +192,9 @@ def test_site_agent_renews_expiring_tokens_and_a_revoked_site_is_refused(
                 "root_hash": head["root_hash"],
                 "timestamp": head["timestamp"],
                 "signature": "AAAA",
+                "log_id": head["log_id"],
+                "key_id": head["key_id"],
+                "head_timestamp": head["timestamp"],
             },
         )
         assert direct.status_code == 403, direct.text

@@ -475,6 +475,7 @@ CONCORD_IDENTITY__KEYCLOAK_VERIFY_TLS: {{ .Values.identity.verifyTls | quote }}
 CONCORD_IDENTITY__AUDIENCE: {{ .Values.identity.audience | quote }}
 CONCORD_IDENTITY__ORGANISATION_CLAIM: {{ .Values.identity.organisationClaim | quote }}
 CONCORD_AUDIT__WITNESS_QUORUM: {{ .Values.audit.witnessQuorum | quote }}
+CONCORD_AUDIT__LOG_ID: {{ .Values.audit.logId | quote }}
 CONCORD_POLICY__DIRECTORY: {{ ternary "/etc/concord/policies" "/opt/concord/share/policies" (not (empty .Values.policies.consortium)) | quote }}
 CONCORD_POLICY__MEMBER_ORGANISATIONS: {{ .Values.policies.memberOrganisations | toJson | quote }}
 CONCORD_STUDIES__APPROVAL_WINDOW_DAYS: {{ .Values.studies.approvalWindowDays | quote }}

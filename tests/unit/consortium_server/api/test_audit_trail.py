@@ -4,6 +4,7 @@ verifies end to end afterwards."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,7 +140,7 @@ def test_log_verifies_after_activity(client: TestClient, consortium: People, app
 
 
 def test_cli_verifies_the_live_log(
-    client: TestClient, consortium: People, monkeypatch: Any
+    client: TestClient, consortium: People, app: FastAPI, monkeypatch: Any, tmp_path: Path
 ) -> None:
     import consortium_server.cli.common as common
     from concord_protocol.client import ConsortiumClient
@@ -160,8 +161,30 @@ def test_cli_verifies_the_live_log(
     monkeypatch.setattr(common.ConsortiumClient, "__init__", patched)
     token = consortium.compliance["Authorization"][7:]
     result = CliRunner().invoke(cli_app, ["--token", token, "audit", "verify"])
+    assert result.exit_code == 2, result.output  # no keys obtained out of band
+    # The keys as the officer got them out of band: the operator's head key, the sites'
+    # signing keys from each hospital (here: the sites the test enrolled).
+    from concord_protocol.audit.trusted_keys import write_site_keys
+    from consortium_server.sites.models import Site
+
+    with app.state.sessionmaker() as session:
+        sites = {s.id: s.signing_public_key for s in session.query(Site)}
+    write_site_keys(tmp_path / "site-keys.json", sites)
+    trusted = [
+        "--server-key",
+        app.state.tree_head_signer.public_key_b64,
+        "--site-keys",
+        str(tmp_path / "site-keys.json"),
+    ]
+    result = CliRunner().invoke(cli_app, ["--token", token, "audit", "verify", *trusted])
     assert result.exit_code == 0, result.output
-    assert "OK" in result.output or "ok" in result.output.lower()
+    assert "OK" in result.output
+    # No site cosigned anything in this test: asking for a quorum fails.
+    result = CliRunner().invoke(
+        cli_app, ["--token", token, "audit", "verify", *trusted, "--quorum", "1"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "quorum_not_met" in result.output
 
 
 def test_enrolment_and_publication_are_recorded(

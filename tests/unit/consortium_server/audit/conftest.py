@@ -88,6 +88,35 @@ def make_site(tmp_path: Path, signer: TreeHeadSigner) -> Callable[[str], SiteWit
     return _make
 
 
+def build_witnessed_log(
+    session: Session,
+    audit_log: AuditLog,
+    signer: TreeHeadSigner,
+    sites: list[SiteWitness],
+    head_sizes: tuple[int, ...],
+) -> None:
+    """Append entries up to the last of ``head_sizes``; at each size sign a head and have
+    every site witness cosign it (with the consistency proof from its last head). Commits."""
+    from consortium_server.audit.cosignatures import record_cosignature
+
+    for n in range(max(head_sizes)):
+        audit_log.append(make_entry(n), session=session)
+        if n + 1 not in head_sizes:
+            continue
+        session.commit()
+        head = signer.sign_latest(session)
+        for site in sites:
+            last = site.witness().last_head
+            proof = (
+                audit_log.prove_consistency(last.tree_size, head.tree_size, session=session).path
+                if last
+                else []
+            )
+            cosig = site.witness().cosign(head, proof)
+            record_cosignature(session, cosig, site_public_key=site.public_key_b64)
+        session.commit()
+
+
 @contextmanager
 def append_only_triggers_disabled(engine: Engine) -> Iterator[None]:
     """What an attacker with database superuser rights does first (restored afterwards,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from concord_protocol.audit.cosignatures import Cosignature
 from concord_protocol.audit.export import AuditExport
 from concord_protocol.audit.heads import verify_tree_head
 from concord_protocol.audit.merkle import leaf_hash, verify_consistency, verify_inclusion
@@ -192,3 +195,48 @@ def test_a_cosignature_time_utc_cannot_hold_is_a_422(
     )
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "request.invalid"
+
+
+def test_the_server_refuses_cosignatures_not_bound_to_its_log_and_heads(
+    client: TestClient,
+    session: Session,
+    signer: TreeHeadSigner,
+    make_site: Callable[[str], SiteWitness],
+    append_entries: Callable[[int], list[int]],
+) -> None:
+    site = make_site("site-a")
+    _add_site(session, "site-a", "Hospital A", site)
+    append_entries(3)
+    head = TreeHeadPublic.model_validate(
+        client.get("/api/v1/audit/heads/latest", headers=_auth("site-a")).json()
+    ).signed_head()
+    good = site.witness().cosign(head, [])
+
+    def post(cosig: Cosignature) -> tuple[int, str]:
+        body = cosig.model_dump(mode="json", exclude={"tree_size"})
+        response = client.post(
+            f"/api/v1/audit/heads/{head.tree_size}/cosignatures", json=body, headers=_auth("site-a")
+        )
+        return response.status_code, response.json().get("error", {}).get("code", "")
+
+    def resign(**changes: Any) -> Cosignature:
+        changed = good.model_copy(update=changes)
+        signature = base64.b64encode(site.key.sign(changed.message())).decode("ascii")
+        return changed.model_copy(update={"signature": signature})
+
+    assert post(resign(log_id="another.log")) == (422, "audit.cosignature_wrong_log")
+    assert post(resign(timestamp=datetime(1970, 1, 1, tzinfo=UTC))) == (
+        422,
+        "audit.cosignature_time_invalid",
+    )
+    assert post(resign(timestamp=datetime.now(UTC) + timedelta(hours=1))) == (
+        422,
+        "audit.cosignature_time_invalid",
+    )
+    assert post(resign(key_id="ab" * 32)) == (404, "audit.head_not_found")
+    assert post(resign(head_timestamp=head.timestamp - timedelta(seconds=1))) == (
+        404,
+        "audit.head_not_found",
+    )
+    assert post(good.model_copy(update={"signature": resign(log_id="x").signature}))[0] == 422
+    assert post(good)[0] == 201

@@ -22,14 +22,18 @@ from concord_protocol.audit.merkle import (
     verify_inclusion,
 )
 from concord_protocol.audit.verify import ProblemKind, VerificationReport
-from consortium_server.audit.cosignatures import record_cosignature
 from consortium_server.audit.log import AuditLog, load_leaf_hashes
 from consortium_server.audit.signer import TreeHeadSigner
 from consortium_server.audit.verify import verify_live
 from consortium_server.errors import DomainError
 from site_node.agent.cosigner import WitnessRefusedError
 
-from .conftest import SiteWitness, append_only_triggers_disabled, make_entry
+from .conftest import (
+    SiteWitness,
+    append_only_triggers_disabled,
+    build_witnessed_log,
+    make_entry,
+)
 
 
 @dataclass
@@ -65,21 +69,7 @@ def scene(
     """16 entries; heads at 10 and 16, each cosigned by two sites."""
     sites = [make_site("site-a"), make_site("site-b")]
     with session_factory() as session:
-        for n in range(16):
-            audit_log.append(make_entry(n), session=session)
-            if n + 1 in (10, 16):
-                session.commit()
-                head = signer.sign_latest(session)
-                for site in sites:
-                    last = site.witness().last_head
-                    proof = (
-                        audit_log.prove_consistency(last.tree_size, head.tree_size, session=session)
-                        if last
-                        else None
-                    )
-                    cosig = site.witness().cosign(head, proof.path if proof else [])
-                    record_cosignature(session, cosig, site_public_key=site.public_key_b64)
-                session.commit()
+        build_witnessed_log(session, audit_log, signer, sites, (10, 16))
     s = Scene(db_engine, session_factory, audit_log, signer, sites)
     clean = s.verify()
     assert clean.ok, clean.problems

@@ -12,8 +12,9 @@ from rich.console import Console
 from sqlalchemy.orm import Session
 
 from concord_protocol.audit.export import load_export, write_export
+from concord_protocol.audit.render import render_report
 from concord_protocol.audit.verify import ProblemKind, verify_export
-from consortium_server.audit.cli_support import render_report, verify_export_file
+from consortium_server.audit.cli_support import load_export_file
 from consortium_server.audit.cosignatures import record_cosignature
 from consortium_server.audit.export import build_export
 from consortium_server.audit.log import AuditLog
@@ -54,8 +55,8 @@ def test_clean_export_verifies_ok(
     exported: tuple[Path, dict[str, str]], signer: TreeHeadSigner
 ) -> None:
     path, keys = exported
-    report = verify_export_file(
-        path, trusted_server_key=signer.public_key_b64, trusted_site_keys=keys
+    report = verify_export(
+        load_export_file(path), trusted_server_key=signer.public_key_b64, trusted_site_keys=keys
     )
     assert report.ok, report.problems
     assert (report.entries, report.heads, report.cosignatures) == (7, 1, 2)
@@ -76,8 +77,8 @@ def test_every_problem_in_an_edited_export_is_listed(
     data["cosignatures"][0]["signature"] = data["cosignatures"][1]["signature"]
     del data["entries"][6]
     path.write_text(json.dumps(data))
-    report = verify_export_file(
-        path, trusted_server_key=signer.public_key_b64, trusted_site_keys=keys
+    report = verify_export(
+        load_export_file(path), trusted_server_key=signer.public_key_b64, trusted_site_keys=keys
     )
     found = {(p.kind, p.index, p.tree_size, p.site_id) for p in report.problems}
     assert (ProblemKind.LEAF_HASH_MISMATCH, 1, None, None) in found
@@ -106,5 +107,5 @@ def test_unreadable_export_is_a_domain_error(tmp_path: Path) -> None:
     bad.write_text('{"format": "something else"}')
     for path in (bad, tmp_path / "missing.json"):
         with pytest.raises(DomainError) as info:
-            verify_export_file(path)
+            load_export_file(path)
         assert info.value.code == "audit.export_invalid"

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from sqlalchemy.orm import Session
 
-from concord_protocol.audit.cosignatures import Cosignature, cosignature_message
+from concord_protocol.audit.cosignatures import Cosignature
 from concord_protocol.audit.entries import AuditEntry, AuditObject, Outcome
 from concord_protocol.audit.heads import encode_public_key
 from concord_protocol.contract import StudyContract
@@ -186,17 +186,23 @@ def cosign_latest(app: FastAPI, session: Session, keys: dict[str, Ed25519Private
     """Sign the current log and have the sites in ``keys`` cosign it; returns its size."""
     head = app.state.tree_head_signer.sign_latest(session)
     for site_id, key in keys.items():
-        when = utcnow()
-        message = cosignature_message(site_id, head.tree_size, head.root_hash, when)
-        cosignature = Cosignature(
+        log_id = app.state.audit_log.log_id
+        unsigned = Cosignature(
             site_id=site_id,
             tree_size=head.tree_size,
             root_hash=head.root_hash,
-            timestamp=when,
-            signature=base64.b64encode(key.sign(message)).decode(),
+            timestamp=utcnow(),
+            signature="",
+            log_id=log_id,
+            key_id=head.key_id,
+            head_timestamp=head.timestamp,
         )
+        signature = base64.b64encode(key.sign(unsigned.message())).decode()
         record_cosignature(
-            session, cosignature, site_public_key=encode_public_key(key.public_key())
+            session,
+            unsigned.model_copy(update={"signature": signature}),
+            site_public_key=encode_public_key(key.public_key()),
+            log_id=log_id,
         )
     return int(head.tree_size)
 

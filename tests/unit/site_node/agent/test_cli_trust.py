@@ -3,9 +3,18 @@ commands hospital IT and data stewards run, against the in-process consortium.""
 
 from __future__ import annotations
 
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
+from concord_protocol.audit.cosignatures import Cosignature
+from concord_protocol.audit.heads import encode_public_key
+from concord_protocol.audit.trusted_keys import load_site_keys
 from concord_protocol.client import ConsortiumClient
 from concord_protocol.site_keys import format_fingerprint
 from site_node.cli import app as cli
@@ -140,3 +149,89 @@ def test_keys_rotate_moves_the_peers_pins_on_their_next_pass(
     pin = PeerStore(world.sites["b"].state_dir).get("hospital-a")
     assert pin is not None
     assert pin.fingerprint == new
+
+
+# --- site-node peers export-keys / audit verify --file -------------------------------------
+
+
+def _cosign_everywhere(world: World) -> None:
+    from site_node.agent.witness import cosign_latest
+
+    for site in world.sites.values():
+        cosign_latest(
+            site.api,
+            site_id=site.site_id,
+            signing_key=site.keys.signing_key,
+            state_dir=site.state_dir,
+        )
+
+
+def _export(world: World, path: Path) -> dict[str, Any]:
+    response = world.client.get("/api/v1/audit/export", headers=world.people.compliance)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    path.write_text(json.dumps(body))
+    return body
+
+
+def test_peers_export_keys_writes_the_pinned_keys_not_the_directory(
+    world: World,
+    as_site,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    PeerStore(world.sites["a"].state_dir).unpin("hospital-c")
+    code, out = as_site("a", "peers", "export-keys")
+    assert code == 0, out
+    keys = json.loads(out)
+    assert keys == {
+        "hospital-a": world.sites["a"].keys.signing_public_b64,
+        "hospital-b": world.sites["b"].keys.signing_public_b64,
+    }
+    code, out = as_site("a", "peers", "export-keys", str(tmp_path / "keys.json"))
+    assert code == 0, out
+    assert load_site_keys(tmp_path / "keys.json") == {k: [v] for k, v in keys.items()}
+
+
+def test_audit_verify_file_checks_an_export_with_the_sites_own_trust(
+    world: World,
+    as_site,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    world.submit_study()
+    _cosign_everywhere(world)
+    clean = tmp_path / "export.json"
+    body = _export(world, clean)
+    code, out = as_site("a", "audit", "verify", "--file", str(clean), "--quorum", "3")
+    assert code == 0, out
+    assert "OK" in out
+
+    # The export's keys are not the site's trust: swap hospital-b's key and cosignatures.
+    forged = json.loads(json.dumps(body))
+    attacker = Ed25519PrivateKey.generate()
+    for site in forged["sites"]:
+        if site["site_id"] == "hospital-b":
+            site["signing_public_key"] = encode_public_key(attacker.public_key())
+    for cosig in forged["cosignatures"]:
+        if cosig["site_id"] == "hospital-b":
+            message = Cosignature.model_validate(cosig).message()
+            cosig["signature"] = base64.b64encode(attacker.sign(message)).decode("ascii")
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    code, out = as_site("a", "audit", "verify", "--file", str(tmp_path / "forged.json"))
+    assert code == 1, out
+    assert "cosignature_invalid" in out
+
+    # Cut short before the head hospital-a cosigned: every signature left still verifies,
+    # but the site knows the head it witnessed.
+    witnessed = max(h["tree_size"] for h in body["heads"])
+    cut = json.loads(json.dumps(body))
+    cut["entries"] = cut["entries"][: witnessed - 1]
+    cut["heads"] = [h for h in cut["heads"] if h["tree_size"] < witnessed]
+    cut["cosignatures"] = [c for c in cut["cosignatures"] if c["tree_size"] < witnessed]
+    (tmp_path / "cut.json").write_text(json.dumps(cut))
+    code, out = as_site("a", "audit", "verify", "--file", str(tmp_path / "cut.json"))
+    assert code == 1, out
+    assert "export_truncated" in out
+
+    code, out = as_site("a", "audit", "verify", "--file", str(tmp_path / "missing.json"))
+    assert code == 2
+    assert "no such file" in out

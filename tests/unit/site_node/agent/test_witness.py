@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from site_node.agent.cosigner import WitnessRefusedError
 from site_node.agent.loop import verify_audit
 from site_node.agent.sync import AgentError
-from site_node.agent.witness import PINNED_KEY_FILE, STATE_FILE, cosign_latest
+from site_node.agent.witness import PINNED_KEY_FILE, PINNED_LOG_FILE, STATE_FILE, cosign_latest
 from site_node.settings import SiteSettings
 from tests.unit.site_node.agent.conftest import World, token
 
@@ -132,3 +132,27 @@ def test_audit_verify_checks_without_cosigning(
     a.transport.rewrite = lie
     with pytest.raises(WitnessRefusedError):
         verify_audit(SiteSettings(), transport=a.transport)
+
+
+def test_the_log_identity_is_pinned_and_a_change_is_refused(world: World) -> None:
+    a = world.sites["a"]
+    args = {"site_id": a.site_id, "signing_key": a.keys.signing_key, "state_dir": a.state_dir}
+    cosign_latest(a.api, **args)
+    assert (a.state_dir / PINNED_LOG_FILE).read_text().strip() == _latest(world)["log_id"]
+    cosig = next(c for c in _latest(world)["cosignatures"] if c["site_id"] == a.site_id)
+    assert (cosig["version"], cosig["log_id"]) == (2, _latest(world)["log_id"])
+
+    def rename(request: httpx.Request, body: Any) -> Any:
+        if request.url.path == "/api/v1/audit/heads/latest":
+            body["log_id"] = "another.consortium/audit"
+        return body
+
+    a.transport.rewrite = rename
+    world.submit_study()
+    with pytest.raises(AgentError) as changed:
+        cosign_latest(a.api, **args)
+    assert changed.value.code == "agent.log_id_changed"
+    # A log id configured by hospital IT wins over the pin and over what the server says.
+    with pytest.raises(AgentError) as configured:
+        cosign_latest(a.api, audit_log_id="concord.example.org/audit", **args)
+    assert configured.value.code == "agent.log_id_changed"
