@@ -16,6 +16,7 @@ from typing import Any, Self
 
 import httpx
 
+from concord_protocol.audit.export import AuditExport, join_pages
 from concord_protocol.errors import ApiError
 from concord_protocol.site_decisions import SignedDecision
 
@@ -94,6 +95,21 @@ class ConsortiumClient:
         return self._send("GET", path, **kwargs).content
 
     # -- identity -------------------------------------------------------------------------
+
+    def audit_export(self, *, on_page: Callable[[int, int], None] | None = None) -> AuditExport:
+        """The whole audit log as one export, page by page (``on_page(entries so far,
+        next start or -1)`` after each page, for progress)."""
+        pages: list[AuditExport] = []
+        start: int | None = 0
+        while start is not None:
+            page = AuditExport.model_validate(
+                self.request("GET", "/api/v1/audit/export", params={"start": start})
+            )
+            pages.append(page)
+            start = page.next_start
+            if on_page is not None:
+                on_page(sum(len(p.entries) for p in pages), -1 if start is None else start)
+        return join_pages(pages)
 
     def me(self) -> dict[str, Any]:
         """Who the server thinks you are."""

@@ -103,6 +103,9 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         409, "The study already holds a budget reservation on this dataset."
     ),
     "service.unavailable": CatalogueEntry(503, "A backing service is unavailable; try again."),
+    "federation.disabled": CatalogueEntry(
+        404, "Runs are disabled on this server: no SuperLink is configured."
+    ),
     "federation.superlink_error": CatalogueEntry(
         502, "The SuperLink did not accept the request; nothing was changed."
     ),

@@ -18,6 +18,7 @@ from consortium_server.api.deps import current_principal, record_refusal_summary
 from consortium_server.api.errors import install_error_handlers
 from consortium_server.api.health import router as health_router
 from consortium_server.api.middleware import HttpMetrics, LargerLimit, RequestContextMiddleware
+from consortium_server.api.openapi import install_openapi
 from consortium_server.audit.log import AuditLog
 from consortium_server.audit.recorder import AuditRecorder
 from consortium_server.audit.router import router as audit_router
@@ -198,4 +199,5 @@ def create_app(settings: ServerSettings) -> FastAPI:
         internal_router,
     ):
         app.include_router(router)
+    install_openapi(app)
     return app

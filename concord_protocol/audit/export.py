@@ -14,6 +14,7 @@ keys) obtained out of band to ``verify_export``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -30,6 +31,7 @@ __all__ = [
     "AuditExport",
     "ExportedEntry",
     "ExportedSite",
+    "join_pages",
     "load_export",
     "write_export",
 ]
@@ -74,10 +76,37 @@ class AuditExport(BaseModel):
     heads: list[SignedTreeHead]
     cosignatures: list[Cosignature]
     sites: list[ExportedSite] = Field(default_factory=list)
+    next_start: int | None = Field(
+        default=None,
+        ge=0,
+        description="A page of the export: the `start` of the next page (null: the last "
+        "page, or a whole export).",
+    )
 
     @field_serializer("exported_at")
     def _serialise_exported_at(self, value: datetime) -> str:
         return format_utc(value)
+
+
+def join_pages(pages: Iterable[AuditExport]) -> AuditExport:
+    """One export from its pages, in order (``ValueError`` if they do not follow on)."""
+    joined: AuditExport | None = None
+    for page in pages:
+        if joined is None:
+            joined = page.model_copy(deep=True)
+            continue
+        if joined.next_start is None or (
+            page.entries and page.entries[0].index != joined.next_start
+        ):
+            raise ValueError("the export pages do not follow on from each other")
+        joined.entries.extend(page.entries)
+        joined.heads.extend(page.heads)
+        joined.cosignatures.extend(page.cosignatures)
+        joined.next_start = page.next_start
+    if joined is None:
+        raise ValueError("no export pages")
+    joined.next_start = None
+    return joined
 
 
 def write_export(export: AuditExport, path: Path) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from concord_protocol.errors import InvalidProofError
 
@@ -29,10 +29,15 @@ __all__ = [
     "MAX_PROOF_LENGTH",
     "InvalidProofError",
     "MerkleAccumulator",
+    "SubtreeHash",
+    "consistency_path",
     "consistency_proof",
+    "fold_subtrees",
+    "inclusion_path",
     "inclusion_proof",
     "leaf_hash",
     "node_hash",
+    "perfect_subtrees",
     "root_from_inclusion_proof",
     "root_hash",
     "verify_consistency",
@@ -78,9 +83,18 @@ def root_hash(leaf_hashes: Sequence[bytes]) -> bytes:
     return _mth(leaf_hashes, 0, len(leaf_hashes))
 
 
+#: ``subtree(start, end)``: the Merkle tree hash of the leaves ``[start, end)`` (non-empty).
+SubtreeHash = Callable[[int, int], bytes]
+
+
 def inclusion_proof(leaf_hashes: Sequence[bytes], index: int) -> list[bytes]:
     """``PATH(index, D[n])`` for the tree of all ``leaf_hashes`` (n = their count)."""
-    size = len(leaf_hashes)
+    return inclusion_path(lambda a, b: _mth(leaf_hashes, a, b), len(leaf_hashes), index)
+
+
+def inclusion_path(subtree: SubtreeHash, size: int, index: int) -> list[bytes]:
+    """``PATH(index, D[size])`` from any source of subtree hashes (a list of leaves, or the
+    server's stored subtrees: see :func:`subtree_ranges`)."""
     if not 0 <= index < size:
         raise ValueError(f"leaf index {index} is outside a tree of size {size}")
     path: list[bytes] = []
@@ -89,10 +103,10 @@ def inclusion_proof(leaf_hashes: Sequence[bytes], index: int) -> list[bytes]:
     while end - start > 1:
         k = _split(end - start)
         if index < start + k:
-            path.append(_mth(leaf_hashes, start + k, end))
+            path.append(subtree(start + k, end))
             end = start + k
         else:
-            path.append(_mth(leaf_hashes, start, start + k))
+            path.append(subtree(start, start + k))
             start += k
     path.reverse()
     return path
@@ -103,7 +117,11 @@ def consistency_proof(leaf_hashes: Sequence[bytes], first: int) -> list[bytes]:
 
     The proof is empty when ``first`` is 0 or equals ``n``.
     """
-    size = len(leaf_hashes)
+    return consistency_path(lambda a, b: _mth(leaf_hashes, a, b), len(leaf_hashes), first)
+
+
+def consistency_path(subtree: SubtreeHash, size: int, first: int) -> list[bytes]:
+    """``PROOF(first, D[size])`` from any source of subtree hashes."""
     if not 0 <= first <= size:
         raise ValueError(f"size {first} is outside a tree of size {size}")
     if first in (0, size):
@@ -114,16 +132,49 @@ def consistency_proof(leaf_hashes: Sequence[bytes], first: int) -> list[bytes]:
     while m != end - start:
         k = _split(end - start)
         if m <= k:
-            siblings.append(_mth(leaf_hashes, start + k, end))
+            siblings.append(subtree(start + k, end))
             end = start + k
         else:
-            siblings.append(_mth(leaf_hashes, start, start + k))
+            siblings.append(subtree(start, start + k))
             start += k
             m -= k
             complete = False
-    base = [] if complete else [_mth(leaf_hashes, start, end)]
+    base = [] if complete else [subtree(start, end)]
     # SUBPROOF lists the recursive part first: the base, then siblings bottom-up.
     return base + siblings[::-1]
+
+
+def perfect_subtrees(start: int, end: int) -> list[tuple[int, int]]:
+    """The range ``[start, end)`` of an RFC 9162 tree as the perfect subtrees whose hashes
+    make up its Merkle tree hash, left to right, as ``(level, index)``: the subtree of
+    ``2**level`` leaves starting at leaf ``index * 2**level``.
+
+    ``start`` must be where the tree's own splits put a subtree (as in every range that
+    :func:`inclusion_path` and :func:`consistency_path` ask for), so the list has at most
+    one subtree per level: O(log n). :func:`fold_subtrees` combines their hashes.
+    """
+    if not 0 <= start < end:
+        raise ValueError(f"empty or negative range [{start}, {end})")
+    out: list[tuple[int, int]] = []
+    while start < end:
+        width = end - start
+        k = 1 << (width.bit_length() - 1)  # the largest power of two <= width
+        if start % k:
+            raise ValueError(f"range [{start}, {end}) is not a subtree of an RFC 9162 tree")
+        out.append((k.bit_length() - 1, start // k))
+        start += k
+    return out
+
+
+def fold_subtrees(hashes: Sequence[bytes]) -> bytes:
+    """The Merkle tree hash of a range from its :func:`perfect_subtrees` hashes (left to
+    right): the right spine folds from the right, as the RFC's split puts it."""
+    if not hashes:
+        raise ValueError("no subtrees to fold")
+    digest = hashes[-1]
+    for left in reversed(hashes[:-1]):
+        digest = node_hash(left, digest)
+    return digest
 
 
 def _check_hashes(proof: Sequence[bytes], *hashes: bytes) -> None:
@@ -240,6 +291,19 @@ class MerkleAccumulator:
     def __init__(self) -> None:
         self._stack: list[tuple[int, bytes]] = []
         self._size = 0
+
+    @classmethod
+    def from_frontier(cls, size: int, hashes: Sequence[bytes]) -> MerkleAccumulator:
+        """Resume from the tree of ``size`` leaves given its :func:`perfect_subtrees`
+        ``(0, size)`` hashes, left to right (what a server stores, checked against a
+        signed root first)."""
+        widths = [1 << level for level, _ in perfect_subtrees(0, size)] if size else []
+        if len(widths) != len(hashes):
+            raise ValueError(f"a tree of {size} leaves has {len(widths)} frontier subtrees")
+        accumulator = cls()
+        accumulator._stack = list(zip(widths, hashes, strict=True))
+        accumulator._size = size
+        return accumulator
 
     @property
     def size(self) -> int:

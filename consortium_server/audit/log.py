@@ -5,6 +5,9 @@ takes the caller's ``session`` (keyword-only), flushes and never commits: the re
 boundary (or ``session_scope``) commits, so an audit entry commits atomically with the
 change it records.
 
+Roots and proofs come from stored subtree hashes (:mod:`consortium_server.audit.tree`):
+O(log n) reads however long the log grows; appends store the subtrees they complete.
+
 Dense indices under concurrency: an append reads ``MAX(index) + 1`` while holding the log's
 write lock until its transaction ends. On PostgreSQL that is a transaction-level advisory
 lock (``pg_advisory_xact_lock``); on SQLite every write transaction already starts with
@@ -26,13 +29,9 @@ from sqlalchemy.orm import Session
 from concord_protocol.audit.cosignatures import DEFAULT_LOG_ID
 from concord_protocol.audit.entries import AuditEntry
 from concord_protocol.audit.heads import SignedTreeHead
-from concord_protocol.audit.merkle import (
-    consistency_proof,
-    inclusion_proof,
-    leaf_hash,
-    root_hash,
-)
+from concord_protocol.audit.merkle import leaf_hash
 from consortium_server.audit.models import AuditLeaf, AuditTreeHead
+from consortium_server.audit.tree import StoredTree
 from consortium_server.errors import DomainError, InvalidRequestError, NotFoundError
 
 __all__ = [
@@ -155,6 +154,7 @@ class AuditLog:
                 at=entry.at,
             )
         )
+        StoredTree(session).add_leaf(index, digest)
         session.flush()
         return AppendedEntry(index, digest)
 
@@ -180,12 +180,12 @@ class AuditLog:
         return StoredEntry(index, entry, data, bytes(row.leaf_hash), row.created_at)
 
     def root(self, *, session: Session, size: int | None = None) -> bytes:
-        """Root hash of the first ``size`` leaves (all of them by default)."""
+        """Root hash of the first ``size`` leaves (all of them by default); O(log n)."""
         current = self.size(session=session)
         size = current if size is None else size
         if not 0 <= size <= current:
             raise InvalidRequestError(f"No tree of size {size}.", code="audit.invalid_range")
-        return root_hash(load_leaf_hashes(session, size))
+        return StoredTree(session).root(size)
 
     def prove_inclusion(
         self, index: int, *, session: Session, tree_size: int | None = None
@@ -198,13 +198,14 @@ class AuditLog:
                 f"Leaf {index} is not inside a tree of size {size} (log size {current}).",
                 code="audit.invalid_range",
             )
-        leaves = load_leaf_hashes(session, size)
+        tree = StoredTree(session)
+        path, root = tree.inclusion(index, size)
         return InclusionProof(
             index=index,
             tree_size=size,
-            leaf_hash=leaves[index],
-            root=root_hash(leaves),
-            path=inclusion_proof(leaves, index),
+            leaf_hash=tree.nodes([(0, index)])[(0, index)],
+            root=root,
+            path=path,
         )
 
     def prove_consistency(
@@ -218,13 +219,13 @@ class AuditLog:
                 f"Need 0 <= first ({first}) <= second ({second_size}) <= log size ({current}).",
                 code="audit.invalid_range",
             )
-        leaves = load_leaf_hashes(session, second_size)
+        path, first_root, second_root = StoredTree(session).consistency(first, second_size)
         return ConsistencyProof(
             first_size=first,
             second_size=second_size,
-            first_root=root_hash(leaves[:first]),
-            second_root=root_hash(leaves),
-            path=consistency_proof(leaves, first),
+            first_root=first_root,
+            second_root=second_root,
+            path=path,
         )
 
     def latest_head(self, *, session: Session) -> SignedTreeHead | None:

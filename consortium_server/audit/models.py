@@ -1,8 +1,8 @@
 """ORM models of the audit log: leaves, signed tree heads, witness cosignatures.
 
-All three tables are insert-only. Migration 0002 adds triggers that refuse UPDATE and
-DELETE on ``audit_leaves`` (SQLite and PostgreSQL); heads and cosignatures are only ever
-inserted by the code, and any rewrite of them is caught by signature checks.
+All four tables (with ``audit_nodes``, the stored subtree hashes) are insert-only:
+migrations 0002 and 0011 add triggers that refuse UPDATE and DELETE on them (SQLite and
+PostgreSQL). Any rewrite that gets past the triggers is caught by the signature checks.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    SmallInteger,
     String,
     UniqueConstraint,
 )
@@ -24,7 +25,7 @@ from concord_protocol.audit.cosignatures import Cosignature
 from concord_protocol.audit.heads import SignedTreeHead
 from consortium_server.db.base import Base, UTCDateTime, utcnow
 
-__all__ = ["AuditCosignature", "AuditLeaf", "AuditTreeHead"]
+__all__ = ["AuditCosignature", "AuditLeaf", "AuditNode", "AuditTreeHead"]
 
 
 class AuditLeaf(Base):
@@ -48,6 +49,17 @@ class AuditLeaf(Base):
     actor_subject: Mapped[str] = mapped_column(String(255))
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AuditNode(Base):
+    """The hash of a perfect subtree above the leaves: ``2**level`` leaves from leaf
+    ``idx * 2**level`` (:mod:`consortium_server.audit.tree`). Derived, insert-only."""
+
+    __tablename__ = "audit_nodes"
+
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[bytes] = mapped_column(LargeBinary(32))
 
 
 class AuditTreeHead(Base):

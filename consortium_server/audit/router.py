@@ -20,7 +20,8 @@ Heads are signed lazily: ``GET /heads/latest`` and ``GET /entries/{index}`` (wit
 integrity check is never signed (``audit.log_corrupt``).
 
 Who may call: heads and consistency proofs (hashes only) any authenticated caller;
-entries: compliance officers, consortium admins, data stewards and site nodes;
+entries: compliance officers and consortium admins, and data stewards and site nodes for
+their own studies' and the consortium-wide entries (:mod:`consortium_server.audit.scope`);
 export: compliance officers and consortium admins; cosignatures: site nodes, for the
 site of their own organisation.
 """
@@ -44,6 +45,7 @@ from consortium_server.api.deps import CurrentPrincipal, SessionDep, require_rol
 from consortium_server.audit.cosignatures import cosignatures_for, is_witnessed, record_cosignature
 from consortium_server.audit.export import build_export
 from consortium_server.audit.log import AuditLog
+from consortium_server.audit.scope import entry_visible
 from consortium_server.audit.signer import TreeHeadSigner
 from consortium_server.errors import (
     ForbiddenError,
@@ -65,6 +67,8 @@ __all__ = [
 #: The largest log position a request may name: far beyond any log, within every database's
 #: 64-bit integers (SQLite's included), so a huge number is a 422, never a database error.
 MAX_POSITION = 2**53
+#: Entries in one page of the export (about 500 bytes each as JSON).
+EXPORT_PAGE_MAX = 10_000
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
@@ -207,11 +211,16 @@ def get_entry(
     index: Annotated[int, Path(ge=0, le=MAX_POSITION)],
     request: Request,
     session: SessionDep,
+    principal: CurrentPrincipal,
     tree_size: Annotated[int | None, Query(ge=1, le=MAX_POSITION)] = None,
 ) -> EntryPublic:
-    """Entry ``index`` with its inclusion proof against the latest head (or ``tree_size``)."""
+    """Entry ``index`` with its inclusion proof against the latest head (or ``tree_size``).
+    Stewards and site nodes read only their studies' and the consortium-wide entries
+    (:mod:`consortium_server.audit.scope`)."""
     log = _audit_log(request)
     stored = log.get_entry(index, session=session)
+    if not entry_visible(session, principal, stored.entry):
+        raise NotFoundError(f"No audit entry {index}.", code="audit.entry_not_found")
     if tree_size is None:
         head: SignedTreeHead | None = _signer(request).sign_latest(session)
         size = head.tree_size if head is not None else 0
@@ -263,10 +272,21 @@ def get_consistency(
     "/export",
     dependencies=[require_roles(Role.COMPLIANCE_OFFICER, Role.CONSORTIUM_ADMIN)],
 )
-def export_log(request: Request, session: SessionDep) -> AuditExport:
-    """The whole log (entries, heads, cosignatures, keys) for offline verification."""
+def export_log(
+    request: Request,
+    session: SessionDep,
+    start: Annotated[int, Query(ge=0, le=MAX_POSITION, description="First entry.")] = 0,
+    limit: Annotated[
+        int, Query(ge=1, le=EXPORT_PAGE_MAX, description="Entries in this page.")
+    ] = EXPORT_PAGE_MAX,
+) -> AuditExport:
+    """One page of the log (entries from ``start``, the heads and cosignatures of those
+    sizes, the keys) for offline verification; ``next_start`` names the next page.
+    ``consortium audit export`` fetches every page and writes them as one file."""
     return build_export(
         session,
+        start=start,
+        limit=limit,
         server_public_key=_signer(request).public_key_b64,
         witness_quorum=_audit_log(request).witness_quorum,
         log_id=_audit_log(request).log_id,

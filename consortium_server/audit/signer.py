@@ -27,11 +27,12 @@ from concord_protocol.audit.heads import (
     key_id,
     tree_head_message,
 )
-from concord_protocol.audit.merkle import MerkleAccumulator, leaf_hash, root_hash
+from concord_protocol.audit.merkle import MerkleAccumulator, leaf_hash
 from concord_protocol.fields import utcnow
 from concord_protocol.private_files import write_private_file
-from consortium_server.audit.log import load_leaf_hashes
+from consortium_server.audit.log import AuditLog
 from consortium_server.audit.models import AuditLeaf, AuditTreeHead
+from consortium_server.audit.tree import StoredTree, checked_frontier
 from consortium_server.errors import DomainError
 
 __all__ = ["TreeHeadSigner"]
@@ -104,22 +105,44 @@ class TreeHeadSigner:
     def sign_latest(self, session: Session) -> SignedTreeHead:
         """Sign and store a head for the current log, unless the latest head already covers it.
 
-        Before signing, the stored leaves are checked: indices must be dense, every
-        stored head must still match the root of its prefix, and every entry added since
-        the latest head must hash to its stored leaf hash. A log that fails either check
-        is never signed (``audit.log_corrupt``). Flushes; the caller commits.
+        O(log n + new entries), never a scan of the log: the stored subtrees below the
+        latest signed head must hash to its signed root (:func:`checked_frontier`), every
+        entry added since must be present, dense and hash to its stored leaf hash, and the
+        new root is computed from that frontier and those entries alone (then compared with
+        the stored subtrees). A log that fails any check is never signed
+        (``audit.log_corrupt``); damage to older entries that leaves the signed tree intact
+        is what ``consortium audit verify`` and the witnesses find. Flushes; the caller
+        commits.
         """
-        leaves = load_leaf_hashes(session)
+        size = AuditLog().size(session=session)
         latest = session.scalars(
             select(AuditTreeHead)
             .order_by(AuditTreeHead.tree_size.desc(), AuditTreeHead.id.desc())
             .limit(1)
         ).first()
-        _check_heads_match(session, leaves)
-        if latest is not None and latest.tree_size == len(leaves):
+        signed = latest.tree_size if latest is not None else 0
+        if size < signed:
+            raise DomainError(
+                f"A signed head covers {signed} leaves; only {size} exist.",
+                code="audit.log_corrupt",
+            )
+        frontier = (
+            checked_frontier(session, signed, bytes.fromhex(latest.root_hash))
+            if latest is not None
+            else []
+        )
+        if latest is not None and signed == size:
             return latest.signed_head()
-        _check_new_entries(session, latest.tree_size if latest is not None else 0)
-        head = self.sign(len(leaves), root_hash(leaves))
+        accumulator = MerkleAccumulator.from_frontier(signed, frontier)
+        for leaf in _new_leaves(session, signed, size):
+            accumulator.append(leaf)
+        root = accumulator.root()
+        if StoredTree(session).root(size) != root:
+            raise DomainError(
+                f"The stored tree of {size} leaves disagrees with its entries.",
+                code="audit.log_corrupt",
+            )
+        head = self.sign(size, root)
         session.add(
             AuditTreeHead(
                 tree_size=head.tree_size,
@@ -133,36 +156,28 @@ class TreeHeadSigner:
         return head
 
 
-def _check_heads_match(session: Session, leaves: list[bytes]) -> None:
-    """Every stored head must be the root of its prefix of ``leaves``."""
+def _new_leaves(session: Session, start: int, end: int) -> list[bytes]:
+    """Leaf hashes ``[start, end)``, each checked against its entry's bytes and dense."""
     rows = session.execute(
-        select(AuditTreeHead.tree_size, AuditTreeHead.root_hash).order_by(AuditTreeHead.tree_size)
-    ).all()
-    accumulator = MerkleAccumulator()
-    for size, root in rows:
-        if size > len(leaves):
-            raise DomainError(
-                f"A signed head covers {size} leaves; only {len(leaves)} exist.",
-                code="audit.log_corrupt",
-            )
-        while accumulator.size < size:
-            accumulator.append(leaves[accumulator.size])
-        if accumulator.root().hex() != root:
-            raise DomainError(
-                f"The leaves no longer match the signed head of size {size}.",
-                code="audit.log_corrupt",
-            )
-
-
-def _check_new_entries(session: Session, start: int) -> None:
-    """Entries from ``start`` on must hash to their stored leaf hashes."""
-    rows = session.execute(
-        select(AuditLeaf.index, AuditLeaf.entry, AuditLeaf.leaf_hash).where(
-            AuditLeaf.index >= start
-        )
+        select(AuditLeaf.index, AuditLeaf.entry, AuditLeaf.leaf_hash)
+        .where(AuditLeaf.index >= start, AuditLeaf.index < end)
+        .order_by(AuditLeaf.index)
     )
-    for index, entry, digest in rows:
+    leaves: list[bytes] = []
+    for expected, (index, entry, digest) in enumerate(rows, start=start):
+        if index != expected:
+            raise DomainError(
+                f"Leaf index {index} found where {expected} was expected.",
+                code="audit.log_corrupt",
+            )
         if leaf_hash(bytes(entry)) != bytes(digest):
             raise DomainError(
                 f"Entry {index} does not match its leaf hash.", code="audit.log_corrupt"
             )
+        leaves.append(bytes(digest))
+    if len(leaves) != end - start:
+        raise DomainError(
+            f"The log has {len(leaves)} of the entries {start}..{end - 1}.",
+            code="audit.log_corrupt",
+        )
+    return leaves

@@ -4,6 +4,8 @@ against the policies, publishing policy sets, reading budgets, verifying the aud
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -162,11 +164,30 @@ def audit_head() -> None:
 def audit_export(
     out: Annotated[Path, typer.Argument(help="File to write the export to (JSON).")],
 ) -> None:
-    """Download the whole log with heads and cosignatures (compliance officer, admin)."""
-    with api() as client:
-        export = client.request("GET", "/api/v1/audit/export")
-    out.write_text(json.dumps(export, indent=1))
-    console.print(f"[green]wrote[/] {out} ({len(export.get('entries', []))} entries)")
+    """Download the whole log with heads and cosignatures (compliance officer, admin),
+    page by page, into one file."""
+    from concord_protocol.audit.export import write_export
+
+    with api() as client, _export_progress() as on_page:
+        export = client.audit_export(on_page=on_page)
+    write_export(export, out)
+    console.print(f"[green]wrote[/] {out} ({len(export.entries)} entries)")
+
+
+@contextmanager
+def _export_progress() -> Iterator[Callable[[int, int], None]]:
+    """A rich progress line for a paged export (entries received so far)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), console=err_console, transient=True
+    ) as progress:
+        task = progress.add_task("exporting the audit log", total=None)
+
+        def on_page(received: int, _next: int) -> None:
+            progress.update(task, description=f"exporting the audit log: {received} entries")
+
+        yield on_page
 
 
 @audit_app.command("verify")
@@ -216,7 +237,6 @@ def audit_verify(
     (and the latest head meets --quorum), 1 when anything does not, 2 on bad usage."""
     from pydantic import ValidationError
 
-    from concord_protocol.audit.export import AuditExport
     from concord_protocol.audit.render import render_report
     from concord_protocol.audit.trusted_keys import SiteKeysError, load_site_keys
     from concord_protocol.audit.verify import verify_export
@@ -244,11 +264,10 @@ def audit_verify(
         if export_file is not None:
             export = load_export_file(export_file)
         else:
-            with api() as client:
-                raw = client.request("GET", "/api/v1/audit/export")
             try:
-                export = AuditExport.model_validate(raw)
-            except ValidationError as exc:
+                with api() as client, _export_progress() as on_page:
+                    export = client.audit_export(on_page=on_page)
+            except (ValidationError, ValueError) as exc:
                 fail(f"the server's export is not a Concord audit export: {exc}")
     except DomainError as exc:
         fail(exc.public_message())

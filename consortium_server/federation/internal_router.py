@@ -31,7 +31,7 @@ from consortium_server.api.deps import SessionDep
 from consortium_server.errors import (
     AuthenticationError,
     InvalidRequestError,
-    ServiceUnavailableError,
+    NotFoundError,
 )
 from consortium_server.federation import round_gate
 from consortium_server.federation.checkpoints import (
@@ -53,11 +53,14 @@ SERVERAPP_SUBJECT = "system:serverapp"
 
 
 def require_serverapp(request: Request) -> None:
-    """Admit only a caller holding the federation token."""
+    """Admit only a caller holding the federation token. A server without a SuperLink has
+    no internal API: 404 ``federation.disabled`` (a ServerApp pointed at it is misconfigured,
+    and retrying would not help)."""
     expected = getattr(request.app.state, "serverapp_token", None)
     if expected is None:
-        raise ServiceUnavailableError(
-            "Runs are disabled: no SuperLink or federation token is configured."
+        raise NotFoundError(
+            "Runs are disabled on this server: no SuperLink or federation token is configured.",
+            code="federation.disabled",
         )
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:

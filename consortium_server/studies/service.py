@@ -54,6 +54,7 @@ __all__ = [
     "SubmissionGate",
     "abort_studies_of_site",
     "abort_study",
+    "can_see_study",
     "decide",
     "get_visible_study",
     "list_visible_studies",
@@ -318,6 +319,13 @@ def _can_see(session: Session, principal: Principal, study: Study) -> bool:
         own = _site_ids_of(session, principal)
         return any(s.site_id in own for s in study.sites)
     return False
+
+
+def can_see_study(session: Session, principal: Principal, study_id: str) -> bool:
+    """Whether ``principal`` may see the study ``study_id`` (False if there is none): the
+    rule of study reads, which audit-entry reads follow too."""
+    study = session.get(Study, study_id)
+    return study is not None and _can_see(session, principal, study)
 
 
 def get_visible_study(session: Session, study_id: str, principal: Principal) -> Study:

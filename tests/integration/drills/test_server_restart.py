@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 
-from concord_protocol.audit.export import AuditExport
 from concord_protocol.audit.verify import verify_export
 from site_node.agent.witness import STATE_FILE
 from site_node.federation.approvals import ApprovalStore
@@ -103,7 +102,7 @@ def test_server_and_superlink_killed_mid_study_resume_from_the_last_round(
         assert 0 < float(budget["epsilon_spent"]) <= 6.0, budget
 
     # The whole log verifies against the server's head key (kept across the restart).
-    export = AuditExport.model_validate(drill.compliance.request("GET", "/api/v1/audit/export"))
+    export = drill.compliance.audit_export()
     report = verify_export(export, trusted_server_key=drill.stack.head_key())
     assert report.ok, report.summary()
     # The witnesses went on across the restart: each cosigned a larger head, which it does

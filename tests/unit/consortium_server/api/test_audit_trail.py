@@ -195,3 +195,49 @@ def test_enrolment_and_publication_are_recorded(
     assert enrolled[0].actor.subject == "olga-operator"
     published = _entry(app, "dataset.published")
     assert [e.details["site_id"] for e in published] == ["hospital-a", "hospital-b", "hospital-c"]
+
+
+def test_stewards_and_nodes_read_only_their_studies_and_consortium_wide_entries(
+    client: TestClient, consortium: People, app: FastAPI
+) -> None:
+    every = client.post(
+        "/api/v1/studies",
+        json=study_contract(["bc-a", "bc-b", "bc-c"]),
+        headers=consortium.researcher,
+    ).json()
+    without_a = client.post(
+        "/api/v1/studies",
+        json=study_contract(["bc-b", "bc-c"], federation={"min_sites": 2, "round_timeout_s": 120}),
+        headers=consortium.researcher,
+    ).json()
+    assert "id" in without_a, without_a
+    client.get("/api/v1/studies", headers={"Authorization": "Bearer not-a-token"})
+    client.get("/api/v1/audit/heads/latest", headers=consortium.compliance)
+    entries = _entries(app)
+
+    def index_of(action: str | None = None, object_id: str | None = None) -> int:
+        return next(
+            i
+            for i, e in enumerate(entries)
+            if action in (None, e.action) and object_id in (None, e.object.id)
+        )
+
+    def status(headers: dict[str, str], index: int) -> tuple[int, str]:
+        response = client.get(f"/api/v1/audit/entries/{index}", headers=headers)
+        return response.status_code, response.json().get("error", {}).get("code", "")
+
+    own = index_of(object_id=every["id"])
+    other = index_of(object_id=without_a["id"])
+    enrolled = index_of("site.enrolled")
+    refused = index_of("auth.sign_in_refused")
+    hidden = (404, "audit.entry_not_found")
+    for headers in (consortium.steward("a"), consortium.node("a")):
+        assert status(headers, own)[0] == 200
+        assert status(headers, enrolled)[0] == 200  # consortium-wide
+        assert status(headers, other) == hidden  # exactly like an entry that does not exist
+        assert status(headers, refused) == hidden  # other callers' addresses
+        assert status(headers, len(entries) + 50) == hidden
+    assert status(consortium.steward("b"), other)[0] == 200
+    for headers in (consortium.compliance, consortium.admin):
+        assert status(headers, other)[0] == 200
+        assert status(headers, refused)[0] == 200

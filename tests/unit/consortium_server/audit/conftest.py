@@ -20,7 +20,7 @@ from tests.support.audit import BASE_TIME, make_entry
 
 __all__ = ["BASE_TIME", "make_entry"]
 
-AUDIT_TABLES = ("audit_leaves", "audit_tree_heads", "audit_cosignatures")
+AUDIT_TABLES = ("audit_leaves", "audit_nodes", "audit_tree_heads", "audit_cosignatures")
 
 
 @pytest.fixture
@@ -117,6 +117,27 @@ def build_witnessed_log(
         session.commit()
 
 
+def rebuild_nodes(engine: Engine) -> None:
+    """Recompute ``audit_nodes`` from the leaves as they now are (in index order, holes
+    closed up): what an attacker who rewrote leaves does next so that the stored tree
+    agrees with them. Needs the append-only triggers disabled."""
+    from concord_protocol.audit.merkle import node_hash
+
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM audit_nodes"))
+        leaves = conn.execute(text('SELECT leaf_hash FROM audit_leaves ORDER BY "index"'))
+        stack: list[tuple[int, bytes]] = []
+        for position, (leaf,) in enumerate(leaves.all()):
+            level, digest, idx = 0, bytes(leaf), position
+            while stack and stack[-1][0] == level:
+                digest, level, idx = node_hash(stack.pop()[1], digest), level + 1, idx >> 1
+                conn.execute(
+                    text("INSERT INTO audit_nodes (level, idx, hash) VALUES (:l, :i, :h)"),
+                    {"l": level, "i": idx, "h": digest},
+                )
+            stack.append((level, digest))
+
+
 @contextmanager
 def append_only_triggers_disabled(engine: Engine) -> Iterator[None]:
     """What an attacker with database superuser rights does first (restored afterwards,
@@ -135,5 +156,5 @@ def append_only_triggers_disabled(engine: Engine) -> Iterator[None]:
     with engine.begin() as conn:
         for table in AUDIT_TABLES:
             for action in ("update", "delete"):
-                conn.execute(text(f"DROP TRIGGER {table}_no_{action}"))
+                conn.execute(text(f"DROP TRIGGER IF EXISTS {table}_no_{action}"))
     yield

@@ -240,3 +240,50 @@ def test_the_server_refuses_cosignatures_not_bound_to_its_log_and_heads(
     )
     assert post(good.model_copy(update={"signature": resign(log_id="x").signature}))[0] == 422
     assert post(good)[0] == 201
+
+
+def test_the_export_comes_in_pages_that_join_into_the_whole_log(
+    client: TestClient,
+    session: Session,
+    signer: TreeHeadSigner,
+    make_site: Callable[[str], SiteWitness],
+    audit_log: AuditLog,
+) -> None:
+    from concord_protocol.audit.export import join_pages
+    from consortium_server.audit.export import build_export
+
+    from .conftest import build_witnessed_log
+
+    sites = [make_site("site-a"), make_site("site-b")]
+    build_witnessed_log(session, audit_log, signer, sites, (5, 10, 11, 23))
+    pages = []
+    start: int | None = 0
+    while start is not None:
+        response = client.get(
+            "/api/v1/audit/export", params={"start": start, "limit": 10}, headers=_auth("officer")
+        )
+        assert response.status_code == 200, response.text
+        page = AuditExport.model_validate(response.json())
+        assert [e.index for e in page.entries] == list(range(start, min(start + 10, 23)))
+        pages.append(page)
+        start = page.next_start
+    assert [p.next_start for p in pages] == [10, 20, None]
+    assert [[h.tree_size for h in p.heads] for p in pages] == [[5, 10], [11], [23]]
+    joined = join_pages(pages)
+    whole = build_export(session, server_public_key=signer.public_key_b64, witness_quorum=2)
+    session.rollback()  # end the read: SQLite transactions here take the write lock
+    assert joined.model_dump(exclude={"exported_at", "sites"}) == whole.model_dump(
+        exclude={"exported_at", "sites"}
+    )
+    keys = {s.site_id: s.public_key_b64 for s in sites}
+    report = verify_export(
+        joined, trusted_server_key=signer.public_key_b64, trusted_site_keys=keys, quorum=2
+    )
+    assert report.ok, report.problems
+    with pytest.raises(ValueError, match="follow on"):
+        join_pages([pages[0], pages[2]])
+
+    too_many = client.get("/api/v1/audit/export?limit=10001", headers=_auth("officer"))
+    assert (too_many.status_code, too_many.json()["error"]["code"]) == (422, "request.invalid")
+    beyond = client.get("/api/v1/audit/export?start=500", headers=_auth("officer")).json()
+    assert (beyond["entries"], beyond["next_start"]) == ([], None)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from concord_protocol.audit.merkle import (
     InvalidProofError,
+    MerkleAccumulator,
     consistency_proof,
     leaf_hash,
     root_hash,
@@ -33,6 +34,7 @@ from .conftest import (
     append_only_triggers_disabled,
     build_witnessed_log,
     make_entry,
+    rebuild_nodes,
 )
 
 
@@ -165,6 +167,7 @@ def test_tampering_is_detected_by_verify_server_and_witnesses(scene: Scene, name
     tamper, expected = TAMPERING[name]
     with append_only_triggers_disabled(scene.engine):
         tamper(scene)
+        rebuild_nodes(scene.engine)  # and make the stored tree agree with the leaves
 
     # 1. Verification lists the damage (and never stops at the first problem).
     report = scene.verify()
@@ -257,3 +260,52 @@ def test_rewritten_and_resigned_heads_are_still_caught_by_cosignatures(scene: Sc
         (site, size) for site in ("site-a", "site-b") for size in (10, 16)
     }
     assert report.witnessed_size is None
+
+
+def test_damaged_entries_under_an_intact_stored_tree_never_change_what_is_signed(
+    scene: Scene,
+) -> None:
+    """Rewriting entries without the stored tree: the server goes on signing the tree the
+    witnesses saw (heads are built from the checked frontier, never a rescan), and
+    verification names the damage."""
+    with append_only_triggers_disabled(scene.engine):
+        modify(scene)
+    assert ProblemKind.HEAD_ROOT_MISMATCH in scene.verify().kinds()
+    with scene.factory() as session:
+        for n in range(2):
+            scene.log.append(make_entry(200 + n), session=session)
+        session.commit()
+        head = scene.signer.sign_latest(session)
+        proof = scene.log.prove_consistency(16, head.tree_size, session=session)
+        session.commit()
+    for site in scene.sites:
+        site.witness().cosign(head, proof.path)  # extends what the witness cosigned
+
+
+def test_a_damaged_stored_subtree_is_never_signed_and_its_proofs_fail(scene: Scene) -> None:
+    # Below the signed frontier (leaves 0-3 of the head of 16): heads never read it, so
+    # what is signed stays honest, and every proof through it fails against signed roots.
+    with append_only_triggers_disabled(scene.engine):
+        scene.sql("UPDATE audit_nodes SET hash = :h WHERE level = 2 AND idx = 0", h=b"\x11" * 32)
+    witnessed = scene.sites[0].witness().last_head
+    assert witnessed is not None
+    with scene.factory() as session:
+        inclusion = scene.log.prove_inclusion(5, session=session, tree_size=16)
+        with pytest.raises(InvalidProofError):
+            verify_inclusion(inclusion.leaf_hash, 5, 16, inclusion.path, witnessed.root)
+        scene.log.append(make_entry(300), session=session)
+        session.commit()
+        head = scene.signer.sign_latest(session)
+        session.commit()
+    honest = MerkleAccumulator.from_frontier(16, [witnessed.root])
+    honest.append(leaf_hash(make_entry(300).canonical_bytes()))
+    assert (head.tree_size, head.root) == (17, honest.root())
+    # On the frontier of the signed head: the server refuses to sign anything.
+    with append_only_triggers_disabled(scene.engine):  # (SQLite's are gone for good)
+        scene.sql("UPDATE audit_nodes SET hash = :h WHERE level = 4 AND idx = 0", h=b"\x22" * 32)
+    with scene.factory() as session:
+        scene.log.append(make_entry(301), session=session)
+        session.commit()
+        with pytest.raises(DomainError) as info:
+            scene.signer.sign_latest(session)
+        assert info.value.code == "audit.log_corrupt"

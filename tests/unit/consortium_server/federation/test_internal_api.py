@@ -63,7 +63,7 @@ def test_without_a_federation_token_the_api_is_closed(
 ) -> None:
     plan, _ = running
     app.state.serverapp_token = None
-    _error(client.post(f"{_base(plan)}/heartbeat"), 503, "service.unavailable")
+    _error(client.post(f"{_base(plan)}/heartbeat"), 404, "federation.disabled")
 
 
 def test_a_replaced_attempt_and_an_aborted_study_are_told_to_stop(
