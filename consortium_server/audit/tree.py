@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from concord_protocol.audit.merkle import (
@@ -95,12 +95,19 @@ class StoredTree:
                 select(AuditLeaf.index, AuditLeaf.leaf_hash).where(AuditLeaf.index.in_(leaves))
             ):
                 found[(0, int(idx))] = bytes(digest)
-        upper = [node for node in wanted if node[0] > 0]
-        if upper:
+        by_level: dict[int, list[int]] = {}
+        for level, idx in wanted:
+            if level > 0:
+                by_level.setdefault(level, []).append(idx)
+        if by_level:
+            # One (level = L AND idx IN (...)) term per level: SQLite scans the whole table
+            # for a row-value IN, but searches the primary key for each OR term.
+            terms = [
+                and_(AuditNode.level == level, AuditNode.idx.in_(ids))
+                for level, ids in sorted(by_level.items())
+            ]
             for level, idx, digest in self.session.execute(
-                select(AuditNode.level, AuditNode.idx, AuditNode.hash).where(
-                    tuple_(AuditNode.level, AuditNode.idx).in_(upper)
-                )
+                select(AuditNode.level, AuditNode.idx, AuditNode.hash).where(or_(*terms))
             ):
                 found[(int(level), int(idx))] = bytes(digest)
         missing = wanted - found.keys()

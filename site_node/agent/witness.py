@@ -130,7 +130,11 @@ def _prepare(
         key_b64, first_use = _pinned(
             state / PINNED_KEY_FILE, server_head_key, offered, decode_public_key
         )
-        log_id, _ = _pinned(state / PINNED_LOG_FILE, audit_log_id, offered_log, _check_log_id)
+        log_path = state / PINNED_LOG_FILE
+        if pin or audit_log_id or log_path.is_file():
+            log_id, _ = _pinned(log_path, audit_log_id, offered_log, _check_log_id)
+        else:  # read-only, and a site from before log ids: check against what is offered
+            log_id = offered_log
     else:
         raise AgentError(
             "no trusted tree-head key yet",
