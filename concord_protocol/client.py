@@ -106,6 +106,8 @@ class ConsortiumClient:
                 self.request("GET", "/api/v1/audit/export", params={"start": start})
             )
             pages.append(page)
+            if page.next_start is not None and page.next_start <= start:
+                raise ValueError(f"the server's export pages do not advance past {start}")
             start = page.next_start
             if on_page is not None:
                 on_page(sum(len(p.entries) for p in pages), -1 if start is None else start)

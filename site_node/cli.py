@@ -305,7 +305,7 @@ def _verify_export_file(settings: SiteSettings, path: Path, quorum: int | None) 
     except FileNotFoundError:
         err.print(f"[red]error:[/] no such file: {path}")
         raise typer.Exit(2) from None
-    except (ValidationError, UnicodeDecodeError, OSError) as exc:
+    except (ValidationError, UnicodeDecodeError, OSError, OverflowError) as exc:
         err.print(f"[red]error:[/] {path} is not a Concord audit export: {exc}")
         raise typer.Exit(1) from None
     report = verify_export_as_site(

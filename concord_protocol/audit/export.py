@@ -89,23 +89,32 @@ class AuditExport(BaseModel):
 
 
 def join_pages(pages: Iterable[AuditExport]) -> AuditExport:
-    """One export from its pages, in order (``ValueError`` if they do not follow on)."""
+    """One export from its pages, in order. ``ValueError`` unless each page starts where the
+    one before said the next would, the last one says there is no next, and every page is
+    of the same log (server key, log id, version)."""
     joined: AuditExport | None = None
     for page in pages:
         if joined is None:
             joined = page.model_copy(deep=True)
             continue
-        if joined.next_start is None or (
-            page.entries and page.entries[0].index != joined.next_start
-        ):
+        same_log = (page.server_public_key, page.log_id, page.version) == (
+            joined.server_public_key,
+            joined.log_id,
+            joined.version,
+        )
+        follows = not page.entries or page.entries[0].index == joined.next_start
+        if joined.next_start is None or not follows:
             raise ValueError("the export pages do not follow on from each other")
+        if not same_log:
+            raise ValueError("the export pages are not of the same log")
         joined.entries.extend(page.entries)
         joined.heads.extend(page.heads)
         joined.cosignatures.extend(page.cosignatures)
         joined.next_start = page.next_start
     if joined is None:
         raise ValueError("no export pages")
-    joined.next_start = None
+    if joined.next_start is not None:
+        raise ValueError(f"the export is incomplete: the page from {joined.next_start} is missing")
     return joined
 
 

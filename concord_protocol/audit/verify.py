@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -147,6 +148,14 @@ def _load_key(value: str) -> Ed25519PublicKey | None:
         return None
 
 
+def _raw(value: str) -> bytes | str:
+    """A key's raw bytes, to compare keys however their base64 was written."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return value
+
+
 def _site_keys(keys: Mapping[str, str | Sequence[str]]) -> dict[str, list[Ed25519PublicKey]]:
     """Each site's valid keys (a site that rotated its key has several)."""
     loaded: dict[str, list[Ed25519PublicKey]] = {}
@@ -156,14 +165,15 @@ def _site_keys(keys: Mapping[str, str | Sequence[str]]) -> dict[str, list[Ed2551
     return loaded
 
 
-def _verifies(cosignature: Cosignature, keys: Sequence[Ed25519PublicKey]) -> bool:
+def _verifier(cosignature: Cosignature, keys: Sequence[Ed25519PublicKey]) -> bytes | None:
+    """The raw bytes of the key among ``keys`` that the cosignature verifies with."""
     for key in keys:
         try:
             verify_cosignature(cosignature, key)
         except AuditVerificationError:
             continue
-        return True
-    return False
+        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return None
 
 
 def verify_export(
@@ -189,6 +199,12 @@ def verify_export(
     entries, and the root of that prefix (of the whole log without a size) must be that.
     ``now`` (default: the clock) bounds cosignature times.
     """
+    if quorum is not None and quorum < 1:
+        raise ValueError("a quorum must be at least 1")
+    if quorum is not None and trusted_site_keys is None:
+        raise ValueError("a quorum means nothing without site keys the caller trusts")
+    if expected_size is not None and expected_size < 0:
+        raise ValueError("an expected tree size cannot be negative")
     problems: list[Problem] = []
     report = VerificationReport(
         entries=len(export.entries),
@@ -202,7 +218,9 @@ def verify_export(
     moment = now if now is not None else utcnow()
 
     # -- keys ------------------------------------------------------------------------
-    if trusted_server_key is not None and trusted_server_key != export.server_public_key:
+    if trusted_server_key is not None and _raw(trusted_server_key) != _raw(
+        export.server_public_key
+    ):
         problems.append(
             Problem(
                 kind=ProblemKind.SERVER_KEY_UNTRUSTED,
@@ -348,7 +366,9 @@ def verify_export(
     # -- cosignatures ----------------------------------------------------------------
     signed_heads = {(h.tree_size, h.root_hash): h for h in export.heads}
     head_times = {(h.tree_size, h.root_hash, h.key_id, h.timestamp) for h in export.heads}
-    witnesses: dict[tuple[int, str], set[str]] = defaultdict(set)
+    # Witnesses of each head, by the key that verified (one key under two site ids is one
+    # witness).
+    witnesses: dict[tuple[int, str], set[bytes]] = defaultdict(set)
     for cosig in export.cosignatures:
 
         def problem(kind: ProblemKind, message: str, cosig: Cosignature = cosig) -> None:
@@ -360,12 +380,13 @@ def verify_export(
 
         keys = site_keys.get(cosig.site_id, [])
         valid = True
+        signer = _verifier(cosig, keys) if keys else None
         if not keys:
             valid = False
             problem(
                 ProblemKind.COSIGNATURE_UNKNOWN_SITE, "No valid signing key is known for this site."
             )
-        elif not _verifies(cosig, keys):
+        elif signer is None:
             valid = False
             problem(ProblemKind.COSIGNATURE_INVALID, "The site's cosignature does not verify.")
         if cosig.tree_size > len(leaves):
@@ -415,8 +436,8 @@ def verify_export(
             )
         if valid and cosig.version == 1:
             report.legacy_cosignatures += 1
-        elif valid:
-            witnesses[(cosig.tree_size, cosig.root_hash)].add(cosig.site_id)
+        elif valid and signer is not None:
+            witnesses[(cosig.tree_size, cosig.root_hash)].add(signer)
 
     # -- quorum and what the caller expects ---------------------------------------------
     latest_valid = max(valid_heads, default=None)
@@ -428,7 +449,7 @@ def verify_export(
         ]
         report.witnessed_size = max(witnessed) if witnessed else None
         report.unwitnessed_entries = len(leaves) - (report.witnessed_size or 0)
-        if report.quorum_enforced and leaves:
+        if report.quorum_enforced:
             cosigners = len(witnesses.get(latest_valid, set())) if latest_valid else 0
             if latest_valid is None or cosigners < report.witness_quorum:
                 problems.append(

@@ -23,7 +23,7 @@ def load_export_file(path: Path) -> AuditExport:
         return load_export(Path(path))
     except FileNotFoundError as exc:
         raise InvalidRequestError(f"No such file: {path}", code="audit.export_invalid") from exc
-    except (ValidationError, UnicodeDecodeError, OSError) as exc:
+    except (ValidationError, UnicodeDecodeError, OSError, OverflowError) as exc:
         raise InvalidRequestError(
             f"{path} is not a Concord audit export: {exc}", code="audit.export_invalid"
         ) from exc

@@ -271,9 +271,11 @@ def audit_verify(
                 fail(f"the server's export is not a Concord audit export: {exc}")
     except DomainError as exc:
         fail(exc.public_message())
+    if trusted_sites is None:  # --trust-export-keys: the export's own, said to be so
+        trusted_sites = {s.site_id: [s.signing_public_key] for s in export.sites}
     report = verify_export(
         export,
-        trusted_server_key=server_key,
+        trusted_server_key=server_key or export.server_public_key,
         trusted_site_keys=trusted_sites,
         quorum=quorum,
         log_id=log_id,
@@ -288,7 +290,7 @@ def audit_verify(
                 "entries": report.entries,
                 "witnessed_size": report.witnessed_size,
                 "unwitnessed_entries": report.unwitnessed_entries,
-                "keys_from_export": report.keys_from_export,
+                "keys_from_export": bool(missing),
                 "problems": [{"kind": p.kind.value, "message": p.message} for p in report.problems],
             }
         )

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from concord_protocol.audit.entries import AuditEntry
 from consortium_server.main import create_app
 from consortium_server.settings import ServerSettings
-from tests.support.world import People, signed_approval, study_contract
+from tests.support.world import People, build_consortium, signed_approval, study_contract
 
 
 def _entries(app: FastAPI) -> list[AuditEntry]:
@@ -205,12 +205,13 @@ def test_stewards_and_nodes_read_only_their_studies_and_consortium_wide_entries(
         json=study_contract(["bc-a", "bc-b", "bc-c"]),
         headers=consortium.researcher,
     ).json()
+    build_consortium(client, consortium, sites=("d",))  # a fourth hospital
     without_a = client.post(
         "/api/v1/studies",
-        json=study_contract(["bc-b", "bc-c"], federation={"min_sites": 2, "round_timeout_s": 120}),
+        json=study_contract(["bc-b", "bc-c", "bc-d"]),
         headers=consortium.researcher,
     ).json()
-    assert "id" in without_a, without_a
+    assert without_a["state"] == "awaiting_approvals", without_a
     client.get("/api/v1/studies", headers={"Authorization": "Bearer not-a-token"})
     client.get("/api/v1/audit/heads/latest", headers=consortium.compliance)
     entries = _entries(app)
@@ -238,6 +239,27 @@ def test_stewards_and_nodes_read_only_their_studies_and_consortium_wide_entries(
         assert status(headers, refused) == hidden  # other callers' addresses
         assert status(headers, len(entries) + 50) == hidden
     assert status(consortium.steward("b"), other)[0] == 200
+    assert status(consortium.steward("d"), own) == hidden
     for headers in (consortium.compliance, consortium.admin):
         assert status(headers, other)[0] == 200
         assert status(headers, refused)[0] == 200
+
+    # Consortium-wide entries that name a study hospital-a is not part of stay hidden from
+    # it: a revocation lists the studies it aborted; a report view names the officer's
+    # filters.
+    revoked = client.post(
+        "/api/v1/sites/hospital-b/revoke", json={"reason": "left"}, headers=consortium.admin
+    )
+    assert revoked.status_code == 200, revoked.text
+    viewed = client.get(
+        "/reports/compliance", params={"study": without_a["id"]}, headers=consortium.compliance
+    )
+    assert viewed.status_code == 200, viewed.text
+    entries = _entries(app)
+    revocation = index_of("site.revoked")
+    assert without_a["id"] in entries[revocation].details["aborted_studies"]
+    report_view = index_of("report.viewed")
+    assert status(consortium.steward("a"), revocation) == hidden
+    assert status(consortium.steward("a"), report_view) == hidden
+    assert status(consortium.steward("c"), revocation)[0] == 200  # part of both studies
+    assert status(consortium.compliance, report_view)[0] == 200

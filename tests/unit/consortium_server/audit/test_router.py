@@ -287,3 +287,27 @@ def test_the_export_comes_in_pages_that_join_into_the_whole_log(
     assert (too_many.status_code, too_many.json()["error"]["code"]) == (422, "request.invalid")
     beyond = client.get("/api/v1/audit/export?start=500", headers=_auth("officer")).json()
     assert (beyond["entries"], beyond["next_start"]) == ([], None)
+
+
+def test_join_pages_refuses_a_missing_last_page_and_pages_of_another_log(
+    session: Session,
+    signer: TreeHeadSigner,
+    make_site: Callable[[str], SiteWitness],
+    audit_log: AuditLog,
+) -> None:
+    from concord_protocol.audit.export import join_pages
+    from consortium_server.audit.export import build_export
+
+    from .conftest import build_witnessed_log
+
+    build_witnessed_log(session, audit_log, signer, [make_site("site-a")], (5, 15))
+    key = signer.public_key_b64
+    first, second = (
+        build_export(session, server_public_key=key, start=s, limit=10) for s in (0, 10)
+    )
+    assert join_pages([first, second]).next_start is None
+    with pytest.raises(ValueError, match="incomplete"):
+        join_pages([first])
+    other = second.model_copy(update={"log_id": "another.log"})
+    with pytest.raises(ValueError, match="same log"):
+        join_pages([first, other])

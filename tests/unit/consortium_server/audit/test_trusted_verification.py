@@ -167,9 +167,11 @@ def test_a_rewritten_export_with_replaced_site_keys_fails_given_the_real_keys(
     attacker = {s.site_id: Ed25519PrivateKey.generate() for s in world.sites}
     forged = _rewrite_and_resign(world, attacker)
     # Against its own keys the forgery is perfect: that is why the export's keys are not used.
-    self_checked = verify_export(forged, trusted_server_key=world.signer.public_key_b64, quorum=2)
+    own_keys = {s.site_id: s.signing_public_key for s in forged.sites}
+    self_checked = verify_export(
+        forged, trusted_server_key=world.signer.public_key_b64, trusted_site_keys=own_keys, quorum=2
+    )
     assert self_checked.ok
-    assert self_checked.keys_from_export
     report = verify_export(
         forged,
         trusted_server_key=world.signer.public_key_b64,
@@ -383,3 +385,32 @@ def test_record_cosignature_refuses_version_1(
     with pytest.raises(DomainError) as info:
         record_cosignature(session, v1, site_public_key=site.public_key_b64)
     assert info.value.code == "audit.cosignature_invalid"
+
+
+def test_one_key_under_two_site_ids_is_one_witness(world: World) -> None:
+    site_a = world.sites[0]
+    cosigs = [c for c in world.export.cosignatures if c.site_id == site_a.site_id]
+    twin = []  # site-a's key signing again under another site id
+    for cosig in cosigs:
+        renamed = cosig.model_copy(update={"site_id": "site-twin"})
+        signature = base64.b64encode(site_a.key.sign(renamed.message())).decode("ascii")
+        twin.append(renamed.model_copy(update={"signature": signature}))
+    doubled = world.export.model_copy(update={"cosignatures": cosigs + twin})
+    keys = {site_a.site_id: site_a.public_key_b64, "site-twin": site_a.public_key_b64}
+    report = verify_export(
+        doubled, trusted_server_key=world.signer.public_key_b64, trusted_site_keys=keys, quorum=2
+    )
+    assert report.kinds() == {ProblemKind.QUORUM_NOT_MET}
+
+
+def test_an_emptied_export_fails_a_quorum_and_misuse_is_refused(world: World) -> None:
+    empty = world.export.model_copy(update={"entries": [], "heads": [], "cosignatures": []})
+    trusted = {"trusted_server_key": world.signer.public_key_b64, "trusted_site_keys": world.keys}
+    report = verify_export(empty, quorum=1, **trusted)  # type: ignore[arg-type]
+    assert report.kinds() == {ProblemKind.QUORUM_NOT_MET}
+    with pytest.raises(ValueError, match="at least 1"):
+        verify_export(world.export, quorum=0, **trusted)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="site keys"):
+        verify_export(world.export, trusted_server_key=world.signer.public_key_b64, quorum=2)
+    with pytest.raises(ValueError, match="negative"):
+        verify_export(world.export, expected_size=-1, **trusted)  # type: ignore[arg-type]
