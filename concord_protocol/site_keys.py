@@ -45,6 +45,7 @@ __all__ = [
     "follow_rotations",
     "format_fingerprint",
     "parse_fingerprint",
+    "rotation_path",
     "sign_rotation",
     "site_key_fingerprint",
     "verify_ed25519",
@@ -224,11 +225,18 @@ def follow_rotations(pinned: PinnedKeys, rotations: Sequence[KeyRotation]) -> Pi
     are skipped; from the pinned key on, every rotation must chain. Raises
     :class:`SignatureError` when the chain is broken or a signature fails.
     """
-    current = pinned
+    return rotation_path(pinned, rotations)[-1]
+
+
+def rotation_path(pinned: PinnedKeys, rotations: Sequence[KeyRotation]) -> list[PinnedKeys]:
+    """Every key on the chain from ``pinned`` (first) to the keys it leads to (last), each
+    checked as :func:`follow_rotations` does: the keys a peer's older signatures (audit
+    cosignatures made before a rotation) verify with."""
+    path = [pinned]
     started = False
     for rotation in rotations:
-        if not started and rotation.previous_fingerprint != current.fingerprint:
+        if not started and rotation.previous_fingerprint != path[-1].fingerprint:
             continue
         started = True
-        current = rotation.verify(current)
-    return current
+        path.append(rotation.verify(path[-1]))
+    return path

@@ -17,19 +17,32 @@ from concord_protocol.audit.export import AuditExport
 from concord_protocol.audit.verify import VerificationReport, verify_export
 from site_node.agent.sync import AgentError
 from site_node.agent.witness import PINNED_KEY_FILE, PINNED_LOG_FILE, witnessed_head
+from site_node.crypto.errors import CryptoError
 from site_node.crypto.sealing import SiteKeyPair
 from site_node.peers import PeerStore
 
 __all__ = ["trusted_site_keys", "verify_export_as_site"]
 
 
-def trusted_site_keys(state_dir: Path, site_id: str, keys: SiteKeyPair) -> dict[str, str]:
-    """This site's own signing key and each pinned peer's, by site id."""
+def trusted_site_keys(
+    state_dir: Path, site_id: str, keys: SiteKeyPair, keys_dir: Path | None = None
+) -> dict[str, list[str]]:
+    """This site's own signing keys and each pinned peer's, by site id, current key first:
+    also the keys used before a rotation (a peer's, recorded when the agent followed it or
+    IT re-pinned; this site's own, from ``<keys>/previous-*/``), which its older audit
+    cosignatures verify with."""
     trusted = {
-        peer_id: peer.keys.signing_public_key
+        peer_id: [peer.keys.signing_public_key, *peer.previous_signing_keys]
         for peer_id, peer in PeerStore(state_dir).all().items()
     }
-    trusted[site_id] = keys.signing_public_b64
+    own = [keys.signing_public_b64]
+    if keys_dir is not None:
+        for previous in sorted(Path(keys_dir).glob("previous-*")):
+            try:
+                own.append(SiteKeyPair.load(previous).signing_public_b64)
+            except CryptoError:
+                continue  # a damaged old key cannot vouch for anything
+    trusted[site_id] = list(dict.fromkeys(own))
     return trusted
 
 
@@ -46,6 +59,7 @@ def verify_export_as_site(
     state_dir: Path,
     site_id: str,
     keys: SiteKeyPair,
+    keys_dir: Path | None = None,
     server_head_key: str | None,
     audit_log_id: str | None,
     quorum: int | None,
@@ -66,7 +80,7 @@ def verify_export_as_site(
     return verify_export(
         export,
         trusted_server_key=server_key,
-        trusted_site_keys=trusted_site_keys(state_dir, site_id, keys),
+        trusted_site_keys=trusted_site_keys(state_dir, site_id, keys, keys_dir),
         quorum=quorum,
         log_id=_pinned(state_dir, audit_log_id, PINNED_LOG_FILE),
         expected_size=witnessed.tree_size if witnessed else None,

@@ -313,6 +313,7 @@ def _verify_export_file(settings: SiteSettings, path: Path, quorum: int | None) 
         state_dir=settings.state_dir,
         site_id=settings.site_id,
         keys=SiteKeyPair.load(settings.keys_dir()),
+        keys_dir=settings.keys_dir(),
         server_head_key=settings.server_head_key,
         audit_log_id=settings.audit_log_id,
         quorum=quorum,

@@ -192,10 +192,10 @@ def peers_export_keys(
         typer.Argument(help="File to write (JSON); without it, print to standard output."),
     ] = None,
 ) -> None:
-    """Write the signing keys this site trusts (its own and every pinned peer's) as the
-    site-keys file of `consortium audit verify --site-keys`: give it to the compliance
-    officer, who then checks cosignatures with keys the hospitals confirmed, not the
-    server's."""
+    """Write the signing keys this site trusts (its own and every pinned peer's, with the
+    keys each used before a rotation) as the site-keys file of `consortium audit verify
+    --site-keys`: give it to the compliance officer, who then checks cosignatures with keys
+    the hospitals confirmed, not the server's."""
     import json
 
     from concord_protocol.audit.trusted_keys import write_site_keys
@@ -209,7 +209,7 @@ def peers_export_keys(
         keys = SiteKeyPair.load(settings.keys_dir())
     except CryptoError as exc:
         _fail(str(exc), status=2, hint="Run `site-node keys init` first.")
-    trusted = trusted_site_keys(settings.state_dir, settings.site_id, keys)
+    trusted = trusted_site_keys(settings.state_dir, settings.site_id, keys, settings.keys_dir())
     if out is None:
         typer.echo(json.dumps(dict(sorted(trusted.items())), indent=1))
         return

@@ -12,7 +12,8 @@ each pass (:meth:`PeerStore.follow`); anything else is refused and reported.
 Layout: ``<state_dir>/peers.json``::
 
     {"version": 1, "peers": {"<site-id>": {"signing_public_key", "exchange_public_key",
-     "fingerprint", "pinned_at", "via", "history": [<earlier fingerprints>]}}}
+     "fingerprint", "pinned_at", "via", "history": [<earlier fingerprints>],
+     "previous_signing_keys": [<earlier signing keys, for older audit cosignatures>]}}}
 
 The file is written atomically with mode 0600; a damaged file is an error, never an empty
 set of pins (which would only fail closed, but hide the damage).
@@ -33,9 +34,9 @@ from concord_protocol.site_keys import (
     KeyRotation,
     PinnedKeys,
     SignatureError,
-    follow_rotations,
     format_fingerprint,
     parse_fingerprint,
+    rotation_path,
     site_key_fingerprint,
 )
 from site_node.crypto.sealing import SiteKeyPair
@@ -69,6 +70,9 @@ class Peer:
     pinned_at: str
     via: str  # "pin" (confirmed out of band) or "rotation" (followed from a pin)
     history: tuple[str, ...] = ()
+    #: Signing keys this peer used before (each once pinned or reached by a checked
+    #: rotation): its older audit cosignatures verify with them.
+    previous_signing_keys: tuple[str, ...] = ()
 
     @property
     def site_id(self) -> str:
@@ -133,7 +137,13 @@ class PeerStore:
                     f"{self.path}: the pin of {site_id} does not match its keys (file altered?)",
                     code="peers.corrupt",
                 )
-            return Peer(keys, str(row["pinned_at"]), str(row["via"]), tuple(row.get("history", ())))
+            return Peer(
+                keys,
+                str(row["pinned_at"]),
+                str(row["via"]),
+                tuple(row.get("history", ())),
+                tuple(str(k) for k in row.get("previous_signing_keys", ())),
+            )
         except (KeyError, SignatureError):
             raise PeerError(
                 f"{self.path}: the pin of {site_id} is damaged", code="peers.corrupt"
@@ -154,8 +164,16 @@ class PeerStore:
         body = {"version": 1, "peers": dict(sorted(peers.items()))}
         write_private_file(self.path, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
 
-    def _store(self, keys: PinnedKeys, *, via: str, history: Sequence[str]) -> Peer:
+    def _store(
+        self,
+        keys: PinnedKeys,
+        *,
+        via: str,
+        history: Sequence[str],
+        previous_signing_keys: Sequence[str] = (),
+    ) -> Peer:
         peers = self._read()
+        earlier = [k for k in dict.fromkeys(previous_signing_keys) if k != keys.signing_public_key]
         peers[keys.site_id] = {
             "signing_public_key": keys.signing_public_key,
             "exchange_public_key": keys.exchange_public_key,
@@ -163,6 +181,7 @@ class PeerStore:
             "pinned_at": format_utc(utcnow()),
             "via": via,
             "history": list(history),
+            "previous_signing_keys": earlier,
         }
         self._write(peers)
         return self._peer(keys.site_id, peers[keys.site_id])
@@ -204,7 +223,12 @@ class PeerStore:
         if current is not None and current.fingerprint == actual:
             return current
         history = [*current.history, current.fingerprint] if current is not None else []
-        return self._store(keys, via="pin", history=history)
+        earlier = (
+            [*current.previous_signing_keys, current.keys.signing_public_key]
+            if current is not None
+            else []
+        )
+        return self._store(keys, via="pin", history=history, previous_signing_keys=earlier)
 
     def unpin(self, site_id: str) -> bool:
         """Forget a peer; True if it was pinned."""
@@ -241,7 +265,8 @@ class PeerStore:
             try:
                 body = api.request("GET", f"/api/v1/sites/{site_id}/keys/history")
                 rotations = [KeyRotation.model_validate(r["rotation"]) for r in body]
-                new = follow_rotations(peer.keys, rotations)
+                path = rotation_path(peer.keys, rotations)
+                new = path[-1]
             except ApiError:
                 raise
             except (SignatureError, KeyError, TypeError, ValueError):
@@ -250,7 +275,15 @@ class PeerStore:
             if new.fingerprint != fingerprint:
                 result.refused[site_id] = "peers.key_mismatch"
                 continue
-            self._store(new, via="rotation", history=[*peer.history, peer.fingerprint])
+            self._store(
+                new,
+                via="rotation",
+                history=[*peer.history, peer.fingerprint],
+                previous_signing_keys=[
+                    *peer.previous_signing_keys,
+                    *(k.signing_public_key for k in path[:-1]),
+                ],
+            )
             result.rotated[site_id] = fingerprint
         return result
 

@@ -184,12 +184,12 @@ def test_peers_export_keys_writes_the_pinned_keys_not_the_directory(
     assert code == 0, out
     keys = json.loads(out)
     assert keys == {
-        "hospital-a": world.sites["a"].keys.signing_public_b64,
-        "hospital-b": world.sites["b"].keys.signing_public_b64,
+        "hospital-a": [world.sites["a"].keys.signing_public_b64],
+        "hospital-b": [world.sites["b"].keys.signing_public_b64],
     }
     code, out = as_site("a", "peers", "export-keys", str(tmp_path / "keys.json"))
     assert code == 0, out
-    assert load_site_keys(tmp_path / "keys.json") == {k: [v] for k, v in keys.items()}
+    assert load_site_keys(tmp_path / "keys.json") == keys
 
 
 def test_audit_verify_file_checks_an_export_with_the_sites_own_trust(
@@ -235,3 +235,52 @@ def test_audit_verify_file_checks_an_export_with_the_sites_own_trust(
     code, out = as_site("a", "audit", "verify", "--file", str(tmp_path / "missing.json"))
     assert code == 2
     assert "no such file" in out
+
+
+def test_cosignatures_made_before_a_key_rotation_still_verify_with_the_sites_trust(
+    world: World,
+    as_site,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    from site_node.agent.witness import cosign_latest
+    from site_node.crypto.sealing import SiteKeyPair
+
+    world.submit_study()
+    _cosign_everywhere(world)  # hospital-a cosigns with the key it is about to replace
+    old_key = world.sites["a"].keys.signing_public_b64
+    code, out = as_site("a", "keys", "rotate")
+    assert code == 0, out
+    new_key = SiteKeyPair.load(world.sites["a"].state_dir / "keys").signing_public_b64
+    world.sites["b"].agent.run_pass()  # follows the signed rotation
+    pin = PeerStore(world.sites["b"].state_dir).get("hospital-a")
+    assert pin is not None
+    assert (pin.keys.signing_public_key, pin.previous_signing_keys) == (new_key, (old_key,))
+    grown = world.client.post(  # the log grows: a new head for b and c to cosign
+        "/api/v1/studies",
+        json=study_contract(["bc-a", "bc-b", "bc-c"]),
+        headers=world.people.researcher,
+    )
+    assert grown.status_code == 201, grown.text
+    for letter in ("b", "c"):
+        site = world.sites[letter]
+        cosign_latest(
+            site.api,
+            site_id=site.site_id,
+            signing_key=site.keys.signing_key,
+            state_dir=site.state_dir,
+        )
+    export = tmp_path / "export.json"
+    _export(world, export)
+    for letter in ("a", "b"):  # a from its own previous-* keys, b from what it followed
+        code, out = as_site(letter, "audit", "verify", "--file", str(export), "--quorum", "2")
+        assert code == 0, (letter, out)
+    code, out = as_site("b", "peers", "export-keys")
+    assert json.loads(out)["hospital-a"] == [new_key, old_key]
+    # Without the earlier key the honest log would fail: the older cosignature is a's.
+    peers_file = world.sites["b"].state_dir / "peers.json"
+    body = json.loads(peers_file.read_text())
+    body["peers"]["hospital-a"]["previous_signing_keys"] = []
+    peers_file.write_text(json.dumps(body))
+    code, out = as_site("b", "audit", "verify", "--file", str(export))
+    assert code == 1, out
+    assert "cosignature_invalid" in out
