@@ -106,7 +106,9 @@ class ConsortiumClient:
                 self.request("GET", "/api/v1/audit/export", params={"start": start})
             )
             pages.append(page)
-            if page.next_start is not None and page.next_start <= start:
+            # Pages must advance and hold entries (a damaged log with holes still exports,
+            # for the verifier to report; a server that never ends does not).
+            if page.next_start is not None and (page.next_start <= start or not page.entries):
                 raise ValueError(f"the server's export pages do not advance past {start}")
             start = page.next_start
             if on_page is not None:

@@ -422,7 +422,13 @@ def verify_export(
                     ProblemKind.COSIGNATURE_UNKNOWN_HEAD,
                     "The cosigned head (size, root, key, time) is not among the signed heads.",
                 )
-            if not (cosig.head_timestamp - CLOCK_SKEW <= cosig.timestamp <= moment + CLOCK_SKEW):
+            try:
+                in_time = (
+                    cosig.head_timestamp - CLOCK_SKEW <= cosig.timestamp <= moment + CLOCK_SKEW
+                )
+            except OverflowError:  # a time at the edge of the calendar is no real time
+                in_time = False
+            if not in_time:
                 valid = False
                 problem(
                     ProblemKind.COSIGNATURE_TIME_INVALID,

@@ -311,3 +311,26 @@ def test_join_pages_refuses_a_missing_last_page_and_pages_of_another_log(
     other = second.model_copy(update={"log_id": "another.log"})
     with pytest.raises(ValueError, match="same log"):
         join_pages([first, other])
+
+
+def test_the_client_refuses_export_pages_that_never_end() -> None:
+    import httpx
+
+    from concord_protocol.client import ConsortiumClient
+
+    served: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        served.append(int(request.url.params["start"]))
+        page = AuditExport(server_public_key="k", entries=[], heads=[], cosignatures=[])
+        return httpx.Response(
+            200, content=page.model_copy(update={"next_start": 0}).model_dump_json()
+        )
+
+    transport = httpx.MockTransport(handler)
+    with (
+        ConsortiumClient("http://t", "x", transport=transport) as client,
+        pytest.raises(ValueError, match="do not advance"),
+    ):
+        client.audit_export()
+    assert served == [0]
