@@ -407,7 +407,7 @@ def _witness(
             head = researcher.request("GET", "/api/v1/audit/heads/latest")
             return bool(head["witnessed"]) and head["tree_size"] >= target
 
-        _wait("a quorum of site cosignatures", witnessed, timeout=60)
+        _wait("a quorum of site cosignatures", witnessed, timeout=180)
         head = researcher.request("GET", "/api/v1/audit/heads/latest")
     result.witnessed = True
     sites = ", ".join(c["site_id"] for c in head["cosignatures"])
@@ -432,7 +432,9 @@ def _release(
             status = researcher.request("GET", url)
             return not status["pending_sites"] and status["model_sha256"] is not None
 
-        _wait("every site agent to sign off the final model", signed_off, timeout=120)
+        # Generous: each agent decrypts the aggregate and cosigns a head on its own pass; a
+        # loaded machine (CI with other work) took over 120 s once.
+        _wait("every site agent to sign off the final model", signed_off, timeout=300)
         status = researcher.request("GET", url)
         for signoff in status["signoffs"]:
             console.print(
