@@ -30,11 +30,12 @@ from sqlalchemy import Engine, insert, text
 from sqlalchemy.orm import Session
 
 from concord_protocol.audit.entries import Actor, AuditEntry, AuditObject, Outcome
-from concord_protocol.audit.merkle import MerkleAccumulator, leaf_hash, node_hash, root_hash
+from concord_protocol.audit.merkle import MerkleAccumulator, leaf_hash, root_hash
 from consortium_server.audit.export import build_export
 from consortium_server.audit.log import AuditLog, load_leaf_hashes
 from consortium_server.audit.models import AuditLeaf, AuditNode, AuditTreeHead
 from consortium_server.audit.signer import TreeHeadSigner
+from consortium_server.audit.tree import SubtreeBuilder
 from consortium_server.db.migrate import upgrade_to_head
 from consortium_server.db.session import make_engine
 
@@ -59,7 +60,7 @@ def fill(engine: Engine, size: int, signer: TreeHeadSigner, progress: Progress) 
     """``size`` entries, their subtrees and a head of all of them, inserted in bulk."""
     task = progress.add_task(f"filling {size:,} entries", total=size)
     accumulator = MerkleAccumulator()
-    stack: list[tuple[int, bytes]] = []
+    builder = SubtreeBuilder()
     with engine.begin() as conn:
         leaves: list[dict[str, object]] = []
         nodes: list[dict[str, object]] = []
@@ -79,11 +80,7 @@ def fill(engine: Engine, size: int, signer: TreeHeadSigner, progress: Progress) 
                     "created_at": entry.at,
                 }
             )
-            level, node, idx = 0, digest, n
-            while stack and stack[-1][0] == level:
-                node, level, idx = node_hash(stack.pop()[1], node), level + 1, idx >> 1
-                nodes.append({"level": level, "idx": idx, "hash": node})
-            stack.append((level, node))
+            nodes.extend({"level": lv, "idx": i, "hash": h} for lv, i, h in builder.add(digest))
             if len(leaves) >= _BATCH:
                 conn.execute(insert(AuditLeaf), leaves)
                 if nodes:

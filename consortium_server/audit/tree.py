@@ -35,7 +35,13 @@ from concord_protocol.audit.merkle import (
 from consortium_server.audit.models import AuditLeaf, AuditNode
 from consortium_server.errors import DomainError
 
-__all__ = ["StoredTree", "checked_frontier", "completed_subtrees", "frontier_nodes"]
+__all__ = [
+    "StoredTree",
+    "SubtreeBuilder",
+    "checked_frontier",
+    "completed_subtrees",
+    "frontier_nodes",
+]
 
 Node = tuple[int, int]
 
@@ -55,6 +61,27 @@ def frontier_nodes(size: int) -> list[Node]:
     """The perfect subtrees of the tree of ``size`` leaves, left to right (its compact
     range from the left edge; empty for the empty tree)."""
     return perfect_subtrees(0, size) if size else []
+
+
+class SubtreeBuilder:
+    """Builds the stored tree in bulk from leaf hashes in index order: :meth:`add` returns
+    the ``(level, idx, hash)`` of every subtree the leaf completes (the rows ``audit_nodes``
+    holds), keeping only the open subtrees. Migration 0011 keeps its own frozen copy."""
+
+    def __init__(self) -> None:
+        self._open: list[tuple[int, bytes]] = []  # (level, hash), left to right
+        self._size = 0
+
+    def add(self, leaf: bytes) -> list[tuple[int, int, bytes]]:
+        """Append the next leaf hash; the subtrees it completes, bottom up."""
+        completed: list[tuple[int, int, bytes]] = []
+        level, digest, idx = 0, leaf, self._size
+        while self._open and self._open[-1][0] == level:
+            digest, level, idx = node_hash(self._open.pop()[1], digest), level + 1, idx >> 1
+            completed.append((level, idx, digest))
+        self._open.append((level, digest))
+        self._size += 1
+        return completed
 
 
 def _corrupt(message: str) -> DomainError:
@@ -130,20 +157,22 @@ class StoredTree:
 
     def inclusion(self, index: int, size: int) -> tuple[list[bytes], bytes]:
         """(audit path of leaf ``index`` in the tree of ``size``, that tree's root)."""
-        return self._proof(lambda subtree: inclusion_path(subtree, size, index), size)
+        path, (root,) = self._proof(lambda subtree: inclusion_path(subtree, size, index), size)
+        return path, root
 
     def consistency(self, first: int, second: int) -> tuple[list[bytes], bytes, bytes]:
         """(consistency proof from ``first`` to ``second`` leaves, both roots)."""
-        path, second_root = self._proof(
-            lambda subtree: consistency_path(subtree, second, first), second
+        path, (second_root, first_root) = self._proof(
+            lambda subtree: consistency_path(subtree, second, first), second, first
         )
-        return path, self.root(first), second_root
+        return path, first_root, second_root
 
     def _proof(
-        self, algorithm: Callable[[SubtreeHash], list[bytes]], size: int
-    ) -> tuple[list[bytes], bytes]:
+        self, algorithm: Callable[[SubtreeHash], list[bytes]], *sizes: int
+    ) -> tuple[list[bytes], list[bytes]]:
         """Run a proof algorithm twice: once to learn which ranges it reads (they depend
-        only on the sizes), then on their hashes, fetched in one go."""
+        only on the sizes), then on their hashes, fetched in one go with the roots of
+        ``sizes``."""
         asked: list[tuple[int, int]] = []
 
         def record(start: int, end: int) -> bytes:
@@ -151,10 +180,9 @@ class StoredTree:
             return b""
 
         algorithm(record)
-        if size == 0:
-            return algorithm(record), EMPTY_ROOT
-        hashes = self._hashes_for([*asked, (0, size)])
-        return algorithm(lambda start, end: hashes[(start, end)]), hashes[(0, size)]
+        hashes = self._hashes_for([*asked, *((0, n) for n in sizes if n)])
+        roots = [hashes[(0, n)] if n else EMPTY_ROOT for n in sizes]
+        return algorithm(lambda start, end: hashes[(start, end)]), roots
 
 
 def checked_frontier(session: Session, size: int, signed_root: bytes) -> list[bytes]:

@@ -121,21 +121,18 @@ def rebuild_nodes(engine: Engine) -> None:
     """Recompute ``audit_nodes`` from the leaves as they now are (in index order, holes
     closed up): what an attacker who rewrote leaves does next so that the stored tree
     agrees with them. Needs the append-only triggers disabled."""
-    from concord_protocol.audit.merkle import node_hash
+    from consortium_server.audit.tree import SubtreeBuilder
 
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM audit_nodes"))
         leaves = conn.execute(text('SELECT leaf_hash FROM audit_leaves ORDER BY "index"'))
-        stack: list[tuple[int, bytes]] = []
-        for position, (leaf,) in enumerate(leaves.all()):
-            level, digest, idx = 0, bytes(leaf), position
-            while stack and stack[-1][0] == level:
-                digest, level, idx = node_hash(stack.pop()[1], digest), level + 1, idx >> 1
+        builder = SubtreeBuilder()
+        for (leaf,) in leaves.all():
+            for level, idx, digest in builder.add(bytes(leaf)):
                 conn.execute(
                     text("INSERT INTO audit_nodes (level, idx, hash) VALUES (:l, :i, :h)"),
                     {"l": level, "i": idx, "h": digest},
                 )
-            stack.append((level, digest))
 
 
 @contextmanager
