@@ -120,3 +120,32 @@ def test_a_roster_is_checked_member_by_member(tmp_path: Path) -> None:
         p.code for p in check_roster(outside, site_id="hospital-a", own=own, peers=store.all())
     ]
     assert codes == ["roster.not_member"]
+
+
+def test_only_keys_on_the_checked_rotation_path_are_kept_for_older_cosignatures(
+    tmp_path: Path,
+) -> None:
+    """The server's key history may hold anything before the pin: a forged "earlier
+    rotation" naming an attacker's key must not become a key this site trusts for old
+    audit cosignatures. Only the pinned key and those reached by checked rotations are."""
+    store = PeerStore(tmp_path)
+    attacker, pinned, new = (SiteKeyPair.generate() for _ in range(3))
+
+    def rotation(old: SiteKeyPair, to: SiteKeyPair) -> Any:
+        return sign_rotation(
+            site_id="hospital-b",
+            previous=own_keys("hospital-b", old),
+            previous_signing_key=old.signing_key,
+            new_signing_key=to.signing_key,
+            new_exchange_public_key=to.exchange_public_b64,
+            rotated_at=format_utc(utcnow()),
+        )
+
+    store.pin("hospital-b", own_keys("hospital-b", pinned).fingerprint, _entry(pinned))
+    forged_history = [rotation(attacker, pinned), rotation(pinned, new)]
+    result = store.follow([{"id": "hospital-b", **_entry(new)}], _History(forged_history))  # type: ignore[arg-type]
+    assert result.rotated == {"hospital-b": own_keys("hospital-b", new).fingerprint}
+    peer = store.get("hospital-b")
+    assert peer is not None
+    assert peer.previous_signing_keys == (pinned.signing_public_b64,)
+    assert attacker.signing_public_b64 not in peer.previous_signing_keys
