@@ -10,6 +10,8 @@ Errors come back as :class:`ApiError` with the server's stable code and message.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
@@ -24,9 +26,33 @@ __all__ = ["ApiError", "ConsortiumClient", "TokenProvider"]
 
 TokenProvider = Callable[[], str]
 
+#: The longest wait between two tries of a request the server could not serve.
+_MAX_RETRY_DELAY_S = 8.0
+
+
+def _retry_delay(response: httpx.Response) -> float | None:
+    """Seconds to wait before resending, or None when the answer is not worth resending."""
+    if response.status_code != 503 or "Retry-After" not in response.headers:
+        return None
+    try:
+        body = response.json()
+        if body["error"]["code"] != "service.unavailable":
+            return None
+    except (ValueError, KeyError, TypeError):
+        return None
+    try:
+        seconds = float(response.headers["Retry-After"])
+    except ValueError:  # an HTTP date, or garbage: wait the usual second
+        seconds = 1.0
+    return max(0.0, min(seconds, _MAX_RETRY_DELAY_S)) if math.isfinite(seconds) else 1.0
+
 
 class ConsortiumClient:
-    """Calls ``/api/v1`` with a bearer token (a string, or a callable that renews it)."""
+    """Calls ``/api/v1`` with a bearer token (a string, or a callable that renews it).
+
+    ``retries``: how many times a ``503 service.unavailable`` answer is resent (see
+    :meth:`_send`); 0 turns resending off.
+    """
 
     def __init__(
         self,
@@ -35,8 +61,12 @@ class ConsortiumClient:
         *,
         timeout_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        retries: int = 3,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._token = token
+        self._retries = max(0, retries)
+        self._sleep = sleep
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport
         )
@@ -65,13 +95,25 @@ class ConsortiumClient:
         return {"Authorization": f"Bearer {token}"}
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send a request; a non-2xx answer (or none) raises :class:`ApiError`."""
-        try:
-            response = self._http.request(method, path, headers=self._headers(), **kwargs)
-        except httpx.TransportError as exc:
-            raise ApiError(f"cannot reach {self._http.base_url}: {exc}", code="connection") from exc
-        if response.is_success:
-            return response
+        """Send a request; a non-2xx answer (or none) raises :class:`ApiError`.
+
+        A ``503 service.unavailable`` carrying ``Retry-After`` is sent again, up to
+        ``retries`` times: the server gives that answer only after rolling the request's
+        transaction back (the database was busy or down), so resending cannot apply it twice.
+        """
+        for attempt in range(self._retries + 1):
+            try:
+                response = self._http.request(method, path, headers=self._headers(), **kwargs)
+            except httpx.TransportError as exc:
+                raise ApiError(
+                    f"cannot reach {self._http.base_url}: {exc}", code="connection"
+                ) from exc
+            if response.is_success:
+                return response
+            delay = _retry_delay(response)
+            if delay is None or attempt == self._retries:
+                break
+            self._sleep(min(delay * (2**attempt), _MAX_RETRY_DELAY_S))
         try:
             error = response.json()["error"]
             code, message = str(error.get("code", "http")), str(error.get("message", ""))

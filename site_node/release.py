@@ -254,8 +254,12 @@ def sign_off(
     store: ApprovalStore,
     upload: bool,
     witnessed: SignedTreeHead | None,
+    sign: bool = True,
 ) -> SignOffResult:
     """Decrypt the study's final model, sign off its hash, and optionally upload it.
+
+    ``sign=False`` only uploads: for a site that signed off but whose upload failed (the
+    decrypted model is the same, so the hash it signed still holds).
 
     ``witnessed``: the latest tree head this site cosigned (its witness state). Raises
     :class:`ReleaseError` when the site refuses, and
@@ -271,12 +275,13 @@ def sign_off(
     message = signoff_message(
         study_id=study_id, contract_hash=contract_hash, model_sha256=digest, site_id=site_id
     )
-    signature = base64.b64encode(keys.signing_key.sign(message)).decode("ascii")
-    client.request(
-        "POST",
-        f"{base}/signoffs",
-        json={"site_id": site_id, "model_sha256": digest, "signature": signature},
-    )
+    if sign:
+        signature = base64.b64encode(keys.signing_key.sign(message)).decode("ascii")
+        client.request(
+            "POST",
+            f"{base}/signoffs",
+            json={"site_id": site_id, "model_sha256": digest, "signature": signature},
+        )
     if upload:
         client.request(
             "POST", f"{base}/model", json={"model_b64": base64.b64encode(data).decode("ascii")}

@@ -21,6 +21,9 @@ __all__ = ["error_response", "install_error_handlers"]
 
 log = logging.getLogger("concord.errors")
 
+#: Seconds a client should wait before resending a request the database could not serve.
+DATABASE_RETRY_AFTER_S = 1
+
 
 def error_response(
     status: int,
@@ -119,8 +122,13 @@ async def _database_error(_: Request, exc: Exception) -> JSONResponse:
         log.info("integrity error", extra={"detail": str(exc.orig)[:200]})
         return error_response(409, "resource.conflict", CATALOGUE["resource.conflict"].title)
     log.error("database unavailable", extra={"detail": str(exc)[:200]})
+    # The transaction was rolled back, so the request changed nothing: a client may send
+    # it again (ConsortiumClient does, after Retry-After seconds).
     return error_response(
-        503, "service.unavailable", "The database is unavailable; try again shortly."
+        503,
+        "service.unavailable",
+        "The database is unavailable; try again shortly.",
+        extra_headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
     )
 
 

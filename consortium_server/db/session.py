@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +13,26 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["make_engine", "make_sessionmaker", "session_scope"]
+__all__ = [
+    "LONG_TRANSACTION_S",
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "make_engine",
+    "make_sessionmaker",
+    "session_scope",
+]
+
+log = logging.getLogger("concord.db")
+
+#: How long a SQLite connection waits for the write lock before the request fails with
+#: ``service.unavailable``. Every SQLite transaction takes the lock (``BEGIN IMMEDIATE``),
+#: so this bounds how long one slow transaction may hold up all the others. It stays below
+#: the API client's 30 s read timeout, so a client sees the 503 (and resends) rather than
+#: giving up on a request that is still waiting.
+SQLITE_BUSY_TIMEOUT_MS = 20_000
+
+#: A transaction held open longer than this is logged (``db.long_transaction``): on SQLite
+#: it blocked every other request for that long.
+LONG_TRANSACTION_S = 2.0
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -19,7 +40,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
 
 
@@ -39,15 +60,46 @@ def make_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> Engine:
         @event.listens_for(engine, "begin")
         def _begin_immediate(conn: Any) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.info["concord_began"] = time.monotonic()
 
         @event.listens_for(engine, "connect")
         def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
             dbapi_connection.isolation_level = None
 
+        _log_long_transactions(engine)
         return engine
-    return create_engine(
+    engine = create_engine(
         url, echo=echo, pool_size=pool_size, pool_pre_ping=True, max_overflow=pool_size
     )
+
+    @event.listens_for(engine, "begin")
+    def _mark_begin(conn: Any) -> None:
+        conn.info["concord_began"] = time.monotonic()
+
+    _log_long_transactions(engine)
+    return engine
+
+
+def _log_long_transactions(engine: Engine) -> None:
+    """Warn about transactions that stayed open longer than :data:`LONG_TRANSACTION_S`."""
+
+    def _ended(conn: Any, outcome: str) -> None:
+        began = conn.info.pop("concord_began", None)
+        if began is None:
+            return
+        held = time.monotonic() - began
+        if held > LONG_TRANSACTION_S:
+            log.warning(
+                "long transaction",
+                extra={
+                    "event": "db.long_transaction",
+                    "held_s": round(held, 3),
+                    "outcome": outcome,
+                },
+            )
+
+    event.listen(engine, "commit", lambda conn: _ended(conn, "commit"))
+    event.listen(engine, "rollback", lambda conn: _ended(conn, "rollback"))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -4,7 +4,8 @@ For every study of this site that is ``completed`` and that this site has not si
 yet, the agent fetches the final encrypted aggregate, decrypts it with the study key,
 signs the model's SHA-256 with the site's Ed25519 key (:func:`site_node.release.sign_off`),
 and the site with the smallest id among the study's sites also uploads the decrypted model
-(differential privacy is what protects patients in a released model). The sign-off only
+(differential privacy is what protects patients in a released model); it tries the upload
+again on every step until the server holds a model. The sign-off only
 attests which model the site decrypted; releasing it is the owner's decision, under the
 release policy.
 """
@@ -48,9 +49,12 @@ def sign_off_completed(
     result = ReleaseResult()
     for study in api.list_studies(state="completed"):
         status: dict[str, Any] = api.request("GET", f"/api/v1/studies/{study['id']}/release")
-        if site_id not in status["pending_sites"]:
-            continue
+        pending = site_id in status["pending_sites"]
+        # The uploader is the smallest site id; it uploads until the server holds a model,
+        # so an upload that failed after the sign-off is tried again on the next step.
         upload = site_id == min(status["sites"]) and status["model_sha256"] is None
+        if not pending and not upload:
+            continue
         signed = sign_off(
             api,
             study["id"],
@@ -59,8 +63,10 @@ def sign_off_completed(
             store=store,
             upload=upload,
             witnessed=witnessed,
+            sign=pending,
         )
-        result.signed.append(signed.study_id)
+        if pending:
+            result.signed.append(signed.study_id)
         if signed.uploaded:
             result.uploaded.append(signed.study_id)
     return result

@@ -82,11 +82,14 @@ def test_dp_he_study_on_real_processes_beats_chance(consortium: DrillStack) -> N
 
     # The server holds only ciphertexts; the sites decrypt and sign off the final model.
     url = f"/api/v1/studies/{study['id']}/release"
-    wait_for(
-        "every site to sign off",
-        lambda: not stack.researcher.request("GET", url)["pending_sites"],
-        timeout=120,
-    )
+
+    def signed_and_uploaded() -> bool:
+        # The uploading site signs off before it uploads (the server checks the bytes
+        # against its sign-off), so "no site pending" comes a moment before the model.
+        status = stack.researcher.request("GET", url)
+        return not status["pending_sites"] and status["model_sha256"] is not None
+
+    wait_for("every site to sign off and one to upload", signed_and_uploaded, timeout=120)
     stack.researcher.request("POST", url)
     vector = np.frombuffer(stack.researcher.download(f"{url}/model"), dtype="<f8").copy()
     contract = StudyContract.model_validate(study["contract"])

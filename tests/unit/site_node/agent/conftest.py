@@ -53,13 +53,16 @@ class Recorder(httpx.BaseTransport):
         self.inner = inner
         self.requests: list[tuple[str, str, bytes]] = []
         self.fail_next: list[int | Exception] = []
+        #: path suffix -> status: the first request whose path ends so gets that answer
+        self.fail_once: dict[str, int] = {}
         self.rewrite: Callable[[httpx.Request, dict[str, Any]], dict[str, Any]] | None = None
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         body = request.read()
         self.requests.append((request.method, request.url.path, body))
-        if self.fail_next:
-            failure = self.fail_next.pop(0)
+        once = next((p for p in self.fail_once if request.url.path.endswith(p)), None)
+        if self.fail_next or once is not None:
+            failure = self.fail_once.pop(once) if once is not None else self.fail_next.pop(0)
             if isinstance(failure, Exception):
                 raise failure
             return httpx.Response(

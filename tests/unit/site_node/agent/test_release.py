@@ -49,3 +49,28 @@ def test_agents_sign_off_and_one_uploads(world: World, app: FastAPI) -> None:
 
     again = [h.agent.run_pass() for h in world.sites.values()]  # nothing left to sign
     assert all(r.release is not None and r.release.signed == [] for r in again)
+
+
+def test_an_upload_that_fails_after_the_sign_off_is_sent_again_without_signing_twice(
+    world: World, app: FastAPI
+) -> None:
+    study_id = _completed_study(world, app)
+    uploader = world.sites["a"]
+    model_path = f"/studies/{study_id}/release/model"
+    uploader.transport.fail_once[model_path] = 500  # signed off, then the upload fails
+    report = uploader.agent.run_pass()
+    release = next(step for step in report.steps if step.name == "release")
+    assert (release.ok, release.attempts) == (True, 2)  # the step's retry only uploaded
+    assert report.release is not None
+    assert (report.release.signed, report.release.uploaded) == ([], [study_id])
+    posts = uploader.transport.posts()
+    assert sum(p.endswith("/release/signoffs") for p in posts) == 1
+    assert sum(p.endswith(model_path) for p in posts) == 2
+    status = world.client.get(
+        f"/api/v1/studies/{study_id}/release", headers=world.people.researcher
+    ).json()
+    assert "hospital-a" not in status["pending_sites"]
+    assert status["model_sha256"] is not None
+    again = uploader.agent.run_pass().release
+    assert again is not None
+    assert (again.signed, again.uploaded) == ([], [])
