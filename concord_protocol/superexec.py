@@ -165,6 +165,11 @@ class IsolationRefusedError(ExecutorError):
         self.value = value
 
 
+#: Seconds between two ``acquire-task`` calls while no task waits: how long a message
+#: waits, at most, before its app is started (one loopback request each).
+DEFAULT_POLL_S = 0.1
+
+
 @dataclass(frozen=True)
 class IsolatedArgs:
     """Flower's arguments completed for Concord's executor, and Flower's parse of them."""
@@ -243,7 +248,7 @@ class ExecutorConfig:
     #: Where the private token directory is made (default: the system's temp dir).
     token_parent: Path | None = None
     #: Seconds between two ``acquire-task`` calls.
-    poll_interval: float = 0.5
+    poll_interval: float = DEFAULT_POLL_S
     #: Environment of the launched apps (default: the executor's own).
     env: Mapping[str, str] | None = field(default=None, repr=False)
 
@@ -262,7 +267,7 @@ def add_executor_args(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--insecure", action="store_true", help="Plain HTTP (loopback only).")
     parser.add_argument("--parent-pid", type=int, default=None, help="Exit when it exits.")
     parser.add_argument("--token-dir", type=Path, default=None, help="Parent of the token dir.")
-    parser.add_argument("--poll-interval", type=float, default=0.5, help="Seconds.")
+    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_S, help="Seconds.")
 
 
 def config_from_args(

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from benchmarks.apps.grids import ForwardingGrid, wire_bytes
 from benchmarks.apps.records import write_json
-from consortium_server.federation.serverapp import site_of
+from consortium_server.federation.serverapp import exchange, site_of
 
 __all__ = [
     "TRAFFIC_FILE",
@@ -123,7 +123,7 @@ class MeteredGrid(ForwardingGrid):
         """Forward the exchange, then count every message and reply."""
         outgoing = list(messages)
         t0 = time.perf_counter()
-        replies = list(self.inner.send_and_receive(outgoing, timeout=timeout))
+        replies = exchange(self.inner, outgoing, timeout=timeout)  # the ServerApp's polling
         t1 = time.perf_counter()
         by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in outgoing}
         by_id.pop("", None)

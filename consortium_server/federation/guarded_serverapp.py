@@ -37,6 +37,7 @@ from typing import Any
 import tomli
 
 from concord_protocol.bundle import SERVERAPP_REF, bundle_hash
+from concord_protocol.flower_polling import shorten_object_pulls
 from consortium_server.errors import DomainError
 
 __all__ = [
@@ -177,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--allow", type=_parse_allow, action="append", default=[])
     ours, flower_args = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    shorten_object_pulls()  # replies are pulled from the SuperLink as objects
     guarded_serverapp_main(allowed_serverapps(dict(ours.allow)), flower_args)
 
 

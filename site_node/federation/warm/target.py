@@ -25,8 +25,12 @@ def clientapp_target(state_dir: Path) -> Target:
     """The guarded ``flwr-clientapp`` for ``state_dir``, as a target taking its arguments."""
 
     def run(argv: list[str]) -> None:
+        from concord_protocol.flower_polling import shorten_object_pulls
         from site_node.federation.processes import guarded_clientapp_main
 
+        # The ClientApp pulls its message from the SuperNode, which may still be fetching
+        # it: retry after 50 ms, not Flower's 1 s.
+        shorten_object_pulls()
         guarded_clientapp_main(state_dir, argv)
 
     return run

@@ -431,9 +431,9 @@ def test_container_plan_puts_the_shim_first_on_path(tmp_path: Path) -> None:
     argv, env = supernode_exec_plan(
         tmp_path / "state", ["--superlink", "x:1"], environ={"PATH": "/usr/bin", "A": "b"}
     )
-    assert Path(argv[0]).name == "flower-supernode"
+    assert argv[:3] == [sys.executable, "-m", "site_node.federation.supernode_main"]
     secret = tmp_path / "state" / "supernode" / "superexec.secret"
-    assert argv[1:] == [
+    assert argv[3:] == [
         "--superlink",
         "x:1",
         "--isolation",
