@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from concord_protocol.contract import ModelSpec
@@ -205,20 +206,36 @@ def _densenet_parameters(
     hp: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
 ) -> int:
     """MONAI ``DenseNet``: 7x7 stem, dense blocks of 1x1 + 3x3 layers, 1x1 transitions."""
-    blocks = hp["blocks"]
-    dims = check_image_input("image-densenet", input_shape, 2 ** (blocks + 1))
-    growth, bottleneck = hp["growth_rate"], hp["bn_size"] * hp["growth_rate"]
-    channels = hp["init_features"]
+    widths = DenseNetWidths(
+        init_features=hp["init_features"],
+        growth_rate=hp["growth_rate"],
+        bn_size=hp["bn_size"],
+        block_config=(hp["layers_per_block"],) * hp["blocks"],
+    )
+    return _dense_blocks_parameters("image-densenet", hp, input_shape, num_classes, widths)
+
+
+def _dense_blocks_parameters(
+    name: str,
+    hp: Mapping[str, Any],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    net: DenseNetWidths,
+) -> int:
+    layers = net.block_config
+    dims = check_image_input(name, input_shape, 2 ** (len(layers) + 1))
+    growth, bottleneck = net.growth_rate, net.bn_size * net.growth_rate
+    channels = net.init_features
     groups = hp["norm_groups"] if hp["norm"] == "group" else 1
     widths = [channels, bottleneck]
     total = _conv(input_shape[0], channels, 7, dims, bias=False) + _norm(channels)
-    for block in range(blocks):
-        for _ in range(hp["layers_per_block"]):
+    for block, count in enumerate(layers):
+        for _ in range(count):
             total += _norm(channels) + _conv(channels, bottleneck, 1, dims, bias=False)
             total += _norm(bottleneck) + _conv(bottleneck, growth, 3, dims, bias=False)
             channels += growth
             widths.append(channels)
-        if block == blocks - 1:
+        if block == len(layers) - 1:
             total += _norm(channels)
         else:
             total += _norm(channels) + _conv(channels, channels // 2, 1, dims, bias=False)
@@ -233,11 +250,79 @@ def _densenet_parameters(
     return total + channels * num_classes + num_classes
 
 
+@dataclass(frozen=True)
+class DenseNetWidths:
+    """The fixed widths of a named DenseNet."""
+
+    init_features: int
+    growth_rate: int
+    bn_size: int
+    block_config: tuple[int, ...]
+
+
+#: MONAI ``DenseNet121``: its stem, growth, bottleneck and blocks (Huang et al., 2017).
+DENSENET121 = DenseNetWidths(
+    init_features=64, growth_rate=32, bn_size=4, block_config=(6, 12, 24, 16)
+)
+
+
+def _densenet121_parameters(
+    hp: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
+) -> int:
+    """DenseNet121: :func:`_dense_blocks_parameters` at its fixed widths."""
+    return _dense_blocks_parameters("densenet121", hp, input_shape, num_classes, DENSENET121)
+
+
+#: MONAI ``ResNet`` depths: (block kind, blocks per stage), stages of 64-512 channels.
+RESNETS: dict[str, tuple[Literal["basic", "bottleneck"], tuple[int, ...]]] = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+}
+_RESNET_WIDTHS = (64, 128, 256, 512)
+
+
+def _resnet_parameters(
+    name: str, hp: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
+) -> int:
+    """MONAI ``ResNet`` (7x7 stride-2 stem, max pool, four stages, shortcut type B without
+    bias, GroupNorm), as :func:`site_node.training.catalogue` builds it."""
+    dims = check_image_input(name, input_shape, 32)
+    kind, layers = RESNETS[name]
+    expansion = 1 if kind == "basic" else 4
+    groups = hp["norm_groups"] if hp["norm"] == "group" else 1
+    if any(w % groups for w in _RESNET_WIDTHS):
+        raise InvalidHyperparameterError(
+            "norm_groups", f"must divide 64, got {hp['norm_groups']}", hint="use 1 to 64"
+        )
+    total = _conv(input_shape[0], 64, 7, dims, bias=False) + _norm(64)
+    in_planes = 64
+    for stage, (planes, blocks) in enumerate(zip(_RESNET_WIDTHS, layers, strict=True)):
+        out = planes * expansion
+        if stage > 0 or in_planes != out:  # stride 2, or more channels: a 1x1 projection
+            total += _conv(in_planes, out, 1, dims, bias=False) + _norm(out)
+        for block in range(blocks):
+            source = in_planes if block == 0 else out
+            if kind == "basic":
+                total += _conv(source, planes, 3, dims, bias=False) + _norm(planes)
+                total += _conv(planes, planes, 3, dims, bias=False) + _norm(planes)
+            else:
+                total += _conv(source, planes, 1, dims, bias=False) + _norm(planes)
+                total += _conv(planes, planes, 3, dims, bias=False) + _norm(planes)
+                total += _conv(planes, out, 1, dims, bias=False) + _norm(out)
+        in_planes = out
+    return total + in_planes * num_classes + num_classes
+
+
 _DROPOUT = HyperParameter("dropout", "float", 0.0, "Dropout probability.", 0.0, 0.9)
 _NORM = HyperParameter(
     "norm", "str", "group", "Normalisation (DP-compatible only).", choices=("group", "instance")
 )
 _NORM_GROUPS = HyperParameter("norm_groups", "int", 4, "Groups of GroupNorm.", 1, 32)
+
+
+def _norm_groups(default: int) -> HyperParameter:
+    return HyperParameter("norm_groups", "int", default, "Groups of GroupNorm.", 1, 64)
+
 
 _ENTRIES: tuple[CatalogueEntry, ...] = (
     CatalogueEntry(
@@ -293,6 +378,27 @@ _ENTRIES: tuple[CatalogueEntry, ...] = (
             _DROPOUT,
         ),
         parameter_count=_densenet_parameters,
+    ),
+    CatalogueEntry(
+        name="densenet121",
+        version="1",
+        task="classification",
+        modality="image",
+        description="MONAI DenseNet121 at its real size (GroupNorm for DP), 2D or 3D.",
+        hyperparameters=(_NORM, _norm_groups(32), _DROPOUT),
+        parameter_count=_densenet121_parameters,
+    ),
+    *(
+        CatalogueEntry(
+            name=name,
+            version="1",
+            task="classification",
+            modality="image",
+            description=f"MONAI ResNet-{name[6:]} at its real size (GroupNorm for DP), 2D or 3D.",
+            hyperparameters=(_NORM, _norm_groups(32)),
+            parameter_count=partial(_resnet_parameters, name),
+        )
+        for name in RESNETS
     ),
 )
 

@@ -18,11 +18,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from monai.networks.nets import Classifier, DenseNet
+from monai.networks.nets import Classifier, DenseNet, ResNet
+from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from opacus.validators import ModuleValidator
 from torch import nn
 
 from concord_protocol.catalogue import (
+    DENSENET121,
+    RESNETS,
     CatalogueEntry,
     HyperParameter,
     HyperValue,
@@ -122,11 +125,111 @@ def _build_densenet(
         ) from exc
 
 
+def _build_densenet121(
+    hp: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
+) -> nn.Module:
+    spatial_dims = check_image_input("densenet121", input_shape, 32)
+    groups = hp["norm_groups"] if hp["norm"] == "group" else 1
+    if 32 % groups:  # every width of DenseNet121 is a multiple of 32
+        raise InvalidHyperparameterError("norm_groups", f"must divide 32, got {groups}")
+    return DenseNet(
+        spatial_dims=spatial_dims,
+        in_channels=input_shape[0],
+        out_channels=num_classes,
+        init_features=DENSENET121.init_features,
+        growth_rate=DENSENET121.growth_rate,
+        block_config=DENSENET121.block_config,
+        bn_size=DENSENET121.bn_size,
+        act=("relu", {"inplace": False}),
+        norm=_norm(hp),
+        dropout_prob=hp["dropout"],
+    )
+
+
+class _BasicBlock(ResNetBlock):
+    """MONAI's basic block, adding the shortcut out of place: its ``out += residual``
+    modifies a hooked module's output, which Opacus' per-sample hooks refuse."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.act(out + residual)
+
+
+class _Bottleneck(ResNetBottleneck):
+    """MONAI's bottleneck block, adding the shortcut out of place (see :class:`_BasicBlock`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.act(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.act(out + residual)
+
+
+_RESNET_BLOCKS: dict[str, type[ResNetBlock | ResNetBottleneck]] = {
+    "basic": _BasicBlock,
+    "bottleneck": _Bottleneck,
+}
+
+
+def _resnet_builder(name: str) -> Builder:
+    kind, layers = RESNETS[name]
+
+    def build(hp: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        spatial_dims = check_image_input(name, input_shape, 32)
+        if hp["norm"] == "group" and 64 % hp["norm_groups"]:
+            raise InvalidHyperparameterError(
+                "norm_groups", f"must divide 64, got {hp['norm_groups']}"
+            )
+        model = ResNet(
+            block=_RESNET_BLOCKS[kind],
+            layers=list(layers),
+            block_inplanes=[64, 128, 256, 512],
+            spatial_dims=spatial_dims,
+            n_input_channels=input_shape[0],
+            conv1_t_size=7,
+            conv1_t_stride=2,
+            shortcut_type="B",
+            bias_downsample=False,
+            num_classes=num_classes,
+            act=("relu", {"inplace": False}),
+            norm=_norm(hp),
+        )
+        # MONAI 1.6's ResNet passes ``norm`` to its stem but builds the stages' blocks and
+        # projections with its default BatchNorm; swap those for the chosen norm.
+        return _without_batchnorm(model, hp)
+
+    return build
+
+
+def _without_batchnorm(model: nn.Module, hp: Mapping[str, Any]) -> nn.Module:
+    """``model`` with every BatchNorm replaced by the entry's GroupNorm or InstanceNorm (the
+    same two affine parameters per channel)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, nn.modules.batchnorm._BatchNorm):
+                continue
+            channels = child.num_features
+            replacement: nn.Module
+            if hp["norm"] == "instance":
+                dims = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}[type(child)]
+                instance = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+                replacement = instance[dims](channels, affine=True)
+            else:
+                replacement = nn.GroupNorm(hp["norm_groups"], channels)
+            setattr(parent, child_name, replacement)
+    return model
+
+
 #: The network of every catalogue entry, by (name, version).
 BUILDERS: dict[tuple[str, str], Builder] = {
     ("tabular-mlp", "1"): _build_mlp,
     ("image-cnn", "1"): _build_cnn,
     ("image-densenet", "1"): _build_densenet,
+    ("densenet121", "1"): _build_densenet121,
+    **{(name, "1"): _resnet_builder(name) for name in RESNETS},
 }
 
 

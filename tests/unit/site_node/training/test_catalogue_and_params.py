@@ -29,7 +29,8 @@ from site_node.training import (
 
 torch.set_num_threads(1)
 
-SHAPES = {"tabular": (6,), "image": (1, 16, 16)}
+#: Small inputs: the real-size networks (densenet121, resnet*) downsample 32x.
+SHAPES = {"tabular": (6,), "image": (1, 32, 32)}
 
 
 def _spec(name: str, **hp: int | float | str | bool) -> ModelSpec:
@@ -49,8 +50,11 @@ def _toy(shape: tuple[int, ...], n: int = 16, classes: int = 3) -> LocalDataset:
 def test_list_models_describes_every_entry() -> None:
     entries = list_models()
     assert {(e.name, e.version) for e in entries} == {
+        ("densenet121", "1"),
         ("image-cnn", "1"),
         ("image-densenet", "1"),
+        ("resnet18", "1"),
+        ("resnet50", "1"),
         ("tabular-mlp", "1"),
     }
     for entry in entries:
@@ -85,10 +89,38 @@ def test_every_entry_is_dp_ready_and_trains_one_dp_step(entry: object) -> None:
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # hooks removed
 
 
-@pytest.mark.parametrize("name", ["image-cnn", "image-densenet"])
-def test_image_models_accept_volumes(name: str) -> None:
-    model = build_model(_spec(name), input_shape=(1, 8, 8, 8), num_classes=2)
-    assert model(torch.zeros(2, 1, 8, 8, 8)).shape == (2, 2)
+@pytest.mark.parametrize(
+    ("name", "side"),
+    [
+        ("image-cnn", 8),
+        ("image-densenet", 8),
+        ("densenet121", 32),
+        ("resnet18", 32),
+        ("resnet50", 32),
+    ],
+)
+def test_image_models_accept_volumes(name: str, side: int) -> None:
+    model = build_model(_spec(name), input_shape=(1, side, side, side), num_classes=2)
+    assert model(torch.zeros(2, 1, side, side, side)).shape == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "count"),
+    [
+        # The published sizes, less the 1000-class head plus ours (3 classes, 3 channels).
+        ("densenet121", (3, 224, 224), 6_956_931),
+        ("resnet18", (3, 224, 224), 11_178_051),
+        ("resnet50", (3, 224, 224), 23_514_179),
+    ],
+)
+def test_real_size_networks_have_their_published_size(
+    name: str, shape: tuple[int, ...], count: int
+) -> None:
+    model = build_model(_spec(name), input_shape=shape, num_classes=3)
+    assert num_parameters(model) == count
+    head = {"densenet121": 1024, "resnet18": 512, "resnet50": 2048}[name]
+    published = {"densenet121": 7_978_856, "resnet18": 11_689_512, "resnet50": 25_557_032}[name]
+    assert count - (head * 3 + 3) == published - (head * 1000 + 1000)
 
 
 def test_init_is_deterministic_given_seed() -> None:
@@ -122,6 +154,9 @@ def test_version_matching_and_unknown_models() -> None:
         ("image-cnn", {"base_channels": 6, "norm_groups": 4}, "norm_groups"),
         ("image-densenet", {"init_features": 6, "norm_groups": 4}, "norm_groups"),
         ("image-densenet", {"blocks": 9}, "blocks"),
+        ("densenet121", {"norm_groups": 64}, "norm_groups"),
+        ("resnet18", {"norm_groups": 48}, "norm_groups"),
+        ("resnet50", {"norm": "batch"}, "norm"),
     ],
 )
 def test_invalid_hyperparameters_are_named(
@@ -191,3 +226,21 @@ class TestParams:
         assert manifest_digest(model) == manifest_digest(parameter_manifest(model))
         assert manifest_digest(model) != manifest_digest(other)
         assert len(manifest_digest(model)) == 64
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_resnet_blocks_compute_what_monais_do(kind: str) -> None:
+    from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
+    from torch import nn
+
+    from site_node.training.catalogue import _RESNET_BLOCKS
+
+    stock_type = ResNetBlock if kind == "basic" else ResNetBottleneck
+    out = 16 * stock_type.expansion
+    downsample = nn.Sequential(nn.Conv2d(8, out, 1, stride=2, bias=False), nn.GroupNorm(4, out))
+    norm = ("group", {"num_groups": 4})
+    stock = stock_type(8, 16, spatial_dims=2, stride=2, downsample=downsample, norm=norm)
+    ours = _RESNET_BLOCKS[kind](8, 16, spatial_dims=2, stride=2, downsample=downsample, norm=norm)
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(2, 8, 16, 16)
+    assert torch.allclose(ours(x), stock(x))
