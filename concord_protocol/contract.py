@@ -32,6 +32,7 @@ from concord_protocol.canonical import canonical_json, hashable_problem, sha256_
 from concord_protocol.disclosure import public
 from concord_protocol.eval_histograms import release_noise
 from concord_protocol.fields import Sha256Hex, Slug
+from concord_protocol.wire.format import EncryptedScheme
 
 __all__ = [
     "CONTRACT_SCHEMA_VERSION",
@@ -124,7 +125,13 @@ class EncryptionSpec(_Strict):
     """Homomorphic encryption of model updates."""
 
     enabled: bool = Field(default=True, description="Encrypt updates with CKKS (TenSEAL).")
-    scheme: Literal["ckks"] = "ckks"
+    scheme: EncryptedScheme = Field(
+        default="ckks",
+        description=(
+            "Ciphertext format: `ckks` (TenSEAL vectors, about 32 bytes per parameter) or "
+            "`ckks_seeded` (seeded, bit-packed ciphertexts, about 7.5 bytes per parameter)."
+        ),
+    )
 
 
 class EvaluationSpec(_Strict):

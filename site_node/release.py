@@ -148,15 +148,16 @@ def decrypt_final_model(
         )
     codec: UpdateCodec
     if approved.contract.encryption.enabled:
-        if header.scheme != "ckks":
+        scheme = approved.contract.encryption.scheme
+        if header.scheme != scheme:
             raise ReleaseError(
-                "the contract requires encryption but the aggregate is plain",
+                f"the contract requires {scheme} encryption but the aggregate is {header.scheme}",
                 code="release.mismatch",
             )
         key = store.study_key(study_id)
         if key is None:
             raise ReleaseError(f"no study key for {study_id} at this site", code="release.no_key")
-        codec = CkksCodec(key.secret_context, tag_slots=CKKS_TAG_SLOTS)
+        codec = CkksCodec(key.secret_context, tag_slots=CKKS_TAG_SLOTS, scheme=scheme)
     else:
         codec = PlainCodec(chunk_size=header.chunk_size)
     try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import tenseal as ts
 
 from concord_protocol.errors import ContextError
+from concord_protocol.wire.format import EncryptedScheme
 
 __all__ = [
     "HEADROOM_MARGIN_BITS",
@@ -58,6 +59,11 @@ class ContextInfo:
     def max_abs_sum(self) -> float:
         """Largest magnitude the decrypted sum of weighted updates may reach safely."""
         return max_abs_sum(self.data_modulus_bits, math.log2(self.global_scale))
+
+    def chunk_size(self, scheme: EncryptedScheme) -> int:
+        """Values per ciphertext: one per slot for ``ckks``; two per slot (the real and the
+        imaginary part) for ``ckks_seeded``."""
+        return self.slot_count if scheme == "ckks" else 2 * self.slot_count
 
 
 def context_info(ctx: ts.Context) -> ContextInfo:

@@ -7,9 +7,11 @@ Flower ``Array`` payload each::
     [header, chunk_0, chunk_1, ..., chunk_{n-1}]
 
 ``header`` is canonical JSON (sorted keys, no spaces) of :class:`UpdateHeader`: format
-version, scheme (``ckks`` or ``plain``), study id, contract hash, round number, number of
-parameters, chunk size, tag slots per chunk, number of chunks and the SHA-256 of every
-chunk. The *update
+version, scheme (``ckks``, ``ckks_seeded`` or ``plain``), study id, contract hash, round
+number, number of parameters, chunk size, tag slots per chunk, number of chunks and the
+SHA-256 of every chunk. The format version follows from the scheme
+(:data:`FORMAT_VERSIONS`: 3 for ``ckks_seeded``, 2 for the others, whose bytes have not
+changed since version 2), so a reader of version 2 refuses the new scheme outright. The *update
 digest* is the SHA-256 of the header bytes, so it commits to every chunk; the server records
 it in the audit log. The weight (sample count) is not in the header: it travels as plain
 round metadata next to the update.
@@ -20,6 +22,10 @@ round metadata next to the update.
   values: a chunk holds ``chunk_size - tag_slots`` parameters (``site_node.crypto.tags``).
   The server adds chunks index by index with the public context only
   (``consortium_server.federation.blind_sum``) and cannot tell tags from values.
+* ``ckks_seeded`` (version 3): the same values and tags, two reals per slot, so
+  ``chunk_size`` is the ring degree N; each chunk is a seeded ciphertext in the compact layout
+  of :mod:`concord_protocol.wire.seeded` (an upload chunk from a site, an aggregate chunk from
+  the server), about 7.5 bytes per parameter instead of 32.
 * ``plain`` (studies with encryption off): each chunk is little-endian float64.
 
 Sites encode and decode with the codecs of :mod:`site_node.crypto.codecs`.
@@ -29,9 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Self
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -39,22 +46,34 @@ from concord_protocol.errors import WireFormatError
 
 __all__ = [
     "CKKS_TAG_SLOTS",
+    "FORMAT_VERSIONS",
     "PLAIN_CHUNK_SIZE",
     "WIRE_FORMAT_VERSION",
     "EncodedUpdate",
+    "EncryptedScheme",
     "EncryptedUpdate",
     "PlainUpdate",
     "RoundInfo",
     "Scheme",
+    "SeededUpdate",
     "UpdateHeader",
     "chunk_length",
     "expected_chunks",
     "sha256_hex",
     "tagged_length",
+    "update_class",
 ]
 
-WIRE_FORMAT_VERSION: Literal[2] = 2
-Scheme = Literal["ckks", "plain"]
+#: The newest format version (``ckks_seeded``); see :data:`FORMAT_VERSIONS`.
+WIRE_FORMAT_VERSION: Literal[3] = 3
+Scheme = Literal["ckks", "ckks_seeded", "plain"]
+#: The schemes that encrypt (the study contract's ``encryption.scheme``).
+EncryptedScheme = Literal["ckks", "ckks_seeded"]
+#: The format version each scheme's header carries: ``ckks`` and ``plain`` are unchanged
+#: since version 2 (their headers, digests and stored checkpoints stay valid).
+FORMAT_VERSIONS: Mapping[Scheme, Literal[2, 3]] = MappingProxyType(
+    {"ckks": 2, "plain": 2, "ckks_seeded": WIRE_FORMAT_VERSION}
+)
 
 #: Values per chunk for plaintext updates (1 MiB of float64).
 PLAIN_CHUNK_SIZE = 131_072
@@ -114,7 +133,7 @@ class UpdateHeader(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format_version: Literal[2] = WIRE_FORMAT_VERSION
+    format_version: Literal[2, 3] = 2
     scheme: Scheme
     study_id: str = Field(min_length=1, max_length=128)
     contract_hash: str = Field(pattern=_HEX64)
@@ -125,8 +144,24 @@ class UpdateHeader(BaseModel):
     num_chunks: int = Field(ge=1)
     chunk_digests: tuple[str, ...]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _version_of_scheme(cls, data: Any) -> Any:
+        # Built in code without a version: the scheme's. Parsed bytes must name it (they
+        # are refused unless canonical, and the canonical form always carries it).
+        if isinstance(data, dict) and "format_version" not in data:
+            scheme = data.get("scheme")
+            if isinstance(scheme, str) and scheme in FORMAT_VERSIONS:
+                return {**data, "format_version": FORMAT_VERSIONS[scheme]}  # type: ignore[index]
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> UpdateHeader:
+        if self.format_version != FORMAT_VERSIONS[self.scheme]:
+            raise ValueError(
+                f"scheme {self.scheme} is format version {FORMAT_VERSIONS[self.scheme]}, "
+                f"not {self.format_version}"
+            )
         if self.tag_slots >= self.chunk_size:
             raise ValueError("tag_slots must be smaller than chunk_size")
         if self.num_chunks != expected_chunks(self.num_values, self.chunk_size):
@@ -229,9 +264,10 @@ class EncodedUpdate:
     def from_bytes_list(blobs: Sequence[bytes]) -> EncodedUpdate:
         """Parse and check a received blob list (header, chunk count, every digest).
 
-        Returns an :class:`EncryptedUpdate` or a :class:`PlainUpdate` by the header's
-        scheme. Chunk *contents* are not decoded here (that needs a context); see
-        ``blind_sum`` and the codecs. Raises :class:`WireFormatError`.
+        Returns an :class:`EncryptedUpdate` (a :class:`SeededUpdate` for ``ckks_seeded``)
+        or a :class:`PlainUpdate` by the header's scheme. Chunk *contents* are not decoded
+        here (that needs a context); see ``blind_sum`` and the codecs. Raises
+        :class:`WireFormatError`.
         """
         if len(blobs) < 1:
             raise WireFormatError("no header blob", code="update.malformed_header")
@@ -247,8 +283,7 @@ class EncodedUpdate:
                 raise WireFormatError(
                     f"chunk {index} does not match its digest", code="update.digest_mismatch"
                 )
-        cls: type[EncodedUpdate] = EncryptedUpdate if header.scheme == "ckks" else PlainUpdate
-        return cls(header=header, chunks=chunks)
+        return update_class(header.scheme)(header=header, chunks=chunks)
 
     @classmethod
     def build(cls, info: RoundInfo, *, chunk_size: int, chunks: Sequence[bytes]) -> Self:
@@ -281,3 +316,20 @@ class PlainUpdate(EncodedUpdate):
     """An update whose chunks are little-endian float64 (studies with encryption off)."""
 
     scheme: ClassVar[Scheme | None] = "plain"
+
+
+@dataclass(frozen=True)
+class SeededUpdate(EncryptedUpdate):
+    """An update whose chunks are compact seeded CKKS ciphertexts (:mod:`.seeded`)."""
+
+    scheme: ClassVar[Scheme | None] = "ckks_seeded"
+
+
+def update_class(scheme: Scheme) -> type[EncodedUpdate]:
+    """The :class:`EncodedUpdate` subclass of ``scheme``."""
+    classes: dict[Scheme, type[EncodedUpdate]] = {
+        "ckks": EncryptedUpdate,
+        "ckks_seeded": SeededUpdate,
+        "plain": PlainUpdate,
+    }
+    return classes[scheme]

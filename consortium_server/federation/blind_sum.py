@@ -16,6 +16,17 @@ vector under the public context (``undecodable_chunk``) with the expected number
 (``size_mismatch``), the context's scale, level and ring, and two polynomials
 (``parameter_mismatch``).
 
+``ckks_seeded`` replies (:mod:`concord_protocol.wire.seeded`) go through the same screen,
+then every chunk's prefix is checked and its seed read, before anything is summed: wrong
+length, magic, layout version or PRNG type (``undecodable_chunk``), other parameters or
+scale (``parameter_mismatch``), and a seed that appears more than once in the round, in
+another site's reply or another chunk of the same one (``repeated_seed``: every reply
+carrying it is dropped, since the server cannot tell the original from the copy; a repeated
+seed is a replayed upload or a broken random generator, and two ciphertexts sharing one
+reveal the difference of their plaintexts). The sum then unpacks each chunk, refusing a
+coefficient that is not reduced (``undecodable_chunk``), and adds the ``c0`` parts modulo
+``q`` with numpy: no SEAL object, no key.
+
 The server cannot tell a well-formed ciphertext of garbage from a real update: integrity
 of the *values* is the sites' business (DP clipping, and the digests in the audit log).
 """
@@ -37,15 +48,18 @@ from concord_protocol.wire.ckks import ContextInfo, context_info, load_context
 from concord_protocol.wire.format import (
     PLAIN_CHUNK_SIZE,
     EncodedUpdate,
+    EncryptedScheme,
     EncryptedUpdate,
     PlainUpdate,
     RoundInfo,
     Scheme,
+    SeededUpdate,
     UpdateHeader,
     chunk_length,
     expected_chunks,
     sha256_hex,
 )
+from concord_protocol.wire.seeded import AggregateChunk, SeededLayout, UploadChunk, read_upload_seed
 
 __all__ = [
     "BlindSumResult",
@@ -73,6 +87,7 @@ class RejectReason(StrEnum):
     SIZE_MISMATCH = "size_mismatch"
     PARAMETER_MISMATCH = "parameter_mismatch"
     NON_FINITE = "non_finite"
+    REPEATED_SEED = "repeated_seed"
 
 
 @dataclass(frozen=True)
@@ -313,6 +328,8 @@ def _sum_chunk_major(
             except _RejectError as rej:
                 rejected.append(_rejected(cand.site_id, rej, cand.header.digest))
                 candidates.remove(cand)
+                if not candidates:  # nothing left to sum (the caller raises)
+                    return []
                 for k in range(index):
                     aggregates[k] = dump(subtract(load(aggregates[k]), decode(cand.chunks[k], k)))
         if acc is None:  # every candidate was dropped
@@ -329,17 +346,31 @@ def blind_sum(
     expected_chunks: int,
     max_chunk_bytes: int,
     min_sites: int = 3,
+    scheme: EncryptedScheme = "ckks",
 ) -> BlindSumResult:
     """Sum the sites' CKKS updates without the secret key.
 
     ``updates`` maps site id to that site's reply (``EncodedUpdate.to_bytes_list()``).
     ``expected`` is the round the server asked for; ``expected_chunks`` must equal
-    ``ceil(expected.num_values(slot_count) / slot_count)``. Bad replies are dropped and recorded;
+    ``ceil(expected.num_values(chunk_size) / chunk_size)``, where ``chunk_size`` is the
+    context's slot count for ``ckks`` and twice that for ``ckks_seeded`` (``scheme``, the
+    contract's). Bad replies are dropped and recorded;
     raises :class:`NotEnoughSitesError` when fewer than ``min_sites`` remain, and
     :class:`~site_node.crypto.errors.ContextError` if ``public_context`` holds a secret key.
     """
     ctx = load_context(public_context, require_secret=False)
     info = context_info(ctx)
+    if scheme == "ckks_seeded":
+        return _seeded_sum(
+            SeededLayout.from_context(ctx),
+            updates,
+            expected=expected,
+            expected_chunks=expected_chunks,
+            max_chunk_bytes=max_chunk_bytes,
+            min_sites=min_sites,
+        )
+    if scheme != "ckks":
+        raise ValueError(f"unknown encryption scheme {scheme!r}")
     rejected: list[RejectedReply] = []
     candidates = _screen_all(
         updates,
@@ -380,6 +411,108 @@ def blind_sum(
     _require(candidates, rejected, min_sites)
     return BlindSumResult(
         aggregate=EncryptedUpdate.build(expected, chunk_size=info.slot_count, chunks=aggregates),
+        accepted=tuple(c.site_id for c in candidates),
+        rejected=tuple(rejected),
+        site_digests={c.site_id: c.header.digest for c in candidates},
+    )
+
+
+#: How a seeded chunk's parse errors map to reasons (anything else: undecodable).
+_SEEDED_REASONS = {"update.parameter_mismatch": RejectReason.PARAMETER_MISMATCH}
+
+
+def _seeded_reject(exc: WireFormatError, index: int) -> _RejectError:
+    reason = _SEEDED_REASONS.get(exc.code, RejectReason.UNDECODABLE_CHUNK)
+    return _RejectError(reason, exc.message, index)
+
+
+def _seeds_of(layout: SeededLayout, cand: _Candidate) -> list[bytes]:
+    seeds = []
+    for index, chunk in enumerate(cand.chunks):
+        try:
+            seeds.append(read_upload_seed(layout, chunk).value)
+        except WireFormatError as exc:
+            raise _seeded_reject(exc, index) from None
+    return seeds
+
+
+def _screen_seeds(
+    layout: SeededLayout, candidates: list[_Candidate], rejected: list[RejectedReply]
+) -> None:
+    """Check every chunk's prefix and read its seed; drop replies with a bad prefix, then
+    every reply holding a seed that occurs more than once in the round."""
+    where: dict[bytes, list[tuple[str, int]]] = {}
+    for cand in list(candidates):
+        try:
+            seeds = _seeds_of(layout, cand)
+        except _RejectError as rej:
+            rejected.append(_rejected(cand.site_id, rej, cand.header.digest))
+            candidates.remove(cand)
+            continue
+        for index, value in enumerate(seeds):
+            where.setdefault(value, []).append((cand.site_id, index))
+    repeated: dict[str, tuple[int, str]] = {}
+    for places in where.values():
+        if len(places) < 2:
+            continue
+        for site_id, index in places:
+            others = ", ".join(f"{s} chunk {i}" for s, i in places if (s, i) != (site_id, index))
+            repeated.setdefault(site_id, (index, others))
+    for cand in list(candidates):
+        if cand.site_id in repeated:
+            index, others = repeated[cand.site_id]
+            repeat = _RejectError(
+                RejectReason.REPEATED_SEED, f"the seed of chunk {index} is also in {others}", index
+            )
+            rejected.append(_rejected(cand.site_id, repeat, cand.header.digest))
+            candidates.remove(cand)
+
+
+def _seeded_sum(
+    layout: SeededLayout,
+    updates: Mapping[str, Sequence[bytes]],
+    *,
+    expected: RoundInfo,
+    expected_chunks: int,
+    max_chunk_bytes: int,
+    min_sites: int,
+) -> BlindSumResult:
+    """:func:`blind_sum` for ``ckks_seeded``: numpy sums of ``c0`` parts, seeds listed."""
+    rejected: list[RejectedReply] = []
+    candidates = _screen_all(
+        updates,
+        scheme="ckks_seeded",
+        expected=expected,
+        chunk_size=layout.values_per_chunk,
+        expected_chunk_count=expected_chunks,
+        max_chunk_bytes=max_chunk_bytes,
+        rejected=rejected,
+    )
+    _require(candidates, rejected, min_sites)
+    _screen_seeds(layout, candidates, rejected)
+    _require(candidates, rejected, min_sites)
+
+    def decode(chunk: bytes, index: int) -> AggregateChunk:
+        try:
+            return AggregateChunk.of(UploadChunk.from_bytes(layout, chunk))
+        except WireFormatError as exc:
+            raise _seeded_reject(exc, index) from None
+
+    aggregates = _sum_chunk_major(
+        candidates,
+        expected_chunks,
+        decode=decode,
+        add=lambda acc, value: acc.add(layout, value),
+        subtract=lambda acc, value: acc.subtract(layout, value),
+        dump=lambda acc: acc.to_bytes(layout),
+        load=lambda data: AggregateChunk.from_bytes(layout, data),
+        rejected=rejected,
+    )
+    _require(candidates, rejected, min_sites)
+    return BlindSumResult(
+        aggregate=SeededUpdate.build(
+            expected, chunk_size=layout.values_per_chunk, chunks=aggregates
+        ),
         accepted=tuple(c.site_id for c in candidates),
         rejected=tuple(rejected),
         site_digests={c.site_id: c.header.digest for c in candidates},

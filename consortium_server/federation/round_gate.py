@@ -98,9 +98,8 @@ def put_checkpoint(session: Session, study_id: str, attempt: str, model: GlobalM
             code="federation.round_out_of_order",
         )
     contract = StudyContract.model_validate(study.contract)
-    store_checkpoint(
-        session, study_id, model, expect=("ckks",) if contract.encryption.enabled else ("plain",)
-    )
+    scheme = contract.encryption.scheme if contract.encryption.enabled else "plain"
+    store_checkpoint(session, study_id, model, expect=(scheme,))
     touch(session, study_id, attempt)
     return RunVerdict(action="continue", next_round=model.round_number)
 

@@ -103,9 +103,11 @@ class BlindAggregationStrategy:
         #: This round's verified spend reports and unusable ones, per site (reset per round).
         self._spend: dict[str, SiteSpend] = {}
         self._spend_problems: dict[str, str] = {}
+        #: The contract's encryption scheme (``ckks`` or ``ckks_seeded``); unused when off.
+        self.scheme = plan.contract.encryption.scheme
         if plan.public_context is not None:
             info = context_info(load_context(plan.public_context, require_secret=False))
-            self.chunk_size = info.slot_count
+            self.chunk_size = info.chunk_size(self.scheme)
             # Serialised CKKS ciphertext: 2 polynomials of N coefficients per data prime,
             # 8 bytes each, plus a header; primes are >= 20 bits, so this bounds it.
             primes = max(1, math.ceil(info.data_modulus_bits / 20))
@@ -391,7 +393,7 @@ class BlindAggregationStrategy:
         }
         if self.plan.public_context is None:
             return plain_sum(updates, chunk_size=self.chunk_size, **kwargs)
-        return blind_sum(self.plan.public_context, updates, **kwargs)
+        return blind_sum(self.plan.public_context, updates, scheme=self.scheme, **kwargs)
 
     def _fill(
         self,

@@ -81,7 +81,9 @@ class FinalAggregatePublic(StrictModel):
     study_id: str
     contract_hash: str
     round_number: int
-    scheme: str = Field(description="`ckks` (encrypted) or `plain` (encryption off).")
+    scheme: str = Field(
+        description="`ckks` or `ckks_seeded` (encrypted), or `plain` (encryption off)."
+    )
     num_params: int
     total_weight: float
     digest: str = Field(description="Update digest: SHA-256 of the header blob.")

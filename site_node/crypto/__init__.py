@@ -1,8 +1,11 @@
 """Site-side cryptography: CKKS study contexts, the update wire format, sealed key exchange.
 
 * :mod:`site_node.crypto.ckks`: parameters, study context generation, public contexts.
-* :mod:`site_node.crypto.wire`: the encrypted-update wire format shared with the server,
-  and the :class:`UpdateCodec` implementations (:class:`CkksCodec`, :class:`PlainCodec`).
+* :mod:`site_node.crypto.codecs`: the :class:`UpdateCodec` implementations
+  (:class:`CkksCodec`, :class:`PlainCodec`) of the wire format shared with the server
+  (:mod:`concord_protocol.wire.format`).
+* :mod:`site_node.crypto.seeded` and :mod:`site_node.crypto.seal_format`: the
+  ``ckks_seeded`` scheme's seeded ciphertexts (SEAL through ``tenseal.sealapi``).
 * :mod:`site_node.crypto.sealing`: sealing the study's secret context from site to site.
 * :mod:`site_node.crypto.errors`: :class:`CryptoError` and its subclasses, with stable codes.
 """
@@ -16,6 +19,7 @@ from concord_protocol.wire.format import (
     EncryptedUpdate,
     PlainUpdate,
     RoundInfo,
+    SeededUpdate,
     UpdateHeader,
     expected_chunks,
 )
@@ -61,6 +65,7 @@ __all__ = [
     "RoundInfo",
     "SealedKey",
     "SealedKeyError",
+    "SeededUpdate",
     "SiteKeyPair",
     "UpdateCodec",
     "UpdateHeader",

@@ -9,6 +9,12 @@ published CKKS decryptions next to their ciphertexts otherwise let anyone recove
 key (Li and Micciancio, EUROCRYPT 2021). See ``docs/crypto.md``. :class:`PlainCodec` is
 float64 for studies with encryption off.
 
+:class:`CkksCodec` speaks both encrypted schemes of the contract's ``encryption.scheme``:
+``ckks`` (one TenSEAL ``CKKSVector`` per chunk, one value per slot, 32 bytes per parameter)
+and ``ckks_seeded`` (seeded ciphertexts, two values per slot, bit-packed, about 7.5 bytes per
+parameter: :mod:`site_node.crypto.seeded`). The checks, tags, rounding and dither are the
+same for both; only the ciphertext bytes differ.
+
 With ``tag_slots`` (:data:`~concord_protocol.wire.format.CKKS_TAG_SLOTS`, what a study's
 ClientApp uses) every chunk ends with secret integrity tags (:mod:`site_node.crypto.tags`):
 :meth:`CkksCodec.encode` appends them and :meth:`CkksCodec.decrypt_aggregate` checks them
@@ -35,15 +41,18 @@ from concord_protocol.wire.ckks import ContextInfo, context_info, load_context
 from concord_protocol.wire.format import (
     PLAIN_CHUNK_SIZE,
     EncodedUpdate,
+    EncryptedScheme,
     EncryptedUpdate,
     PlainUpdate,
     RoundInfo,
     Scheme,
+    SeededUpdate,
     chunk_length,
     expected_chunks,
     tagged_length,
 )
 from site_node.crypto.errors import NonFiniteUpdateError, UpdateRangeError, UpdateShapeError
+from site_node.crypto.seeded import COMPLEX_PACKING_FACTOR, SeededCipher
 from site_node.crypto.tags import AggregateIntegrityError, AggregateTags
 
 __all__ = [
@@ -173,19 +182,31 @@ class CkksCodec:
     """CKKS encoding with the study's secret context (sites only).
 
     ``max_sites`` sizes the overflow guard: each site's weighted values must stay below
-    ``max_abs_sum / max_sites`` so that the server's sum of up to ``max_sites`` updates
-    decrypts correctly. ``tag_slots``: integrity tags per chunk (see the module docs).
+    ``max_abs_sum / max_sites`` (divided by :data:`COMPLEX_PACKING_FACTOR` for
+    ``ckks_seeded``) so that the server's sum of up to ``max_sites`` updates decrypts
+    correctly. ``tag_slots``: integrity tag values per chunk (see the module docs).
+    ``scheme``: the contract's ``encryption.scheme``.
     """
 
     def __init__(
-        self, secret_context: bytes, *, max_sites: int = DEFAULT_MAX_SITES, tag_slots: int = 0
+        self,
+        secret_context: bytes,
+        *,
+        max_sites: int = DEFAULT_MAX_SITES,
+        tag_slots: int = 0,
+        scheme: EncryptedScheme = "ckks",
     ) -> None:
         if max_sites < 1:
             raise ValueError("max_sites must be >= 1")
+        if scheme not in ("ckks", "ckks_seeded"):
+            raise ValueError(f"unknown encryption scheme {scheme!r}")
         self._ctx = load_context(secret_context, require_secret=True)
         self._info: ContextInfo = context_info(self._ctx)
-        if not 0 <= tag_slots < self._info.slot_count:
-            raise ValueError("tag_slots must be within 0..slot_count-1")
+        self._scheme: EncryptedScheme = scheme
+        self._chunk_size = self._info.chunk_size(scheme)
+        self._seeded = SeededCipher(self._ctx) if scheme == "ckks_seeded" else None
+        if not 0 <= tag_slots < self._chunk_size:
+            raise ValueError("tag_slots must be within 0..chunk_size-1")
         self._max_sites = max_sites
         self._tag_slots = tag_slots
         self._tags = AggregateTags(secret_context, slots=tag_slots) if tag_slots else None
@@ -197,13 +218,13 @@ class CkksCodec:
 
     @property
     def scheme(self) -> Scheme:
-        """Always ``ckks``."""
-        return "ckks"
+        """``ckks`` or ``ckks_seeded``."""
+        return self._scheme
 
     @property
     def chunk_size(self) -> int:
-        """The context's slot count (N/2)."""
-        return self._info.slot_count
+        """Values per ciphertext: the slot count (N/2) for ``ckks``, N for ``ckks_seeded``."""
+        return self._chunk_size
 
     @property
     def tag_slots(self) -> int:
@@ -212,13 +233,14 @@ class CkksCodec:
 
     @property
     def values_per_chunk(self) -> int:
-        """Model values per chunk (the slot count less the tag slots)."""
-        return self._info.slot_count - self._tag_slots
+        """Model values per chunk (the chunk size less the tag slots)."""
+        return self._chunk_size - self._tag_slots
 
     @property
     def per_site_limit(self) -> float:
         """Largest ``|weight * value|`` a site may send."""
-        return self._info.max_abs_sum / self._max_sites
+        packing = COMPLEX_PACKING_FACTOR if self._seeded is not None else 1.0
+        return self._info.max_abs_sum / packing / self._max_sites
 
     @property
     def rounding_grid(self) -> float:
@@ -263,7 +285,10 @@ class CkksCodec:
                         code="update.out_of_range",
                     )
                 part = np.concatenate([part, tags])
-            yield bytes(ts.ckks_vector(self._ctx, part).serialize())
+            if self._seeded is not None:
+                yield self._seeded.encrypt(part)
+            else:
+                yield bytes(ts.ckks_vector(self._ctx, part).serialize())
 
     def encode(
         self,
@@ -274,9 +299,11 @@ class CkksCodec:
         site_id: str = "",
     ) -> EncryptedUpdate:
         """Encrypt ``weight * vector`` for the round described by ``info`` (tagged as
-        ``site_id``'s contribution when the codec has tag slots)."""
+        ``site_id``'s contribution when the codec has tag slots); a
+        :class:`~concord_protocol.wire.format.SeededUpdate` for ``ckks_seeded``."""
         chunks = list(self.iter_encrypted_chunks(vector, weight=weight, info=info, site_id=site_id))
-        return EncryptedUpdate.build(info, chunk_size=self.chunk_size, chunks=chunks)
+        cls = SeededUpdate if self._seeded is not None else EncryptedUpdate
+        return cls.build(info, chunk_size=self.chunk_size, chunks=chunks)
 
     def decrypt_aggregate(
         self,
@@ -289,7 +316,8 @@ class CkksCodec:
         """Decrypt the aggregate, round it (see module docs), check its integrity tags
         against ``listed`` and divide by ``total_weight``.
 
-        Raises :class:`~site_node.crypto.tags.AggregateIntegrityError` when a tag is off:
+        Raises :class:`~site_node.crypto.tags.AggregateIntegrityError` when a tag is off, or
+        when a ``ckks_seeded`` chunk sums another number of uploads than ``listed`` names:
         nothing decrypted leaves the codec then.
         """
         total = _check_weight(total_weight, "total_weight")
@@ -308,19 +336,8 @@ class CkksCodec:
         out = np.empty(num_params, dtype=np.float64)
         for index, chunk in enumerate(chunks):
             length = chunk_length(num_values, self.chunk_size, index)
-            try:
-                vec = ts.ckks_vector_from(self._ctx, bytes(chunk))
-                size = int(vec.size())
-            except (ValueError, RuntimeError, TypeError, IndexError):
-                raise WireFormatError(
-                    f"aggregate chunk {index} cannot be decoded", code="update.undecodable_chunk"
-                ) from None
-            if size != length:
-                raise WireFormatError(
-                    f"aggregate chunk {index} holds {size} values, expected {length}",
-                    code="update.size_mismatch",
-                )
-            values = self._round(np.asarray(vec.decrypt(), dtype=np.float64), bytes(chunk))
+            raw = self._decrypt_chunk(bytes(chunk), index, length, listed)
+            values = self._round(raw, bytes(chunk))
             model = values[: length - self._tag_slots]
             if self._tags is not None and listed is not None:
                 self._tags.check(
@@ -334,6 +351,39 @@ class CkksCodec:
             start = index * self.values_per_chunk
             out[start : start + model.shape[0]] = model / total
         return out
+
+    def _decrypt_chunk(
+        self, chunk: bytes, index: int, length: int, listed: ListedSum | None
+    ) -> npt.NDArray[np.float64]:
+        """The ``length`` raw (unrounded) values of aggregate chunk ``index``."""
+        if self._seeded is not None:
+            try:
+                aggregate = self._seeded.read(chunk)
+                # Before decrypting: each listed seed costs a SEAL load.
+                if listed is not None and len(aggregate.seeds) != len(listed.sites):
+                    raise AggregateIntegrityError(
+                        f"aggregate chunk {index} sums {len(aggregate.seeds)} uploads, the "
+                        f"manifest lists {len(listed.sites)} contributions"
+                    )
+                values, _ = self._seeded.decrypt(aggregate)
+            except WireFormatError as exc:
+                raise WireFormatError(
+                    f"aggregate chunk {index}: {exc.message}", code=exc.code
+                ) from None
+            return values[:length]
+        try:
+            vec = ts.ckks_vector_from(self._ctx, chunk)
+            size = int(vec.size())
+        except (ValueError, RuntimeError, TypeError, IndexError):
+            raise WireFormatError(
+                f"aggregate chunk {index} cannot be decoded", code="update.undecodable_chunk"
+            ) from None
+        if size != length:
+            raise WireFormatError(
+                f"aggregate chunk {index} holds {size} values, expected {length}",
+                code="update.size_mismatch",
+            )
+        return np.asarray(vec.decrypt(), dtype=np.float64)
 
     def _round(self, values: npt.NDArray[np.float64], chunk: bytes) -> npt.NDArray[np.float64]:
         # Keyed dither in [-grid/2, grid/2), the same at every site (it depends only on the

@@ -162,6 +162,7 @@ class SiteRuntime:
                 key.secret_context,
                 max_sites=max(DEFAULT_MAX_SITES, len(study_sites)),
                 tag_slots=CKKS_TAG_SLOTS,
+                scheme=approved.contract.encryption.scheme,
             )
             fingerprint = key.key_fingerprint
         else:

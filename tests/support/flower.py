@@ -19,6 +19,7 @@ from concord_protocol.contract import (
     StudyContract,
     TrainingSpec,
 )
+from concord_protocol.wire.format import EncryptedScheme
 from consortium_server.federation.processes import TlsFiles
 from consortium_server.federation.tls import make_dev_tls
 from site_node.crypto import generate_study_context, public_context
@@ -62,9 +63,10 @@ def breast_cancer_contract(
     round_timeout_s: int = 120,
     title: str = "Breast cancer federated test",
     sites: tuple[str, ...] = ("hospital-a", "hospital-b", "hospital-c"),
+    scheme: EncryptedScheme = "ckks",
 ) -> StudyContract:
     """A small DP study of the tabular MLP on the demo breast-cancer split, its roster the
-    test keys of ``sites`` (:mod:`tests.support.roster`)."""
+    test keys of ``sites`` (:mod:`tests.support.roster`); ``scheme``: the encryption's."""
     return StudyContract(
         roster=roster(sites),
         key_generator=min(sites),
@@ -78,7 +80,7 @@ def breast_cancer_contract(
         ),
         privacy=PrivacySpec(epsilon=epsilon, delta=1e-5, max_grad_norm=1.0),
         federation=FederationSpec(min_sites=3, round_timeout_s=round_timeout_s),
-        encryption=EncryptionSpec(enabled=encryption),
+        encryption=EncryptionSpec(enabled=encryption, scheme=scheme),
     )
 
 

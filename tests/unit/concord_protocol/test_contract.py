@@ -29,6 +29,7 @@ def test_hash_ignores_key_order_and_includes_defaults() -> None:
         {"datasets": ["bc-a", "bc-c", "bc-b"]},
         {"privacy": {"epsilon": 3.0001, "delta": 1e-5}},
         {"encryption": {"enabled": False}},
+        {"encryption": {"scheme": "ckks_seeded"}},
         {"key_generator": "hospital-b"},
         {"roster": [m.model_dump(mode="json") for m in roster(["hospital-a", "hospital-b"])]},
     ],
@@ -37,6 +38,17 @@ def test_any_change_changes_the_hash(change: dict[str, object]) -> None:
     base = contract_of(study_contract(["bc-a", "bc-b", "bc-c"])).model_dump(mode="json")
     changed = StudyContract.model_validate({**base, **change})
     assert StudyContract.model_validate(base).contract_hash() != changed.contract_hash()
+
+
+def test_the_encryption_scheme_defaults_to_ckks_and_names_only_known_schemes() -> None:
+    raw = contract_of(study_contract(["bc-a", "bc-b", "bc-c"])).model_dump(mode="json")
+    assert raw["encryption"] == {"enabled": True, "scheme": "ckks"}  # unchanged: old hashes hold
+    seeded = StudyContract.model_validate({**raw, "encryption": {"scheme": "ckks_seeded"}})
+    assert seeded.encryption.scheme == "ckks_seeded"
+    assert b'"scheme":"ckks_seeded"' in seeded.canonical()
+    for scheme in ("plain", "bfv", "CKKS"):
+        with pytest.raises(ValidationError):
+            StudyContract.model_validate({**raw, "encryption": {"scheme": scheme}})
 
 
 def test_a_swapped_key_fingerprint_changes_the_hash() -> None:

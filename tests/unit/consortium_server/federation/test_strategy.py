@@ -108,6 +108,32 @@ def test_dp_he_rounds_in_process_with_the_real_clientapp(tmp_path: Path) -> None
     assert outcome.final_model.round_number == 2
 
 
+@pytest.mark.slow
+def test_a_ckks_seeded_study_runs_in_process_with_the_real_clientapp(tmp_path: Path) -> None:
+    """The contract's scheme reaches every step: the sites' codec, the strategy's chunk
+    size, the blind sum and each site's opening (decryption and tag check) of the aggregate
+    before it evaluates it."""
+    contract = breast_cancer_contract(rounds=1, scheme="ckks_seeded")
+    sites = [make_site(tmp_path, i) for i in range(3)]
+    public = approve_everywhere(sites, "study-1", contract)
+    plan = _plan({"rounds": 1, "scheme": "ckks_seeded"}, public)
+    assert BlindAggregationStrategy(plan).chunk_size == 8192
+    grid = InProcessGrid(_contexts(tmp_path, plan))
+
+    outcome = run_study_rounds(grid, plan, gate=RecordingGate())  # type: ignore[arg-type]
+
+    assert outcome.status == "completed", outcome.failure
+    (record,) = outcome.rounds
+    assert record.participants == ["hospital-a", "hospital-b", "hospital-c"]
+    assert record.rejected == []
+    assert grid.sent == ["train"] * 3 + ["evaluate"] * 3
+    assert record.evaluation["sites"] == 3  # each site opened the aggregate it evaluated
+    assert outcome.final_model is not None
+    final = EncodedUpdate.from_bytes_list(list(outcome.final_model.blobs))
+    assert (final.header.scheme, final.header.format_version) == ("ckks_seeded", 3)
+    assert final.header.digest == record.aggregate_digest
+
+
 def test_unapproved_contract_is_refused_by_the_clientapp_and_the_round_fails(
     tmp_path: Path,
 ) -> None:
