@@ -144,7 +144,8 @@ def _contract(options: DemoOptions, hospitals: list[Hospital]) -> dict[str, Any]
         "training": {"rounds": options.rounds, "optimizer": "sgd", **training},
         "privacy": {"epsilon": options.epsilon, "delta": 1e-5, "max_grad_norm": 1.0},
         "federation": {"min_sites": 3, "round_timeout_s": 300},
-        "encryption": {"enabled": True},
+        # Seeded, bit-packed CKKS ciphertexts: about 7.6 bytes per parameter (docs/crypto.md).
+        "encryption": {"enabled": True, "scheme": "ckks_seeded"},
     }
 
 

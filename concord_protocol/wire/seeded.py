@@ -45,6 +45,11 @@ import numpy as np
 import numpy.typing as npt
 import tenseal as ts
 
+# Registers SEAL's types with pybind11: without it, reading a context's coefficient moduli
+# fails ("Unable to convert function return value to a Python type") in a process that has
+# not imported it otherwise, such as the ServerApp.
+import tenseal.sealapi
+
 from concord_protocol.errors import WireFormatError
 
 __all__ = [

@@ -148,8 +148,11 @@ class DrillStack:
         # out of band (site-node peers pin): approvals and key relay need the pins.
         stack.pin_peers()
 
-    def contract(self, *, rounds: int, round_timeout_s: int) -> dict[str, Any]:
-        """A small DP + CKKS study of the tabular MLP over every hospital's dataset."""
+    def contract(
+        self, *, rounds: int, round_timeout_s: int, scheme: str = "ckks"
+    ) -> dict[str, Any]:
+        """A small DP + CKKS study of the tabular MLP over every hospital's dataset
+        (``scheme``: the ciphertext format, ``ckks`` or ``ckks_seeded``)."""
         return {
             "title": "Failure drill",
             "description": "Federated classifier across the drill's hospitals, DP-SGD + CKKS.",
@@ -168,7 +171,7 @@ class DrillStack:
             },
             "privacy": {"epsilon": 6.0, "delta": 1e-5, "max_grad_norm": 1.0},
             "federation": {"min_sites": 3, "round_timeout_s": round_timeout_s},
-            "encryption": {"enabled": True},
+            "encryption": {"enabled": True, "scheme": scheme},
         }
 
     def submit_and_start(self, contract: dict[str, Any]) -> dict[str, Any]:

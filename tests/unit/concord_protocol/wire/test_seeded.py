@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +226,27 @@ def test_the_header_version_follows_the_scheme() -> None:
     with pytest.raises(WireFormatError) as exc:
         UpdateHeader.from_bytes(downgraded)
     assert exc.value.code == "update.malformed_header"
+
+
+def test_the_layout_reads_a_context_in_a_process_that_imported_only_the_server_side(
+    tmp_path: Path,
+) -> None:
+    # The ServerApp imports no site code: SEAL's pybind11 types must be registered by the
+    # shared module itself (found by the demo on real processes).
+    from site_node.crypto.ckks import generate_study_context, public_context
+
+    path = tmp_path / "public.ctx"
+    path.write_bytes(public_context(generate_study_context()))
+    script = (
+        "import sys\n"
+        "from concord_protocol.wire.ckks import load_context\n"
+        "from concord_protocol.wire.seeded import SeededLayout\n"
+        "assert 'site_node' not in ' '.join(sys.modules)\n"
+        f"ctx = load_context(open({str(path)!r}, 'rb').read(), require_secret=False)\n"
+        "print(SeededLayout.from_context(ctx).primes)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("(")
