@@ -46,6 +46,7 @@ __all__ = [
     "PrivacyBudgetExhaustedError",
     "PrivacyConfigurationError",
     "SiteError",
+    "TrainingDeviceError",
     "TrainingDivergedError",
     "UnknownLabelError",
 ]
@@ -55,6 +56,8 @@ __all__ = [
 #: ``bundle.*``) are recorded by the ServerApp and in the audit log.
 CATALOGUE: dict[str, str] = {
     "site.error": "The site node failed; the message says where.",
+    "training.device_unavailable": "The training device the site is configured with "
+    "(`CONCORD_SITE_DEVICE`) is not on this machine: no CUDA, or no GPU of that index.",
     "settings.unsafe_production": "Production refuses plain HTTP, TLS off or a missing CA; "
     "the message names each setting and its fix.",
     # local datasets
@@ -338,6 +341,12 @@ class TrainingDivergedError(SiteError):
     """Training produced non-finite losses or weights."""
 
     code = "training.diverged"
+
+
+class TrainingDeviceError(SiteError):
+    """The configured training device (``CONCORD_SITE_DEVICE``) is not on this machine."""
+
+    code = "training.device_unavailable"
 
 
 class PrivacyConfigurationError(SiteError):

@@ -88,6 +88,12 @@ class SiteSettings(BaseSettings):
     poll_interval_s: float = Field(
         default=15.0, gt=0, le=3600, description="Seconds between two passes of the site agent."
     )
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="Where the site trains: `auto` (a CUDA GPU when PyTorch sees one, else "
+        "the CPU), `cpu`, `cuda` or `cuda:N` (refused at each round when not there).",
+    )
     dp_secure_noise: bool = Field(
         default=True,
         description="DP-SGD noise robust to floating-point attacks: Opacus' secure_mode "

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -73,6 +74,7 @@ from site_node.privacy.dp_metrics import noisy_histogram
 from site_node.settings import SiteSettings
 from site_node.training.baseline import pool
 from site_node.training.catalogue import build_model
+from site_node.training.device import resolve_device
 from site_node.training.loops import TrainResult, train_round
 from site_node.training.params import flatten, num_parameters, unflatten_into
 
@@ -140,6 +142,11 @@ class SiteRuntime:
     def ledger(self) -> RoundLedger:
         """What this site sent and answered in the study."""
         return RoundLedger(self.settings.state_dir, self.study_id, self.contract_hash)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this site trains and scores (``CONCORD_SITE_DEVICE``; refused if absent)."""
+        return resolve_device(self.settings.device)
 
     @classmethod
     def from_context(cls, context: Context) -> SiteRuntime:
@@ -247,7 +254,7 @@ class SiteRuntime:
                 secure_mode=self.settings.dp_secure_noise,
             )
         try:
-            result = train_round(model, data, training, dp=dp)
+            result = train_round(model, data, training, dp=dp, device=self.device)
         finally:
             dp.save(dp_path)  # steps taken are spent, also when the round raised
         return model, result, dp
@@ -279,7 +286,7 @@ class SiteRuntime:
         """The one thing that leaves about the test split: ``model``'s noisy histogram on
         ``data`` with its layout and noise level, as an evaluate reply's metrics."""
         noise, bins = self.evaluation_noise(), self.contract.evaluation.score_bins
-        released = noisy_histogram(model, data, bins=bins, noise=noise)
+        released = noisy_histogram(model, data, bins=bins, noise=noise, device=self.device)
         return {
             "histogram": released.counts,
             "num-classes": released.num_classes,

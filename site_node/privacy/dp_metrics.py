@@ -39,18 +39,27 @@ class ReleasedHistogram:
     num_classes: int
 
 
-def probabilities(model: nn.Module, dataset: LocalDataset) -> np.ndarray:
-    """Class probabilities of ``model`` for every record of ``dataset`` (N, K)."""
-    return torch.softmax(score(model, dataset), dim=1).double().numpy()
+def probabilities(
+    model: nn.Module, dataset: LocalDataset, *, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Class probabilities of ``model`` for every record of ``dataset`` (N, K), scored on
+    ``device``."""
+    return torch.softmax(score(model, dataset, device=device), dim=1).double().numpy()
 
 
 def noisy_histogram(
-    model: nn.Module, dataset: LocalDataset, *, bins: int, noise: float
+    model: nn.Module,
+    dataset: LocalDataset,
+    *,
+    bins: int,
+    noise: float,
+    device: torch.device | str = "cpu",
 ) -> ReleasedHistogram:
-    """Score ``dataset`` with ``model`` and release its histogram (``bins`` score bins for
-    a binary task) with Gaussian noise of standard deviation ``noise`` on every cell."""
+    """Score ``dataset`` with ``model`` (on ``device``) and release its histogram (``bins``
+    score bins for a binary task) with Gaussian noise of standard deviation ``noise`` on
+    every cell."""
     probs = (
-        probabilities(model, dataset)
+        probabilities(model, dataset, device=device)
         if len(dataset)
         else np.zeros((0, dataset.num_classes), dtype=np.float64)
     )

@@ -84,10 +84,12 @@ def _run_epochs(
     optimizer: torch.optim.Optimizer,
     loader: DataLoader[Any],
     epochs: int,
+    device: torch.device,
 ) -> tuple[float, int]:
     total_loss, total_n, steps = 0.0, 0, 0
     for _ in range(epochs):
-        for x, y in loader:
+        for x_cpu, y_cpu in loader:
+            x, y = x_cpu.to(device), y_cpu.to(device)
             optimizer.zero_grad(set_to_none=True)
             logits = module(x)
             if len(y) == 0:
@@ -110,8 +112,12 @@ def train_round(
     *,
     dp: DpTrainer | None,
     seed: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> TrainResult:
     """Train ``model`` in place for ``training.local_epochs`` epochs on ``dataset``.
+
+    The arithmetic runs on ``device`` (:func:`site_node.training.device.resolve_device`);
+    batches are moved there one at a time and the model is back on the CPU afterwards.
 
     With ``dp``, training is DP-SGD with Poisson sampling under the study-wide plan of
     ``dp`` (which must have been built for ``len(dataset)`` records and this training
@@ -127,23 +133,37 @@ def train_round(
     """
     if len(dataset) == 0:
         raise EmptyDatasetError("the training split has no records")
+    target = torch.device(device)
     model.train()
-    optimizer = make_optimizer(model, training)
-    with _seeded(seed):
-        if dp is None:
-            loader: DataLoader[Any] = DataLoader(
-                dataset.as_torch(), batch_size=training.batch_size, shuffle=True
-            )
-            mean_loss, steps = _run_epochs(model, optimizer, loader, training.local_epochs)
-            return TrainResult(len(dataset), mean_loss, steps, None)
-        loader = DataLoader(dataset.as_torch(), batch_size=training.batch_size)
-        with dp.private_round(model, optimizer, loader) as private, warnings.catch_warnings():
-            # Opacus' hooks on the first layer: inputs never require grad. Harmless.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            mean_loss, steps = _run_epochs(
-                private.module, private.optimizer, private.data_loader, training.local_epochs
-            )
-    return TrainResult(len(dataset), mean_loss, steps, dp.epsilon_spent())
+    model.to(target)
+    try:
+        optimizer = make_optimizer(model, training)
+        with _seeded(seed):
+            if dp is None:
+                loader: DataLoader[Any] = DataLoader(
+                    dataset.as_torch(), batch_size=training.batch_size, shuffle=True
+                )
+                mean_loss, steps = _run_epochs(
+                    model, optimizer, loader, training.local_epochs, target
+                )
+                return TrainResult(len(dataset), mean_loss, steps, None)
+            loader = DataLoader(dataset.as_torch(), batch_size=training.batch_size)
+            with (
+                dp.private_round(model, optimizer, loader) as private,
+                warnings.catch_warnings(),
+            ):
+                # Opacus' hooks on the first layer: inputs never require grad. Harmless.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                mean_loss, steps = _run_epochs(
+                    private.module,
+                    private.optimizer,
+                    private.data_loader,
+                    training.local_epochs,
+                    target,
+                )
+        return TrainResult(len(dataset), mean_loss, steps, dp.epsilon_spent())
+    finally:
+        model.to("cpu")
 
 
 def _macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -160,22 +180,33 @@ def _macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def score(model: nn.Module, dataset: LocalDataset, *, batch_size: int = 256) -> torch.Tensor:
-    """``model``'s logits (N, num_classes) for every record, in eval mode, without gradients
-    (the model's train/eval mode is restored afterwards).
+def score(
+    model: nn.Module,
+    dataset: LocalDataset,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``model``'s logits (N, num_classes) for every record, in eval mode, without gradients,
+    computed on ``device`` and returned on the CPU (the model's train/eval mode and device
+    are restored afterwards).
 
     Raises:
         IncompatibleInputError: the model does not output one score per class.
     """
     was_training = model.training
+    target = torch.device(device)
     model.eval()
+    model.to(target)
     try:
         with torch.no_grad():
             logits = torch.cat(
-                [model(x) for x in torch.split(dataset.features, batch_size)], dim=0
+                [model(x.to(target)).cpu() for x in torch.split(dataset.features, batch_size)],
+                dim=0,
             ).float()
     finally:
         model.train(was_training)
+        model.to("cpu")
     if logits.ndim != 2 or logits.shape[1] != dataset.num_classes:
         raise IncompatibleInputError(
             f"model outputs {tuple(logits.shape[1:])} scores per record, the dataset has "
@@ -184,7 +215,13 @@ def score(model: nn.Module, dataset: LocalDataset, *, batch_size: int = 256) -> 
     return logits
 
 
-def evaluate(model: nn.Module, dataset: LocalDataset, *, batch_size: int = 256) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    dataset: LocalDataset,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
     """Loss (mean cross-entropy), accuracy and AUC of ``model`` on ``dataset``.
 
     AUC is computed with scikit-learn: for binary tasks on the class-1 probability, for
@@ -195,7 +232,7 @@ def evaluate(model: nn.Module, dataset: LocalDataset, *, batch_size: int = 256) 
     n = len(dataset)
     if n == 0:
         return EvalResult(0, math.nan, math.nan, math.nan)
-    logits = score(model, dataset, batch_size=batch_size)
+    logits = score(model, dataset, batch_size=batch_size, device=device)
     loss = float(functional.cross_entropy(logits, dataset.labels))
     accuracy = float((logits.argmax(dim=1) == dataset.labels).float().mean())
     probs = torch.softmax(logits, dim=1).double().numpy()
