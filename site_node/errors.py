@@ -134,6 +134,11 @@ CATALOGUE: dict[str, str] = {
     "aggregate.weight_exceeds_roster": "A listed weight exceeds what the site published.",
     "aggregate.bad_signature": "A listed contribution is not signed by its site's key.",
     "aggregate.weight_mismatch": "The total weight sent is not the sum of the signed weights.",
+    "aggregate.round_locked": (
+        "An earlier aggregate of this round failed its integrity tags: the site opens no "
+        "other aggregate of the round (the tags are one-time keys; each refusal would tell "
+        "a forger one more bit)."
+    ),
     "aggregate.own_contribution_omitted": (
         "The aggregate leaves out this site's own timely contribution to that round."
     ),

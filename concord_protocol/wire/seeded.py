@@ -263,10 +263,15 @@ class UploadChunk:
 
 @dataclass(frozen=True, eq=False)
 class AggregateChunk:
-    """A blind sum of upload chunks: ``sum c0 mod q`` and every summed seed, in order.
+    """A blind sum of upload chunks: ``sum c0 mod q`` and every summed seed, sorted by their
+    65-byte entries.
 
     Sums and differences are exact (modular arithmetic), so the server can take a reply
-    back out of a partial sum when a later chunk of it turns out to be bad.
+    back out of a partial sum when a later chunk of it turns out to be bad. The seed order
+    is canonical, and another order is refused: the same sum in other bytes would get
+    another dither nonce at the site, so a server could have one ciphertext decrypted and
+    rounded up to k! ways, and averaging roundings approaches the exact decryption that
+    key recovery needs (``docs/crypto.md``, "Why decrypted aggregates are rounded").
     """
 
     seeds: tuple[Seed, ...]
@@ -277,6 +282,11 @@ class AggregateChunk:
             raise WireFormatError(f"an aggregate sums 1 to {MAX_SEEDS} uploads", code=_UNDECODABLE)
         if len({s.value for s in self.seeds}) != len(self.seeds):
             raise WireFormatError("an aggregate lists a seed twice", code=_UNDECODABLE)
+        if list(self.seeds) != sorted(self.seeds, key=Seed.to_bytes):
+            raise WireFormatError(
+                "an aggregate's seeds are not in their canonical (sorted) order",
+                code=_UNDECODABLE,
+            )
 
     @classmethod
     def of(cls, upload: UploadChunk) -> AggregateChunk:
@@ -297,7 +307,7 @@ class AggregateChunk:
         """``self + other``: coefficients added modulo their primes, seed lists joined."""
         c0 = self.c0 + other.c0  # both below 2**61: no overflow
         np.subtract(c0, layout.moduli, out=c0, where=c0 >= layout.moduli)
-        return AggregateChunk(self.seeds + other.seeds, c0)
+        return AggregateChunk(tuple(sorted(self.seeds + other.seeds, key=Seed.to_bytes)), c0)
 
     def subtract(self, layout: SeededLayout, other: AggregateChunk) -> AggregateChunk:
         """``self - other``; ``other``'s seeds must all be in ``self``."""

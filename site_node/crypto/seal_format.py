@@ -158,16 +158,23 @@ def parse_seeded(data: bytes, layout: SeededLayout, version: tuple[int, int]) ->
         raise WireFormatError("truncated SEAL object", code=_UNDECODABLE)
     compr = _check_header(data, 0, version, None)
     expected = _body_size(layout)
-    if compr == _COMPR_NONE:
-        body = data[_HEADER.size :]
-    elif compr == _COMPR_ZLIB:
-        body = zlib.decompress(data[_HEADER.size :], bufsize=expected)
-    elif compr == _COMPR_ZSTD:
-        body = zstandard.ZstdDecompressor().decompress(
-            data[_HEADER.size :], max_output_size=expected
-        )
-    else:
-        raise WireFormatError(f"unknown SEAL compression mode {compr}", code=_UNDECODABLE)
+    try:
+        if compr == _COMPR_NONE:
+            body = data[_HEADER.size :]
+        elif compr == _COMPR_ZLIB:
+            # At most one byte past the expected size: a longer body is refused below
+            # without inflating the rest (``bufsize`` would only be a starting size).
+            body = zlib.decompressobj().decompress(data[_HEADER.size :], expected + 1)
+        elif compr == _COMPR_ZSTD:
+            body = zstandard.ZstdDecompressor().decompress(
+                data[_HEADER.size :], max_output_size=expected
+            )
+        else:
+            raise WireFormatError(f"unknown SEAL compression mode {compr}", code=_UNDECODABLE)
+    except (zlib.error, zstandard.ZstdError) as exc:
+        raise WireFormatError(
+            f"the SEAL object does not decompress: {exc}", code=_UNDECODABLE
+        ) from None
     if len(body) != expected:
         raise WireFormatError("not a seeded ciphertext of this context", code=_UNDECODABLE)
     *parms_id, is_ntt, size, n, moduli, scale, correction = _META.unpack_from(body)

@@ -141,8 +141,12 @@ class AggregateTags:
         """Raise :class:`AggregateIntegrityError` unless the chunk sums exactly ``sites``."""
         off = self.deviation(values, tags, info, chunk, sites)
         if not off <= TOLERANCE_GRIDS * grid:  # also refuses NaN
+            # How far off stays here: the refusal travels to the server in the error reply,
+            # and a deviation there would be a readout of whatever the server added (a
+            # chosen plaintext), from which it could learn the round's secret tag
+            # coefficients and forge an aggregate they accept.
             raise AggregateIntegrityError(
                 f"chunk {chunk} of the round {info.round_number} aggregate does not sum the "
-                f"{len(sites)} contributions it lists (tag off by {off / grid:.3g} grids): "
-                "a value was added, or a contribution dropped or swapped",
+                f"{len(sites)} contributions it lists: a value was added, or a contribution "
+                "dropped or swapped",
             )

@@ -42,6 +42,7 @@ from concord_protocol.errors import CryptoError
 from concord_protocol.private_files import write_private_file
 from concord_protocol.wire.format import EncodedUpdate, RoundInfo
 from site_node.crypto.codecs import ListedSum, UpdateCodec
+from site_node.crypto.tags import AggregateIntegrityError
 from site_node.errors import MessageRefusedError
 from site_node.peers import PeerStore
 
@@ -156,6 +157,12 @@ def open_aggregate(
             f"the aggregate of round {round_number} leaves out this site's timely contribution",
             code="aggregate.own_contribution_omitted",
         )
+    if ledger.integrity_failed(round_number):
+        raise AggregateRefusedError(
+            f"an earlier aggregate of round {round_number} failed its integrity tags; this "
+            "site opens no other aggregate of that round",
+            code="aggregate.round_locked",
+        )
     try:
         params = codec.decrypt_aggregate(
             update.chunks,
@@ -163,6 +170,11 @@ def open_aggregate(
             total_weight=float(manifest.total_weight),
             listed=ListedSum(expected, manifest.sites),
         )
+    except AggregateIntegrityError as exc:
+        # The tags are one-time: a server that may try again learns a bit per refusal
+        # about the round's secret tag coefficients. One failure locks the round.
+        ledger.record_integrity_failure(round_number, update.digest)
+        raise AggregateRefusedError(exc.message, code=exc.code) from None
     except CryptoError as exc:
         code = exc.code if exc.code.startswith("aggregate.") else "update.global_mismatch"
         raise AggregateRefusedError(exc.message, code=code) from None
@@ -247,6 +259,15 @@ class RoundLedger:
                     "aggregate": aggregate_digest,
                     "metrics": slot.metrics,
                 }
+
+    def integrity_failed(self, round_number: int) -> bool:
+        """Whether an aggregate of ``round_number`` failed its integrity tags here."""
+        return str(round_number) in self._read().get("integrity_failures", {})
+
+    def record_integrity_failure(self, round_number: int, digest: str) -> None:
+        """Lock ``round_number``: an aggregate of it (``digest``) failed its tags."""
+        with self._locked() as data:
+            data.setdefault("integrity_failures", {})[str(round_number)] = digest
 
     def released(self) -> str | None:
         """The digest of the aggregate this site released, if any."""

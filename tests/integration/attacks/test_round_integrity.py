@@ -22,6 +22,7 @@ replayed, and a weight is inflated. Every site refusal carries a stable ``aggreg
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,8 +183,21 @@ def _message(honest: Honest, kind: str, round_number: int, model: GlobalModel) -
     return Message(content, dst_node_id=100, message_type=kind, group_id=f"{STUDY}/{round_number}")
 
 
+def _first_attempt(honest: Honest) -> None:
+    """Forget the rounds the sites locked after a failed integrity check, so that the next
+    attack is judged as the first one of its round (a real site, once locked, refuses every
+    other aggregate of that round: ``test_one_failed_aggregate_locks_its_round``)."""
+    for fixture in honest.sites:
+        ledger = RoundLedger(fixture.state_dir, STUDY, honest.plan.contract_hash)
+        if ledger.path.is_file():
+            data = json.loads(ledger.path.read_text())
+            data.pop("integrity_failures", None)
+            ledger.path.write_text(json.dumps(data))
+
+
 def _refusal(honest: Honest, kind: str, round_number: int, model: GlobalModel) -> str:
     """What hospital-a's ClientApp says to the message: the refusal's code."""
+    _first_attempt(honest)
     with pytest.raises(AggregateRefusedError) as refused:
         clientapp.app(_message(honest, kind, round_number, model), honest.contexts[100])
     return refused.value.code
@@ -228,6 +242,23 @@ def test_a_plaintext_added_to_the_aggregate_is_refused(honest: Honest) -> None:
     both = _add_plaintext(honest.public, nudged, last, 1.0)
     forged = _rebuild(honest, model, [both, *chunks[1:]])
     assert _refusals(honest, forged) == ["aggregate.integrity_failed"] * 2
+
+
+def test_one_failed_aggregate_locks_its_round(honest: Honest) -> None:
+    """The tags are one-time keys: a server allowed to try again would learn a bit about
+    them per refusal. After one aggregate of a round fails them, the site opens no other
+    aggregate of that round, not even the honest one; other rounds are not affected."""
+    model = honest.models[0]
+    chunks = _chunks(model)
+    forged = _rebuild(
+        honest, model, [_add_plaintext(honest.public, chunks[0], 7, 1.0), *chunks[1:]]
+    )
+    assert _refusal(honest, "evaluate", 1, forged) == "aggregate.integrity_failed"
+    for kind, round_number in (("evaluate", 1), ("train", 2)):
+        with pytest.raises(AggregateRefusedError) as refused:
+            clientapp.app(_message(honest, kind, round_number, model), honest.contexts[100])
+        assert refused.value.code == "aggregate.round_locked"
+    _first_attempt(honest)  # leave the module's shared sites as the other tests expect
 
 
 def test_a_dropped_contribution_is_refused(honest: Honest) -> None:
@@ -405,6 +436,7 @@ def _release(honest: Honest, model: GlobalModel, site: int = 1) -> Any:
         "manifest": model.manifest,
     }
     fixture = honest.sites[site]
+    _first_attempt(honest)
     return decrypt_final_model(
         served,
         STUDY,

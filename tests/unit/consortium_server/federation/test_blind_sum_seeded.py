@@ -13,7 +13,7 @@ import pytest
 import tenseal as ts
 
 from concord_protocol.wire.format import CKKS_TAG_SLOTS
-from concord_protocol.wire.seeded import AggregateChunk, SeededLayout, UploadChunk
+from concord_protocol.wire.seeded import AggregateChunk, Seed, SeededLayout, UploadChunk
 from consortium_server.federation.blind_sum import (
     BlindSumResult,
     NotEnoughSitesError,
@@ -136,7 +136,8 @@ def test_the_blind_sum_is_plaintext_fedavg(
     assert [len(c) for c in result.chunks] == [layout.aggregate_bytes(num_sites)] * CHUNKS
     assert result.site_digests["site-a"] == hashlib.sha256(replies["site-a"][0]).hexdigest()
     seeds = AggregateChunk.from_bytes(layout, result.chunks[2]).seeds
-    assert seeds == tuple(UploadChunk.from_bytes(layout, replies[s][3]).seed for s in sites)
+    listed = (UploadChunk.from_bytes(layout, replies[s][3]).seed for s in sites)
+    assert seeds == tuple(sorted(listed, key=Seed.to_bytes))  # canonical order
     got = decrypt(codec, result, weights)
     assert np.max(np.abs(got - fedavg(vectors, weights, sites))) <= 1e-6
     # Aggregate bytes per parameter: within twice float32 (whole chunks cost the most).

@@ -98,7 +98,7 @@ def _replace_seed(layout: SeededLayout, chunk: bytes, index: int, seed: Seed) ->
     aggregate = AggregateChunk.from_bytes(layout, chunk)
     seeds = list(aggregate.seeds)
     seeds[index] = seed
-    return AggregateChunk(tuple(seeds), aggregate.c0).to_bytes(layout)
+    return AggregateChunk(tuple(sorted(seeds, key=Seed.to_bytes)), aggregate.c0).to_bytes(layout)
 
 
 def test_the_seal_layout_round_trips_through_seal(secret_ctx: bytes) -> None:
