@@ -19,6 +19,7 @@ The hierarchy::
         ├── CatalogueError: UnknownModelError, InvalidHyperparameterError,
         │   IncompatibleInputError
         ├── IdentityProviderError
+        ├── ReleasedModelError (a released model file or its card does not hold up)
         └── ApiError (the consortium API answered with an error, or not at all)
 """
 
@@ -39,6 +40,7 @@ __all__ = [
     "InvalidHyperparameterError",
     "InvalidProofError",
     "PolicyLoadError",
+    "ReleasedModelError",
     "UnknownModelError",
     "WireFormatError",
 ]
@@ -199,6 +201,27 @@ class IdentityProviderError(ConcordError):
     """
 
     code = "auth.issuer_unavailable"
+
+
+# --- released models -------------------------------------------------------------------------
+
+
+class ReleasedModelError(ConcordError):
+    """A released model file (or the card or contract it is checked against) is refused.
+
+    Raised by :mod:`concord_protocol.model_file` and the researcher's loader
+    (:mod:`site_node.training.released`) before any weight is loaded. Codes:
+    ``released_model.malformed`` (not a well-formed file of this format: header length,
+    JSON, dtypes, offsets, metadata), ``released_model.layout_mismatch`` (the tensors' names,
+    shapes, dtypes or offsets are not those of the catalogue network the file names),
+    ``released_model.hash_mismatch`` (the parameters do not hash to the model hash),
+    ``released_model.card_mismatch`` (the file and the model card disagree),
+    ``released_model.contract_mismatch`` (the file is not of the given contract),
+    ``released_model.signoff_invalid`` (a site's sign-off on the card does not verify with
+    the key given for it, or a site's sign-off is missing).
+    """
+
+    code = "released_model.malformed"
 
 
 # --- the consortium API ----------------------------------------------------------------------
