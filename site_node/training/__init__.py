@@ -1,4 +1,5 @@
-"""Training core: model catalogue, parameter vectors, train/evaluate loops, baseline."""
+"""Training core: model catalogue, parameter vectors, train/evaluate loops, baseline, and
+the loader of released models (:mod:`site_node.training.released`)."""
 
 from concord_protocol.catalogue import (
     CatalogueEntry,
@@ -18,6 +19,7 @@ from site_node.training.params import (
     parameter_manifest,
     unflatten_into,
 )
+from site_node.training.released import load_released_model
 
 __all__ = [
     "BaselineResult",
@@ -32,6 +34,7 @@ __all__ = [
     "flatten",
     "get_entry",
     "list_models",
+    "load_released_model",
     "make_optimizer",
     "manifest_digest",
     "num_parameters",
