@@ -202,6 +202,15 @@ CATALOGUE: dict[str, CatalogueEntry] = {
     "release.model_exists": CatalogueEntry(
         409, "A different model was already uploaded for this study."
     ),
+    "release.layout_invalid": CatalogueEntry(
+        422, "The parameter layout does not fit the model (names, shapes or sizes)."
+    ),
+    "release.layout_exists": CatalogueEntry(
+        409, "A different parameter layout was already uploaded for this model."
+    ),
+    "release.layout_missing": CatalogueEntry(
+        409, "The model was uploaded without its parameter layout: no model file yet."
+    ),
     "release.signoffs_missing": CatalogueEntry(
         409, "Not every site of the study has signed off the final model."
     ),

@@ -225,6 +225,8 @@ CATALOGUE: dict[str, str] = {
     "release.mismatch": "The final aggregate does not match the study's contract.",
     "release.no_key": "This site has no key for the study.",
     "release.decrypt": "The final aggregate cannot be decrypted with the study key.",
+    "release.layout_mismatch": "The input shape the server names for the model does not give "
+    "the contract's network the decrypted model's parameter count: the model is not uploaded.",
 }
 
 

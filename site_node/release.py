@@ -27,7 +27,14 @@ Steps (see :mod:`consortium_server.release` for the shared definitions):
    checking consistency) and requires that entry to name this study, the final round and
    this aggregate's digest (``release.not_on_record``; ``release.not_witnessed`` while the
    entry is newer than the witnessed head: the agent witnesses first and retries);
-6. with ``upload=True``, upload the model bytes too (one site is enough).
+6. with ``upload=True``, upload the model bytes too (one site is enough), with their
+   parameter layout: the contract's catalogue network built for the input shape and class
+   count the server names with the aggregate, provided the catalogue gives it exactly the
+   decrypted model's parameter count (checked before it is built;
+   ``release.layout_mismatch`` otherwise). The layout lets the server serve the model as a
+   safetensors file; the bytes, and so the hash the sites signed, are the same with or
+   without it. A reader checks the layout against the network again
+   (:mod:`site_node.training.released`).
 
 Nothing here logs parameter values.
 """
@@ -43,6 +50,7 @@ from typing import Any
 from concord_protocol.audit.heads import SignedTreeHead
 from concord_protocol.audit.merkle import leaf_hash, verify_inclusion
 from concord_protocol.client import ConsortiumClient
+from concord_protocol.contract import ModelSpec
 from concord_protocol.errors import InvalidProofError
 from concord_protocol.release import canonical_model_bytes, model_sha256, signoff_message
 from concord_protocol.wire.format import CKKS_TAG_SLOTS, EncodedUpdate
@@ -59,7 +67,14 @@ from site_node.federation.aggregates import (
 from site_node.federation.approvals import ApprovalStore
 from site_node.peers import PeerStore
 
-__all__ = ["ReleaseError", "SignOffResult", "check_on_record", "decrypt_final_model", "sign_off"]
+__all__ = [
+    "ReleaseError",
+    "SignOffResult",
+    "check_on_record",
+    "decrypt_final_model",
+    "sign_off",
+    "upload_layout",
+]
 
 
 class ReleaseError(SiteError):
@@ -246,6 +261,32 @@ def check_on_record(
         )
 
 
+def upload_layout(
+    aggregate: dict[str, Any], spec: ModelSpec, *, num_params: int
+) -> dict[str, Any] | None:
+    """The layout (JSON) to upload with the decrypted model; ``None`` when the server names
+    no input shape. Raises :class:`ReleaseError` (``release.layout_mismatch``) when the
+    named input does not give the contract's network ``num_params`` parameters."""
+    shape, classes = aggregate.get("input_shape"), aggregate.get("num_classes")
+    if shape is None or classes is None:
+        return None
+    # Torch only here: the agent's other steps never build a network.
+    from site_node.training.released import build_layout
+
+    try:
+        given, count = tuple(int(d) for d in shape), int(classes)
+        layout = build_layout(spec, input_shape=given, num_classes=count, num_params=num_params)
+    except (TypeError, ValueError):
+        layout = None
+    if layout is None:
+        raise ReleaseError(
+            f"the server's input shape {shape!r} and class count {classes!r} do not give "
+            f"{spec.name} v{spec.version} the {num_params} parameters of the decrypted model",
+            code="release.layout_mismatch",
+        )
+    return layout.model_dump(mode="json")
+
+
 def sign_off(
     client: ConsortiumClient,
     study_id: str,
@@ -284,9 +325,13 @@ def sign_off(
             json={"site_id": site_id, "model_sha256": digest, "signature": signature},
         )
     if upload:
-        client.request(
-            "POST", f"{base}/model", json={"model_b64": base64.b64encode(data).decode("ascii")}
-        )
+        approved = store.get(contract_hash)
+        assert approved is not None  # decrypt_final_model checked it
+        body: dict[str, Any] = {"model_b64": base64.b64encode(data).decode("ascii")}
+        layout = upload_layout(aggregate, approved.contract.model, num_params=len(data) // 8)
+        if layout is not None:
+            body["layout"] = layout
+        client.request("POST", f"{base}/model", json=body)
     return SignOffResult(
         study_id=study_id,
         site_id=site_id,

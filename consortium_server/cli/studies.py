@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from consortium_server.cli.common import api, console, print_json, read_document, state
+from concord_protocol.audit.trusted_keys import SiteKeysError, load_site_keys
+from concord_protocol.contract import contract_from_mapping
+from concord_protocol.errors import ReleasedModelError
+from concord_protocol.model_file import check_released_file
+from consortium_server.cli.common import api, console, fail, print_json, read_document, state
 
 study_app = typer.Typer(
     help="Submit studies, follow them, and check the sites' signed decisions (sites decide "
@@ -186,6 +192,79 @@ def abort(
     """Stop a study (its owner or a consortium admin)."""
     with api() as client:
         show_study(client.abort_study(study_id, reason))
+
+
+@study_app.command("download")
+def download(
+    study_id: Annotated[str, typer.Argument(help="Study id (released).")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the model file (default: its name, here)."),
+    ] = None,
+    contract: Annotated[
+        Path | None,
+        typer.Option(help="The contract you submitted (YAML or JSON): checked against the file."),
+    ] = None,
+    site_keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="The sites' signing keys, as a hospital exports them (`site-node peers "
+            "export-keys`): every site's sign-off on the card must verify with them."
+        ),
+    ] = None,
+) -> None:
+    """Download a released model as a safetensors file, with its card beside it
+    (``NAME.card.json``), after checking file and card agree (owner or consortium admin).
+
+    Load it with ``site_node.training.released.load_released_model(PATH, card=CARD)``.
+    """
+    given = contract_from_mapping(read_document(contract)) if contract is not None else None
+    try:
+        keys = load_site_keys(site_keys) if site_keys is not None else None
+    except SiteKeysError as exc:
+        fail(str(exc))
+    base = f"/api/v1/studies/{study_id}/release"
+    with api() as client:
+        card = client.request("GET", f"{base}/card")
+        blob = client.download(f"{base}/model.safetensors")
+    try:
+        file = check_released_file(
+            blob,
+            card=card,
+            contract_hash=given.contract_hash() if given is not None else None,
+            model_spec=given.model if given is not None else None,
+            signing_keys=keys,
+        )
+    except ReleasedModelError as exc:
+        fail(f"{exc.message} ({exc.code})", hint="Nothing was written; tell your operator.")
+    path = out if out is not None else Path(_safe_name(card["model"].get("file_name"), study_id))
+    card_path = path.with_name(f"{path.name.removesuffix('.safetensors')}.card.json")
+    path.write_bytes(blob)
+    card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    if state.as_json:
+        print_json(
+            {"file": str(path), "card": str(card_path), "model_sha256": file.info.model_sha256}
+        )
+        return
+    info = file.info
+    console.print(
+        f"[green]wrote[/] {path} ({info.spec.name} v{info.spec.version}, "
+        f"{file.num_params} parameters, input {list(info.input_shape)}, "
+        f"{info.num_classes} classes) and {card_path}"
+    )
+    checked = ["the data hash to the model hash", "the card agrees"]
+    if given is not None:
+        checked.append("it is your contract's model")
+    if keys is not None:
+        checked.append("every site signed it")
+    console.print(f"model SHA-256 {info.model_sha256}: {'; '.join(checked)}")
+
+
+def _safe_name(name: object, study_id: str) -> str:
+    """The server's file name as a plain name in the current directory (never a path)."""
+    if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}", name):
+        return name
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', study_id)[:100] or 'model'}.safetensors"
 
 
 @catalogue_app.command("list")

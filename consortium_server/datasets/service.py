@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -13,7 +13,7 @@ from consortium_server.datasets.schemas import DatasetPublish
 from consortium_server.errors import ConflictError, NotFoundError
 from consortium_server.sites.service import require_own_active_site
 
-__all__ = ["get_dataset", "get_datasets", "list_datasets", "publish_dataset"]
+__all__ = ["get_dataset", "get_datasets", "list_datasets", "model_input", "publish_dataset"]
 
 
 def publish_dataset(session: Session, data: DatasetPublish, *, actor: Principal) -> Dataset:
@@ -54,3 +54,25 @@ def list_datasets(
     if purpose:
         datasets = [d for d in datasets if purpose in d.allowed_purposes]
     return datasets
+
+
+def model_input(feature_summary: Mapping[str, object]) -> tuple[tuple[int, ...], int] | None:
+    """(input shape of one record, class count) that a dataset's feature summary states.
+
+    The shape is ``input_shape``, or ``(features,)`` for tabular data; the class count
+    ``num_classes`` (default 2). ``None`` when the summary gives no shape. The server sizes
+    a study's model from it (it builds no network) and tells the uploading site which
+    network the released bytes belong to.
+    """
+    shape = feature_summary.get("input_shape")
+    if not isinstance(shape, list):
+        features = feature_summary.get("features")
+        if not isinstance(features, int):
+            return None
+        shape = [features]
+    classes = feature_summary.get("num_classes", 2)
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        return None
+    return dims, int(classes) if isinstance(classes, int) else 2

@@ -35,7 +35,7 @@ from consortium_server.audit.recorder import AuditRecorder
 from consortium_server.budgets import service as budgets
 from consortium_server.budgets.accountant import check_report
 from consortium_server.budgets.service import BudgetReportError
-from consortium_server.datasets.service import get_datasets
+from consortium_server.datasets.service import get_datasets, model_input
 from consortium_server.errors import (
     ConflictError,
     DomainError,
@@ -111,27 +111,19 @@ def check_round_policy(
 def model_size(contract: StudyContract, feature_summary: dict[str, object]) -> int:
     """Number of parameters of the contract's model for a dataset's input.
 
-    The input shape comes from the catalogue entry's feature summary (``input_shape``, or
-    ``features`` for tabular data); the class count from ``num_classes`` (default 2). The
-    count is the catalogue's (:func:`concord_protocol.catalogue.parameter_count`): the
-    server builds no model.
+    The input shape and class count come from the dataset's feature summary
+    (:func:`consortium_server.datasets.service.model_input`). The count is the catalogue's
+    (:func:`concord_protocol.catalogue.parameter_count`): the server builds no model.
     """
-    shape = feature_summary.get("input_shape")
-    if not isinstance(shape, list):
-        features = feature_summary.get("features")
-        if not isinstance(features, int):
-            raise InvalidRequestError(
-                "The dataset's feature summary gives neither input_shape nor features.",
-                code="study.invalid",
-            )
-        shape = [features]
-    classes = feature_summary.get("num_classes", 2)
-    try:
-        return parameter_count(
-            contract.model,
-            input_shape=tuple(int(d) for d in shape),
-            num_classes=int(classes) if isinstance(classes, int) else 2,
+    given = model_input(feature_summary)
+    if given is None:
+        raise InvalidRequestError(
+            "The dataset's feature summary gives neither input_shape nor features.",
+            code="study.invalid",
         )
+    shape, classes = given
+    try:
+        return parameter_count(contract.model, input_shape=shape, num_classes=classes)
     except CatalogueError as exc:
         raise InvalidRequestError(
             f"The study's model: {exc.message}", code="study.invalid"

@@ -8,6 +8,7 @@ patient data: counts and epsilons per dataset, aggregate evaluation metrics, has
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from decimal import Decimal
@@ -23,12 +24,13 @@ from concord_protocol.contract import StudyContract
 from concord_protocol.disclosure import DISCLOSURES, NEIGHBOURING, NOT_COVERED, PRIVACY_UNIT
 from concord_protocol.fields import format_utc
 from concord_protocol.principals import Principal
-from concord_protocol.release import MODEL_ENCODING
+from concord_protocol.release import MODEL_ENCODING, ModelLayout
 from concord_protocol.rounds import RoundAuditDetails
 from consortium_server.audit.models import AuditLeaf
 from consortium_server.budgets import service as budgets
 from consortium_server.budgets.accountant import evaluation_epsilon
 from consortium_server.datasets.service import get_datasets
+from consortium_server.release.files import model_file
 from consortium_server.release.models import FinalAggregate, ReleasedModel, ReleaseSignoff
 from consortium_server.studies.models import Study
 
@@ -73,6 +75,17 @@ class CardModel(_Card):
     encoding: str = Field(description="Byte layout of the parameter vector.")
     num_params: int
     size_bytes: int
+    input_shape: list[int] | None = Field(
+        default=None, description="One record's shape the network was built for."
+    )
+    num_classes: int | None = None
+    file_name: str | None = Field(
+        default=None, description="The safetensors file (`GET .../release/model.safetensors`)."
+    )
+    file_sha256: str | None = Field(
+        default=None,
+        description="SHA-256 of that whole file (its data section hashes to `sha256`).",
+    )
 
 
 class CardDataset(_Card):
@@ -225,6 +238,8 @@ def build_card(
     """The model card of ``study`` as it is being released."""
     contract = StudyContract.model_validate(study.contract)
     evaluation = last_evaluation(session, study.id)
+    layout = ModelLayout.model_validate(model.layout) if model.layout is not None else None
+    written = model_file(study, model)
     return ModelCard(
         study_id=study.id,
         title=contract.title,
@@ -240,6 +255,10 @@ def build_card(
             encoding=MODEL_ENCODING,
             num_params=model.num_params,
             size_bytes=len(model.data),
+            input_shape=list(layout.input_shape) if layout is not None else None,
+            num_classes=layout.num_classes if layout is not None else None,
+            file_name=written[0] if written is not None else None,
+            file_sha256=hashlib.sha256(written[1]).hexdigest() if written is not None else None,
         ),
         training=contract.training.model_dump(mode="json"),
         rounds_completed=study.current_round,
@@ -299,6 +318,15 @@ def render_markdown(card: ModelCard) -> str:
         f"- Model: {card.model.name} v{card.model.version}, {card.model.num_params} parameters "
         f"({card.model.encoding}), hyperparameters `{json.dumps(card.model.hyperparameters)}`",
         f"- Model SHA-256: `{card.model.sha256}`",
+        *(
+            [
+                f"- Model file: `{card.model.file_name}` (safetensors, SHA-256 "
+                f"`{card.model.file_sha256}`), input {card.model.input_shape}, "
+                f"{card.model.num_classes} classes"
+            ]
+            if card.model.file_name
+            else []
+        ),
         f"- Rounds: {card.rounds_completed} completed of {card.training.get('rounds')} planned; "
         f"final aggregate `{card.final_aggregate_digest}` (round {card.final_round})",
         f"- Sites: {', '.join(card.sites)}",

@@ -6,7 +6,8 @@
 * :class:`ReleaseSignoff`: one site's signed statement "the final model I decrypted hashes
   to X" (one per study and site; insert-only).
 * :class:`ReleasedModel`: the decrypted model bytes one site uploaded (their SHA-256 equals
-  that site's signed-off hash).
+  that site's signed-off hash), with the parameter layout it sent (from which the model file
+  is written).
 * :class:`StudyRelease`: the release itself, with the model card built at that moment.
 """
 
@@ -87,6 +88,9 @@ class ReleasedModel(Base):
     model_sha256: Mapped[str] = mapped_column(String(64))
     num_params: Mapped[int] = mapped_column(Integer)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+    #: The parameter layout (:class:`concord_protocol.release.ModelLayout` JSON) the uploader
+    #: sent; ``None`` for an upload without one (the raw bytes only, no model file).
+    layout: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     uploaded_by_site: Mapped[str] = mapped_column(ForeignKey("sites.id"))
     uploaded_by: Mapped[str] = mapped_column(String(255))
     uploaded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

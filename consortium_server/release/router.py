@@ -4,16 +4,19 @@ Sites (``site_node`` identities of the study's sites):
 
 * ``GET  /aggregate``: the final encrypted aggregate (completed studies only);
 * ``POST /signoffs``: the site's Ed25519 signature of the model hash it decrypted;
-* ``POST /model``: the decrypted model bytes (JSON ``{"model_b64"}`` or
-  ``application/octet-stream``), which must hash to the uploading site's sign-off.
+* ``POST /model``: the decrypted model bytes (JSON ``{"model_b64", "layout"}`` or
+  ``application/octet-stream``, which carries no layout), which must hash to the uploading
+  site's sign-off; ``layout`` names the parameter tensors the bytes hold.
 
 The study owner or a consortium admin:
 
 * ``POST ""``: release (state ``completed``, every site signed off one hash, the model
   uploaded, the ``ReleaseModel`` policy allows); a refusal is recorded
   (``release.refused``) and answered with the first reason's code;
-* ``GET  /model``: the released bytes; ``GET /card``: the model card (JSON, or Markdown
-  with ``?format=markdown``; anyone who can see the study may read the card).
+* ``GET  /model.safetensors``: the released model as a safetensors file (the released
+  bytes as its data, each parameter named; :mod:`concord_protocol.model_file`);
+  ``GET /model``: the released bytes alone; ``GET /card``: the model card (JSON, or
+  Markdown with ``?format=markdown``; anyone who can see the study may read the card).
 
 ``GET ""`` shows where the gate stands to anyone who can see the study. Every step is an
 audit entry. Refusals are returned (not raised) so that their audit entry is committed.
@@ -23,11 +26,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.types import DecoratedCallable
 from pydantic import Field, ValidationError, field_serializer
 from sqlalchemy.orm import Session
 
@@ -35,6 +41,7 @@ from concord_protocol.audit.entries import Outcome
 from concord_protocol.audit.heads import SignedTreeHead
 from concord_protocol.fields import format_utc
 from concord_protocol.principals import Principal, Role
+from concord_protocol.release import MODEL_ENCODING
 from consortium_server.api.deps import (
     ANY_MEMBER,
     AuditDep,
@@ -65,6 +72,7 @@ from consortium_server.studies.service import get_visible_study, principal_owns
 __all__ = [
     "FinalAggregatePublic",
     "ModelUpload",
+    "ModelUploadBody",
     "ModelUploadPublic",
     "ReleaseStatus",
     "SignoffCreate",
@@ -99,6 +107,13 @@ class FinalAggregatePublic(StrictModel):
         "aggregate digest a site checks, with an inclusion proof against a head it "
         "witnessed, before it releases.",
     )
+    input_shape: list[int] | None = Field(
+        default=None,
+        description="One record's shape as the run was sized (from the datasets' feature "
+        "summaries): the uploading site builds the catalogue network for it to name the "
+        "model's parameters (`layout` of the upload).",
+    )
+    num_classes: int | None = Field(default=None, description="The class count, likewise.")
 
 
 class SignoffCreate(StrictModel):
@@ -140,9 +155,23 @@ class SignoffPublic(StrictModel):
 
 
 class ModelUpload(StrictModel):
-    """The decrypted model as JSON: little-endian float64 bytes, base64."""
+    """The decrypted model as JSON: little-endian float64 bytes, base64, and the layout."""
 
     model_b64: str = Field(min_length=1)
+    layout: dict[str, Any] | None = Field(
+        default=None,
+        description="The parameter layout (`concord_protocol.release.ModelLayout`): input "
+        "shape, class count and each parameter's `name` and `shape` in vector order. "
+        "Without it the server keeps the bytes but serves no model file.",
+    )
+
+
+@dataclass(frozen=True)
+class ModelUploadBody:
+    """What an upload request carries: the model bytes, and the layout (unchecked) if sent."""
+
+    data: bytes
+    layout: dict[str, Any] | None
 
 
 class ModelUploadPublic(StrictModel):
@@ -153,6 +182,7 @@ class ModelUploadPublic(StrictModel):
     num_params: int
     size_bytes: int
     uploaded_by_site: str
+    layout: bool = Field(description="Whether the server holds the model's parameter layout.")
 
 
 class ReleaseStatus(StrictModel):
@@ -166,6 +196,11 @@ class ReleaseStatus(StrictModel):
     pending_sites: list[str]
     hashes_agree: bool
     model_sha256: str | None = Field(description="The uploaded model's hash, if any.")
+    model_layout: bool = Field(
+        default=False,
+        description="Whether the uploaded model came with its parameter layout (needed "
+        "for the safetensors file; the same bytes uploaded again with a layout add it).",
+    )
     released: bool
 
 
@@ -222,6 +257,7 @@ def get_final_aggregate(
     study, site = _site_study(session, study_id, principal)
     service.require_state(study, StudyState.COMPLETED)
     aggregate = service.get_final_aggregate(session, study)
+    given = service.study_model_input(session, study)
     audit.record(
         "release.aggregate_fetched",
         object_type="study",
@@ -240,6 +276,8 @@ def get_final_aggregate(
         blobs=[base64.b64encode(blob.data).decode("ascii") for blob in aggregate.blobs],
         manifest=aggregate.manifest,
         audit_index=service.final_round_entry(session, study.id, aggregate.round_number),
+        input_shape=list(given[0]) if given is not None else None,
+        num_classes=given[1] if given is not None else None,
     )
 
 
@@ -297,19 +335,21 @@ def post_signoff(
     return SignoffPublic.of(signoff)
 
 
-async def _model_bytes(request: Request) -> bytes:
-    """The upload body: raw bytes, or JSON ``{"model_b64": ...}``."""
+async def _model_upload(request: Request) -> ModelUploadBody:
+    """The upload body: raw bytes (no layout), or JSON ``{"model_b64", "layout"}``."""
     raw = await request.body()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
-        return raw
+        return ModelUploadBody(raw, None)
     try:
         upload = ModelUpload.model_validate_json(raw)
-        return base64.b64decode(upload.model_b64, validate=True)
+        data = base64.b64decode(upload.model_b64, validate=True)
     except (ValidationError, binascii.Error, ValueError):
         raise InvalidRequestError(
-            'Send {"model_b64": "<base64>"} or application/octet-stream.', code="request.invalid"
+            'Send {"model_b64": "<base64>", "layout": {...}} or application/octet-stream.',
+            code="request.invalid",
         ) from None
+    return ModelUploadBody(data, upload.layout)
 
 
 _UPLOAD_BODY = {
@@ -331,17 +371,21 @@ _UPLOAD_BODY = {
 )
 def post_model(
     study_id: str,
-    data: Annotated[bytes, Depends(_model_bytes)],
+    body: Annotated[ModelUploadBody, Depends(_model_upload)],
     session: SessionDep,
     principal: CurrentPrincipal,
     audit: AuditDep,
 ) -> ModelUploadPublic:
-    """Upload the decrypted model (little-endian float64) your site signed off."""
+    """Upload the decrypted model (little-endian float64) your site signed off, with its
+    parameter layout (a model file is served only for a model with one)."""
     study, site = _site_study(session, study_id, principal)
-    model, created = service.upload_model(session, study, site, data, actor=principal)
-    if created:
+    layout = service.parse_layout(body.layout) if body.layout is not None else None
+    model, outcome = service.upload_model(
+        session, study, site, body.data, layout=layout, actor=principal
+    )
+    if outcome != "unchanged":
         audit.record(
-            "release.model_uploaded",
+            "release.model_uploaded" if outcome == "created" else "release.layout_uploaded",
             object_type="study",
             object_id=study.id,
             contract_hash=study.contract_hash,
@@ -350,6 +394,7 @@ def post_model(
                 "model_sha256": model.model_sha256,
                 "num_params": model.num_params,
                 "size_bytes": len(model.data),
+                "layout": model.layout is not None,
             },
         )
     return ModelUploadPublic(
@@ -358,6 +403,7 @@ def post_model(
         num_params=model.num_params,
         size_bytes=len(model.data),
         uploaded_by_site=model.uploaded_by_site,
+        layout=model.layout is not None,
     )
 
 
@@ -381,6 +427,7 @@ def get_status(study_id: str, session: SessionDep, principal: CurrentPrincipal) 
         pending_sites=sorted(set(sites) - {s.site_id for s in signoffs}),
         hashes_agree=len({s.model_sha256 for s in signoffs}) <= 1,
         model_sha256=model.model_sha256 if model is not None else None,
+        model_layout=model is not None and model.layout is not None,
         released=session.get(StudyRelease, study.id) is not None,
     )
 
@@ -491,12 +538,38 @@ def get_card(
     return card
 
 
-@router.get(
-    "/model",
-    dependencies=[require_roles(Role.RESEARCHER, Role.CONSORTIUM_ADMIN)],
-    response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}},
-)
+def _download(
+    audit: AuditDep, study: Study, model: ReleasedModel, content: bytes, *, name: str, fmt: str
+) -> Response:
+    """A released model as an attachment, its download recorded (``fmt``: which form)."""
+    audit.record(
+        "release.model_downloaded",
+        object_type="study",
+        object_id=study.id,
+        contract_hash=study.contract_hash,
+        details={"model_sha256": model.model_sha256, "format": fmt},
+    )
+    return Response(
+        content=content,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "X-Model-SHA256": model.model_sha256,
+        },
+    )
+
+
+def _download_route(path: str) -> Callable[[DecoratedCallable], DecoratedCallable]:
+    """A model download route (the owner or a consortium admin; octet-stream)."""
+    return router.get(
+        path,
+        dependencies=[require_roles(Role.RESEARCHER, Role.CONSORTIUM_ADMIN)],
+        response_class=Response,
+        responses={200: {"content": {"application/octet-stream": {}}}},
+    )
+
+
+@_download_route("/model")
 def get_model(
     study_id: str, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
 ) -> Response:
@@ -504,18 +577,24 @@ def get_model(
     study = get_visible_study(session, study_id, principal)
     _owner_or_admin(principal, study)
     model = service.get_released_model(session, study)
-    audit.record(
-        "release.model_downloaded",
-        object_type="study",
-        object_id=study.id,
-        contract_hash=study.contract_hash,
-        details={"model_sha256": model.model_sha256},
+    return _download(
+        audit, study, model, model.data, name=f"{study.id}-model.f64", fmt=MODEL_ENCODING
     )
-    return Response(
-        content=model.data,
-        media_type="application/octet-stream",
-        headers={
-            "Content-Disposition": f'attachment; filename="{study.id}-model.f64"',
-            "X-Model-SHA256": model.model_sha256,
-        },
-    )
+
+
+@_download_route("/model.safetensors")
+def get_model_file(
+    study_id: str, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
+) -> Response:
+    """The released model as a safetensors file (owner or consortium admin).
+
+    Each catalogue parameter is a float64 tensor under its PyTorch name; the metadata names
+    the model spec, input shape, class count, study, contract and model hash. The data
+    section is the released bytes, so its SHA-256 is the hash every site signed off. Load it
+    with ``site_node.training.released.load_released_model`` (which checks all of that), or
+    any safetensors reader.
+    """
+    study = get_visible_study(session, study_id, principal)
+    _owner_or_admin(principal, study)
+    model, name, blob = service.released_model_file(session, study)
+    return _download(audit, study, model, blob, name=name, fmt="safetensors")

@@ -25,25 +25,27 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from concord_protocol.audit.heads import decode_public_key
+from concord_protocol.catalogue import parameter_count
 from concord_protocol.contract import StudyContract
-from concord_protocol.errors import WireFormatError
+from concord_protocol.errors import CatalogueError, WireFormatError
 from concord_protocol.policy.decisions import check_release
 from concord_protocol.policy.engine import Decision
 from concord_protocol.policy.facts import owner_principal
 from concord_protocol.principals import Principal
-from concord_protocol.release import model_sha256, signoff_message
+from concord_protocol.release import ModelLayout, model_sha256, signoff_message
 from concord_protocol.wire.format import EncodedUpdate
 from consortium_server.audit.models import AuditLeaf
 from consortium_server.budgets import service as budgets
-from consortium_server.datasets.service import get_datasets
+from consortium_server.datasets.service import get_datasets, model_input
 from consortium_server.db.base import utcnow
 from consortium_server.errors import (
     CATALOGUE,
@@ -56,6 +58,7 @@ from consortium_server.errors import (
 from consortium_server.federation.checkpoints import GlobalModel
 from consortium_server.policy.checks import PolicyContext
 from consortium_server.release.card import ModelCard
+from consortium_server.release.files import model_file
 from consortium_server.release.models import (
     FinalAggregate,
     FinalAggregateBlob,
@@ -71,17 +74,21 @@ from consortium_server.studies.models import Study, StudyEvent, StudyState
 __all__ = [
     "ReleaseCheck",
     "ReleaseProblem",
+    "UploadOutcome",
     "check_release_gate",
     "get_final_aggregate",
     "get_release",
     "get_released_model",
     "list_signoffs",
     "mark_released",
+    "parse_layout",
     "record_signoff",
+    "released_model_file",
     "require_state",
     "require_study_site",
     "store_final_aggregate",
     "store_release",
+    "study_model_input",
     "study_site_ids",
     "upload_model",
     "verify_signoff_signature",
@@ -298,14 +305,76 @@ def record_signoff(
 # ------------------------------------------------------------------------------- model
 
 
+def study_model_input(session: Session, study: Study) -> tuple[tuple[int, ...], int] | None:
+    """(input shape, class count) of the study's network, as the run was sized: from the
+    first dataset's feature summary (``None`` if it states no shape)."""
+    contract = StudyContract.model_validate(study.contract)
+    datasets, _unknown = get_datasets(session, contract.datasets)
+    return model_input(datasets[0].feature_summary) if datasets else None
+
+
+def parse_layout(raw: object) -> ModelLayout:
+    """The uploaded parameter layout; ``release.layout_invalid`` when it does not parse."""
+    try:
+        return ModelLayout.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'layout'}: {error['msg']}"
+            for error in exc.errors()[:5]
+        )
+        raise InvalidRequestError(
+            f"The parameter layout is refused: {problems}.", code="release.layout_invalid"
+        ) from None
+
+
+def _check_layout(study: Study, layout: ModelLayout, num_params: int) -> None:
+    """The layout covers the ``num_params`` values, and the catalogue network for its input
+    shape and class count has that many parameters (``release.layout_invalid``)."""
+    if layout.num_params != num_params:
+        raise InvalidRequestError(
+            f"The layout's tensors hold {layout.num_params} values; the model has {num_params}.",
+            code="release.layout_invalid",
+        )
+    contract = StudyContract.model_validate(study.contract)
+    try:
+        count = parameter_count(
+            contract.model, input_shape=layout.input_shape, num_classes=layout.num_classes
+        )
+    except CatalogueError as exc:
+        raise InvalidRequestError(
+            f"The layout's input does not suit the study's model: {exc.message}",
+            code="release.layout_invalid",
+        ) from None
+    if count != num_params:
+        raise InvalidRequestError(
+            f"{contract.model.name} v{contract.model.version} for input "
+            f"{list(layout.input_shape)} and {layout.num_classes} classes has {count} "
+            f"parameters; the model has {num_params}.",
+            code="release.layout_invalid",
+        )
+
+
+#: What an upload changed: a new model, the layout of the stored model, or nothing.
+UploadOutcome = Literal["created", "layout_added", "unchanged"]
+
+
 def upload_model(
-    session: Session, study: Study, site: Site, data: bytes, *, actor: Principal
-) -> tuple[ReleasedModel, bool]:
-    """Store the decrypted model bytes ``site`` uploaded; returns it and whether it is new.
+    session: Session,
+    study: Study,
+    site: Site,
+    data: bytes,
+    *,
+    layout: ModelLayout | None = None,
+    actor: Principal,
+) -> tuple[ReleasedModel, UploadOutcome]:
+    """Store the decrypted model bytes ``site`` uploaded, and their parameter layout.
 
     The uploading site must have signed off, and the bytes must hash to its signed-off hash
-    and be ``num_params`` finite float64 values (``release.model_invalid``). The first
-    upload wins: the same bytes again are a no-op, other bytes ``release.model_exists``.
+    and be ``num_params`` finite float64 values (``release.model_invalid``); a layout must
+    cover exactly those values and fit the study's catalogue network
+    (``release.layout_invalid``). The first upload wins: the same bytes again are a no-op,
+    other bytes ``release.model_exists``. The layout likewise: the same bytes with a layout
+    add it to a model stored without one, a different layout is ``release.layout_exists``.
     """
     require_state(study, StudyState.COMPLETED)
     aggregate = get_final_aggregate(session, study)
@@ -332,27 +401,41 @@ def upload_model(
         )
     if not np.isfinite(np.frombuffer(data, dtype="<f8")).all():
         raise InvalidRequestError("The model holds NaN or infinity.", code="release.model_invalid")
+    stored_layout = None
+    if layout is not None:
+        _check_layout(study, layout, aggregate.num_params)
+        stored_layout = layout.model_dump(mode="json")
     existing = session.get(ReleasedModel, study.id)
     if existing is not None:
-        if existing.model_sha256 == digest:
-            return existing, False
-        raise ConflictError(
-            f"Model {existing.model_sha256[:16]} was already uploaded by "
-            f"{existing.uploaded_by_site}.",
-            code="release.model_exists",
-        )
+        if existing.model_sha256 != digest:
+            raise ConflictError(
+                f"Model {existing.model_sha256[:16]} was already uploaded by "
+                f"{existing.uploaded_by_site}.",
+                code="release.model_exists",
+            )
+        if stored_layout is None or existing.layout == stored_layout:
+            return existing, "unchanged"
+        if existing.layout is not None:
+            raise ConflictError(
+                f"Model {digest[:16]} already has another parameter layout.",
+                code="release.layout_exists",
+            )
+        existing.layout = stored_layout
+        session.flush()
+        return existing, "layout_added"
     model = ReleasedModel(
         study_id=study.id,
         model_sha256=digest,
         num_params=aggregate.num_params,
         data=data,
+        layout=stored_layout,
         uploaded_by_site=site.id,
         uploaded_by=actor.subject,
         uploaded_at=utcnow(),
     )
     session.add(model)
     session.flush()
-    return model, True
+    return model, "created"
 
 
 # -------------------------------------------------------------------------------- gate
@@ -568,3 +651,22 @@ def get_released_model(session: Session, study: Study) -> ReleasedModel:
     if model is None or model.model_sha256 != release.model_sha256:
         raise ConflictError("The released model is not available.", code="release.not_released")
     return model
+
+
+def released_model_file(session: Session, study: Study) -> tuple[ReleasedModel, str, bytes]:
+    """The released model as a safetensors file: (model, file name, file bytes).
+
+    The file's data section is the released bytes unchanged
+    (:mod:`concord_protocol.model_file`). ``release.not_released`` before release,
+    ``release.layout_missing`` when the model was uploaded without its layout.
+    """
+    model = get_released_model(session, study)
+    written = model_file(study, model)
+    if written is None:
+        raise ConflictError(
+            "The model was uploaded without its parameter layout; only the raw bytes "
+            "(GET .../release/model) are available.",
+            code="release.layout_missing",
+        )
+    name, blob = written
+    return model, name, blob

@@ -4,6 +4,7 @@ For every study of this site that is ``completed`` and that this site has not si
 yet, the agent fetches the final encrypted aggregate, decrypts it with the study key,
 signs the model's SHA-256 with the site's Ed25519 key (:func:`site_node.release.sign_off`),
 and the site with the smallest id among the study's sites also uploads the decrypted model
+with its parameter layout, from which the server writes the model file researchers load
 (differential privacy is what protects patients in a released model); it tries the upload
 again on every step until the server holds a model. The sign-off only
 attests which model the site decrypted; releasing it is the owner's decision, under the

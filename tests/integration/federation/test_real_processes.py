@@ -32,7 +32,8 @@ from site_node.crypto import (
 from site_node.data import breast_cancer_holdout, breast_cancer_site
 from site_node.federation.approvals import ApprovalStore
 from site_node.federation.processes import SuperNodeSpec, start_supernode
-from site_node.training import build_model, centralised_baseline, evaluate, unflatten_into
+from site_node.training import centralised_baseline, evaluate, flatten
+from site_node.training.released import load_released_model
 from tests.support.drills import DrillStack, kill_process_group, wait_for
 from tests.support.flower import free_port, make_site, make_supernode_key
 from tests.support.flower_surface import write_bundle_pyproject
@@ -93,11 +94,19 @@ def test_dp_he_study_on_real_processes_beats_chance(consortium: DrillStack) -> N
         return not status["pending_sites"] and status["model_sha256"] is not None
 
     wait_for("every site to sign off and one to upload", signed_and_uploaded, timeout=120)
-    stack.researcher.request("POST", url)
-    vector = np.frombuffer(stack.researcher.download(f"{url}/model"), dtype="<f8").copy()
+    card = stack.researcher.request("POST", url)
+    # The researcher's path: the safetensors file, checked against the card, the contract
+    # and the sites' signatures (their keys as enrolled), loaded into the catalogue network.
     contract = StudyContract.model_validate(study["contract"])
-    model = build_model(contract.model, input_shape=(30,), num_classes=2)
-    unflatten_into(model, vector)
+    keys = {s["id"]: s["signing_public_key"] for s in stack.researcher.list_sites()}
+    model = load_released_model(
+        stack.researcher.download(f"{url}/model.safetensors"),
+        card=card,
+        contract=contract,
+        signing_keys={site: keys[site] for site in card["sites"]},
+    )
+    vector = np.frombuffer(stack.researcher.download(f"{url}/model"), dtype="<f8").copy()
+    np.testing.assert_array_equal(flatten(model), vector.astype(np.float32))
     holdout = breast_cancer_holdout()
     result = evaluate(model, holdout)
     baseline = centralised_baseline(

@@ -6,14 +6,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import safetensors
+import safetensors.numpy
+import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from torch import nn
 
 from concord_protocol.audit.heads import SignedTreeHead, decode_public_key, verify_tree_head
 from concord_protocol.client import ConsortiumClient
@@ -21,13 +26,25 @@ from concord_protocol.contract import StudyContract
 from concord_protocol.release import model_sha256, signoff_message
 from concord_protocol.rounds import RoundRecord
 from consortium_server.audit.verify import verify_live
+from consortium_server.cli.studies import _safe_name
 from consortium_server.federation.checkpoints import GlobalModel
+from consortium_server.release.models import FinalAggregate
 from consortium_server.release.service import store_final_aggregate
 from site_node.crypto import (
     SiteKeyPair,
 )
+from site_node.data.demo import breast_cancer_site
 from site_node.federation.approvals import ApprovalStore
-from site_node.release import ReleaseError, check_on_record, sign_off
+from site_node.release import (
+    ReleaseError,
+    check_on_record,
+    decrypt_final_model,
+    sign_off,
+    upload_layout,
+)
+from site_node.training import build_model, flatten, train_round, unflatten_into
+from site_node.training.released import build_layout, load_released_model
+from tests.support.cli import run_cli
 from tests.support.roster import pin_all, site_keys
 from tests.support.runs import begin, federation_gate
 from tests.support.studies import (
@@ -151,14 +168,17 @@ def world(client: TestClient, people: People, app: FastAPI, tmp_path: Path) -> W
     return World(client, app, people, keys, stores, study, secret)
 
 
-def _run(world: World) -> World:
+def _run(world: World, final: np.ndarray[Any, np.dtype[np.float64]] | None = None) -> World:
     """Drive the study to ``completed`` through the internal API as its ServerApp would,
-    every round with a real encrypted aggregate (the last one is what the release keeps)."""
+    every round with a real encrypted aggregate (the last one is what the release keeps);
+    ``final``: every site's last-round parameters (so that the released model is that)."""
     rng = np.random.default_rng(7)
     plan = begin(world.app, world.study["id"])
     gate = federation_gate(world.app, world.client, plan)
     for n in range(1, plan.rounds + 1):
         vectors = {s: rng.normal(0, 0.1, plan.num_params) for s in SITES}
+        if final is not None and n == plan.rounds:
+            vectors = {s: final for s in SITES}
         model = signed_aggregate(
             plan,
             world.secret,
@@ -456,8 +476,6 @@ def test_model_and_card_are_not_available_before_release(completed: World) -> No
 def test_the_final_aggregate_is_kept_once(completed: World) -> None:
     w = completed
     with w.app.state.sessionmaker() as session:
-        from consortium_server.release.models import FinalAggregate
-
         stored = session.get(FinalAggregate, w.study["id"])
         assert stored is not None
         blobs = tuple(b.data for b in stored.blobs)
@@ -466,3 +484,261 @@ def test_the_final_aggregate_is_kept_once(completed: World) -> None:
         header = json.loads(blobs[0])
         assert header["study_id"] == w.study["id"]
         assert stored.num_params == header["num_params"]
+
+
+# ------------------------------------------------------------------ the released model file
+
+
+def _trained(world: World) -> nn.Module:
+    """The study's network, trained (one epoch, no DP) on a demo site's data: what the
+    federation would have released, as every site's final-round parameters."""
+    contract = StudyContract.model_validate(world.study["contract"])
+    model = build_model(contract.model, input_shape=(30,), num_classes=2)
+    train_round(model, breast_cancer_site(0)[0], contract.training, dp=None, seed=0)
+    _run(world, final=flatten(model))
+    return model.eval()
+
+
+def _layout(w: World) -> dict[str, Any]:
+    contract = StudyContract.model_validate(w.study["contract"])
+    with w.app.state.sessionmaker() as session:
+        num_params = session.get(FinalAggregate, w.study["id"]).num_params
+    layout = build_layout(contract.model, input_shape=(30,), num_classes=2, num_params=num_params)
+    assert layout is not None
+    return layout.model_dump(mode="json")
+
+
+def _model_bytes(w: World) -> bytes:
+    """The decrypted model as site a holds it (what it signed off)."""
+    with w.api("a") as api:
+        aggregate = api.request("GET", f"{w.base}/aggregate")
+    _hash, data = decrypt_final_model(
+        aggregate, w.study["id"], store=w.stores["a"], site_id="hospital-a", keys=w.keys["a"]
+    )
+    return data
+
+
+def test_the_released_model_is_a_safetensors_file_that_loads_into_the_trained_network(
+    world: World,
+) -> None:
+    """Train a catalogue network, release it through the server (real CKKS aggregate, three
+    sites signing off, one uploading with the layout), download the safetensors file and
+    load it with the researcher's loader, every check on: it answers as the trained model."""
+    w = world
+    trained = _trained(w)
+    with w.api("a") as api:
+        aggregate = api.request("GET", f"{w.base}/aggregate")
+    assert (aggregate["input_shape"], aggregate["num_classes"]) == ([30], 2)
+    for site in SITES:
+        w.sign_off(site, upload=site == "a")
+    status = w.client.get(w.base, headers=w.people.researcher).json()
+    assert status["model_layout"] is True
+    card = w.release().json()
+
+    response = w.client.get(f"{w.base}/model.safetensors", headers=w.people.researcher)
+    assert response.status_code == 200, response.text
+    blob = response.content
+    name = f"{w.study['id']}-tabular-mlp-v1.safetensors"
+    assert response.headers["content-disposition"] == f'attachment; filename="{name}"'
+    assert response.headers["x-model-sha256"] == card["model"]["sha256"]
+    assert card["model"]["file_name"] == name
+    assert card["model"]["file_sha256"] == hashlib.sha256(blob).hexdigest()
+    assert (card["model"]["input_shape"], card["model"]["num_classes"]) == ([30], 2)
+    raw = w.client.get(f"{w.base}/model", headers=w.people.researcher).content
+    assert blob.endswith(raw)  # the data section is the signed bytes
+    tensors = safetensors.numpy.load(blob)  # the standard reader
+    assert set(tensors) == {n for n, _ in trained.named_parameters()}
+    metadata = safe_open_metadata(blob)
+    assert metadata["concord.contract_hash"] == w.study["contract_hash"]
+    assert metadata["concord.model_sha256"] == card["model"]["sha256"]
+
+    contract = StudyContract.model_validate(w.study["contract"])
+    model = load_released_model(
+        blob,
+        card=card,
+        contract=contract,
+        signing_keys={f"hospital-{s}": w.keys[s].signing_public_b64 for s in SITES},
+    )
+    features = breast_cancer_site(1)[1].features
+    with torch.no_grad():
+        # CKKS decryption is exact to ~1e-9 on each weight: the same scores, not the same bits.
+        torch.testing.assert_close(model(features), trained(features), rtol=0, atol=1e-5)
+        assert (model(features).argmax(1) == trained(features).argmax(1)).all()
+        exact = build_model(contract.model, input_shape=(30,), num_classes=2).eval()
+        unflatten_into(exact, np.frombuffer(raw, dtype="<f8").copy())
+        torch.testing.assert_close(model(features), exact(features), rtol=0, atol=0)
+    downloads = [e for e in w.entries() if e["action"] == "release.model_downloaded"]
+    assert downloads[0]["details"]["format"] == "safetensors"
+
+
+def safe_open_metadata(blob: bytes) -> dict[str, str]:
+    """The file's ``__metadata__`` as the safetensors library reads it."""
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
+        handle.write(blob)
+        handle.flush()
+        with safetensors.safe_open(handle.name, "np") as opened:
+            return dict(opened.metadata())
+
+
+def test_a_layout_that_does_not_fit_the_model_is_refused_with_a_code(completed: World) -> None:
+    w = completed
+    w.sign_off("a")
+    data, layout = _model_bytes(w), _layout(w)
+    model_b64 = base64.b64encode(data).decode()
+    first = layout["parameters"][0]
+    renamed = [{**first, "name": "renamed.weight"}, *layout["parameters"][1:]]
+    cases: list[tuple[Any, str]] = [
+        ({"input_shape": [30]}, "release.layout_invalid"),
+        ({**layout, "parameters": layout["parameters"][:-1]}, "release.layout_invalid"),
+        ({**layout, "input_shape": [31]}, "release.layout_invalid"),  # the sum still fits
+        ({**layout, "num_classes": 3}, "release.layout_invalid"),
+        (
+            {**layout, "parameters": [first, first, *layout["parameters"][1:]]},
+            "release.layout_invalid",
+        ),
+        ({**layout, "parameters": [{**first, "name": "__metadata__"}]}, "release.layout_invalid"),
+        ({**layout, "parameters": [{**first, "shape": [-1]}]}, "release.layout_invalid"),
+        ([1, 2], "request.invalid"),
+    ]
+    for bad, code in cases:
+        response = w.client.post(
+            f"{w.base}/model",
+            json={"model_b64": model_b64, "layout": bad},
+            headers=w.people.node("a"),
+        )
+        assert response.status_code == 422, (bad, response.text)
+        error = response.json()["error"]
+        assert (error["code"], bool(error["request_id"])) == (code, True), bad
+    status = w.client.get(w.base, headers=w.people.researcher).json()
+    assert status["model_sha256"] is None  # nothing was stored
+
+    # The bytes alone first (octet-stream carries no layout), then the layout with them.
+    raw = w.client.post(
+        f"{w.base}/model",
+        content=data,
+        headers={**w.people.node("a"), "content-type": "application/octet-stream"},
+    )
+    assert (raw.status_code, raw.json()["layout"]) == (201, False)
+    assert w.client.get(w.base, headers=w.people.researcher).json()["model_layout"] is False
+    added = w.client.post(
+        f"{w.base}/model",
+        json={"model_b64": model_b64, "layout": layout},
+        headers=w.people.node("a"),
+    )
+    assert (added.status_code, added.json()["layout"]) == (201, True)
+    assert w.actions().count("release.layout_uploaded") == 1
+    again = w.client.post(
+        f"{w.base}/model",
+        json={"model_b64": model_b64, "layout": layout},
+        headers=w.people.node("a"),
+    )
+    assert again.status_code == 201
+    other = w.client.post(
+        f"{w.base}/model",
+        json={"model_b64": model_b64, "layout": {**layout, "parameters": renamed}},
+        headers=w.people.node("a"),
+    )
+    assert other.status_code == 409
+    assert other.json()["error"]["code"] == "release.layout_exists"
+    assert w.actions().count("release.layout_uploaded") == 1
+
+
+def test_a_model_uploaded_without_its_layout_is_released_without_a_file(
+    completed: World,
+) -> None:
+    w = completed
+    for site in SITES:
+        w.sign_off(site)
+    response = w.client.post(
+        f"{w.base}/model",
+        content=_model_bytes(w),
+        headers={**w.people.node("a"), "content-type": "application/octet-stream"},
+    )
+    assert response.status_code == 201
+    assert (
+        w.client.get(f"{w.base}/model.safetensors", headers=w.people.researcher).status_code == 409
+    )
+    card = w.release().json()
+    assert card["model"]["file_name"] is None
+    response = w.client.get(f"{w.base}/model.safetensors", headers=w.people.researcher)
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert (error["code"], bool(error["request_id"])) == ("release.layout_missing", True)
+    assert w.client.get(f"{w.base}/model", headers=w.people.researcher).status_code == 200
+    assert (
+        w.client.get(f"{w.base}/model.safetensors", headers=w.people.compliance).status_code == 403
+    )
+
+
+def test_a_site_does_not_upload_a_layout_for_an_input_the_model_was_not_sized_for(
+    completed: World,
+) -> None:
+    """The server names the input shape; the uploading site sizes the network for it before
+    building it, and refuses a shape that does not give the decrypted model's size."""
+    w = completed
+    contract = StudyContract.model_validate(w.study["contract"])
+    with w.api("a") as api:
+        aggregate = api.request("GET", f"{w.base}/aggregate")
+    n = aggregate["num_params"]
+    assert upload_layout(aggregate, contract.model, num_params=n) == _layout(w)
+    assert upload_layout({**aggregate, "input_shape": None}, contract.model, num_params=n) is None
+    for shape in ([31], [10**9], ["x"], [1, 64, 64]):
+        with pytest.raises(ReleaseError) as refused:
+            upload_layout({**aggregate, "input_shape": shape}, contract.model, num_params=n)
+        assert refused.value.code == "release.layout_mismatch"
+
+
+def test_the_cli_downloads_the_checked_file_with_its_card_beside_it(
+    world: World, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    w = world
+    trained = _trained(w)
+    for site in SITES:
+        w.sign_off(site, upload=site == "b")
+    assert w.release().status_code == 200
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({f"hospital-{s}": w.keys[s].signing_public_b64 for s in SITES}))
+    contract = tmp_path / "contract.json"
+    contract.write_text(json.dumps(w.study["contract"]))
+    out = tmp_path / "model.safetensors"
+    code, output = run_cli(
+        w.client,
+        monkeypatch,
+        w.people.researcher,
+        "study",
+        "download",
+        w.study["id"],
+        "--out",
+        str(out),
+        "--contract",
+        str(contract),
+        "--site-keys",
+        str(keys),
+    )
+    assert code == 0, output
+    assert "every site signed it" in output
+    card = tmp_path / "model.card.json"
+    model = load_released_model(out, card=card)
+    features = breast_cancer_site(2)[1].features
+    with torch.no_grad():
+        torch.testing.assert_close(model(features), trained(features), rtol=0, atol=1e-5)
+
+    # Another contract (or a site's key that did not sign) refuses the file: nothing written.
+    other = {**w.study["contract"], "model": {**w.study["contract"]["model"], "version": "1.0"}}
+    contract.write_text(json.dumps(other))
+    elsewhere = tmp_path / "other.safetensors"
+    args = ("study", "download", w.study["id"], "--out", str(elsewhere))
+    code, output = run_cli(
+        w.client, monkeypatch, w.people.researcher, *args, "--contract", str(contract)
+    )
+    assert code == 1
+    assert "released_model.contract_mismatch" in output
+    keys.write_text(json.dumps({"hospital-a": SiteKeyPair.generate().signing_public_b64}))
+    code, output = run_cli(
+        w.client, monkeypatch, w.people.researcher, *args, "--site-keys", str(keys)
+    )
+    assert code == 1
+    assert "released_model.signoff_invalid" in output
+    assert not elsewhere.exists()
+    assert _safe_name("../../etc/passwd", "s-1") == "s-1.safetensors"
+    assert _safe_name("s-1-tabular-mlp-v1.safetensors", "s-1") == "s-1-tabular-mlp-v1.safetensors"

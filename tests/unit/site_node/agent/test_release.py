@@ -42,6 +42,7 @@ def test_agents_sign_off_and_one_uploads(world: World, app: FastAPI) -> None:
     ).json()
     assert status["pending_sites"] == []
     assert status["hashes_agree"] is True
+    assert status["model_layout"] is True  # uploaded with its parameter layout
     released = world.client.post(
         f"/api/v1/studies/{study_id}/release", headers=world.people.researcher
     )
