@@ -32,7 +32,10 @@ def demo(
         bool, typer.Option(help="Leave the processes up at the end (Ctrl-C to stop).")
     ] = False,
     imaging: Annotated[
-        bool, typer.Option(help="The synthetic imaging study (MONAI images, image-cnn).")
+        bool,
+        typer.Option(
+            help="The imaging study instead: 3D lesion segmentation (synthetic volumes, UNet)."
+        ),
     ] = False,
 ) -> None:
     """Run a whole study across three local hospitals on real processes (embedded defaults).

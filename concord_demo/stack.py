@@ -258,8 +258,6 @@ class DemoStack:
         epsilon cap when given), its SuperNode and site agent started. Returns the published
         catalogue entry.
         """
-        from site_node.data.publish import catalogue_entry
-        from site_node.data.registry import DatasetConfig
 
         keys = self.init_keys(hospital)
         admin.enrol_site(
@@ -279,9 +277,8 @@ class DemoStack:
         hospital.tokens["node"] = self.token(
             f"service-account-{hospital.site_id}", ["site_node"], hospital.organisation
         )
-        hospital.datasets_file.write_text(yaml.safe_dump([dataset]))
-        entry = catalogue_entry(DatasetConfig.model_validate(dataset), governance)
-        self.client(hospital.tokens["steward"]).publish_dataset(entry)
+        hospital.datasets_file.write_text(yaml.safe_dump([]))
+        entry = self.publish_dataset(hospital, dataset, governance)
         hospital.policy_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(POLICIES / "sites" / "00-base.cedar", hospital.policy_dir / "00-base.cedar")
         if epsilon_cap is not None:
@@ -291,6 +288,21 @@ class DemoStack:
             )
         self.start_supernode(hospital)
         self.start_agent(hospital, server_head_key=head_key)
+        return entry
+
+    def publish_dataset(
+        self, hospital: Hospital, dataset: dict[str, Any], governance: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Add ``dataset`` (a DatasetConfig) to the hospital's datasets file and publish its
+        catalogue entry with ``governance`` as the hospital's steward (the SuperNode reads
+        the file at each round, so a running hospital can take part in a study of it)."""
+        from site_node.data.publish import catalogue_entry
+        from site_node.data.registry import DatasetConfig
+
+        entry = catalogue_entry(DatasetConfig.model_validate(dataset), governance)
+        existing = yaml.safe_load(hospital.datasets_file.read_text()) or []
+        hospital.datasets_file.write_text(yaml.safe_dump([*existing, dataset]))
+        self.client(hospital.tokens["steward"]).publish_dataset(entry)
         return entry
 
     def pin_peers(self) -> dict[str, str]:

@@ -50,7 +50,7 @@ class DemoOptions:
     keep_running: bool = False
     imaging: bool = False
     image_size: int = 32
-    images_per_site: int = 256
+    images_per_site: int = 128
 
 
 @dataclass
@@ -100,7 +100,10 @@ def dataset_governance(hospital: Hospital, *, imaging: bool = False) -> dict[str
     """The governance fields a demo hospital publishes for its dataset (purposes, budgets,
     GDPR Art. 30 record)."""
     title, description = (
-        (f"Synthetic lesion images ({hospital.organisation})", "MONAI-generated 2D images.")
+        (
+            f"Synthetic MR volumes with lesion masks ({hospital.organisation})",
+            "MONAI-generated 3D volumes, every voxel labelled background or lesion.",
+        )
         if imaging
         else (
             f"Breast-mass biopsies ({hospital.organisation})",
@@ -125,23 +128,37 @@ def dataset_governance(hospital: Hospital, *, imaging: bool = False) -> dict[str
 
 
 def _contract(options: DemoOptions, hospitals: list[Hospital]) -> dict[str, Any]:
+    task: dict[str, Any] = {}
     if options.imaging:
-        title = "Lesion count from images (synthetic)"
-        model = {"name": "image-cnn", "version": "1", "hyperparameters": {"depth": 2}}
-        training = {"local_epochs": 2, "batch_size": 32, "learning_rate": 0.5}
+        title = "Lesion segmentation in MR volumes (synthetic)"
+        description = "Federated 3D UNet segmentation across three hospitals, DP-SGD + CKKS."
+        task = {"task": {"kind": "segmentation", "loss": "dice"}}
+        model = {
+            "name": "unet",
+            "version": "1",
+            "hyperparameters": {"base_channels": 8, "levels": 3, "res_units": 1},
+        }
+        training = {
+            "local_epochs": 2,
+            "batch_size": 32,
+            "learning_rate": 0.02,
+            "optimizer": "adam",
+        }
     else:
         title = "Malignancy from fine-needle aspirate features"
+        description = "Federated classifier across three hospitals, DP-SGD + CKKS."
         model = {"name": "tabular-mlp", "version": "1", "hyperparameters": {}}
         # Features in [-1, 1] from declared ranges (not z-scores): a larger step suits them.
-        training = {"local_epochs": 2, "batch_size": 32, "learning_rate": 0.5}
+        training = {"local_epochs": 2, "batch_size": 32, "learning_rate": 0.5, "optimizer": "sgd"}
     return {
         "title": title,
-        "description": "Federated classifier across three hospitals, DP-SGD + CKKS.",
+        "description": description,
         "purpose": "diagnostic_research",
         "ethics_reference": "IRB-2026-0142",
         "datasets": [h.dataset_id for h in hospitals],
+        **task,
         "model": model,
-        "training": {"rounds": options.rounds, "optimizer": "sgd", **training},
+        "training": {"rounds": options.rounds, **training},
         "privacy": {"epsilon": options.epsilon, "delta": 1e-5, "max_grad_norm": 1.0},
         "federation": {"min_sites": 3, "round_timeout_s": 300},
         # Seeded, bit-packed CKKS ciphertexts: about 7.6 bytes per parameter (docs/crypto.md).
@@ -157,7 +174,7 @@ def run_demo(options: DemoOptions, console: Console, python_bin: Path) -> DemoRe
     stack.prepare()
     hospitals = stack.hospitals
     for hospital in hospitals:
-        hospital.dataset_prefix = "img" if options.imaging else "bc"
+        hospital.dataset_prefix = "mr" if options.imaging else "bc"
     with stack.running():
         _start(stack, steps, console)
         admin = stack.client(
@@ -214,7 +231,7 @@ def _enrol(
         for hospital, cap in zip(stack.hospitals, options.site_epsilon_caps, strict=True):
             dataset: dict[str, Any] = {
                 "id": hospital.dataset_id,
-                "kind": "demo_synthetic_images" if options.imaging else "demo_breast_cancer",
+                "kind": "demo_synthetic_volumes" if options.imaging else "demo_breast_cancer",
                 "site_index": hospital.index,
                 "n_sites": len(stack.hospitals),
             }
@@ -291,6 +308,17 @@ def _exchange_keys(
     )
 
 
+#: How the round table and the comparison name each task's metrics.
+_METRIC_LABELS = {"accuracy": "accuracy", "auc": "AUC", "dice": "Dice", "hd95": "HD95 (voxels)"}
+
+
+def _task_metrics(study: dict[str, Any]) -> tuple[str, ...]:
+    """The metrics of the study's task (accuracy and AUC, or Dice and HD95)."""
+    from concord_protocol.contract import StudyContract
+
+    return StudyContract.model_validate(study["contract"]).task.metrics
+
+
 def _run_rounds(
     stack: DemoStack,
     steps: _Steps,
@@ -307,13 +335,13 @@ def _run_rounds(
     update_bytes = _update_bytes(study)
     researcher.request("POST", f"/api/v1/studies/{study['id']}/run")
     seen = 0
+    metrics = _task_metrics(study)
     table = Table(title="Rounds")
     for column in (
         "round",
         "sites",
         "samples",
-        "accuracy (DP)",
-        "AUC (DP)",
+        *(f"{_METRIC_LABELS[m]} (DP)" for m in metrics),
         "ε (max site)",
         "bytes",
         "audit head",
@@ -341,8 +369,7 @@ def _run_rounds(
                     "status": record.status,
                     "participants": record.participants,
                     "samples": sum(record.sample_counts.values()),
-                    "accuracy": record.evaluation.get("accuracy", float("nan")),
-                    "auc": record.evaluation.get("auc", float("nan")),
+                    **{m: record.evaluation.get(m, float("nan")) for m in metrics},
                     "epsilon": max(
                         (e for e in record.epsilon.values() if e is not None), default=0.0
                     ),
@@ -354,8 +381,7 @@ def _run_rounds(
                     str(row["round"]),
                     str(len(row["participants"])),
                     str(row["samples"]),
-                    f"{row['accuracy']:.3f}",
-                    f"{row['auc']:.3f}",
+                    *(f"{row[m]:.3f}" for m in metrics),
                     f"{row['epsilon']:.2f}",
                     f"{row['bytes'] / 1e6:.1f} MB",
                     row["head"],
@@ -363,7 +389,10 @@ def _run_rounds(
                 progress.update(
                     task,
                     completed=len(result.rounds),
-                    description=f"round {row['round']} done: accuracy {row['accuracy']:.3f}",
+                    description=(
+                        f"round {row['round']} done: {_METRIC_LABELS[metrics[0]]} "
+                        f"{row[metrics[0]]:.3f}"
+                    ),
                 )
             if current["state"] in ("completed", "failed"):
                 result.state = current["state"]
@@ -425,7 +454,7 @@ def _release(
     researcher: ConsortiumClient,
     study: dict[str, Any],
     result: DemoResult,
-) -> bytes:
+) -> tuple[bytes, dict[str, Any]]:
     with steps.step("8. Release gate: every site signs off the model it decrypted"):
         url = f"/api/v1/studies/{study['id']}/release"
 
@@ -445,12 +474,12 @@ def _release(
         if not status["hashes_agree"]:
             raise RuntimeError("the sites' model hashes disagree: the model is not released")
         card = researcher.request("POST", f"/api/v1/studies/{study['id']}/release")
-        model = researcher.download(f"/api/v1/studies/{study['id']}/release/model")
+        model = researcher.download(f"/api/v1/studies/{study['id']}/release/model.safetensors")
     out = stack.state / "release"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "model.f64").write_bytes(model)
+    (out / "model.safetensors").write_bytes(model)
     (out / "model-card.json").write_text(json.dumps(card, indent=2))
-    result.files["model"] = out / "model.f64"
+    result.files["model"] = out / "model.safetensors"
     result.files["model card"] = out / "model-card.json"
     result.released = True
     console.print(
@@ -459,14 +488,14 @@ def _release(
         if "signoffs" in card
         else "[green]✓[/] released"
     )
-    return model
+    return model, card
 
 
 def _compare(
     steps: _Steps,
     console: Console,
     study: dict[str, Any],
-    model_bytes: bytes,
+    released: tuple[bytes, dict[str, Any]],
     result: DemoResult,
     options: DemoOptions,
 ) -> None:
@@ -474,42 +503,46 @@ def _compare(
     from site_node.data.demo import (
         breast_cancer_holdout,
         breast_cancer_site,
-        synthetic_images_holdout,
-        synthetic_images_site,
+        synthetic_volumes_holdout,
+        synthetic_volumes_site,
     )
-    from site_node.training import build_model, evaluate, unflatten_into
+    from site_node.training import evaluate
     from site_node.training.baseline import centralised_baseline
+    from site_node.training.released import load_released_model
 
     with steps.step("9. Results next to a centralised, non-private baseline"):
         contract = StudyContract.model_validate(study["contract"])
         if options.imaging:
             size, n = options.image_size, options.images_per_site
-            holdout = synthetic_images_holdout(image_size=size)
-            pooled = [synthetic_images_site(i, n_samples=n, image_size=size)[0] for i in range(3)]
+            holdout = synthetic_volumes_holdout(image_size=size)
+            pooled = [synthetic_volumes_site(i, n_samples=n, image_size=size)[0] for i in range(3)]
         else:
             holdout = breast_cancer_holdout()
             pooled = [breast_cancer_site(i)[0] for i in range(3)]
-        model = build_model(contract.model, input_shape=holdout.input_shape, num_classes=2)
-        unflatten_into(model, np.frombuffer(model_bytes, dtype="<f8").copy())
+        # The researcher's one call: the file checked against its card and the contract
+        # submitted, the catalogue network built from it, the signed weights loaded.
+        file, card = released
+        model = load_released_model(file, card=card, contract=contract)
         federated = evaluate(model, holdout)
-        baseline = centralised_baseline(pooled, holdout, contract.model, contract.training)
-    result.federated = {"accuracy": federated.accuracy, "auc": federated.auc}
-    result.baseline = {"accuracy": baseline.metrics.accuracy, "auc": baseline.metrics.auc}
-    unit = "images" if options.imaging else "patients"
+        baseline = centralised_baseline(
+            pooled, holdout, contract.model, contract.training, task=contract.task
+        )
+    metrics = contract.task.metrics
+    result.federated = federated.metrics(contract.task)
+    result.baseline = baseline.metrics.metrics(contract.task)
+    unit = "volumes" if options.imaging else "patients"
     table = Table(title=f"Held-out test set ({federated.num_samples} {unit})")
-    for column in ("model", "privacy", "accuracy", "AUC"):
+    for column in ("model", "privacy", *(_METRIC_LABELS[m] for m in metrics)):
         table.add_column(column)
     table.add_row(
         "federated (3 hospitals)",
         _dp_cost(contract, result),
-        f"{federated.accuracy:.3f}",
-        f"{federated.auc:.3f}",
+        *(f"{result.federated[m]:.3f}" for m in metrics),
     )
     table.add_row(
         "centralised (pooled data)",
         f"none: data leaves the hospitals (lr {baseline.learning_rate:g})",
-        f"{baseline.metrics.accuracy:.3f}",
-        f"{baseline.metrics.auc:.3f}",
+        *(f"{result.baseline[m]:.3f}" for m in metrics),
     )
     console.print(table)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
-from concord_protocol.contract import ModelSpec
+from concord_protocol.contract import ModelSpec, TaskKind, TaskSpec
 from concord_protocol.errors import (
     IncompatibleInputError,
     InvalidHyperparameterError,
@@ -33,10 +33,13 @@ __all__ = [
     "HyperParameter",
     "HyperValue",
     "catalogue_keys",
+    "check_divisible_input",
+    "check_task",
     "get_entry",
     "list_models",
     "parameter_count",
     "resolve_hyperparameters",
+    "unet_channels",
 ]
 
 HyperValue = int | float | str | bool
@@ -114,7 +117,7 @@ class CatalogueEntry:
 
     name: str
     version: str
-    task: str
+    task: TaskKind
     modality: Literal["tabular", "image"]
     description: str
     hyperparameters: tuple[HyperParameter, ...]
@@ -313,6 +316,110 @@ def _resnet_parameters(
     return total + in_planes * num_classes + num_classes
 
 
+def check_divisible_input(name: str, input_shape: tuple[int, ...], factor: int) -> int:
+    """Spatial dimensions of a channel-first image or volume whose every side is a multiple
+    of ``factor`` (an encoder-decoder's skips must meet at the same size), else refused."""
+    dims = check_image_input(name, input_shape, factor)
+    if any(side % factor for side in input_shape[1:]):
+        raise IncompatibleInputError(
+            f"{name}: every spatial side must be a multiple of {factor}, got {input_shape[1:]}",
+            hint="resize or pad the images, or use fewer levels",
+        )
+    return dims
+
+
+def _unet_down(
+    in_ch: int, out_ch: int, stride: int, dims: int, units: int, *, norm_out: bool = True
+) -> int:
+    """A MONAI UNet encoder step: a residual unit of ``units`` convolutions, or one
+    convolution, each with its norm (convolutions carry a bias)."""
+    if units == 0:
+        return _conv(in_ch, out_ch, 3, dims, bias=True) + (_norm(out_ch) if norm_out else 0)
+    total = 0
+    for unit in range(units):
+        total += _conv(in_ch if unit == 0 else out_ch, out_ch, 3, dims, bias=True)
+        total += _norm(out_ch)
+    if stride != 1 or in_ch != out_ch:  # the residual path's projection
+        total += _conv(in_ch, out_ch, 3 if stride != 1 else 1, dims, bias=True)
+    return total
+
+
+def _unet_up(in_ch: int, out_ch: int, dims: int, units: int, *, top: bool) -> int:
+    """A MONAI UNet decoder step: a transposed convolution (3x3, bias), normed except at
+    the top of a plain UNet, then with residual units one more convolution (no norm at the
+    top, where the output is the logits)."""
+    total = _conv(in_ch, out_ch, 3, dims, bias=True)
+    if not (top and units == 0):
+        total += _norm(out_ch)
+    if units > 0:
+        total += _conv(out_ch, out_ch, 3, dims, bias=True) + (0 if top else _norm(out_ch))
+    return total
+
+
+def unet_channels(hp: Mapping[str, Any]) -> tuple[int, ...]:
+    """The channels of each UNet level, top first: ``base_channels`` doubling per level."""
+    return tuple(hp["base_channels"] * 2**level for level in range(hp["levels"]))
+
+
+def _unet_parameters(hp: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int) -> int:
+    """MONAI ``UNet`` (stride-2 levels, 3x3 kernels, residual units), as the site builds it."""
+    channels = unet_channels(hp)
+    dims = check_divisible_input("unet", input_shape, 2 ** (len(channels) - 1))
+    _check_groups(hp, channels)
+    units = hp["res_units"]
+
+    def block(in_ch: int, out_ch: int, level: int) -> int:
+        c = channels[level]
+        if level + 2 < len(channels):
+            below, up_in = block(c, c, level + 1), 2 * c
+        else:  # the bottom: a stride-1 step to the last width
+            below, up_in = _unet_down(c, channels[-1], 1, dims, units), c + channels[-1]
+        down = _unet_down(in_ch, c, 2, dims, units)
+        return down + below + _unet_up(up_in, out_ch, dims, units, top=level == 0)
+
+    return block(input_shape[0], num_classes, 0)
+
+
+#: SegResNet's fixed depth: residual blocks per encoder and decoder level (Myronenko, 2018).
+SEGRESNET_BLOCKS_DOWN = (1, 2, 2, 4)
+SEGRESNET_BLOCKS_UP = (1, 1, 1)
+
+
+def _segresnet_parameters(
+    hp: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
+) -> int:
+    """MONAI ``SegResNet`` (bias-free 3x3 convolutions, pre-activation residual blocks,
+    non-trainable upsampling, a 1x1 head with bias), as the site builds it."""
+    dims = check_divisible_input("segresnet", input_shape, 2 ** (len(SEGRESNET_BLOCKS_DOWN) - 1))
+    f = hp["init_filters"]
+    _check_groups(hp, (f,))
+
+    def res_block(ch: int) -> int:
+        return 2 * _norm(ch) + 2 * _conv(ch, ch, 3, dims, bias=False)
+
+    total = _conv(input_shape[0], f, 3, dims, bias=False)
+    for level, blocks in enumerate(SEGRESNET_BLOCKS_DOWN):
+        ch = f * 2**level
+        if level > 0:
+            total += _conv(ch // 2, ch, 3, dims, bias=False)
+        total += blocks * res_block(ch)
+    n_up = len(SEGRESNET_BLOCKS_UP)
+    for level, blocks in enumerate(SEGRESNET_BLOCKS_UP):
+        ch = f * 2 ** (n_up - level)
+        total += blocks * res_block(ch // 2) + _conv(ch, ch // 2, 1, dims, bias=False)
+    return total + _norm(f) + _conv(f, num_classes, 1, dims, bias=True)
+
+
+def _check_groups(hp: Mapping[str, Any], widths: tuple[int, ...]) -> None:
+    groups = hp["norm_groups"] if hp["norm"] == "group" else 1
+    if any(width % groups for width in widths):
+        raise InvalidHyperparameterError(
+            "norm_groups",
+            f"{groups} does not divide every layer's channel count ({widths[0]} first)",
+            hint="use a power of two that divides the first level's channels, or 1",
+        )
+
+
 _DROPOUT = HyperParameter("dropout", "float", 0.0, "Dropout probability.", 0.0, 0.9)
 _NORM = HyperParameter(
     "norm", "str", "group", "Normalisation (DP-compatible only).", choices=("group", "instance")
@@ -400,6 +507,37 @@ _ENTRIES: tuple[CatalogueEntry, ...] = (
         )
         for name in RESNETS
     ),
+    CatalogueEntry(
+        name="unet",
+        version="1",
+        task="segmentation",
+        modality="image",
+        description="MONAI UNet (residual units, GroupNorm for DP), 2D or 3D; MONAI's "
+        "standard 16-256 channels by default.",
+        hyperparameters=(
+            HyperParameter("base_channels", "int", 16, "Channels of the top level.", 2, 64),
+            HyperParameter("levels", "int", 5, "Levels, each halving the resolution.", 2, 6),
+            HyperParameter("res_units", "int", 2, "Residual units per level (0: plain).", 0, 3),
+            _NORM,
+            _norm_groups(8),
+            _DROPOUT,
+        ),
+        parameter_count=_unet_parameters,
+    ),
+    CatalogueEntry(
+        name="segresnet",
+        version="1",
+        task="segmentation",
+        modality="image",
+        description="MONAI SegResNet (Myronenko's encoder-decoder, GroupNorm), 2D or 3D.",
+        hyperparameters=(
+            HyperParameter("init_filters", "int", 16, "Channels of the first level.", 2, 64),
+            _NORM,
+            _norm_groups(8),
+            _DROPOUT,
+        ),
+        parameter_count=_segresnet_parameters,
+    ),
 )
 
 
@@ -466,3 +604,17 @@ def parameter_count(spec: ModelSpec, *, input_shape: tuple[int, ...], num_classe
     if num_classes < 2:
         raise IncompatibleInputError(f"num_classes must be >= 2, got {num_classes}")
     return entry.parameter_count(hp, tuple(int(d) for d in input_shape), num_classes)
+
+
+def check_task(spec: ModelSpec, task: TaskSpec) -> CatalogueEntry:
+    """The entry of ``spec``, refused (:class:`IncompatibleInputError`) unless it is a model
+    of the study's task: a classifier cannot be trained on masks, nor a UNet on labels."""
+    entry = get_entry(spec.name, spec.version)
+    if entry.task != task.kind:
+        models = ", ".join(e.name for e in list_models() if e.task == task.kind)
+        raise IncompatibleInputError(
+            f"{entry.name} v{entry.version} is a {entry.task} model; the study's task is "
+            f"{task.kind}",
+            hint=f"pick a {task.kind} model: {models}",
+        )
+    return entry

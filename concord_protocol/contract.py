@@ -23,8 +23,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -45,6 +47,8 @@ __all__ = [
     "RosterMember",
     "StudyContract",
     "StudyDraft",
+    "TaskKind",
+    "TaskSpec",
     "TrainingSpec",
 ]
 
@@ -90,6 +94,63 @@ class ModelSpec(_Strict):
                 if problem is not None:
                     raise ValueError(f"{name}: {problem}")
         return value
+
+
+TaskKind = Literal["classification", "segmentation"]
+Loss = Literal["cross_entropy", "dice", "dice_ce"]
+
+#: Each task's losses (the first is the default) and the metrics its evaluation reports.
+TASK_LOSSES: dict[str, tuple[Loss, ...]] = {
+    "classification": ("cross_entropy",),
+    "segmentation": ("dice", "dice_ce"),
+}
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "auc"),
+    "segmentation": ("dice", "hd95"),
+}
+
+
+class TaskSpec(_Strict):
+    """What the model predicts and the loss it trains with.
+
+    ``classification``: one label per record (cross-entropy; accuracy and AUC).
+    ``segmentation``: one label per voxel, background being class 0, trained with Dice (the
+    default: on small lesions Dice plus cross-entropy can settle on all-background) or Dice
+    plus cross-entropy, and evaluated with the mean foreground Dice and the 95th-percentile
+    Hausdorff distance (in voxels). The catalogue entry the study names must be of the same
+    task.
+    """
+
+    kind: TaskKind = Field(default="classification", description="What the model predicts.")
+    loss: Loss = Field(
+        default="cross_entropy",
+        description="Training loss: `cross_entropy` (classification); `dice` (the "
+        "segmentation default) or `dice_ce`, Dice plus cross-entropy (segmentation).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_loss(cls, data: object) -> object:
+        """A task without a loss trains with its kind's default loss."""
+        if isinstance(data, dict) and "loss" not in data:
+            kind = data.get("kind", "classification")
+            if kind in TASK_LOSSES:
+                return {**data, "loss": TASK_LOSSES[kind][0]}
+        return data
+
+    @model_validator(mode="after")
+    def _loss_suits_task(self) -> TaskSpec:
+        if self.loss not in TASK_LOSSES[self.kind]:
+            raise ValueError(
+                f"loss {self.loss!r} is not a {self.kind} loss; use one of "
+                f"{list(TASK_LOSSES[self.kind])}"
+            )
+        return self
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics this task's evaluation reports (round table, report, model card)."""
+        return TASK_METRICS[self.kind]
 
 
 class TrainingSpec(_Strict):
@@ -219,6 +280,7 @@ class _StudyBody(_Strict):
         str, StringConstraints(min_length=1, max_length=100, strip_whitespace=True)
     ] = Field(description="IRB / ethics committee approval reference, e.g. `IRB-2026-0142`.")
     datasets: list[Slug] = Field(min_length=1, max_length=100, description="Catalogue dataset ids.")
+    task: TaskSpec = TaskSpec()
     model: ModelSpec
     training: TrainingSpec
     privacy: PrivacySpec
@@ -230,6 +292,16 @@ class _StudyBody(_Strict):
         description="What each site releases without DP (concord_protocol.disclosure): "
         "inside the hash, so every steward approves it with the study.",
     )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_task(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave ``task`` out while it is the default (classification): contracts written
+        before studies named a task keep their canonical form, so the hash each steward
+        approved still matches."""
+        data: dict[str, Any] = handler(self)
+        if self.task == TaskSpec():
+            data.pop("task", None)
+        return data
 
     @field_validator("public_fields")
     @classmethod

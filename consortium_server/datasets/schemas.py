@@ -22,7 +22,7 @@ from consortium_server.schemas import Slug, StrictModel
 __all__ = ["DatasetPublic", "DatasetPublish", "Modality", "Task"]
 
 Modality = Literal["tabular", "image", "volume"]
-Task = Literal["binary_classification", "multiclass_classification"]
+Task = Literal["binary_classification", "multiclass_classification", "segmentation"]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 MAX_SUMMARY_BYTES = 16_384
 

@@ -433,7 +433,8 @@ class BlindAggregationStrategy:
         return refusals
 
     def aggregate_evaluate(self, replies: Iterable[Message]) -> dict[str, float]:
-        """Accuracy, AUC and test count from the sum of the sites' noisy histograms.
+        """The task's metrics (accuracy and AUC, or Dice and HD95) and the test count from
+        the sum of the sites' noisy histograms.
 
         Each valid reply carries the histogram its site released under DP
         (:mod:`concord_protocol.eval_histograms`) in the contract's layout; the histograms
@@ -443,6 +444,7 @@ class BlindAggregationStrategy:
         ``sites`` and ``noise-sd``, the standard deviation of each summed cell's noise.
         """
         spec = self.plan.contract.evaluation
+        task = self.plan.contract.task.kind
         total: list[float] | None = None
         layout: tuple[int, int] | None = None
         seen: set[str] = set()
@@ -462,7 +464,7 @@ class BlindAggregationStrategy:
                 continue
             try:
                 values = [float(v) for v in counts]
-                histogram_metrics(values, num_classes=num_classes, bins=spec.score_bins)
+                histogram_metrics(values, num_classes=num_classes, bins=spec.score_bins, task=task)
             except (TypeError, ValueError):
                 continue
             if layout is not None and layout != (num_classes, len(values)):
@@ -472,7 +474,7 @@ class BlindAggregationStrategy:
             total = values if total is None else [a + b for a, b in zip(total, values, strict=True)]
         if total is None or layout is None:
             return {"sites": 0.0}
-        out = histogram_metrics(total, num_classes=layout[0], bins=spec.score_bins)
+        out = histogram_metrics(total, num_classes=layout[0], bins=spec.score_bins, task=task)
         out["sites"] = float(len(seen))
         out["noise-sd"] = float(
             (self.plan.contract.evaluation_noise() or 0.0) * math.sqrt(len(seen))

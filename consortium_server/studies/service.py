@@ -14,9 +14,13 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from concord_protocol.canonical import sha256_hex
-from concord_protocol.catalogue import get_entry, resolve_hyperparameters
+from concord_protocol.catalogue import check_task, get_entry, resolve_hyperparameters
 from concord_protocol.contract import RosterMember, StudyContract, StudyDraft
-from concord_protocol.errors import InvalidHyperparameterError, UnknownModelError
+from concord_protocol.errors import (
+    IncompatibleInputError,
+    InvalidHyperparameterError,
+    UnknownModelError,
+)
 from concord_protocol.principals import Principal, Role
 from concord_protocol.site_decisions import SignedDecision, SiteDecision
 from concord_protocol.site_keys import SignatureError, site_key_fingerprint
@@ -169,6 +173,29 @@ def _check_model(draft: StudyDraft) -> None:
         ) from None
 
 
+def _check_task(draft: StudyDraft, datasets: list[Dataset]) -> None:
+    """Refuse a study whose model, or one of whose datasets, is not of its task (a
+    classifier named for masks, a segmentation study over labelled records): every site
+    would refuse its rounds."""
+    try:
+        check_task(draft.model, draft.task)
+    except IncompatibleInputError as exc:
+        raise InvalidRequestError(
+            exc.message,
+            code="study.invalid",
+            details=[{"field": "model", "message": exc.message}],
+        ) from None
+    segmentation = draft.task.kind == "segmentation"
+    wrong = sorted(d.id for d in datasets if (d.task == "segmentation") != segmentation)
+    if wrong:
+        message = f"Dataset(s) {', '.join(wrong)} are not labelled for {draft.task.kind}."
+        raise InvalidRequestError(
+            message,
+            code="study.invalid",
+            details=[{"field": "datasets", "message": message}],
+        )
+
+
 def _check_evaluation_budget(draft: StudyDraft) -> None:
     """Refuse a draft whose evaluation releases alone would spend its whole epsilon (an
     explicit ``evaluation.noise_multiplier`` too small): no site could train it."""
@@ -240,6 +267,7 @@ def submit_study(
         )
     _check_evaluation_budget(draft)
     _check_model(draft)
+    _check_task(draft, datasets)
     site_ids = sorted({d.site_id for d in datasets})
     sites = {s.id: s for s in session.scalars(select(Site).where(Site.id.in_(site_ids)))}
     revoked = [sid for sid in site_ids if sites[sid].status is SiteStatus.REVOKED]

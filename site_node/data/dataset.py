@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from concord_protocol.contract import TaskKind
 from site_node.errors import DatasetError, EmptyDatasetError, UnknownLabelError
 
 __all__ = [
@@ -38,13 +39,17 @@ class LocalDataset:
 
     Attributes:
         features: float32 tensor of shape ``(N, *input_shape)``; images are channel-first.
-        labels: int64 tensor of shape ``(N,)`` with values in ``[0, num_classes)``.
-        num_classes: number of classes of the task (may exceed the classes present).
+        labels: int64 tensor with values in ``[0, num_classes)``: ``(N,)`` for
+            classification, ``(N, *spatial)`` (one label per voxel, 0 the background) for
+            segmentation.
+        num_classes: number of classes of the task (may exceed the classes present); for
+            segmentation, the background counts as a class.
         modality: e.g. ``"tabular"``, ``"image"``, ``"CT"``, ``"MR"``.
         feature_names: column names for tabular data, else ``None``.
         class_names: display names of classes ``0..num_classes-1``.
         split: ``"train"`` or ``"test"``.
         dataset_id: the catalogue id, when loaded from a :class:`DatasetConfig`.
+        task: ``"classification"`` or ``"segmentation"``.
     """
 
     features: torch.Tensor
@@ -55,11 +60,22 @@ class LocalDataset:
     class_names: tuple[str, ...] | None = None
     split: Split = "train"
     dataset_id: str | None = None
+    task: TaskKind = "classification"
 
     def __post_init__(self) -> None:
         if self.features.dtype != torch.float32:
             raise DatasetError(f"features must be float32, got {self.features.dtype}")
-        if self.labels.dtype != torch.int64 or self.labels.ndim != 1:
+        if self.labels.dtype != torch.int64:
+            raise DatasetError("labels must be an int64 tensor")
+        if self.task == "segmentation":
+            if self.features.ndim not in (4, 5) or (
+                tuple(self.labels.shape) != (self.features.shape[0], *self.features.shape[2:])
+            ):
+                raise DatasetError(
+                    f"segmentation labels {tuple(self.labels.shape)} must give one label per "
+                    f"voxel of the channel-first images {tuple(self.features.shape)}"
+                )
+        elif self.labels.ndim != 1:
             raise DatasetError("labels must be a 1-D int64 tensor")
         if self.features.ndim < 2 or self.features.shape[0] != self.labels.shape[0]:
             raise DatasetError(
@@ -88,7 +104,11 @@ class LocalDataset:
         return TensorDataset(self.features, self.labels)
 
     def label_counts(self) -> list[int]:
-        """Number of records per class, index = class."""
+        """Number of records per class, index = class (segmentation: records in which the
+        class occurs at all; never a voxel count, which would measure a patient's lesion)."""
+        if self.task == "segmentation":
+            flat = self.labels.reshape(len(self), -1)
+            return [int((flat == c).any(dim=1).sum()) for c in range(self.num_classes)]
         return [int(c) for c in torch.bincount(self.labels, minlength=self.num_classes)]
 
     def summary(self) -> dict[str, Any]:
@@ -104,6 +124,7 @@ class LocalDataset:
             "modality": self.modality,
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
+            "task": self.task,
             "label_counts": dict(zip(names, self.label_counts(), strict=True)),
         }
         if self.dataset_id is not None:

@@ -26,6 +26,11 @@ preprocessing.
 ``i`` draws label 1 with probability ``(i + 1) / (n_sites + 1)`` (label skew). Sites and the
 holdout use independent random streams (``SeedSequence([seed, stream])``); a site's records
 are split by a keyed hash of their id (``img-<site>-<i>``).
+
+**Synthetic volumes (segmentation).** MONAI ``create_test_image_3d`` volumes: noise plus
+one to four bright spheres, each voxel labelled background (0) or sphere (1). Sites differ
+in noise (site ``i``'s maximum noise is ``0.2 + 0.1 * i``: scanners differ); records are
+split by a keyed hash of their id (``vol-<site>-<i>``); the holdout uses its own stream.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from monai.data import create_test_image_2d
+from monai.data import create_test_image_2d, create_test_image_3d
 from sklearn.datasets import load_breast_cancer
 
 from site_node.data.csv_loader import scale_to_ranges
@@ -47,14 +52,18 @@ __all__ = [
     "BREAST_CANCER_CLASSES",
     "MIN_SITE_RECORDS",
     "SYNTHETIC_IMAGE_CLASSES",
+    "SYNTHETIC_VOLUME_CLASSES",
     "breast_cancer_holdout",
     "breast_cancer_site",
     "synthetic_images_holdout",
     "synthetic_images_site",
+    "synthetic_volumes_holdout",
+    "synthetic_volumes_site",
 ]
 
 BREAST_CANCER_CLASSES = ("malignant", "benign")
 SYNTHETIC_IMAGE_CLASSES = ("one_disc", "four_discs")
+SYNTHETIC_VOLUME_CLASSES = ("background", "sphere")
 MIN_SITE_RECORDS = 90
 HOLDOUT_FRACTION = 0.2
 SITE_TEST_FRACTION = 0.2
@@ -208,9 +217,7 @@ def synthetic_images_site(
         stream=site_index,
         seed=seed,
     )
-    ids = [f"img-{site_index}-{i}" for i in range(n_samples)]
-    tr, te = assign_split(ids, test_fraction=SITE_TEST_FRACTION, seed=seed)
-    return _subset(full, tr, "train"), _subset(full, te, "test")
+    return _train_test(full, f"img-{site_index}", seed)
 
 
 def synthetic_images_holdout(
@@ -223,6 +230,13 @@ def synthetic_images_holdout(
     return _subset(full, np.arange(n_samples), "test")
 
 
+def _train_test(full: LocalDataset, prefix: str, seed: int) -> tuple[LocalDataset, LocalDataset]:
+    """A site's records split by a keyed hash of their ids (``<prefix>-<i>``)."""
+    ids = [f"{prefix}-{i}" for i in range(len(full))]
+    tr, te = assign_split(ids, test_fraction=SITE_TEST_FRACTION, seed=seed)
+    return _subset(full, tr, "train"), _subset(full, te, "test")
+
+
 def _subset(ds: LocalDataset, idx: np.ndarray, split: Split) -> LocalDataset:
     t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
     return _as_split(
@@ -232,6 +246,74 @@ def _subset(ds: LocalDataset, idx: np.ndarray, split: Split) -> LocalDataset:
             num_classes=ds.num_classes,
             modality=ds.modality,
             class_names=ds.class_names,
+            task=ds.task,
         ),
         split,
     )
+
+
+def _synthetic_volumes(
+    n: int, *, noise_max: float, size: int, stream: int, seed: int
+) -> LocalDataset:
+    if not 16 <= size <= 128 or size % 8:
+        raise DatasetConfigError(
+            f"image_size must be a multiple of 8 in [16, 128] for synthetic volumes, got {size}"
+        )
+    rng = np.random.RandomState(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+    images = np.empty((n, 1, size, size, size), dtype=np.float32)
+    masks = np.empty((n, size, size, size), dtype=np.int64)
+    for i in range(n):
+        image, mask = create_test_image_3d(
+            size,
+            size,
+            size,
+            num_objs=int(rng.randint(1, 5)),
+            rad_max=max(3, size // 5),
+            rad_min=max(2, size // 10),
+            noise_max=noise_max,
+            num_seg_classes=1,
+            random_state=rng,
+        )
+        images[i, 0] = image
+        masks[i] = (mask > 0).astype(np.int64)
+    return LocalDataset(
+        features=torch.from_numpy(images),
+        labels=torch.from_numpy(masks),
+        num_classes=2,
+        modality="MR",
+        class_names=SYNTHETIC_VOLUME_CLASSES,
+        task="segmentation",
+    )
+
+
+def synthetic_volumes_site(
+    site_index: int,
+    n_sites: int = 3,
+    seed: int = 7,
+    *,
+    n_samples: int = 24,
+    image_size: int = 32,
+) -> tuple[LocalDataset, LocalDataset]:
+    """One site's (train, test) synthetic volumes with sphere masks (see the module
+    docstring): noisier at higher site indices."""
+    _check_site(site_index, n_sites)
+    if n_samples < 10:
+        raise DatasetConfigError(f"n_samples must be >= 10, got {n_samples}")
+    full = _synthetic_volumes(
+        n_samples,
+        noise_max=0.2 + 0.1 * site_index,
+        size=image_size,
+        stream=site_index,
+        seed=seed,
+    )
+    return _train_test(full, f"vol-{site_index}", seed)
+
+
+def synthetic_volumes_holdout(
+    seed: int = 7, *, n_samples: int = 24, image_size: int = 32
+) -> LocalDataset:
+    """Held-out synthetic volumes from a stream no site uses, at a middle noise level."""
+    full = _synthetic_volumes(
+        n_samples, noise_max=0.3, size=image_size, stream=_HOLDOUT_STREAM, seed=seed
+    )
+    return _subset(full, np.arange(n_samples), "test")

@@ -25,7 +25,10 @@ def catalogue_entry(config: DatasetConfig, governance: dict[str, Any]) -> dict[s
         **({"features": len(summary["feature_names"])} if "feature_names" in summary else {}),
     }
     entry["modality"] = "tabular" if train.modality == "tabular" else "image"
-    entry["task"] = (
-        "binary_classification" if train.num_classes == 2 else "multiclass_classification"
-    )
+    if train.task == "segmentation":
+        entry["task"] = "segmentation"
+    else:
+        entry["task"] = (
+            "binary_classification" if train.num_classes == 2 else "multiclass_classification"
+        )
     return entry

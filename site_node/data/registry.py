@@ -19,7 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from site_node.data.csv_loader import FeatureRange, load_csv, read_ranges_file
 from site_node.data.dataset import LocalDataset, Split
-from site_node.data.demo import breast_cancer_site, synthetic_images_site
+from site_node.data.demo import (
+    breast_cancer_site,
+    synthetic_images_site,
+    synthetic_volumes_site,
+)
 from site_node.data.image_folder import load_image_folder
 from site_node.data.volumes import load_volumes
 from site_node.errors import DatasetConfigError
@@ -27,7 +31,13 @@ from site_node.errors import DatasetConfigError
 __all__ = ["DatasetConfig", "DatasetKind", "LocalDataset", "load_dataset"]
 
 DatasetKind = Literal[
-    "csv", "image_folder", "nifti", "dicom", "demo_breast_cancer", "demo_synthetic_images"
+    "csv",
+    "image_folder",
+    "nifti",
+    "dicom",
+    "demo_breast_cancer",
+    "demo_synthetic_images",
+    "demo_synthetic_volumes",
 ]
 _FILE_KINDS = frozenset({"csv", "image_folder", "nifti", "dicom"})
 
@@ -190,6 +200,14 @@ def load_dataset(config: DatasetConfig, *, split: Split) -> LocalDataset:
         assert config.site_index is not None
         if config.kind == "demo_breast_cancer":
             pair = breast_cancer_site(config.site_index, config.n_sites, config.seed)
+        elif config.kind == "demo_synthetic_volumes":
+            pair = synthetic_volumes_site(
+                config.site_index,
+                config.n_sites,
+                config.seed,
+                n_samples=config.n_samples,
+                image_size=config.image_size,
+            )
         else:
             pair = synthetic_images_site(
                 config.site_index,

@@ -39,6 +39,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from concord_protocol.catalogue import check_task
 from concord_protocol.contract import StudyContract
 from concord_protocol.contributions import Contribution, sign_contribution
 from concord_protocol.errors import CryptoError
@@ -214,7 +215,9 @@ class SiteRuntime:
         return parts[0] if len(parts) == 1 else pool(parts)
 
     def model_for(self, dataset: LocalDataset) -> nn.Module:
-        """The contract's model, built from the fixed seed."""
+        """The contract's model, built from the fixed seed (refused unless it is a model of
+        the contract's task)."""
+        check_task(self.contract.model, self.contract.task)
         return build_model(
             self.contract.model,
             input_shape=dataset.input_shape,
@@ -254,7 +257,9 @@ class SiteRuntime:
                 secure_mode=self.settings.dp_secure_noise,
             )
         try:
-            result = train_round(model, data, training, dp=dp, device=self.device)
+            result = train_round(
+                model, data, training, dp=dp, device=self.device, task=self.contract.task
+            )
         finally:
             dp.save(dp_path)  # steps taken are spent, also when the round raised
         return model, result, dp

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from concord_protocol.eval_histograms import histogram
+from concord_protocol.eval_histograms import histogram, segmentation_histogram
 from site_node.data.dataset import LocalDataset
 from site_node.training.loops import score
+from site_node.training.segmentation import per_record_scores
 
 __all__ = ["ReleasedHistogram", "noisy_histogram", "probabilities"]
 
@@ -56,14 +57,25 @@ def noisy_histogram(
     device: torch.device | str = "cpu",
 ) -> ReleasedHistogram:
     """Score ``dataset`` with ``model`` (on ``device``) and release its histogram (``bins``
-    score bins for a binary task) with Gaussian noise of standard deviation ``noise`` on
-    every cell."""
-    probs = (
-        probabilities(model, dataset, device=device)
-        if len(dataset)
-        else np.zeros((0, dataset.num_classes), dtype=np.float64)
-    )
-    counts = histogram(dataset.labels.numpy(), probs, bins=bins)
+    score bins for a binary task, Dice bins for segmentation) with Gaussian noise of
+    standard deviation ``noise`` on every cell."""
+    counts: np.ndarray
+    if dataset.task == "segmentation":
+        dice, hd95 = (
+            per_record_scores(
+                score(model, dataset, device=device), dataset.labels, dataset.num_classes
+            )
+            if len(dataset)
+            else (np.zeros(0), np.zeros(0))
+        )
+        counts = segmentation_histogram(dice, hd95, bins=bins)
+    else:
+        probs = (
+            probabilities(model, dataset, device=device)
+            if len(dataset)
+            else np.zeros((0, dataset.num_classes), dtype=np.float64)
+        )
+        counts = histogram(dataset.labels.numpy(), probs, bins=bins)
     rng = np.random.Generator(np.random.PCG64(secrets.randbits(128)))
     noisy = counts + rng.normal(0.0, noise, size=counts.shape)
     return ReleasedHistogram([float(v) for v in noisy], dataset.num_classes)

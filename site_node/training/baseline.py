@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from concord_protocol.contract import ModelSpec, TrainingSpec
+from concord_protocol.contract import ModelSpec, TaskSpec, TrainingSpec
 from site_node.data.dataset import LocalDataset
 from site_node.errors import DatasetError, TrainingDivergedError
 from site_node.training.catalogue import build_model
@@ -38,8 +38,12 @@ def pool(datasets: Sequence[LocalDataset]) -> LocalDataset:
         raise DatasetError("nothing to pool")
     first = datasets[0]
     for other in datasets[1:]:
-        if other.input_shape != first.input_shape or other.num_classes != first.num_classes:
-            raise DatasetError("datasets to pool differ in input shape or number of classes")
+        if (other.input_shape, other.num_classes, other.task) != (
+            first.input_shape,
+            first.num_classes,
+            first.task,
+        ):
+            raise DatasetError("datasets to pool differ in input shape, classes or task")
     return LocalDataset(
         features=torch.cat([d.features for d in datasets]),
         labels=torch.cat([d.labels for d in datasets]),
@@ -48,6 +52,7 @@ def pool(datasets: Sequence[LocalDataset]) -> LocalDataset:
         feature_names=first.feature_names,
         class_names=first.class_names,
         split="train",
+        task=first.task,
     )
 
 
@@ -58,6 +63,7 @@ def centralised_baseline(
     training: TrainingSpec,
     *,
     seed: int = 0,
+    task: TaskSpec | None = None,
 ) -> BaselineResult:
     """Train ``spec`` without DP on the pooled ``train`` data, evaluate on ``test``.
 
@@ -68,6 +74,7 @@ def centralised_baseline(
     at a tenth of the rate, up to three times; ``learning_rate`` says which rate was used.
     """
     pooled = train if isinstance(train, LocalDataset) else pool(train)
+    task = task or TaskSpec(kind=pooled.task)
     rate = training.learning_rate
     for _attempt in range(4):
         model = build_model(
@@ -75,7 +82,7 @@ def centralised_baseline(
         )
         spec_now = training.model_copy(update={"learning_rate": rate})
         losses = [
-            train_round(model, pooled, spec_now, dp=None, seed=seed + r).mean_loss
+            train_round(model, pooled, spec_now, dp=None, seed=seed + r, task=task).mean_loss
             for r in range(training.rounds)
         ]
         finite = all(math.isfinite(loss) for loss in losses) and all(

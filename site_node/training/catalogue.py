@@ -14,11 +14,13 @@ build the network. Every builder:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from monai.networks.nets import Classifier, DenseNet, ResNet
+from monai.networks.blocks.segresnet_block import ResBlock
+from monai.networks.nets import Classifier, DenseNet, ResNet, SegResNet, UNet
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -26,13 +28,17 @@ from torch import nn
 from concord_protocol.catalogue import (
     DENSENET121,
     RESNETS,
+    SEGRESNET_BLOCKS_DOWN,
+    SEGRESNET_BLOCKS_UP,
     CatalogueEntry,
     HyperParameter,
     HyperValue,
+    check_divisible_input,
     check_image_input,
     get_entry,
     list_models,
     resolve_hyperparameters,
+    unet_channels,
 )
 from concord_protocol.contract import ModelSpec
 from concord_protocol.errors import IncompatibleInputError, InvalidHyperparameterError
@@ -223,6 +229,83 @@ def _without_batchnorm(model: nn.Module, hp: Mapping[str, Any]) -> nn.Module:
     return model
 
 
+def _check_groups(hp: Mapping[str, Any], first_width: int) -> None:
+    groups = hp["norm_groups"] if hp["norm"] == "group" else 1
+    if first_width % groups:  # every width doubles the first
+        raise InvalidHyperparameterError(
+            "norm_groups", f"must divide the first level's {first_width} channels, got {groups}"
+        )
+
+
+class _UNet(UNet):
+    """MONAI's UNet whose top decoder norm, over the ``num_classes`` output channels, uses
+    the largest group count that divides them (MONAI would refuse, say, 8 groups over 3
+    classes); the parameters are the same two per channel."""
+
+    def _get_up_layer(
+        self, in_channels: int, out_channels: int, strides: int, is_top: bool
+    ) -> nn.Module:
+        norm = self.norm
+        if is_top and isinstance(norm, tuple) and norm[0] == "group":
+            groups = math.gcd(int(norm[1]["num_groups"]), out_channels)
+            self.norm = ("group", {"num_groups": groups})
+        try:
+            return super()._get_up_layer(in_channels, out_channels, strides, is_top)
+        finally:
+            self.norm = norm
+
+
+def _build_unet(hp: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    channels = unet_channels(hp)
+    spatial_dims = check_divisible_input("unet", input_shape, 2 ** (len(channels) - 1))
+    _check_groups(hp, channels[0])
+    return _UNet(
+        spatial_dims=spatial_dims,
+        in_channels=input_shape[0],
+        out_channels=num_classes,
+        channels=channels,
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=hp["res_units"],
+        act=("relu", {"inplace": False}),
+        norm=_norm(hp),
+        dropout=hp["dropout"],
+    )
+
+
+class _ResBlock(ResBlock):
+    """SegResNet's residual block, adding the shortcut out of place (MONAI's ``x +=
+    identity`` changes a hooked convolution's output, which Opacus' hooks refuse)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.act(self.norm1(x)))
+        out = self.conv2(self.act(self.norm2(out)))
+        return out + x
+
+
+def _build_segresnet(
+    hp: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
+) -> nn.Module:
+    factor = 2 ** (len(SEGRESNET_BLOCKS_DOWN) - 1)
+    spatial_dims = check_divisible_input("segresnet", input_shape, factor)
+    _check_groups(hp, hp["init_filters"])
+    model = SegResNet(
+        spatial_dims=spatial_dims,
+        init_filters=hp["init_filters"],
+        in_channels=input_shape[0],
+        out_channels=num_classes,
+        dropout_prob=hp["dropout"] or None,
+        act=("relu", {"inplace": False}),
+        norm=_norm(hp),
+        blocks_down=SEGRESNET_BLOCKS_DOWN,
+        blocks_up=SEGRESNET_BLOCKS_UP,
+        upsample_mode="nontrainable",
+    )
+    for module in model.modules():
+        if type(module) is ResBlock:
+            module.__class__ = _ResBlock  # same parameters, out-of-place shortcut
+    return model
+
+
 #: The network of every catalogue entry, by (name, version).
 BUILDERS: dict[tuple[str, str], Builder] = {
     ("tabular-mlp", "1"): _build_mlp,
@@ -230,6 +313,8 @@ BUILDERS: dict[tuple[str, str], Builder] = {
     ("image-densenet", "1"): _build_densenet,
     ("densenet121", "1"): _build_densenet121,
     **{(name, "1"): _resnet_builder(name) for name in RESNETS},
+    ("unet", "1"): _build_unet,
+    ("segresnet", "1"): _build_segresnet,
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,15 +21,25 @@ from torch import nn
 from torch.nn import functional
 from torch.utils.data import DataLoader
 
-from concord_protocol.contract import TrainingSpec
+from concord_protocol.contract import TaskSpec, TrainingSpec
 from concord_protocol.errors import IncompatibleInputError
 from site_node.data.dataset import LocalDataset
 from site_node.errors import EmptyDatasetError
+from site_node.training.segmentation import per_record_scores, segmentation_loss
 
 if TYPE_CHECKING:
     from site_node.privacy.dp import DpTrainer
 
-__all__ = ["EvalResult", "TrainResult", "evaluate", "make_optimizer", "train_round"]
+__all__ = [
+    "EvalResult",
+    "TrainResult",
+    "evaluate",
+    "loss_function",
+    "make_optimizer",
+    "train_round",
+]
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -38,7 +48,7 @@ class TrainResult:
 
     Attributes:
         num_samples: records in the local training split (the aggregation weight).
-        mean_loss: mean cross-entropy over the round's batches, weighted by batch size. Not
+        mean_loss: mean training loss over the round's batches, weighted by batch size. Not
             privatised: do not send it off-site unless the site policy allows.
         steps: optimizer steps taken.
         epsilon_spent: epsilon spent by this site in the study so far (``None`` without DP).
@@ -52,12 +62,30 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Metrics of a model on one split (``nan`` where undefined)."""
+    """Metrics of a model on one split (``nan`` where undefined or not of the task).
+
+    Classification sets ``accuracy`` and ``auc``; segmentation ``dice`` (the mean over
+    records) and ``hd95`` (the median over records, in voxels), per
+    :mod:`site_node.training.segmentation`.
+    """
 
     num_samples: int
     loss: float
     accuracy: float
     auc: float
+    dice: float = math.nan
+    hd95: float = math.nan
+
+    def metrics(self, task: TaskSpec) -> dict[str, float]:
+        """The task's metrics by name (what a round table or report shows)."""
+        return {name: float(getattr(self, name)) for name in task.metrics}
+
+
+def loss_function(task: TaskSpec) -> Loss:
+    """The contract's training loss: cross-entropy, or a segmentation loss."""
+    if task.kind == "segmentation":
+        return segmentation_loss(task)
+    return functional.cross_entropy
 
 
 def make_optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
@@ -85,6 +113,7 @@ def _run_epochs(
     loader: DataLoader[Any],
     epochs: int,
     device: torch.device,
+    loss_fn: Loss,
 ) -> tuple[float, int]:
     total_loss, total_n, steps = 0.0, 0, 0
     for _ in range(epochs):
@@ -96,7 +125,7 @@ def _run_epochs(
                 # An empty Poisson batch: still a DP step (noise only); keep the loss finite.
                 loss = logits.sum() * 0.0
             else:
-                loss = functional.cross_entropy(logits, y)
+                loss = loss_fn(logits, y)
                 total_loss += float(loss.detach()) * len(y)
                 total_n += len(y)
             loss.backward()
@@ -113,8 +142,10 @@ def train_round(
     dp: DpTrainer | None,
     seed: int | None = None,
     device: torch.device | str = "cpu",
+    task: TaskSpec | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``training.local_epochs`` epochs on ``dataset``.
+    """Train ``model`` in place for ``training.local_epochs`` epochs on ``dataset``, with
+    the loss of ``task`` (classification's cross-entropy when not given).
 
     The arithmetic runs on ``device`` (:func:`site_node.training.device.resolve_device`);
     batches are moved there one at a time and the model is back on the CPU afterwards.
@@ -128,12 +159,19 @@ def train_round(
 
     Raises:
         EmptyDatasetError: no training records.
+        IncompatibleInputError: the dataset is labelled for another task.
         PrivacyBudgetExhaustedError: (DP) the round would exceed the target epsilon.
         DatasetMismatchError: (DP) ``dataset`` is not the size ``dp`` was planned for.
     """
     if len(dataset) == 0:
         raise EmptyDatasetError("the training split has no records")
+    task = task or TaskSpec()
+    if task.kind != dataset.task:
+        raise IncompatibleInputError(
+            f"the study is a {task.kind} task; the dataset is labelled for {dataset.task}"
+        )
     target = torch.device(device)
+    loss_fn = loss_function(task)
     model.train()
     model.to(target)
     try:
@@ -144,7 +182,7 @@ def train_round(
                     dataset.as_torch(), batch_size=training.batch_size, shuffle=True
                 )
                 mean_loss, steps = _run_epochs(
-                    model, optimizer, loader, training.local_epochs, target
+                    model, optimizer, loader, training.local_epochs, target, loss_fn
                 )
                 return TrainResult(len(dataset), mean_loss, steps, None)
             loader = DataLoader(dataset.as_torch(), batch_size=training.batch_size)
@@ -160,6 +198,7 @@ def train_round(
                     private.data_loader,
                     training.local_epochs,
                     target,
+                    loss_fn,
                 )
         return TrainResult(len(dataset), mean_loss, steps, dp.epsilon_spent())
     finally:
@@ -179,6 +218,10 @@ def _macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else math.nan
 
 
+#: Input values per scoring pass (a bound on the activations held at once).
+_VOXELS_PER_PASS = 2**21
+
+
 @torch.no_grad()
 def score(
     model: nn.Module,
@@ -187,9 +230,9 @@ def score(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """``model``'s logits (N, num_classes) for every record, in eval mode, without gradients,
-    computed on ``device`` and returned on the CPU (the model's train/eval mode and device
-    are restored afterwards).
+    """``model``'s logits for every record, ``(N, num_classes)`` (segmentation: ``(N,
+    num_classes, *spatial)``), in eval mode, without gradients, computed on ``device`` and
+    returned on the CPU (the model's train/eval mode and device are restored afterwards).
 
     Raises:
         IncompatibleInputError: the model does not output one score per class.
@@ -198,16 +241,20 @@ def score(
     target = torch.device(device)
     model.eval()
     model.to(target)
+    # Records per forward pass: ``batch_size``, fewer for large images or volumes.
+    per_record = math.prod(dataset.input_shape)
+    step = max(1, min(batch_size, _VOXELS_PER_PASS // max(1, per_record)))
     try:
         with torch.no_grad():
             logits = torch.cat(
-                [model(x.to(target)).cpu() for x in torch.split(dataset.features, batch_size)],
+                [model(x.to(target)).cpu() for x in torch.split(dataset.features, step)],
                 dim=0,
             ).float()
     finally:
         model.train(was_training)
         model.to("cpu")
-    if logits.ndim != 2 or logits.shape[1] != dataset.num_classes:
+    expected = (dataset.num_classes, *dataset.labels.shape[1:])
+    if tuple(logits.shape[1:]) != expected:
         raise IncompatibleInputError(
             f"model outputs {tuple(logits.shape[1:])} scores per record, the dataset has "
             f"{dataset.num_classes} classes"
@@ -222,7 +269,9 @@ def evaluate(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> EvalResult:
-    """Loss (mean cross-entropy), accuracy and AUC of ``model`` on ``dataset``.
+    """Loss and metrics of ``model`` on ``dataset``: for classification, mean cross-entropy,
+    accuracy and AUC; for segmentation (``dataset.task``), the mean voxel cross-entropy,
+    the mean of each record's Dice and the median of each record's HD95.
 
     AUC is computed with scikit-learn: for binary tasks on the class-1 probability, for
     multiclass as the macro one-vs-rest average over classes present. Metrics that are not
@@ -234,6 +283,11 @@ def evaluate(
         return EvalResult(0, math.nan, math.nan, math.nan)
     logits = score(model, dataset, batch_size=batch_size, device=device)
     loss = float(functional.cross_entropy(logits, dataset.labels))
+    if dataset.task == "segmentation":
+        dice, hd95 = per_record_scores(logits, dataset.labels, dataset.num_classes)
+        return EvalResult(
+            n, loss, math.nan, math.nan, dice=float(dice.mean()), hd95=float(np.median(hd95))
+        )
     accuracy = float((logits.argmax(dim=1) == dataset.labels).float().mean())
     probs = torch.softmax(logits, dim=1).double().numpy()
     return EvalResult(n, loss, accuracy, _macro_auc(dataset.labels.numpy(), probs))

@@ -124,3 +124,63 @@ def test_the_contract_names_what_sites_release_without_dp_inside_its_hash() -> N
     assert contract.model_dump(mode="json")["public_fields"] == public()
     with pytest.raises(ValidationError, match="public_fields must be exactly"):
         StudyDraft.model_validate({**study_contract(["bc-a"]), "public_fields": ["timings"]})
+
+
+#: The hash of the fixture contract before studies named a task (Concord d307a4f).
+_HASH_BEFORE_TASKS = "5127992c0fe5cc999698922cda60218ec58ade96524c7fd3d8b3ba81f09d35cf"
+
+
+def test_a_classification_contract_keeps_the_hash_it_had_before_tasks() -> None:
+    contract = contract_of(study_contract(["bc-a", "bc-b", "bc-c"]))
+    assert contract.task.kind == "classification"
+    assert contract.task.loss == "cross_entropy"
+    assert b'"task"' not in contract.canonical()
+    assert contract.contract_hash() == _HASH_BEFORE_TASKS
+    explicit = StudyContract.model_validate(
+        {**contract.model_dump(mode="json"), "task": {"kind": "classification"}}
+    )
+    assert explicit.contract_hash() == _HASH_BEFORE_TASKS  # the default, written out
+
+
+def test_a_segmentation_task_is_inside_the_hash_with_its_default_loss() -> None:
+    raw = contract_of(study_contract(["bc-a", "bc-b", "bc-c"])).model_dump(mode="json")
+    segmentation = StudyContract.model_validate({**raw, "task": {"kind": "segmentation"}})
+    assert segmentation.task.loss == "dice"
+    assert segmentation.task.metrics == ("dice", "hd95")
+    assert b'"task":{"kind":"segmentation","loss":"dice"}' in segmentation.canonical()
+    dice = StudyContract.model_validate(
+        {**raw, "task": {"kind": "segmentation", "loss": "dice_ce"}}
+    )
+    hashes = {_HASH_BEFORE_TASKS, segmentation.contract_hash(), dice.contract_hash()}
+    assert len(hashes) == 3
+    assert StudyContract.model_validate(segmentation.model_dump(mode="json")) == segmentation
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        {"kind": "segmentation", "loss": "cross_entropy"},
+        {"kind": "classification", "loss": "dice"},
+        {"kind": "detection"},
+        {"kind": "segmentation", "loss": "focal"},
+        {"kind": "segmentation", "extra": 1},
+    ],
+)
+def test_a_task_with_a_loss_not_its_own_is_refused(task: dict[str, object]) -> None:
+    raw = contract_of(study_contract(["bc-a", "bc-b", "bc-c"])).model_dump(mode="json")
+    with pytest.raises(ValidationError):
+        StudyContract.model_validate({**raw, "task": task})
+
+
+@pytest.mark.parametrize("name", ["study.yaml", "segmentation-study.yaml"])
+def test_the_documented_example_studies_are_valid_drafts(name: str) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from concord_protocol.catalogue import check_task, resolve_hyperparameters
+
+    path = Path(__file__).parents[3] / "docs" / "examples" / name
+    draft = StudyDraft.model_validate(yaml.safe_load(path.read_text()))
+    entry = check_task(draft.model, draft.task)
+    resolve_hyperparameters(entry, draft.model.hyperparameters)

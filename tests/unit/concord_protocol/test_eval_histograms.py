@@ -12,11 +12,13 @@ from sklearn.metrics import roc_auc_score
 
 from concord_protocol.contract import EvaluationSpec, PrivacySpec
 from concord_protocol.eval_histograms import (
+    HD95_EDGES,
     gaussian_delta,
     histogram,
     histogram_size,
     metrics,
     release_noise,
+    segmentation_histogram,
 )
 
 
@@ -84,3 +86,43 @@ def test_the_contract_derives_the_noise_from_its_epsilon_share_or_takes_it_as_gi
     assert EvaluationSpec(mode="none").noise(privacy, 3) is None
     with pytest.raises(ValueError, match="even"):
         EvaluationSpec(score_bins=3)
+
+
+def test_segmentation_histogram_counts_each_record_once_and_recovers_dice_and_hd95() -> None:
+    rng = np.random.default_rng(3)
+    dice = rng.beta(5, 2, 400)
+    hd95 = rng.gamma(2.0, 3.0, 400)
+    counts = segmentation_histogram(dice, hd95, bins=20)
+    assert counts.shape == (histogram_size(2, 20, "segmentation"),) == (20 * len(HD95_EDGES),)
+    assert counts.sum() == 400  # one cell per record: sensitivity 1
+    m = metrics(counts, num_classes=2, bins=20, task="segmentation")
+    assert m["num-examples"] == 400
+    assert abs(m["dice"] - dice.mean()) <= 0.5 / 20  # at most half a bin off
+    # The median, interpolated inside its bin, lies in the true median's bin.
+    true_median = float(np.median(hd95))
+    b = int(np.searchsorted(HD95_EDGES, true_median, side="right")) - 1
+    assert HD95_EDGES[b] <= m["hd95"] <= HD95_EDGES[b + 1]
+
+
+def test_one_record_moves_one_segmentation_cell_by_one() -> None:
+    dice, hd95 = np.array([0.2, 0.7, 1.0]), np.array([0.0, 3.0, 1e9])
+    before = segmentation_histogram(dice, hd95, bins=4)
+    after = segmentation_histogram(np.append(dice, 0.99), np.append(hd95, 70.0), bins=4)
+    assert np.abs(after - before).sum() == 1
+    grid = before.reshape(4, len(HD95_EDGES))
+    assert grid[0, 0] == grid[2, 2] == grid[3, -1] == 1  # HD95 of 1e9: the open last bin
+
+
+@pytest.mark.parametrize(
+    ("dice", "hd95"),
+    [([0.5], [float("nan")]), ([float("inf")], [1.0]), ([0.5, 0.5], [1.0]), ([[0.5]], [[1.0]])],
+)
+def test_segmentation_histogram_refuses_undefined_scores(dice: list, hd95: list) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        segmentation_histogram(dice, hd95, bins=4)
+
+
+def test_segmentation_metrics_refuse_a_classification_layout() -> None:
+    with pytest.raises(ValueError, match="layout"):
+        metrics([1.0] * 8, num_classes=2, bins=4, task="segmentation")
+    assert metrics([0.0] * 32, num_classes=2, bins=4, task="segmentation") == {"num-examples": 0.0}

@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.support.world import People, signed_approval, study_contract
+from tests.support.world import People, dataset_body, signed_approval, study_contract
 
 DATASETS = ["bc-a", "bc-b", "bc-c"]
 
@@ -386,3 +386,72 @@ def test_a_malformed_idempotency_key_is_a_422(
 def _audit_size(app: FastAPI) -> int:
     with app.state.sessionmaker() as session:
         return int(app.state.audit_log.size(session=session))
+
+
+UNET = {"name": "unet", "version": "1", "hyperparameters": {"levels": 3}}
+SEGMENTATION = {"kind": "segmentation"}
+
+
+def _publish_volumes(client: TestClient, people: People) -> list[str]:
+    """Each site also publishes a segmentation dataset of MR volumes (mr-<x>)."""
+    for site in "abc":
+        body = dataset_body(
+            f"mr-{site}",
+            f"hospital-{site}",
+            modality="image",
+            task="segmentation",
+            feature_summary={"input_shape": [1, 32, 32, 32], "num_classes": 2},
+        )
+        response = client.post("/api/v1/datasets", json=body, headers=people.steward(site))
+        assert response.status_code == 201, response.text
+    return ["mr-a", "mr-b", "mr-c"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "text"),
+    [
+        ({"task": SEGMENTATION}, "model", "tabular-mlp v1 is a classification model"),
+        ({"task": SEGMENTATION, "model": UNET}, "datasets", "not labelled for segmentation"),
+        ({"model": UNET}, "model", "unet v1 is a segmentation model"),
+    ],
+    ids=["classifier-for-masks", "labels-for-a-segmentation-study", "unet-for-labels"],
+)
+def test_a_study_whose_model_or_data_is_not_of_its_task_is_refused(
+    client: TestClient, consortium: People, overrides: dict[str, Any], field: str, text: str
+) -> None:
+    body = study_contract(DATASETS, **overrides)
+    response = client.post("/api/v1/studies", json=body, headers=consortium.researcher)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["details"][0]["field"]) == ("study.invalid", field)
+    assert text in error["message"]
+    assert error["request_id"]
+    assert client.get("/api/v1/studies", headers=consortium.researcher).json() == []
+
+
+def test_a_segmentation_study_over_segmentation_data_is_accepted_with_its_task(
+    client: TestClient, consortium: People
+) -> None:
+    volumes = _publish_volumes(client, consortium)
+    mixed = study_contract(["bc-a", *volumes], task=SEGMENTATION, model=UNET)
+    refused = client.post("/api/v1/studies", json=mixed, headers=consortium.researcher)
+    assert refused.status_code == 422
+    assert "bc-a" in refused.json()["error"]["message"]
+    response = client.post(
+        "/api/v1/studies",
+        json=study_contract(volumes, task=SEGMENTATION, model=UNET),
+        headers=consortium.researcher,
+    )
+    assert response.status_code == 201, response.text
+    study = response.json()
+    assert study["contract"]["task"] == {"kind": "segmentation", "loss": "dice"}
+    # The contract's hash covers the task: a site recomputes the same one.
+    from concord_protocol.contract import StudyContract
+
+    assert StudyContract.model_validate(study["contract"]).contract_hash() == study["contract_hash"]
+    classification = study_contract(volumes)  # a classifier over masks
+    response = client.post("/api/v1/studies", json=classification, headers=consortium.researcher)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["details"][0]["field"] == "datasets"
+    assert "not labelled for classification" in error["message"]

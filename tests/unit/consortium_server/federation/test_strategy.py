@@ -463,6 +463,39 @@ def test_evaluation_is_read_from_the_sum_of_the_sites_noisy_histograms() -> None
     assert out["noise-sd"] == pytest.approx(plan.contract.evaluation_noise() * 2**0.5)  # type: ignore[operator]
 
 
+def test_a_segmentation_study_reads_dice_and_hd95_from_the_summed_histograms() -> None:
+    """The layout is the contract's task's, whatever a reply claims: a classification-sized
+    histogram in a segmentation study is skipped."""
+    from concord_protocol.contract import TaskSpec
+    from concord_protocol.eval_histograms import HD95_EDGES, segmentation_histogram
+
+    plain = _plain_plan()
+    contract = plain.contract.model_copy(update={"task": TaskSpec(kind="segmentation")})
+    plan = dataclasses.replace(plain, contract=contract, contract_hash=contract.contract_hash())
+    strategy = BlindAggregationStrategy(plan)
+    strategy.node_sites = {10: "hospital-a", 11: "hospital-b", 12: "hospital-c"}
+    bins = contract.evaluation.score_bins
+    a = segmentation_histogram([0.9, 0.8, 0.7], [1.0, 2.5, 3.0], bins=bins).tolist()
+    b = segmentation_histogram([0.2, 0.95], [40.0, 0.5], bins=bins).tolist()
+    replies = [
+        _evaluate_reply(10, "hospital-a", a),
+        _evaluate_reply(11, "hospital-b", b),
+        _evaluate_reply(12, "hospital-c", [1.0] * (2 * bins)),  # a classification layout
+    ]
+
+    out = strategy.aggregate_evaluate(replies)
+
+    expected = eval_metrics(
+        [x + y for x, y in zip(a, b, strict=True)], num_classes=2, bins=bins, task="segmentation"
+    )
+    assert len(a) == bins * len(HD95_EDGES)
+    assert out["sites"] == 2
+    assert out["num-examples"] == 5
+    assert out["dice"] == pytest.approx(expected["dice"])
+    assert out["hd95"] == pytest.approx(expected["hd95"])
+    assert "accuracy" not in out
+
+
 def test_a_contract_without_evaluation_releases_sends_no_evaluate(tmp_path: Path) -> None:
     contract = breast_cancer_contract(rounds=1, encryption=False)
     quiet = contract.model_copy(

@@ -208,6 +208,7 @@ class TestCsv:
             "modality": "tabular",
             "input_shape": [3],
             "num_classes": 2,
+            "task": "classification",
             "label_counts": dict(zip(("no", "yes"), train.label_counts(), strict=True)),
             "feature_names": ["a", "b", "c"],
         }

@@ -7,7 +7,7 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from concord_protocol.contract import ModelSpec, PrivacySpec, TrainingSpec
+from concord_protocol.contract import ModelSpec, PrivacySpec, TaskSpec, TrainingSpec
 from concord_protocol.errors import (
     IncompatibleInputError,
     InvalidHyperparameterError,
@@ -37,8 +37,18 @@ def _spec(name: str, **hp: int | float | str | bool) -> ModelSpec:
     return ModelSpec(name=name, version="1", hyperparameters=hp)
 
 
-def _toy(shape: tuple[int, ...], n: int = 16, classes: int = 3) -> LocalDataset:
+def _toy(
+    shape: tuple[int, ...], n: int = 16, classes: int = 3, *, segmentation: bool = False
+) -> LocalDataset:
     gen = torch.Generator().manual_seed(0)
+    if segmentation:
+        return LocalDataset(
+            features=torch.randn(n, *shape, generator=gen),
+            labels=torch.randint(0, classes, (n, *shape[1:]), generator=gen),
+            num_classes=classes,
+            modality="test",
+            task="segmentation",
+        )
     return LocalDataset(
         features=torch.randn(n, *shape, generator=gen),
         labels=torch.arange(n) % classes,
@@ -55,11 +65,14 @@ def test_list_models_describes_every_entry() -> None:
         ("image-densenet", "1"),
         ("resnet18", "1"),
         ("resnet50", "1"),
+        ("segresnet", "1"),
         ("tabular-mlp", "1"),
+        ("unet", "1"),
     }
+    tasks = {"unet": "segmentation", "segresnet": "segmentation"}
     for entry in entries:
         schema = entry.schema()
-        assert schema["task"] == "classification"
+        assert schema["task"] == tasks.get(entry.name, "classification")
         assert schema["description"]
         for hp in schema["hyperparameters"]:
             assert {"name", "type", "default", "description"} <= set(hp)
@@ -74,13 +87,15 @@ def test_every_entry_is_dp_ready_and_trains_one_dp_step(entry: object) -> None:
     ModuleValidator.validate(model, strict=True)
     assert all(not getattr(m, "inplace", False) for m in model.modules())
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    data = _toy(shape)
+    segmentation = entry.task == "segmentation"  # type: ignore[attr-defined]
+    data = _toy(shape, segmentation=segmentation)
+    task = TaskSpec(kind="segmentation" if segmentation else "classification")
     training = TrainingSpec(rounds=1, batch_size=8, learning_rate=0.1)
     dp = DpTrainer(
         PrivacySpec(epsilon=50.0, delta=1e-3), training, num_samples=16, noise_multiplier=1.0
     )
     before = flatten(model)
-    result = train_round(model, data, training, dp=dp, seed=0)
+    result = train_round(model, data, training, dp=dp, seed=0, task=task)
     assert result.steps == 2  # 1 epoch = ceil(16 / 8) Poisson-sampled steps
     assert dp.steps_taken == 2
     assert result.epsilon_spent is not None

@@ -21,7 +21,14 @@ from concord_protocol.errors import ConcordError
 from site_node.training.catalogue import build_model
 
 #: Keep the networks small enough to build quickly on two cores.
-_WIDTH_CAPS = {"hidden": 48, "base_channels": 12, "init_features": 16, "growth_rate": 12}
+_WIDTH_CAPS = {
+    "hidden": 48,
+    "base_channels": 12,
+    "init_features": 16,
+    "growth_rate": 12,
+    "init_filters": 8,
+    "levels": 4,
+}
 
 
 def _value(parameter: HyperParameter) -> st.SearchStrategy[Any]:
@@ -40,6 +47,13 @@ def _shape(entry: CatalogueEntry) -> st.SearchStrategy[tuple[int, ...]]:
     if entry.modality == "tabular":
         return st.tuples(st.integers(1, 40))
     channels = st.integers(1, 3)
+    if entry.task == "segmentation":  # mostly sides that fit an encoder-decoder
+        return st.one_of(
+            st.builds(lambda c, k: (c, 8 * k, 8 * k), channels, st.integers(1, 5)),
+            st.builds(lambda c, k: (c, 8 * k, 8 * k + 8), channels, st.integers(1, 3)),
+            st.builds(lambda c, k: (c, 8 * k, 8 * k, 8 * k), channels, st.integers(1, 2)),
+            st.builds(lambda c, s: (c, s, s), channels, st.integers(4, 40)),
+        )
     return st.one_of(
         st.builds(lambda c, s: (c, s, s), channels, st.integers(4, 40)),
         st.builds(lambda c, s: (c, s, s + 3), channels, st.integers(4, 24)),
