@@ -34,6 +34,7 @@ from concord_protocol.canonical import canonical_json, hashable_problem, sha256_
 from concord_protocol.disclosure import public
 from concord_protocol.eval_histograms import release_noise
 from concord_protocol.fields import Sha256Hex, Slug
+from concord_protocol.preprocessing import PreprocessingSpec
 from concord_protocol.wire.format import EncryptedScheme
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "EvaluationSpec",
     "FederationSpec",
     "ModelSpec",
+    "PreprocessingSpec",
     "PrivacySpec",
     "Purpose",
     "RosterMember",
@@ -281,6 +283,11 @@ class _StudyBody(_Strict):
     ] = Field(description="IRB / ethics committee approval reference, e.g. `IRB-2026-0142`.")
     datasets: list[Slug] = Field(min_length=1, max_length=100, description="Catalogue dataset ids.")
     task: TaskSpec = TaskSpec()
+    preprocessing: PreprocessingSpec = Field(
+        default=PreprocessingSpec(),
+        description="Allow-listed image transforms with declared parameters, applied at "
+        "every site before training (concord_protocol.preprocessing); none by default.",
+    )
     model: ModelSpec
     training: TrainingSpec
     privacy: PrivacySpec
@@ -294,13 +301,15 @@ class _StudyBody(_Strict):
     )
 
     @model_serializer(mode="wrap")
-    def _omit_default_task(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Leave ``task`` out while it is the default (classification): contracts written
-        before studies named a task keep their canonical form, so the hash each steward
-        approved still matches."""
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave ``task`` and ``preprocessing`` out while they are the defaults
+        (classification, no steps): contracts written before studies named them keep their
+        canonical form, so the hash each steward approved still matches."""
         data: dict[str, Any] = handler(self)
         if self.task == TaskSpec():
             data.pop("task", None)
+        if not self.preprocessing.steps:
+            data.pop("preprocessing", None)
         return data
 
     @field_validator("public_fields")

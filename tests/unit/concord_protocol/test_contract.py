@@ -156,6 +156,58 @@ def test_a_segmentation_task_is_inside_the_hash_with_its_default_loss() -> None:
     assert StudyContract.model_validate(segmentation.model_dump(mode="json")) == segmentation
 
 
+#: Declared preprocessing of a CT segmentation study (the example in docs/researcher.md).
+_STEPS = [
+    {"op": "orientation", "axcodes": "RAS"},
+    {"op": "spacing", "pixdim": [1.5, 1.5, 2.0]},
+    {"op": "scale_intensity_range", "a_min": -1000, "a_max": 400},
+    {"op": "crop_or_pad", "spatial_size": [96, 96, 64]},
+    {"op": "resize", "spatial_size": [32, 32, 32]},
+]
+#: Its hash, pinned: the canonical form of declared preprocessing must never drift.
+_HASH_WITH_PREPROCESSING = "3d7c76b28c9b241d0bc5e658676dd6c4823360b7d8ac9bac6bb8000cd8a068c0"
+
+
+def test_no_preprocessing_keeps_the_hash_and_declared_steps_are_inside_it() -> None:
+    raw = contract_of(study_contract(["bc-a", "bc-b", "bc-c"])).model_dump(mode="json")
+    assert "preprocessing" not in raw
+    empty = StudyContract.model_validate({**raw, "preprocessing": {"steps": []}})
+    assert empty.contract_hash() == _HASH_BEFORE_TASKS  # the default, written out
+    assert StudyContract.model_validate({**raw, "preprocessing": {}}).preprocessing.steps == ()
+    declared = StudyContract.model_validate(
+        {**raw, "task": {"kind": "segmentation"}, "preprocessing": {"steps": _STEPS}}
+    )
+    assert declared.contract_hash() == _HASH_WITH_PREPROCESSING
+    assert declared.preprocessing.output_spatial_shape() == (32, 32, 32)
+    assert b'"preprocessing":{"steps":[{"axcodes":"RAS","op":"orientation"}' in (
+        declared.canonical()
+    )
+    # Round trip (what a site recomputes from the contract it is sent), and any change moves it.
+    assert StudyContract.model_validate(declared.model_dump(mode="json")) == declared
+    changed = [*_STEPS[:-1], {"op": "resize", "spatial_size": [32, 32, 31]}]
+    other = StudyContract.model_validate(
+        {**raw, "task": {"kind": "segmentation"}, "preprocessing": {"steps": changed}}
+    )
+    assert other.contract_hash() != _HASH_WITH_PREPROCESSING
+
+
+@pytest.mark.parametrize(
+    "preprocessing",
+    [
+        {"steps": [{"op": "normalize_intensity"}]},
+        {"steps": [{"op": "resize", "spatial_size": [0, 8, 8]}]},
+        {"steps": [{"op": "scale_intensity_range", "a_min": 1, "a_max": 0}]},
+        {"steps": [], "extra": True},
+        [{"op": "resize", "spatial_size": [8, 8, 8]}],
+    ],
+    ids=["unknown-step", "out-of-range", "inverted-window", "extra-field", "bare-list"],
+)
+def test_a_contract_with_undeclarable_preprocessing_is_refused(preprocessing: object) -> None:
+    raw = contract_of(study_contract(["bc-a", "bc-b", "bc-c"])).model_dump(mode="json")
+    with pytest.raises(ValidationError, match="preprocessing"):
+        StudyContract.model_validate({**raw, "preprocessing": preprocessing})
+
+
 @pytest.mark.parametrize(
     "task",
     [
