@@ -36,6 +36,7 @@ __all__ = [
     "AccountantStateError",
     "DatasetConfigError",
     "DatasetError",
+    "DatasetIndexError",
     "DatasetMismatchError",
     "EmptyDatasetError",
     "MessageRefusedError",
@@ -43,12 +44,17 @@ __all__ = [
     "MissingFileError",
     "NonNumericValueError",
     "ParameterShapeError",
+    "PathOutsideDatasetError",
+    "PreprocessingError",
     "PrivacyBudgetExhaustedError",
     "PrivacyConfigurationError",
+    "ShapeMismatchError",
     "SiteError",
     "TrainingDeviceError",
     "TrainingDivergedError",
+    "UndeclaredLabelValueError",
     "UnknownLabelError",
+    "UnreadableFileError",
 ]
 
 #: Every code a site error may carry, with what it means for the site's operator. Codes are
@@ -68,6 +74,23 @@ CATALOGUE: dict[str, str] = {
     "data.missing_column": "A required column (label, filename) is absent from the data.",
     "data.non_numeric": "A feature column holds values that are not numbers.",
     "data.unknown_label": "A label is not one of the configured classes.",
+    "data.unreadable": "A file cannot be decoded as the configured format (NIfTI, DICOM, "
+    "image); the message names the file.",
+    "data.invalid_index": "The dataset's index (a Decathlon `dataset.json`) is malformed; "
+    "the message names the field.",
+    "data.path_outside": "A path in the dataset's index or labels file leads outside the "
+    "dataset folder (`..`, an absolute path, a link out).",
+    "data.duplicate_record": "Two entries of the dataset's index have the same record id.",
+    "data.shape_mismatch": "An image and its label map, or an image and its declared "
+    "channels, disagree in shape; the message names the file.",
+    "data.undeclared_label_value": "A label map holds a value that is not one of the labels "
+    "its index declares; the message names the file, never the value.",
+    "data.mixed_series": "A DICOM series folder holds slices of more than one series.",
+    "data.preprocessing_unsupported": "The study declares preprocessing that this dataset's "
+    "kind cannot apply (tabular data, 2D images, central slices, demo data).",
+    "data.preprocessing_mismatch": "The study's preprocessing does not fit the dataset: "
+    "other spatial axes than its images have, or records of another shape than the "
+    "contract fixes.",
     # models, training and privacy
     "model.parameter_shape": "A parameter vector does not match the model; check the version.",
     "training.dataset_mismatch": "The dataset changed since the study's privacy state was made.",
@@ -324,6 +347,42 @@ class UnknownLabelError(DatasetError):
     """A label is not one of the configured classes."""
 
     code = "data.unknown_label"
+
+
+class UndeclaredLabelValueError(UnknownLabelError):
+    """A label map holds a voxel value that its index does not declare."""
+
+    code = "data.undeclared_label_value"
+
+
+class UnreadableFileError(DatasetError):
+    """A file cannot be decoded as the format its configuration names."""
+
+    code = "data.unreadable"
+
+
+class DatasetIndexError(DatasetError):
+    """A dataset's index file (a Decathlon ``dataset.json``) is malformed."""
+
+    code = "data.invalid_index"
+
+
+class PathOutsideDatasetError(DatasetError):
+    """A path named by an index or labels file leads outside the dataset folder."""
+
+    code = "data.path_outside"
+
+
+class ShapeMismatchError(DatasetError):
+    """An image and its label map (or its declared channels) disagree in shape."""
+
+    code = "data.shape_mismatch"
+
+
+class PreprocessingError(DatasetError):
+    """The study's declared preprocessing does not fit the dataset (or its kind)."""
+
+    code = "data.preprocessing_mismatch"
 
 
 # --- models ---------------------------------------------------------------------------------

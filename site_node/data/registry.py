@@ -4,8 +4,14 @@ A :class:`DatasetConfig` says where the data is and how to read it; it holds no 
 :func:`load_dataset` turns it into a :class:`LocalDataset` for the train or test split. The
 split is a keyed hash of each record's id (``seed`` picks the key), so the train and test
 splits loaded in separate calls (or processes) never overlap, and one record never moves
-another. File kinds need the task's ``classes``, and CSV datasets their features' declared
-ranges: preprocessing reads no statistic of the data (see ``docs/privacy.md``).
+another. File kinds need the task's ``classes`` (a Decathlon dataset declares them in its
+``dataset.json``), and CSV datasets their features' declared ranges: preprocessing reads no
+statistic of the data (see ``docs/privacy.md``).
+
+A study's declared preprocessing (``preprocessing``, from its contract) is applied by the
+kinds that can (:data:`PREPROCESSING_KINDS`: ``decathlon``, and ``nifti``/``dicom`` in
+``volume_mode: volume``); any other kind refuses it (``data.preprocessing_unsupported``)
+rather than train on inputs other than the stewards approved.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from concord_protocol.preprocessing import PreprocessingSpec
+from site_node.data.cache import RecordCache
 from site_node.data.csv_loader import FeatureRange, load_csv, read_ranges_file
 from site_node.data.dataset import LocalDataset, Split
+from site_node.data.decathlon import load_decathlon
 from site_node.data.demo import (
     breast_cancer_site,
     synthetic_images_site,
@@ -26,20 +35,23 @@ from site_node.data.demo import (
 )
 from site_node.data.image_folder import load_image_folder
 from site_node.data.volumes import load_volumes
-from site_node.errors import DatasetConfigError
+from site_node.errors import DatasetConfigError, PreprocessingError
 
-__all__ = ["DatasetConfig", "DatasetKind", "LocalDataset", "load_dataset"]
+__all__ = ["PREPROCESSING_KINDS", "DatasetConfig", "DatasetKind", "LocalDataset", "load_dataset"]
 
 DatasetKind = Literal[
     "csv",
     "image_folder",
     "nifti",
     "dicom",
+    "decathlon",
     "demo_breast_cancer",
     "demo_synthetic_images",
     "demo_synthetic_volumes",
 ]
-_FILE_KINDS = frozenset({"csv", "image_folder", "nifti", "dicom"})
+_FILE_KINDS = frozenset({"csv", "image_folder", "nifti", "dicom", "decathlon"})
+#: Kinds that apply a study's declared preprocessing (nifti/dicom in volume mode only).
+PREPROCESSING_KINDS = frozenset({"decathlon", "nifti", "dicom"})
 
 Slug = Annotated[
     str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", strip_whitespace=True)
@@ -49,8 +61,10 @@ Slug = Annotated[
 class DatasetConfig(BaseModel):
     """How to read one local dataset (metadata only; never sent anywhere as is).
 
-    File kinds (``csv``, ``image_folder``, ``nifti``, ``dicom``) need ``path``: the CSV file,
-    or the folder holding the images/volumes and their ``labels_file``. Demo kinds need
+    File kinds (``csv``, ``image_folder``, ``nifti``, ``dicom``, ``decathlon``) need
+    ``path``: the CSV file, the folder holding the images/volumes (DICOM: files or series
+    folders) and their ``labels_file``, or a Decathlon folder with its ``dataset.json``
+    (which declares the classes: ``classes`` is refused there). Demo kinds need
     ``site_index`` and take no ``path``.
     """
 
@@ -106,7 +120,15 @@ class DatasetConfig(BaseModel):
 
     @model_validator(mode="after")
     def _kind_fields(self) -> DatasetConfig:
-        if self.kind in _FILE_KINDS:
+        if self.kind == "decathlon":
+            if self.path is None:
+                raise ValueError("kind 'decathlon' needs `path`: the folder of dataset.json")
+            if self.classes is not None:
+                raise ValueError(
+                    "kind 'decathlon' takes its classes from dataset.json's `labels`: "
+                    "leave `classes` out"
+                )
+        elif self.kind in _FILE_KINDS:
             if self.path is None:
                 raise ValueError(f"kind {self.kind!r} needs `path`")
             if self.classes is None:
@@ -145,15 +167,31 @@ class DatasetConfig(BaseModel):
         return dict(self.feature_ranges) if self.feature_ranges is not None else None
 
 
-def load_dataset(config: DatasetConfig, *, split: Split) -> LocalDataset:
-    """Load the ``split`` ("train" or "test") of a configured dataset.
+def load_dataset(
+    config: DatasetConfig,
+    *,
+    split: Split,
+    preprocessing: PreprocessingSpec | None = None,
+    cache: RecordCache | None = None,
+) -> LocalDataset:
+    """Load the ``split`` ("train" or "test") of a configured dataset, with a study's
+    declared ``preprocessing`` (the volume kinds; see the module docstring), through
+    ``cache`` when given (the volume kinds).
 
     Raises:
         DatasetError: or one of its subclasses, with a message naming the file, column or
             line at fault (never a value).
+        PreprocessingError: ``preprocessing`` has steps and the kind cannot apply them
+            (``data.preprocessing_unsupported``), or they do not fit the data.
     """
     if split not in ("train", "test"):
         raise DatasetConfigError(f"split must be 'train' or 'test', got {split!r}")
+    if preprocessing is not None and preprocessing.steps and config.kind not in PREPROCESSING_KINDS:
+        raise PreprocessingError(
+            f"dataset {config.id!r} ({config.kind}) cannot apply the study's declared "
+            "preprocessing: only decathlon datasets and nifti/dicom volumes can",
+            code="data.preprocessing_unsupported",
+        )
     classes = list(config.classes or ())
     dataset: LocalDataset
     if config.kind == "csv":
@@ -195,6 +233,20 @@ def load_dataset(config: DatasetConfig, *, split: Split) -> LocalDataset:
             split=split,
             test_fraction=config.test_fraction,
             seed=config.seed,
+            preprocessing=preprocessing,
+            cache=cache,
+        )
+    elif config.kind == "decathlon":
+        assert config.path is not None
+        dataset = load_decathlon(
+            config.path,
+            split=split,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+            image_size=config.image_size,
+            preprocessing=preprocessing,
+            cache=cache,
+            modality=config.modality,
         )
     else:
         assert config.site_index is not None

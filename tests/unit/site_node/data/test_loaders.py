@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -485,3 +486,108 @@ class TestVolumes:
                 seed=0,
                 classes=("0", "1"),
             )
+
+
+def _dicom_series(folder: Path, *, slices: int = 6, value: int = 100, mixed: bool = False) -> None:
+    """One CT series: ``slices`` axial slices 2 mm apart, 0.5 mm pixels (``mixed``: every
+    other slice claims another series)."""
+    folder.mkdir(parents=True)
+    series_uid, other_uid = generate_uid(), generate_uid()
+    for k in range(slices):
+        path = folder / f"{k:03d}.dcm"
+        _dicom_file(path, value + k)
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = other_uid if mixed and k % 2 else series_uid
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [0.0, 0.0, 2.0 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.5, 0.5]
+        ds.SliceThickness = 2.0
+        ds.save_as(str(path), enforce_file_format=True)
+
+
+#: load_volumes arguments for a folder of DICOM series read as volumes.
+SERIES: dict[str, Any] = {
+    "fmt": "dicom",
+    "labels_file": "labels.csv",
+    "split": "train",
+    "test_fraction": 0.0,
+    "seed": 0,
+    "volume_mode": "volume",
+}
+
+
+class TestDicomSeries:
+    """The ``dicom`` kind reads a folder of series folders, one volume per series."""
+
+    def _folder(self, root: Path, n: int = 4) -> Path:
+        root.mkdir()
+        rows = []
+        for i in range(n):
+            _dicom_series(root / f"series-{i}", value=500 * i)
+            rows.append([f"series-{i}", "pos" if i % 2 else "neg"])
+        _write_csv(root / "labels.csv", ["filename", "label"], rows)
+        return root
+
+    def test_each_series_folder_is_one_volume(self, tmp_path: Path) -> None:
+        from site_node.data.registry import DatasetConfig, load_dataset
+
+        root = self._folder(tmp_path / "ct")
+        config = DatasetConfig(
+            id="ct-series",
+            kind="dicom",
+            path=root,
+            classes=("neg", "pos"),
+            volume_mode="volume",
+            image_size=8,
+            test_fraction=0.0,
+        )
+        ds = load_dataset(config, split="train")
+        assert ds.features.shape == (4, 1, 8, 8, 8)
+        assert ds.labels.tolist() == [0, 1, 0, 1]
+
+    def test_the_study_preprocessing_resamples_the_series_by_its_geometry(
+        self, tmp_path: Path
+    ) -> None:
+        from concord_protocol.preprocessing import PreprocessingSpec
+        from site_node.data.cache import RecordCache
+
+        root = self._folder(tmp_path / "ct", n=2)
+        spec = PreprocessingSpec.model_validate(
+            {
+                "steps": [
+                    {"op": "orientation", "axcodes": "RAS"},
+                    {"op": "spacing", "pixdim": [1.0, 1.0, 1.0]},
+                    {"op": "scale_intensity_range", "a_min": 0, "a_max": 2000},
+                ]
+            }
+        )
+        kw = {**SERIES, "classes": ("neg", "pos")}
+        # 12 x 16 pixels of 0.5 mm, 6 slices of 2 mm: 6 x 8 x 12 voxels of 1 mm. Spacing
+        # does not fix the size, so image_size does (12 on every axis) after it.
+        cache = RecordCache(max_bytes=2**20)
+        ds = load_volumes(root, image_size=12, preprocessing=spec, cache=cache, **kw)
+        assert ds.features.shape == (2, 1, 12, 12, 12)
+        assert 0.0 <= float(ds.features.min()) <= float(ds.features.max()) <= 1.0
+        load_volumes(root, image_size=12, preprocessing=spec, cache=cache, **kw)
+        assert (cache.stats.hits, cache.stats.misses) == (2, 2)
+        fixed = PreprocessingSpec.model_validate(
+            {
+                "steps": [
+                    *spec.model_dump()["steps"],
+                    {"op": "crop_or_pad", "spatial_size": [6, 8, 12]},
+                ]
+            }
+        )
+        ds = load_volumes(root, image_size=12, preprocessing=fixed, **kw)
+        assert ds.features.shape == (2, 1, 6, 8, 12)
+
+    def test_a_folder_mixing_two_series_is_refused(self, tmp_path: Path) -> None:
+        root = tmp_path / "ct"
+        root.mkdir()
+        _dicom_series(root / "mixed", mixed=True)
+        _dicom_series(root / "clean")
+        _write_csv(root / "labels.csv", ["filename", "label"], [["mixed", "a"], ["clean", "b"]])
+        with pytest.raises(DatasetError, match="'mixed' holds slices of 2 series") as info:
+            load_volumes(root, image_size=8, classes=("a", "b"), **SERIES)
+        assert info.value.code == "data.mixed_series"
