@@ -254,6 +254,8 @@ def study_show(study_id: Annotated[str, typer.Argument(help="The study id.")]) -
             f"{'on' if contract.encryption.enabled else 'OFF'} | key generator "
             f"{contract.key_generator}"
         )
+        if contract.preprocessing.steps:
+            console.print(f"preprocessing: {contract.preprocessing.describe()}")
         table = Table(title="Roster")
         for column in ("site", "key fingerprint", "max examples", "decision"):
             table.add_column(column)

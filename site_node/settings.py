@@ -100,6 +100,25 @@ class SiteSettings(BaseSettings):
         "noise (each draw the sum of four Gaussians, halved) from a generator seeded from "
         "the operating system's CSPRNG every round. Production refuses it off.",
     )
+    data_cache_max_bytes: int = Field(
+        default=256 * 2**20,
+        ge=0,
+        le=2**40,
+        description="Bytes of loaded, preprocessed volumes the ClientApp keeps in memory "
+        "between loads of a dataset (least recently used out first; 0: none).",
+    )
+    data_cache_dir: Path | None = Field(
+        default=None,
+        description="Folder where preprocessed volumes are kept between messages (a "
+        "SuperNode runs each message in a new process, so only files outlive one): "
+        "derived patient data, keep it at the site like the data. Unset: memory only.",
+    )
+    data_cache_dir_max_bytes: int = Field(
+        default=2**30,
+        ge=0,
+        le=2**44,
+        description="Bytes `data_cache_dir` may hold (least recently used out first).",
+    )
     server_head_key: str | None = Field(
         default=None,
         description=(

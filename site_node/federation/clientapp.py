@@ -56,9 +56,10 @@ from concord_protocol.wire.messages import (
 )
 from site_node.crypto.codecs import DEFAULT_MAX_SITES, CkksCodec, PlainCodec, UpdateCodec
 from site_node.crypto.sealing import SiteKeyPair
+from site_node.data.cache import shared_cache
 from site_node.data.dataset import LocalDataset, Split
 from site_node.data.registry import DatasetConfig, load_dataset
-from site_node.errors import MessageRefusedError
+from site_node.errors import DatasetError, MessageRefusedError
 from site_node.federation.aggregates import (
     AggregateRefusedError,
     OpenedAggregate,
@@ -202,7 +203,9 @@ class SiteRuntime:
         )
 
     def dataset(self, split: Split) -> LocalDataset:
-        """The site's data for the study's datasets (pooled when it holds several)."""
+        """The site's data for the study's datasets (pooled when it holds several), with
+        the contract's declared preprocessing, through this process's record cache
+        (``data_cache_*`` settings); a data error is refused with its ``data.*`` code."""
         if self.settings.datasets_file is None:
             raise FederationError("no datasets file configured", code="site.no_datasets")
         configs = load_site_datasets(self.settings.datasets_file)
@@ -211,7 +214,26 @@ class SiteRuntime:
             raise FederationError(
                 "none of the study's datasets is here", code="site.no_study_dataset"
             )
-        parts = [load_dataset(c, split=split) for c in mine]
+        spec = self.contract.preprocessing
+        cache = shared_cache(
+            self.settings.data_cache_max_bytes,
+            directory=self.settings.data_cache_dir,
+            directory_max_bytes=self.settings.data_cache_dir_max_bytes,
+        )
+        try:
+            parts = [load_dataset(c, split=split, preprocessing=spec, cache=cache) for c in mine]
+        except DatasetError as exc:
+            # The code leads the error reply (the ServerApp records it), the message names
+            # the file or field; a data error is the site's to fix, never the study's.
+            raise FederationError(exc.message, code=exc.code, hint=exc.hint) from exc
+        fixed = spec.output_spatial_shape()
+        for config, part in zip(mine, parts, strict=True):
+            if fixed is not None and part.input_shape[1:] != fixed:
+                raise FederationError(
+                    f"dataset {config.id!r} gives records of shape {list(part.input_shape)}; "
+                    f"the study's preprocessing fixes {list(fixed)}",
+                    code="data.preprocessing_mismatch",
+                )
         return parts[0] if len(parts) == 1 else pool(parts)
 
     def model_for(self, dataset: LocalDataset) -> nn.Module:
