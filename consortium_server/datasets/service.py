@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from concord_protocol.preprocessing import PreprocessingSpec
 from concord_protocol.principals import Principal
 from consortium_server.datasets.models import Dataset
 from consortium_server.datasets.schemas import DatasetPublish
@@ -56,12 +57,18 @@ def list_datasets(
     return datasets
 
 
-def model_input(feature_summary: Mapping[str, object]) -> tuple[tuple[int, ...], int] | None:
-    """(input shape of one record, class count) that a dataset's feature summary states.
+def model_input(
+    feature_summary: Mapping[str, object], preprocessing: PreprocessingSpec | None = None
+) -> tuple[tuple[int, ...], int] | None:
+    """(input shape of one record, class count) of a study's network over a dataset.
 
-    The shape is ``input_shape``, or ``(features,)`` for tabular data; the class count
-    ``num_classes`` (default 2). ``None`` when the summary gives no shape. The server sizes
-    a study's model from it (it builds no network) and tells the uploading site which
+    The shape is the feature summary's ``input_shape``, or ``(features,)`` for tabular
+    data; the class count ``num_classes`` (default 2). ``None`` when the summary gives no
+    shape. When the study's declared ``preprocessing`` fixes the output size
+    (:meth:`~concord_protocol.preprocessing.PreprocessingSpec.output_spatial_shape`), that
+    size replaces the published spatial shape and the channels stay the dataset's: every
+    site makes its records that size, whatever size it published them at. The server sizes
+    a study's model from this (it builds no network) and tells the uploading site which
     network the released bytes belong to.
     """
     shape = feature_summary.get("input_shape")
@@ -75,4 +82,7 @@ def model_input(feature_summary: Mapping[str, object]) -> tuple[tuple[int, ...],
         dims = tuple(int(d) for d in shape)
     except (TypeError, ValueError):
         return None
+    fixed = preprocessing.output_spatial_shape() if preprocessing is not None else None
+    if fixed is not None and len(dims) >= 2:
+        dims = (dims[0], *fixed)
     return dims, int(classes) if isinstance(classes, int) else 2

@@ -111,11 +111,12 @@ def check_round_policy(
 def model_size(contract: StudyContract, feature_summary: dict[str, object]) -> int:
     """Number of parameters of the contract's model for a dataset's input.
 
-    The input shape and class count come from the dataset's feature summary
+    The input shape and class count come from the dataset's feature summary, the spatial
+    size from the contract's preprocessing when it fixes one
     (:func:`consortium_server.datasets.service.model_input`). The count is the catalogue's
     (:func:`concord_protocol.catalogue.parameter_count`): the server builds no model.
     """
-    given = model_input(feature_summary)
+    given = model_input(feature_summary, contract.preprocessing)
     if given is None:
         raise InvalidRequestError(
             "The dataset's feature summary gives neither input_shape nor features.",

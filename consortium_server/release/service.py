@@ -307,10 +307,13 @@ def record_signoff(
 
 def study_model_input(session: Session, study: Study) -> tuple[tuple[int, ...], int] | None:
     """(input shape, class count) of the study's network, as the run was sized: from the
-    first dataset's feature summary (``None`` if it states no shape)."""
+    first dataset's feature summary and the contract's preprocessing (``None`` if the
+    summary states no shape)."""
     contract = StudyContract.model_validate(study.contract)
     datasets, _unknown = get_datasets(session, contract.datasets)
-    return model_input(datasets[0].feature_summary) if datasets else None
+    if not datasets:
+        return None
+    return model_input(datasets[0].feature_summary, contract.preprocessing)
 
 
 def parse_layout(raw: object) -> ModelLayout:

@@ -28,7 +28,7 @@ from consortium_server.budgets import service as budgets
 from consortium_server.budgets.accountant import evaluation_epsilon
 from consortium_server.budgets.service import BudgetExceededError
 from consortium_server.datasets.models import Dataset
-from consortium_server.datasets.service import get_datasets
+from consortium_server.datasets.service import get_datasets, model_input
 from consortium_server.db.base import utcnow
 from consortium_server.errors import (
     ConflictError,
@@ -196,6 +196,33 @@ def _check_task(draft: StudyDraft, datasets: list[Dataset]) -> None:
         )
 
 
+def _check_preprocessing(draft: StudyDraft, datasets: list[Dataset]) -> None:
+    """Refuse declared preprocessing that a dataset cannot take: tabular data, or images
+    with other spatial axes than the steps are declared for (every site would refuse the
+    rounds, ``data.preprocessing_*``, after its steward approved the study)."""
+    spec = draft.preprocessing
+    if not spec.steps:
+        return
+    rank = spec.spatial_rank
+    wrong = []
+    for dataset in datasets:
+        given = model_input(dataset.feature_summary)
+        spatial = len(given[0]) - 1 if given is not None else 0
+        if dataset.modality == "tabular" or spatial < 2 or rank not in (None, spatial):
+            wrong.append(dataset.id)
+    if wrong:
+        axes = f"{rank}D images" if rank is not None else "images"
+        message = (
+            f"The study's preprocessing applies to {axes}; dataset(s) {', '.join(sorted(wrong))} "
+            "are not."
+        )
+        raise InvalidRequestError(
+            message,
+            code="study.invalid",
+            details=[{"field": "preprocessing", "message": message}],
+        )
+
+
 def _check_evaluation_budget(draft: StudyDraft) -> None:
     """Refuse a draft whose evaluation releases alone would spend its whole epsilon (an
     explicit ``evaluation.noise_multiplier`` too small): no site could train it."""
@@ -268,6 +295,7 @@ def submit_study(
     _check_evaluation_budget(draft)
     _check_model(draft)
     _check_task(draft, datasets)
+    _check_preprocessing(draft, datasets)
     site_ids = sorted({d.site_id for d in datasets})
     sites = {s.id: s for s in session.scalars(select(Site).where(Site.id.in_(site_ids)))}
     revoked = [sid for sid in site_ids if sites[sid].status is SiteStatus.REVOKED]

@@ -455,3 +455,36 @@ def test_a_segmentation_study_over_segmentation_data_is_accepted_with_its_task(
     error = response.json()["error"]
     assert error["details"][0]["field"] == "datasets"
     assert "not labelled for classification" in error["message"]
+
+
+def test_declared_preprocessing_is_checked_against_the_datasets_it_would_run_on(
+    client: TestClient, consortium: People
+) -> None:
+    volumes = _publish_volumes(client, consortium)
+    steps = [
+        {"op": "orientation", "axcodes": "RAS"},
+        {"op": "scale_intensity_range", "a_min": -1000, "a_max": 400},
+        {"op": "resize", "spatial_size": [16, 16, 16]},
+    ]
+    flat = [{"op": "resize", "spatial_size": [16, 16]}]
+    for datasets, preprocessing, task, model, named in [
+        (DATASETS, {"steps": steps[1:2]}, None, None, "bc-a"),  # tabular: nothing to apply
+        (volumes, {"steps": flat}, SEGMENTATION, UNET, "mr-a"),  # 2D steps, 3D volumes
+    ]:
+        extra = {"task": task, "model": model} if task else {}
+        body = study_contract(datasets, preprocessing=preprocessing, **extra)
+        response = client.post("/api/v1/studies", json=body, headers=consortium.researcher)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert (error["code"], error["details"][0]["field"]) == ("study.invalid", "preprocessing")
+        assert named in error["message"]
+    body = study_contract(volumes, task=SEGMENTATION, model=UNET, preprocessing={"steps": steps})
+    response = client.post("/api/v1/studies", json=body, headers=consortium.researcher)
+    assert response.status_code == 201, response.text
+    contract = response.json()["contract"]
+    assert [s["op"] for s in contract["preprocessing"]["steps"]] == [s["op"] for s in steps]
+    from concord_protocol.contract import StudyContract
+
+    parsed = StudyContract.model_validate(contract)
+    assert parsed.contract_hash() == response.json()["contract_hash"]
+    assert parsed.preprocessing.output_spatial_shape() == (16, 16, 16)
