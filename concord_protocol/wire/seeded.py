@@ -174,7 +174,8 @@ class SeededLayout:
         return np.repeat(np.array(self.primes, dtype=np.uint64), self.poly_modulus_degree)
 
     def pack(self, coefficients: npt.NDArray[np.uint64]) -> bytes:
-        """Bit-pack a polynomial (every coefficient must already be reduced)."""
+        """Bit-pack a polynomial (every coefficient must already be reduced): each prime's
+        ``N`` coefficients as one little-endian bit stream of ``bits`` bits each."""
         c = np.ascontiguousarray(coefficients, dtype="<u8")
         if c.shape != (self.num_coefficients,):
             raise ValueError(f"a polynomial has {self.num_coefficients} coefficients")
@@ -183,9 +184,12 @@ class SeededLayout:
         n = self.poly_modulus_degree
         parts = []
         for j, bits in enumerate(self.prime_bits):
-            block = c[j * n : (j + 1) * n].view(np.uint8).reshape(n, 8)
-            unpacked = np.unpackbits(block, axis=1, bitorder="little")[:, :bits]
-            parts.append(np.packbits(unpacked, bitorder="little").tobytes())
+            block = c[j * n : (j + 1) * n]
+            if bits == 60 and n % 2 == 0:
+                parts.append(_pack60(block))
+                continue
+            unpacked = np.unpackbits(block.view(np.uint8).reshape(n, 8), axis=1, bitorder="little")
+            parts.append(np.packbits(unpacked[:, :bits], bitorder="little").tobytes())
         return b"".join(parts)
 
     def unpack(self, data: bytes) -> npt.NDArray[np.uint64]:
@@ -194,13 +198,12 @@ class SeededLayout:
         if len(data) != self.packed_bytes:
             raise WireFormatError("packed polynomial of the wrong length", code=_UNDECODABLE)
         n, pos = self.poly_modulus_degree, 0
-        out = np.zeros((self.num_coefficients, 64), dtype=np.uint8)
+        c = np.empty(self.num_coefficients, dtype=np.uint64)
         for j, bits in enumerate(self.prime_bits):
             size = n * bits // 8
             raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=pos)
-            out[j * n : (j + 1) * n, :bits] = np.unpackbits(raw, bitorder="little").reshape(n, bits)
+            c[j * n : (j + 1) * n] = _unpack_bits(raw, n, bits)
             pos += size
-        c = np.packbits(out, axis=1, bitorder="little").view("<u8").ravel().astype(np.uint64)
         if np.any(c >= self.moduli):
             raise WireFormatError(
                 "a coefficient is not reduced modulo its prime", code=_UNDECODABLE
@@ -228,6 +231,35 @@ class SeededLayout:
     def prefix(self, magic: bytes) -> bytes:
         """Magic, layout version, parms id and scale: how every chunk starts."""
         return _PREFIX.pack(magic, SEEDED_CHUNK_VERSION, self.parms_id, self.scale)
+
+
+_MASK60 = np.uint64((1 << 60) - 1)
+
+
+def _pack60(block: npt.NDArray[np.uint64]) -> bytes:
+    """60-bit packing of an even number of coefficients (the default primes' width): each
+    pair is one 120-bit little-endian integer, 15 bytes (the generic bit path's layout)."""
+    even, odd = block[0::2], block[1::2]
+    words = np.empty((len(even), 2), dtype="<u8")
+    words[:, 0] = even | (odd << np.uint64(60))
+    words[:, 1] = odd >> np.uint64(4)
+    return words.view(np.uint8).reshape(-1, 16)[:, :15].tobytes()
+
+
+def _unpack_bits(raw: npt.NDArray[np.uint8], n: int, bits: int) -> npt.NDArray[np.uint64]:
+    """``n`` little-endian ``bits``-bit fields of the stream ``raw`` (the inverse of the
+    packing above): 60-bit pairs word by word, any other width bit by bit."""
+    if bits == 60 and n % 2 == 0:
+        words = np.zeros((n // 2, 16), dtype=np.uint8)
+        words[:, :15] = raw.reshape(n // 2, 15)
+        lo, hi = words.view("<u8")[:, 0], words.view("<u8")[:, 1]
+        out = np.empty(n, dtype=np.uint64)
+        out[0::2] = lo & _MASK60
+        out[1::2] = ((lo >> np.uint64(60)) | (hi << np.uint64(4))) & _MASK60
+        return out
+    fields = np.zeros((n, 64), dtype=np.uint8)
+    fields[:, :bits] = np.unpackbits(raw, bitorder="little").reshape(n, bits)
+    return np.packbits(fields, axis=1, bitorder="little").view("<u8").ravel().astype(np.uint64)
 
 
 def read_upload_seed(layout: SeededLayout, data: bytes) -> Seed:

@@ -59,7 +59,13 @@ from concord_protocol.wire.format import (
     expected_chunks,
     sha256_hex,
 )
-from concord_protocol.wire.seeded import AggregateChunk, SeededLayout, UploadChunk, read_upload_seed
+from concord_protocol.wire.seeded import (
+    AggregateChunk,
+    Seed,
+    SeededLayout,
+    UploadChunk,
+    read_upload_seed,
+)
 
 __all__ = [
     "BlindSumResult",
@@ -468,6 +474,42 @@ def _screen_seeds(
             candidates.remove(cand)
 
 
+#: Additions to a reduced sum that a uint64 holds before it must be reduced again: eight
+#: values below 2**61 (SEAL's primes have at most 60 bits) sum below 2**64.
+_LAZY_ADDS = 7
+
+
+@dataclass
+class _SeededSum:
+    """The running sum of one chunk index: the sites' seeds and their ``c0`` parts added
+    in place, reduced modulo the primes only every :data:`_LAZY_ADDS` additions (the
+    canonical :class:`AggregateChunk` is built once, by :meth:`chunk`)."""
+
+    seeds: list[Seed]
+    c0: npt.NDArray[np.uint64]
+    pending: int = 0
+
+    @classmethod
+    def of(cls, upload: UploadChunk) -> _SeededSum:
+        return cls([upload.seed], np.array(upload.c0, dtype=np.uint64))
+
+    def add(self, layout: SeededLayout, other: _SeededSum) -> _SeededSum:
+        self.seeds.extend(other.seeds)
+        self.c0 += other.c0
+        self.pending += 1
+        if self.pending >= _LAZY_ADDS:
+            self._reduce(layout)
+        return self
+
+    def _reduce(self, layout: SeededLayout) -> None:
+        np.remainder(self.c0, layout.moduli, out=self.c0)
+        self.pending = 0
+
+    def chunk(self, layout: SeededLayout) -> AggregateChunk:
+        self._reduce(layout)
+        return AggregateChunk(tuple(sorted(self.seeds, key=Seed.to_bytes)), self.c0)
+
+
 def _seeded_sum(
     layout: SeededLayout,
     updates: Mapping[str, Sequence[bytes]],
@@ -492,9 +534,9 @@ def _seeded_sum(
     _screen_seeds(layout, candidates, rejected)
     _require(candidates, rejected, min_sites)
 
-    def decode(chunk: bytes, index: int) -> AggregateChunk:
+    def decode(chunk: bytes, index: int) -> _SeededSum:
         try:
-            return AggregateChunk.of(UploadChunk.from_bytes(layout, chunk))
+            return _SeededSum.of(UploadChunk.from_bytes(layout, chunk))
         except WireFormatError as exc:
             raise _seeded_reject(exc, index) from None
 
@@ -503,8 +545,10 @@ def _seeded_sum(
         expected_chunks,
         decode=decode,
         add=lambda acc, value: acc.add(layout, value),
-        subtract=lambda acc, value: acc.subtract(layout, value),
-        dump=lambda acc: acc.to_bytes(layout),
+        subtract=lambda acc, value: acc.subtract(layout, value.chunk(layout)),
+        dump=lambda acc: (acc.chunk(layout) if isinstance(acc, _SeededSum) else acc).to_bytes(
+            layout
+        ),
         load=lambda data: AggregateChunk.from_bytes(layout, data),
         rejected=rejected,
     )

@@ -103,6 +103,39 @@ def test_packing_is_exact_canonical_and_refuses_unreduced_coefficients() -> None
     assert exc.value.code == "update.undecodable_chunk"
 
 
+def test_the_60_bit_word_path_writes_and_reads_the_generic_bit_stream(
+    layout: SeededLayout,
+) -> None:
+    """The default primes' 60-bit coefficients are packed two to 15 bytes with word
+    arithmetic (the server's aggregation speed); the bytes must be the generic little-endian
+    bit stream's, both ways, and q must still be refused."""
+    assert set(layout.prime_bits) == {60}
+    rng = np.random.default_rng(11)
+    c = rng.integers(0, layout.moduli, dtype=np.uint64)
+    c[0], c[-1] = layout.primes[0] - 1, layout.primes[-1] - 1
+    n = layout.poly_modulus_degree
+    generic = b"".join(
+        np.packbits(
+            np.unpackbits(
+                c[j * n : (j + 1) * n].astype("<u8").view(np.uint8).reshape(n, 8),
+                axis=1,
+                bitorder="little",
+            )[:, :60],
+            bitorder="little",
+        ).tobytes()
+        for j in range(len(layout.primes))
+    )
+    assert layout.pack(c) == generic
+    assert np.array_equal(layout.unpack(generic), c)
+    # q written as coefficient 1: an odd one, split across two words.
+    bits = np.unpackbits(np.frombuffer(generic, np.uint8), bitorder="little")
+    q = np.unpackbits(np.array([layout.primes[0]], "<u8").view(np.uint8), bitorder="little")
+    bits[60:120] = q[:60]
+    with pytest.raises(WireFormatError) as exc:
+        layout.unpack(np.packbits(bits, bitorder="little").tobytes())
+    assert exc.value.code == "update.undecodable_chunk"
+
+
 def test_upload_chunk_round_trip_and_layout(layout: SeededLayout) -> None:
     upload = _upload(layout, np.random.default_rng(1))
     data = upload.to_bytes(layout)
