@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 
+import httpx
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.http_grid import HttpGrid
@@ -108,6 +109,9 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None) 
 #: which was most of a message wave's orchestration time. One pull is one loopback request
 #: (a SQL select at the SuperLink) per running study.
 REPLY_POLL_S = 0.1
+#: Server errors in a row a pull of replies survives, and the longest wait between them.
+PULL_RETRIES = 12
+PULL_RETRY_CAP_S = 5.0
 
 
 def collect_replies(
@@ -120,13 +124,37 @@ def collect_replies(
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[Message]:
     """Push ``messages`` and pull their replies every ``poll_s`` until each has one or
-    ``timeout`` seconds have passed (what ``Grid.send_and_receive`` does, polled faster)."""
+    ``timeout`` seconds have passed (what ``Grid.send_and_receive`` does, polled faster).
+
+    A pull the SuperLink answers with a server error (its SQLite state busy past its lock
+    timeout while sites push large updates: ``database is locked``) changed nothing there
+    (the transaction was rolled back), so it is retried, with growing waits, up to
+    :data:`PULL_RETRIES` times in a row; a round is not lost to a busy SuperLink.
+    """
     # Flower answers None for a message it could not push: no reply will come for it.
     waiting = {msg_id for msg_id in grid.push_messages(messages) if msg_id}
     deadline = clock() + timeout
     replies: list[Message] = []
+    failures = 0
     while waiting:
-        pulled = list(grid.pull_messages(waiting))
+        try:
+            pulled = list(grid.pull_messages(waiting))
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code < 500 or failures >= PULL_RETRIES:
+                raise
+            failures += 1
+            wait = min(PULL_RETRY_CAP_S, poll_s * 2**failures)
+            log.warning(
+                "the SuperLink answered a pull of replies with %s; again in %.1f s (%d/%d)",
+                exc.response.status_code,
+                wait,
+                failures,
+                PULL_RETRIES,
+                extra={"event": "serverapp.pull_retry"},
+            )
+            sleep(wait)
+            continue
+        failures = 0
         replies.extend(pulled)
         waiting.difference_update(msg.metadata.reply_to_message_id for msg in pulled)
         if not waiting or clock() >= deadline:

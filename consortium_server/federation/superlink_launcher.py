@@ -362,6 +362,33 @@ def _checked_flower_args(flower_args: list[str], work_dir: Path) -> tuple[list[s
     return checked.args, checked.secret_file
 
 
+#: How long the SuperLink's SQLite state waits for its lock (Flower: 5 s). Sites push
+#: updates of tens of MB as many objects; on a loaded machine one writer held the lock past
+#: 5 s and the ServerApp's pull failed with ``database is locked``.
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+def lengthen_sqlite_busy_timeout(timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
+    """Make the SuperLink's SQLite connections wait ``timeout_ms`` for a lock.
+
+    Flower sets ``PRAGMA busy_timeout`` from ``SQLITE_PRAGMAS`` on every new connection
+    (``flwr.supercore.sql_mixin``) and offers no option for it; this replaces that tuple's
+    entry in this process before any connection is made, and refuses to start when Flower
+    no longer sets the pragma that way (so an upgrade cannot silently bring 5 s back).
+    """
+    import flwr.supercore.sql_mixin as sql_mixin
+
+    pragmas = getattr(sql_mixin, "SQLITE_PRAGMAS", None)
+    if not isinstance(pragmas, tuple) or not any(
+        isinstance(p, tuple) and p[:1] == ("busy_timeout",) for p in pragmas
+    ):
+        raise LauncherError("Flower's SQLite pragmas moved: cannot set the SuperLink's lock wait")
+    patched = tuple(
+        ("busy_timeout", str(int(timeout_ms))) if p[0] == "busy_timeout" else p for p in pragmas
+    )
+    setattr(sql_mixin, "SQLITE_PRAGMAS", patched)  # noqa: B010 (a typed module constant)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the SuperLink until SIGTERM/SIGINT (see the module)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -402,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Listener("fleet", fleet_host, fleet_port, ("fleet", "health")),
             Listener("control", control_host, control_port, ("control",), client_ca),
         ]
+        lengthen_sqlite_busy_timeout()
         from flwr.superlink.cli.flower_superlink import SuperLinkLifespan
         from flwr.superlink.main import create_app
 

@@ -3,14 +3,22 @@ or the round's timeout passes (Flower's own loop waits 3 s between pulls)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any, cast
 
+import httpx
+import pytest
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from consortium_server.federation.serverapp import REPLY_POLL_S, collect_replies
+from consortium_server.federation.serverapp import (
+    PULL_RETRIES,
+    PULL_RETRY_CAP_S,
+    REPLY_POLL_S,
+    collect_replies,
+)
 
 
 class ScriptedGrid(Grid):
@@ -107,3 +115,45 @@ def test_a_message_flower_could_not_push_is_not_waited_for() -> None:
     replies = collect_replies(grid, _messages([1, 2]), timeout=60, clock=clock, sleep=clock.sleep)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m1"]
     assert clock.now < 1.0  # not the round's 60 s
+
+
+class BusyGrid(ScriptedGrid):
+    """A SuperLink whose state is locked for the first ``busy`` pulls (HTTP 500)."""
+
+    def __init__(self, ready_after: dict[int, int], *, busy: int, status: int = 500) -> None:
+        super().__init__(ready_after)
+        self.busy, self.status, self.failed = busy, status, 0
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        if self.failed < self.busy:
+            self.failed += 1
+            request = httpx.Request("POST", "https://127.0.0.1/v1/runtime/pull-messages")
+            response = httpx.Response(self.status, request=request)
+            raise httpx.HTTPStatusError("locked", request=request, response=response)
+        return super().pull_messages(message_ids)
+
+
+def test_a_busy_superlink_delays_the_replies_but_loses_none() -> None:
+    grid, clock = BusyGrid({1: 0, 2: 0, 3: 0}, busy=3), Clock()
+    replies = collect_replies(
+        grid, _messages([1, 2, 3]), timeout=600, clock=clock, sleep=clock.sleep
+    )
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m1", "m2", "m3"]
+    assert grid.failed == 3
+    assert clock.slept == [min(PULL_RETRY_CAP_S, REPLY_POLL_S * 2**k) for k in (1, 2, 3)]
+
+
+def test_a_superlink_that_stays_broken_fails_the_wait_after_its_retries() -> None:
+    grid, clock = BusyGrid({1: 0}, busy=10**9), Clock()
+    with pytest.raises(httpx.HTTPStatusError):
+        collect_replies(grid, _messages([1]), timeout=math.inf, clock=clock, sleep=clock.sleep)
+    assert grid.failed == PULL_RETRIES + 1
+    assert max(clock.slept) == PULL_RETRY_CAP_S
+
+
+def test_a_refused_pull_is_not_retried() -> None:
+    grid, clock = BusyGrid({1: 0}, busy=1, status=403), Clock()
+    with pytest.raises(httpx.HTTPStatusError):
+        collect_replies(grid, _messages([1]), timeout=60, clock=clock, sleep=clock.sleep)
+    assert grid.failed == 1
+    assert clock.slept == []

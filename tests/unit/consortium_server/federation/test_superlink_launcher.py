@@ -193,3 +193,38 @@ def test_flower_names_the_guarded_serverapp_replaces_still_exist() -> None:
 
     args = _parse_args_run_flwr_serverapp().parse_args(["--token-file", "/t", "--insecure"])
     assert args.token_file == "/t"
+
+
+def test_the_superlink_state_waits_a_minute_for_its_sqlite_lock(tmp_path: Path) -> None:
+    """Flower's state waits 5 s (``PRAGMA busy_timeout``); the launcher's SuperLink waits
+    60 s, read back from a connection of Flower's own object store (a fresh process, so
+    this one keeps Flower's defaults)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        from sqlalchemy import text
+        from flwr.supercore.object_store.sql_object_store import SqlObjectStore
+        from consortium_server.federation.superlink_launcher import (
+            SQLITE_BUSY_TIMEOUT_MS, lengthen_sqlite_busy_timeout,
+        )
+
+        def busy(path):
+            store = SqlObjectStore(path)
+            store.initialize()
+            with store._engine.connect() as conn:
+                return conn.execute(text("PRAGMA busy_timeout")).scalar()
+
+        before = busy({str(tmp_path / "a.db")!r})
+        lengthen_sqlite_busy_timeout()
+        print(before, busy({str(tmp_path / "b.db")!r}), SQLITE_BUSY_TIMEOUT_MS)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    before, after, wanted = out.stdout.split()
+    assert (before, after) == ("5000", wanted)
+    assert int(wanted) == 60_000
