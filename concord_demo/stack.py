@@ -53,6 +53,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: The demo server's largest study-key or released-model body: real-size networks
+#: (docs/operator.md, ``server.maxKeyBodyBytes``).
+DEMO_MAX_UPLOAD_BYTES = 512 * 1_048_576
+
+
 @dataclass
 class Hospital:
     """One simulated hospital: its directory, keys, dataset and processes."""
@@ -176,6 +181,9 @@ class DemoStack:
             "CONCORD_DATA_DIR": str(self.settings.data_dir),
             "CONCORD_API__PORT": str(self.api_port),
             "CONCORD_POLICY__MEMBER_ORGANISATIONS": json.dumps([RESEARCHER_ORG]),
+            # The released model is uploaded as base64 JSON, ~11 bytes per parameter: the
+            # 64 MiB default holds 5.8M parameters, DenseNet121 (7M) needs more.
+            "CONCORD_API__MAX_KEY_BODY_BYTES": str(DEMO_MAX_UPLOAD_BYTES),
             # Control (mutual TLS: the server's client certificate), not the Fleet port.
             "CONCORD_FEDERATION__SUPERLINK_ADDRESS": self.link.control_endpoint().address,
             "CONCORD_FEDERATION__ROOT_CERTIFICATES": str(self.tls.ca_cert),

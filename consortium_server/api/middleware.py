@@ -11,9 +11,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from consortium_server.api.errors import DATABASE_RETRY_AFTER_S
 from consortium_server.errors import CATALOGUE, DomainError
 from consortium_server.logs import request_id_var
 
@@ -145,8 +147,8 @@ class RequestContextMiddleware:
             declared = headers.get("content-length")
             refusal = self._authenticate(larger, scope) if larger is not None else None
             if refusal is not None:
-                status_code_, body = refusal
-                await self._send_error(send_with_id, status_code_, body)
+                status_code_, body, extra = refusal
+                await self._send_error(send_with_id, status_code_, body, extra)
             elif declared is not None and declared.isdigit() and int(declared) > limit:
                 await self._reject_too_large(send_with_id, request_id, limit)
             else:
@@ -179,16 +181,32 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
     @staticmethod
-    def _authenticate(larger: LargerLimit, scope: Scope) -> tuple[int, bytes] | None:
+    def _authenticate(
+        larger: LargerLimit, scope: Scope
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
         """Run the route's credential check before its body is read: None when it passes,
-        else the error response (status, body) to send instead."""
+        else the error response (status, body, extra headers) to send instead. The check
+        may read the database (a site's revocation): a database that is busy or down is a
+        503 with ``Retry-After``, as on every other route, never a 500."""
         try:
             larger.authenticate(Request(scope))
         except DomainError as exc:
             entry = CATALOGUE[exc.code]
-            return entry.status, _error_body(
-                exc.code, request_id_var.get() or "", exc.public_message() or entry.title
+            return (
+                entry.status,
+                _error_body(
+                    exc.code, request_id_var.get() or "", exc.public_message() or entry.title
+                ),
+                [],
             )
+        except (OperationalError, InterfaceError) as exc:
+            log.error("database unavailable", extra={"detail": str(exc)[:200]})
+            body = _error_body(
+                "service.unavailable",
+                request_id_var.get() or "",
+                "The database is unavailable; try again shortly.",
+            )
+            return 503, body, [(b"retry-after", str(DATABASE_RETRY_AFTER_S).encode())]
         return None
 
     async def _reject_too_large(self, send: Send, request_id: str, limit: int) -> None:
@@ -200,7 +218,9 @@ class RequestContextMiddleware:
         await self._send_error(send, 413, body)
 
     @staticmethod
-    async def _send_error(send: Send, status: int, body: bytes) -> None:
+    async def _send_error(
+        send: Send, status: int, body: bytes, extra: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -208,6 +228,7 @@ class RequestContextMiddleware:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    *extra,
                 ],
             }
         )

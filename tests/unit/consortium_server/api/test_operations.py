@@ -313,3 +313,62 @@ def test_a_large_body_from_an_unauthenticated_caller_is_refused_before_it_is_rea
     )
     assert body["error"]["request_id"]
     assert read == 0
+
+
+def test_a_busy_database_during_the_pre_body_check_is_a_503_not_a_500(
+    client: TestClient, app: FastAPI, consortium: People, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model upload checks a node's site before reading its body; with the database
+    locked (SQLite under a large release) that check fails: the caller gets a 503 it may
+    retry (Retry-After), with the request id, and nothing of the body was read."""
+    from sqlalchemy.exc import OperationalError
+
+    from consortium_server.api import deps
+
+    def locked(*_: object) -> None:
+        raise OperationalError("SELECT status FROM sites", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(deps, "_refuse_revoked_site", locked)
+    token = consortium.node("a")["Authorization"].encode()
+    chunk = b"x" * 1_048_576
+    sent: list[dict[str, Any]] = []
+    reads: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        reads.append(1)
+        return {"type": "http.request", "body": chunk, "more_body": len(reads) < 50}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    path = "/api/v1/studies/some-study/release/model"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/octet-stream"),
+            (b"content-length", str(50 * len(chunk)).encode()),
+            (b"authorization", token),
+        ],
+        "client": ("192.0.2.50", 40000),
+        "server": ("testserver", 80),
+    }
+    assert client.portal is not None
+    client.portal.call(app, scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = json.loads(
+        b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    )
+    assert start["status"] == 503
+    assert (b"retry-after", b"1") in start["headers"]
+    assert body["error"]["code"] == "service.unavailable"
+    assert body["error"]["request_id"]
+    assert reads == []
