@@ -21,6 +21,11 @@ multiplier) whose accountant is replaced by the trainer's own, so ONE history of
 ``(noise_multiplier, sample_rate, steps)`` accumulates over all rounds. The history survives
 restarts through :meth:`DpTrainer.save` / :meth:`DpTrainer.load` (JSON, atomic write).
 
+**Cost, not accounting.** The per-sample-gradient mode (:mod:`site_node.privacy.modes`, the
+one measured fastest for the catalogue network, or the one asked for) changes how fast and
+in how much memory a round runs, never what is accounted: the same steps, sample rate and
+noise.
+
 **Evaluation releases.** When the contract's evaluation is ``dp_histogram``, each round a
 site trains is followed by at most one release of a noisy test-split histogram, a Gaussian
 mechanism of noise ``evaluation_noise_multiplier`` and sensitivity 1
@@ -38,13 +43,14 @@ copy; if it exceeds the target, the round is refused with
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import secrets
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -66,6 +72,7 @@ from site_node.errors import (
     PrivacyBudgetExhaustedError,
     PrivacyConfigurationError,
 )
+from site_node.privacy.modes import GradSampleMode, Loss, empty_step, make_private, mode_for
 
 __all__ = [
     "STATE_FORMAT",
@@ -216,6 +223,14 @@ class PrivateRound(NamedTuple):
     module: nn.Module
     optimizer: DPOptimizer
     data_loader: DataLoader[Any]
+    #: The loss to call (ghost clipping: Opacus' wrapper, whose ``backward()`` clips);
+    #: ``None`` when the round was made without one.
+    loss: Loss | None
+    #: How Opacus computes the per-sample gradients this round.
+    grad_sample_mode: GradSampleMode
+    #: The step to take for an empty Poisson batch, instead of a forward and backward pass
+    #: (:func:`site_node.privacy.modes.empty_step`).
+    empty_step: Callable[[], None]
 
 
 class DpTrainer:
@@ -380,7 +395,13 @@ class DpTrainer:
 
     @contextlib.contextmanager
     def private_round(
-        self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader[Any]
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader[Any],
+        *,
+        loss: Loss | None = None,
+        grad_sample_mode: GradSampleMode | None = None,
     ) -> Iterator[PrivateRound]:
         """Wrap ``module``/``optimizer``/``data_loader`` for one private round.
 
@@ -389,9 +410,17 @@ class DpTrainer:
         persistent accountant (also when the block raises). On exit the Opacus hooks are
         removed, so ``module`` (whose parameters were trained in place) is a plain model again.
 
+        Args:
+            loss: the training loss (mean over the batch); required for ghost clipping, which
+                also needs it to return each record's loss with ``reduction = "none"``.
+            grad_sample_mode: how Opacus computes per-sample gradients; by default the mode
+                :mod:`site_node.privacy.modes` chose for ``module``'s catalogue network.
+
         Raises:
             PrivacyBudgetExhaustedError: the round would exceed the target epsilon.
             DatasetMismatchError: the loader does not match the plan's dataset size/batching.
+            PrivacyConfigurationError: ghost clipping without a per-record loss, or an
+                unknown mode.
         """
         self.check_round_allowed()
         n = len(data_loader.dataset)  # type: ignore[arg-type]
@@ -402,6 +431,7 @@ class DpTrainer:
                 f"{len(data_loader)} batches (expected {self._loader_batches})",
                 hint="build the DpTrainer with the size of the training split you train on",
             )
+        mode = grad_sample_mode or mode_for(module)
         with warnings.catch_warnings():
             # "Secure RNG turned off": Opacus' secure_mode needs torchcsprng (no build for
             # this PyTorch); `secure_mode` here is the closest real thing, set below.
@@ -412,10 +442,13 @@ class DpTrainer:
         generator = None
         if self.secure_mode:
             generator = torch.Generator().manual_seed(secrets.randbits(63))
-        private_module, private_optimizer, private_loader = engine.make_private(
+        private = make_private(
+            engine,
             module=module,
             optimizer=optimizer,
             data_loader=data_loader,
+            mode=mode,
+            loss=loss,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.plan.max_grad_norm,
             poisson_sampling=True,
@@ -424,17 +457,24 @@ class DpTrainer:
         if self.secure_mode:
             # Opacus' floating-point-attack mitigation (2n Gaussian draws, n = 2) on the
             # OS-seeded generator: what secure_mode does, less the CSPRNG stream itself.
-            private_optimizer.secure_mode = True
-        if len(private_loader) != self.plan.steps_per_epoch:  # pragma: no cover - Opacus changed
-            private_module.cleanup()
+            private.optimizer.secure_mode = True
+        if len(private.data_loader) != self.plan.steps_per_epoch:  # pragma: no cover
+            private.module.cleanup()  # (only if Opacus changed how it plans an epoch)
             raise PrivacyConfigurationError(
-                f"Opacus plans {len(private_loader)} steps per epoch, this plan "
+                f"Opacus plans {len(private.data_loader)} steps per epoch, this plan "
                 f"{self.plan.steps_per_epoch}: the accounting would not match the training"
             )
         try:
-            yield PrivateRound(private_module, private_optimizer, private_loader)
+            yield PrivateRound(
+                private.module,
+                private.optimizer,
+                private.data_loader,
+                private.loss,
+                mode,
+                functools.partial(empty_step, private.optimizer),
+            )
         finally:
-            private_module.cleanup()
+            private.module.cleanup()
             for p in module.parameters():
                 p.grad = None
             if self.steps_taken - steps_before >= self.plan.steps_per_round:

@@ -10,11 +10,16 @@ build the network. Every builder:
   build);
 * is initialised deterministically from ``seed`` (every site builds the same round-1 model);
 * has exactly :func:`concord_protocol.catalogue.parameter_count` parameters (tested).
+
+:func:`catalogue_name` tells which entry built a network, so that DP training can pick the
+per-sample-gradient mode measured fastest for it (:mod:`site_node.privacy.modes`) from the
+module alone: the ClientApp hands training a built network, not its spec.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,6 +54,7 @@ __all__ = [
     "HyperParameter",
     "HyperValue",
     "build_model",
+    "catalogue_name",
     "get_entry",
     "list_models",
     "resolve_hyperparameters",
@@ -344,4 +350,16 @@ def build_model(
         if hasattr(module, "inplace"):
             setattr(module, "inplace", False)  # noqa: B010 (typed as Tensor | Module)
     ModuleValidator.validate(model, strict=True)  # raises if not DP-compatible
+    _BUILT[model] = entry.name
     return model.train()
+
+
+#: The catalogue name of every network :func:`build_model` built that is still alive (weak
+#: keys: the table never keeps a network alive).
+_BUILT: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def catalogue_name(model: nn.Module) -> str | None:
+    """The name of the catalogue entry that built ``model`` with :func:`build_model`, or
+    ``None`` for any other module (one built by hand, or a copy)."""
+    return _BUILT.get(model)

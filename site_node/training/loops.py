@@ -29,6 +29,7 @@ from site_node.training.segmentation import per_record_scores, segmentation_loss
 
 if TYPE_CHECKING:
     from site_node.privacy.dp import DpTrainer
+    from site_node.privacy.modes import GradSampleMode
 
 __all__ = [
     "EvalResult",
@@ -81,11 +82,13 @@ class EvalResult:
         return {name: float(getattr(self, name)) for name in task.metrics}
 
 
-def loss_function(task: TaskSpec) -> Loss:
-    """The contract's training loss: cross-entropy, or a segmentation loss."""
+def loss_function(task: TaskSpec) -> nn.Module:
+    """The contract's training loss: cross-entropy, or a segmentation loss; the batch mean
+    of the records' losses, and each record's with ``reduction = "none"`` (what Opacus'
+    ghost clipping needs)."""
     if task.kind == "segmentation":
         return segmentation_loss(task)
-    return functional.cross_entropy
+    return nn.CrossEntropyLoss()
 
 
 def make_optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
@@ -114,20 +117,26 @@ def _run_epochs(
     epochs: int,
     device: torch.device,
     loss_fn: Loss,
+    empty_step: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
+    """Train over ``epochs`` passes of ``loader``; the mean loss and the batches seen.
+
+    An empty batch (DP-SGD's Poisson sampling draws one now and then; a plain loader never
+    does) is ``empty_step``: still a DP step, of noise only, without a forward pass.
+    """
     total_loss, total_n, steps = 0.0, 0, 0
     for _ in range(epochs):
         for x_cpu, y_cpu in loader:
+            if len(y_cpu) == 0:
+                if empty_step is not None:
+                    empty_step()
+                    steps += 1
+                continue
             x, y = x_cpu.to(device), y_cpu.to(device)
             optimizer.zero_grad(set_to_none=True)
-            logits = module(x)
-            if len(y) == 0:
-                # An empty Poisson batch: still a DP step (noise only); keep the loss finite.
-                loss = logits.sum() * 0.0
-            else:
-                loss = loss_fn(logits, y)
-                total_loss += float(loss.detach()) * len(y)
-                total_n += len(y)
+            loss = loss_fn(module(x), y)
+            total_loss += float(loss.detach()) * len(y)
+            total_n += len(y)
             loss.backward()
             optimizer.step()
             steps += 1
@@ -143,6 +152,7 @@ def train_round(
     seed: int | None = None,
     device: torch.device | str = "cpu",
     task: TaskSpec | None = None,
+    grad_sample_mode: GradSampleMode | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``training.local_epochs`` epochs on ``dataset``, with
     the loss of ``task`` (classification's cross-entropy when not given).
@@ -156,6 +166,11 @@ def train_round(
     ``dp``, plain minibatch training with shuffling. A fresh optimizer is made each round.
     ``seed`` makes shuffling, sampling and noise reproducible without touching the caller's
     RNG state.
+
+    ``grad_sample_mode`` (DP) overrides how Opacus computes per-sample gradients, by default
+    the mode :mod:`site_node.privacy.modes` chose for the catalogue network: it changes
+    cost, not results or accounting. ``steps`` counts the optimizer's (and the accountant's)
+    steps.
 
     Raises:
         EmptyDatasetError: no training records.
@@ -186,20 +201,29 @@ def train_round(
                 )
                 return TrainResult(len(dataset), mean_loss, steps, None)
             loader = DataLoader(dataset.as_torch(), batch_size=training.batch_size)
+            steps_before = dp.steps_taken
             with (
-                dp.private_round(model, optimizer, loader) as private,
+                dp.private_round(
+                    model,
+                    optimizer,
+                    loader,
+                    loss=loss_fn,
+                    grad_sample_mode=grad_sample_mode,
+                ) as private,
                 warnings.catch_warnings(),
             ):
                 # Opacus' hooks on the first layer: inputs never require grad. Harmless.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                mean_loss, steps = _run_epochs(
+                mean_loss, _ = _run_epochs(
                     private.module,
                     private.optimizer,
                     private.data_loader,
                     training.local_epochs,
                     target,
-                    loss_fn,
+                    private.loss or loss_fn,
+                    private.empty_step,
                 )
+            steps = dp.steps_taken - steps_before  # the steps the accountant recorded
         return TrainResult(len(dataset), mean_loss, steps, dp.epsilon_spent())
     finally:
         model.to("cpu")

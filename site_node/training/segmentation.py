@@ -17,7 +17,9 @@ Every record so has a defined, bounded score: what the DP evaluation bins
 
 The losses average per-record losses (``batch=False``; the cross-entropy is the mean over
 equally many voxels per record), so a batch's loss is the mean of its records' losses:
-what Opacus' per-sample gradients assume (``loss_reduction="mean"``).
+what Opacus' per-sample gradients assume (``loss_reduction="mean"``). Set a loss's
+``reduction`` to ``"none"`` and it returns each record's loss instead, shape ``(B,)``: what
+Opacus' ghost clipping (``DPLossFastGradientClipping``) asks its criterion for.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import warnings
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss, DiceLoss
+from monai.losses import DiceLoss
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 from torch import nn
+from torch.nn import functional
 
 from concord_protocol.contract import TaskSpec
 
@@ -38,24 +41,30 @@ __all__ = ["per_record_scores", "segmentation_loss"]
 
 
 def segmentation_loss(task: TaskSpec) -> nn.Module:
-    """The contract's segmentation loss over ``(logits (B, K, ...), labels (B, ...))``."""
-    inner: nn.Module
-    if task.loss == "dice_ce":
-        inner = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
-    else:
-        inner = DiceLoss(to_onehot_y=True, softmax=True, batch=False)
-    return _WithChannel(inner)
+    """The contract's segmentation loss over ``(logits (B, K, ...), labels (B, ...))``: the
+    mean of the records' losses, or each record's with ``reduction = "none"``."""
+    return _PerRecordLoss(with_cross_entropy=task.loss == "dice_ce")
 
 
-class _WithChannel(nn.Module):
-    """MONAI's losses take labels with a channel axis: add it."""
+class _PerRecordLoss(nn.Module):
+    """MONAI's Dice loss per record (mean over classes), plus the record's mean voxel
+    cross-entropy for ``dice_ce`` (MONAI's ``DiceCELoss`` with both weights 1, which has no
+    per-record reduction of its own), then the batch mean unless ``reduction`` is
+    ``"none"``."""
 
-    def __init__(self, inner: nn.Module) -> None:
+    def __init__(self, *, with_cross_entropy: bool) -> None:
         super().__init__()
-        self.inner = inner
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=False, reduction="none")
+        self.with_cross_entropy = with_cross_entropy
+        #: ``"mean"`` (the batch's loss) or ``"none"`` (each record's), as in torch's losses.
+        self.reduction = "mean"
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.inner(logits, labels.unsqueeze(1))
+        each = self.dice(logits, labels.unsqueeze(1)).flatten(1).mean(dim=1)
+        if self.with_cross_entropy:
+            voxels = functional.cross_entropy(logits, labels, reduction="none")
+            each = each + voxels.flatten(1).mean(dim=1)
+        return each if self.reduction == "none" else each.mean()
 
 
 def per_record_scores(
