@@ -94,6 +94,16 @@ class SiteSettings(BaseSettings):
         description="Where the site trains: `auto` (a CUDA GPU when PyTorch sees one, else "
         "the CPU), `cpu`, `cuda` or `cuda:N` (refused at each round when not there).",
     )
+    dp_max_physical_batch: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="The most records DP-SGD passes through the network at once: each "
+        "Poisson-sampled batch of a contract is split into physical batches of at most this "
+        "many (Opacus' BatchMemoryManager), so that a large batch fits in the memory of the "
+        "device; the privacy accounting and the trained weights do not change, a step takes "
+        "somewhat longer. Unset: each batch at once.",
+    )
     dp_secure_noise: bool = Field(
         default=True,
         description="DP-SGD noise robust to floating-point attacks: Opacus' secure_mode "

@@ -21,10 +21,15 @@ multiplier) whose accountant is replaced by the trainer's own, so ONE history of
 ``(noise_multiplier, sample_rate, steps)`` accumulates over all rounds. The history survives
 restarts through :meth:`DpTrainer.save` / :meth:`DpTrainer.load` (JSON, atomic write).
 
-**Cost, not accounting.** The per-sample-gradient mode (:mod:`site_node.privacy.modes`, the
-one measured fastest for the catalogue network, or the one asked for) changes how fast and
-in how much memory a round runs, never what is accounted: the same steps, sample rate and
-noise.
+**Cost, not accounting.** Two choices change how fast and in how much memory a round runs,
+never what is accounted: the per-sample-gradient mode (:mod:`site_node.privacy.modes`, the
+one measured fastest for the catalogue network, or the one asked for), and the largest
+physical batch (``max_physical_batch``, the site's ``dp_max_physical_batch``). With the
+latter, Opacus' ``BatchMemoryManager`` splits each Poisson-sampled logical batch into
+physical batches of at most that many records; the optimizer clips and sums them and takes
+its one noisy step (the one the accountant records) at the end of the logical batch. The
+same steps, sample rate and noise: the same epsilon, and the same weights to float
+rounding given the same seed (tested).
 
 **Evaluation releases.** When the contract's evaluation is ``dp_histogram``, each round a
 site trains is followed by at most one release of a noisy test-split histogram, a Gaussian
@@ -61,6 +66,7 @@ from opacus import PrivacyEngine
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -222,6 +228,7 @@ class PrivateRound(NamedTuple):
 
     module: nn.Module
     optimizer: DPOptimizer
+    #: Physical batches: the logical (Poisson) batches, split to ``max_physical_batch``.
     data_loader: DataLoader[Any]
     #: The loss to call (ghost clipping: Opacus' wrapper, whose ``backward()`` clips);
     #: ``None`` when the round was made without one.
@@ -402,6 +409,7 @@ class DpTrainer:
         *,
         loss: Loss | None = None,
         grad_sample_mode: GradSampleMode | None = None,
+        max_physical_batch: int | None = None,
     ) -> Iterator[PrivateRound]:
         """Wrap ``module``/``optimizer``/``data_loader`` for one private round.
 
@@ -415,13 +423,21 @@ class DpTrainer:
                 also needs it to return each record's loss with ``reduction = "none"``.
             grad_sample_mode: how Opacus computes per-sample gradients; by default the mode
                 :mod:`site_node.privacy.modes` chose for ``module``'s catalogue network.
+            max_physical_batch: process each logical batch in physical batches of at most
+                this many records (Opacus' ``BatchMemoryManager``); accounting unchanged.
+                Call ``optimizer.step()`` after every physical batch: it steps (and charges
+                the accountant) only at the end of a logical batch.
 
         Raises:
             PrivacyBudgetExhaustedError: the round would exceed the target epsilon.
             DatasetMismatchError: the loader does not match the plan's dataset size/batching.
-            PrivacyConfigurationError: ghost clipping without a per-record loss, or an
-                unknown mode.
+            PrivacyConfigurationError: ghost clipping without a per-record loss, an unknown
+                mode, or a physical batch below 1.
         """
+        if max_physical_batch is not None and max_physical_batch < 1:
+            raise PrivacyConfigurationError(
+                f"the largest physical batch must be 1 or more, got {max_physical_batch}"
+            )
         self.check_round_allowed()
         n = len(data_loader.dataset)  # type: ignore[arg-type]
         if n != self.plan.num_samples or len(data_loader) != self._loader_batches:
@@ -465,14 +481,24 @@ class DpTrainer:
                 f"{self.plan.steps_per_epoch}: the accounting would not match the training"
             )
         try:
-            yield PrivateRound(
-                private.module,
-                private.optimizer,
-                private.data_loader,
-                private.loss,
-                mode,
-                functools.partial(empty_step, private.optimizer),
-            )
+            with contextlib.ExitStack() as stack:
+                loader = private.data_loader
+                if max_physical_batch is not None:
+                    loader = stack.enter_context(
+                        BatchMemoryManager(
+                            data_loader=loader,
+                            max_physical_batch_size=max_physical_batch,
+                            optimizer=private.optimizer,
+                        )
+                    )
+                yield PrivateRound(
+                    private.module,
+                    private.optimizer,
+                    loader,
+                    private.loss,
+                    mode,
+                    functools.partial(empty_step, private.optimizer),
+                )
         finally:
             private.module.cleanup()
             for p in module.parameters():

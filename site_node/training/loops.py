@@ -152,6 +152,7 @@ def train_round(
     seed: int | None = None,
     device: torch.device | str = "cpu",
     task: TaskSpec | None = None,
+    max_physical_batch: int | None = None,
     grad_sample_mode: GradSampleMode | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``training.local_epochs`` epochs on ``dataset``, with
@@ -167,10 +168,12 @@ def train_round(
     ``seed`` makes shuffling, sampling and noise reproducible without touching the caller's
     RNG state.
 
-    ``grad_sample_mode`` (DP) overrides how Opacus computes per-sample gradients, by default
-    the mode :mod:`site_node.privacy.modes` chose for the catalogue network: it changes
-    cost, not results or accounting. ``steps`` counts the optimizer's (and the accountant's)
-    steps.
+    Two DP options change cost, not results or accounting (:meth:`DpTrainer.private_round`):
+    ``max_physical_batch`` (the site's ``dp_max_physical_batch``) bounds the records in one
+    forward/backward pass, so that a contract's large logical batch fits in memory;
+    ``grad_sample_mode`` overrides how Opacus computes per-sample gradients (by default the
+    mode :mod:`site_node.privacy.modes` chose for the catalogue network). ``steps`` counts
+    optimizer steps, one per logical batch.
 
     Raises:
         EmptyDatasetError: no training records.
@@ -209,6 +212,7 @@ def train_round(
                     loader,
                     loss=loss_fn,
                     grad_sample_mode=grad_sample_mode,
+                    max_physical_batch=max_physical_batch,
                 ) as private,
                 warnings.catch_warnings(),
             ):
@@ -223,7 +227,9 @@ def train_round(
                     private.loss or loss_fn,
                     private.empty_step,
                 )
-            steps = dp.steps_taken - steps_before  # the steps the accountant recorded
+            # Physical batches are not steps: the optimizer steps once per logical batch,
+            # and each of those steps is what the accountant records.
+            steps = dp.steps_taken - steps_before
         return TrainResult(len(dataset), mean_loss, steps, dp.epsilon_spent())
     finally:
         model.to("cpu")

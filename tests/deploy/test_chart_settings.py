@@ -1488,6 +1488,23 @@ def test_supernode_runtime_port_and_node_config() -> None:
     refused("site", {"supernode": {"nodeConfig": {"datasets-file": "x"}}}, "'datasets-file'")
 
 
+def test_supernode_dp_max_physical_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """supernode.dpMaxPhysicalBatch reaches the ClientApps' settings; unset by default (each
+    DP-SGD batch in one pass)."""
+    from site_node.settings import SiteSettings
+
+    assert "CONCORD_SITE_DP_MAX_PHYSICAL_BATCH" not in site().get("ConfigMap", "-settings")["data"]
+    rendered = site({"supernode": {"dpMaxPhysicalBatch": 16}})
+    data = rendered.get("ConfigMap", "-settings")["data"]
+    assert data["CONCORD_SITE_DP_MAX_PHYSICAL_BATCH"] == "16"
+    monkeypatch.setenv(
+        "CONCORD_SITE_DP_MAX_PHYSICAL_BATCH", data["CONCORD_SITE_DP_MAX_PHYSICAL_BATCH"]
+    )
+    assert SiteSettings().dp_max_physical_batch == 16
+    refused("site", {"supernode": {"dpMaxPhysicalBatch": 0}}, "/supernode/dpMaxPhysicalBatch")
+    refused("site", {"supernode": {"dpMaxPhysicalBatch": "16"}}, "/supernode/dpMaxPhysicalBatch")
+
+
 def test_production_values_exercise_the_new_settings() -> None:
     """The production-like values files use some of the new settings, so that the strict
     Kubernetes validation in test_charts.py covers them too."""
@@ -1496,6 +1513,8 @@ def test_production_values_exercise_the_new_settings() -> None:
     site_prod = pod(site(base=PROD["site"]), "Deployment")
     assert containers(site_prod)["supernode"]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert site_prod["spec"]["runtimeClassName"] == "nvidia"
+    settings = site(base=PROD["site"]).get("ConfigMap", "-settings")["data"]
+    assert settings["CONCORD_SITE_DP_MAX_PHYSICAL_BATCH"] == "64"
 
 
 def api_settings(rendered: Rendered) -> dict[str, str]:

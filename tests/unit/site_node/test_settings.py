@@ -38,6 +38,17 @@ def test_development_is_the_default_and_keeps_its_shortcuts() -> None:
     settings.check_supernode_args(["--superlink", "127.0.0.1:9092", "--insecure"])
 
 
+def test_the_largest_dp_physical_batch_is_unset_or_at_least_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert SiteSettings().dp_max_physical_batch is None  # each batch at once
+    monkeypatch.setenv("CONCORD_SITE_DP_MAX_PHYSICAL_BATCH", "32")
+    assert SiteSettings().dp_max_physical_batch == 32
+    monkeypatch.setenv("CONCORD_SITE_DP_MAX_PHYSICAL_BATCH", "0")
+    with pytest.raises(ValidationError, match="dp_max_physical_batch"):
+        SiteSettings()
+
+
 def test_production_accepts_https_and_client_credentials() -> None:
     settings = SiteSettings(**SAFE)  # type: ignore[arg-type]
     assert settings.environment is Environment.PRODUCTION
